@@ -1,0 +1,9 @@
+"""mtpspec: lossless speculative decoding with multi-token-prediction drafters."""
+
+from .api import Pipeline, load
+from .engine import Engine, GenerationConfig, GenerationResult
+from .errors import MtpspecError
+from .sampling import SamplingParams
+
+__all__ = ["load", "Pipeline", "Engine", "GenerationConfig", "GenerationResult", "SamplingParams", "MtpspecError"]
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""Attention that gives every query row the same arithmetic, however it is batched.
+
+Exact mode rests on this: a token's logits must not depend on whether it was decoded alone or
+verified inside a block of draft tokens. Hugging Face's SDPA kernels reduce over the key axis in
+an order that depends on the number of query rows and keys, so near-ties flip in bf16. Here, in
+exact mode, each query row attends through its own matrix product over exactly the keys it may
+see (`[start, position]`), so the shapes, and therefore the rounding, of a row's computation
+depend only on its absolute position.
+
+The target passes the query rows' absolute positions as the "attention mask": a 4-D integer
+tensor `[1, 1, T, 1]`, which Hugging Face mask builders hand through unchanged. Causality and the
+sliding window follow from the positions, so no boolean mask is ever built for decode rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "mtpspec"
+
+
+def positions_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Wrap absolute query positions `[T]` in the 4-D form our attention reads."""
+    return positions.view(1, 1, -1, 1)
+
+
+def _key_range(pos: int, sliding_window: int | None) -> tuple[int, int]:
+    start = max(0, pos + 1 - sliding_window) if sliding_window else 0
+    return start, pos + 1
+
+
+def _scores(q, k, scaling, softcap):
+    # q: [B, Hkv, G, D]; k: [B, Hkv, S, D] -> [B, Hkv, G, S]
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return scores
+
+
+def mtpspec_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [B, Hq, T, D]
+    key: torch.Tensor,  # [B, Hkv, L, D], the whole cache (rows past the written length are stale)
+    value: torch.Tensor,  # [B, Hkv, L, Dv]
+    attention_mask: torch.Tensor,  # [1, 1, T, 1] int64 absolute positions of the query rows
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    mtpspec_exact: bool = True,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if attention_mask is None or attention_mask.dtype != torch.long:
+        raise RuntimeError("mtpspec attention needs query positions; drive the model through mtpspec.Target")
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    groups = hq // hkv
+    positions = attention_mask.view(-1).tolist()
+    if mtpspec_exact:
+        rows = [_one_row(query[:, :, i], key, value, p, sliding_window, scaling, softcap, groups) for i, p in enumerate(positions)]
+        out = torch.stack(rows, dim=1)  # [B, T, Hq, Dv]
+        return out, None
+    return _batched(query, key, value, positions, sliding_window, scaling, softcap, groups), None
+
+
+def _one_row(q, key, value, pos, sliding_window, scaling, softcap, groups):
+    # q: [B, Hq, D] -> grouped [B, Hkv, G, D]; the product's shape depends only on `pos`.
+    start, stop = _key_range(pos, sliding_window)
+    b, hq, d = q.shape
+    qg = q.reshape(b, hq // groups, groups, d)
+    k = key[:, :, start:stop]
+    v = value[:, :, start:stop]
+    scores = _scores(qg, k, scaling, softcap)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    out = torch.matmul(probs, v)  # [B, Hkv, G, Dv]
+    return out.reshape(b, hq, -1)
+
+
+def _batched(query, key, value, positions, sliding_window, scaling, softcap, groups):
+    """One masked SDPA call for all rows: used for prefill and the inexact fast path."""
+    pos = torch.tensor(positions, device=query.device)
+    stop = int(pos.max()) + 1
+    start = max(0, int(pos.min()) + 1 - sliding_window) if sliding_window else 0
+    k = key[:, :, start:stop]
+    v = value[:, :, start:stop]
+    kpos = torch.arange(start, stop, device=query.device)
+    allowed = kpos[None, :] <= pos[:, None]
+    if sliding_window:
+        allowed &= kpos[None, :] > pos[:, None] - sliding_window
+    if softcap is not None:
+        k_rep = k.repeat_interleave(groups, dim=1)
+        v_rep = v.repeat_interleave(groups, dim=1)
+        scores = _scores(query, k_rep, scaling, softcap).masked_fill(~allowed, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(v.dtype), v_rep)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, k, v, attn_mask=allowed[None, None], scale=scaling, enable_gqa=groups > 1
+        )
+    return out.transpose(1, 2)  # [B, T, Hq, Dv]
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, mtpspec_attention)

@@ -1,0 +1,131 @@
+"""`mtpspec` command line: parses arguments and dispatches to the library. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import MtpspecError
+from .models import BUNDLED, DEFAULT_MODEL
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    names = ", ".join(BUNDLED)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: a bundled name ({names}), a .gguf file or a Hugging Face model directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--drafter", default="none", help="none (plain decoding), ngram (prompt lookup), draft:MODEL (a small LM with the same tokenizer) (default: none)")
+    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
+    p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")
+    p.add_argument("--no-exact", dest="exact", action="store_false", help="allow faster batched attention whose bf16 rounding depends on the block size (greedy output may then differ from plain decoding)")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the top probability")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); it is not included")
+
+
+def decoding_options(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        seed=args.seed,
+        stop=args.stop,
+        num_draft_tokens=args.num_draft_tokens,
+        adaptive=args.adaptive,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtpspec", description="Lossless speculative decoding with MTP drafters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate a completion for one prompt", description="Stream a completion of PROMPT to the terminal.")
+    g.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    add_model_args(g)
+    add_decoding_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    g.add_argument("--json", action="store_true", help="print one JSON object (prompt, text, token_ids, finish_reason, stats) instead of streaming")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat", description="Chat with the model; an empty line or Ctrl-D ends.")
+    add_model_args(c)
+    add_decoding_args(c)
+    c.add_argument("--system", default=None, help="a system message to start the conversation")
+    c.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except MtpspecError as e:
+        print(f"mtpspec: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def cmd_generate(args) -> int:
+    from . import api
+
+    options = decoding_options(args)
+    api.generation_config(**options)  # reject bad options before the model loads
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
+    stream = pipe.stream(prompt, chat=args.chat, **options)
+    if args.json:
+        for _ in stream.chunks:
+            pass
+        r = stream.result
+        print(json.dumps({"prompt": prompt, "model": args.model, "drafter": args.drafter, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
+        return 0
+    if not args.chat:
+        sys.stdout.write(prompt)
+    for text in stream:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(f"[{stream.result.finish_reason}] {stream.result.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from . import api
+
+    options = decoding_options(args)
+    api.generation_config(**options)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"mtpspec chat with {args.model} (drafter: {args.drafter}); an empty line ends.", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        stream = pipe.stream(messages, chat=True, **options)
+        for text in stream:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(f"[{stream.result.stats.summary()}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": stream.result.text})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

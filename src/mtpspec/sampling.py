@@ -1,0 +1,59 @@
+"""Logits to probabilities: temperature, top-k, top-p, min-p. Pure tensor functions.
+
+The same `SamplingParams` filter the target's distribution p and the drafter's q, so that
+speculative sampling reproduces the filtered target distribution exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import MtpspecError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy (argmax); the filters below are then ignored
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set whose mass reaches top_p
+    min_p: float = 0.0  # drop tokens whose probability is below min_p × the top probability
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise MtpspecError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise MtpspecError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise MtpspecError(f"top-k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise MtpspecError(f"min-p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Filtered, normalised probabilities `[..., V]` (float32) for sampling with `params`."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep a token if the mass strictly before it is below top_p (so the top token always stays).
+        drop_sorted = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    return probs / probs.sum(dim=-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One token id per row of `probs` `[..., V]`."""
+    flat = probs.reshape(-1, probs.shape[-1])
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])

@@ -1,0 +1,179 @@
+"""The target model: any Hugging Face causal LM behind a small, cache-owning wrapper.
+
+The wrapper owns a preallocated KV cache (one `StaticLayer` per decoder layer, sized for the
+request), so rolling back is an integer rewind. Every forward returns the logits and the
+last-layer (post-final-norm) hidden states of its rows; `kv(layer)` exposes the cache to
+drafters that attend to it (the MTP drafter).
+
+Exact mode (the default) makes each position's logits independent of how positions are grouped
+into forwards: attention is computed row by row over exactly the keys a row may see (see
+`attention.py`), and block forwards use the native batched linear layers only where a probe has
+shown them to be row-invariant on this machine, dtype and thread count; elsewhere a block is
+run one row at a time, which is exact by construction (slower, never wrong).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, StaticLayer
+
+from .attention import positions_mask
+from .errors import MtpspecError
+from .models import cache_root
+
+PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the probe checks
+
+
+@dataclass
+class TargetStep:
+    """What one target forward yields for its T rows."""
+
+    logits: torch.Tensor  # [T, V] in the model dtype
+    hidden: torch.Tensor  # [T, H] last layer, after the final norm
+
+
+class Target:
+    def __init__(self, model, tokenizer, exact: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.exact = exact
+        self.config = model.config
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.hidden_size = self.config.hidden_size
+        self.context_window = int(getattr(self.config, "max_position_embeddings", 1 << 20))
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+        self.cache: Cache | None = None
+        self.capacity = 0
+        self._rows_invariant: bool | None = None
+        # Stop ids: the tokenizer's EOS plus the generation config's (Gemma ends turns with another id).
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
+        self.eos_token_ids = frozenset(eos)
+
+    @property
+    def length(self) -> int:
+        """Number of positions whose K/V are in the cache."""
+        return int(self.cache.layers[0].cumulative_length) if self.cache is not None else 0
+
+    def start(self, prompt_ids: torch.Tensor, capacity: int) -> TargetStep:
+        """Reset the cache to hold `capacity` positions and prefill the prompt `[n]`.
+
+        Returns the last prompt row only (the only one generation needs).
+        """
+        n = prompt_ids.shape[0]
+        if n == 0:
+            raise MtpspecError("the prompt is empty")
+        if n >= self.context_window:
+            raise MtpspecError(f"the prompt has {n} tokens; the model's context window is {self.context_window}")
+        if self.cache is None or self.capacity < capacity:
+            self.capacity = capacity
+            self.cache = Cache(layers=[StaticLayer(capacity) for _ in range(self.config.num_hidden_layers)])
+        else:
+            self.rollback(self.length)
+        hidden = self._body(prompt_ids, exact=False)[-1:]
+        return TargetStep(self._head(hidden), hidden)
+
+    def forward(self, ids: torch.Tensor) -> TargetStep:
+        """Run `ids` `[T]` at the next T positions; their K/V stay in the cache until rolled back."""
+        if self.length + ids.shape[0] > self.capacity:
+            raise RuntimeError(f"cache overflow: {self.length} + {ids.shape[0]} > {self.capacity}")
+        if self.exact and ids.shape[0] > 1 and not self.rows_invariant(ids.shape[0]):
+            hidden = torch.cat([self._body(ids[i : i + 1], exact=True) for i in range(ids.shape[0])])
+        else:
+            hidden = self._body(ids, exact=self.exact)
+        return TargetStep(self._head(hidden), hidden)
+
+    def rollback(self, n: int) -> None:
+        """Forget the last `n` positions."""
+        if n:
+            if n > self.length:
+                raise RuntimeError(f"cannot roll back {n} positions, only {self.length} are cached")
+            self.cache.crop(-n)
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[1, Hkv, length, D]` of one layer (views, not copies)."""
+        lay = self.cache.layers[layer]
+        n = self.length
+        return lay.keys[:, :, :n], lay.values[:, :, :n]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input embeddings `[T, H]` exactly as the target computes them (scaled where it scales)."""
+        return self.model.get_input_embeddings()(ids[None])[0]
+
+    @torch.inference_mode()
+    def _body(self, ids: torch.Tensor, exact: bool) -> torch.Tensor:
+        positions = torch.arange(self.length, self.length + ids.shape[0])
+        out = self.model.model(
+            input_ids=ids[None],
+            attention_mask=positions_mask(positions),
+            position_ids=positions[None],
+            cache=self.cache,
+            use_cache=True,
+            mtpspec_exact=exact,
+        )
+        return out.last_hidden_state[0]
+
+    @torch.inference_mode()
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.model.get_output_embeddings()(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def rows_invariant(self, rows: int) -> bool:
+        """Whether every linear layer gives each row the same bits in a block of `rows` as alone."""
+        if rows > PROBE_ROWS:
+            return False
+        if self._rows_invariant is None:
+            self._rows_invariant = probe_row_invariance(self.model, PROBE_ROWS)
+        return self._rows_invariant
+
+
+def _linear_shapes(model) -> list[tuple[int, int]]:
+    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(shapes)
+
+
+@torch.inference_mode()
+def probe_row_invariance(model, rows: int) -> bool:
+    """Check on random data that `linear(X[:M])[i]` equals `linear(X[i:i+1])` bit for bit, M ≤ rows.
+
+    Kernel choice depends on the machine, dtype, thread count and shape, so the answer is cached
+    on disk under those keys.
+    """
+    dtype = next(model.parameters()).dtype
+    shapes = _linear_shapes(model)
+    key = json.dumps([torch.__version__, str(dtype), torch.get_num_threads(), rows, _cpu_flags(), shapes])
+    store = cache_root() / "row-invariance.json"
+    known = json.loads(store.read_text()) if store.is_file() else {}
+    if key in known:
+        return known[key]
+    gen = torch.Generator().manual_seed(0)
+    ok = True
+    for fan_in, fan_out in shapes:
+        w = torch.randn(fan_out, fan_in, generator=gen).to(dtype)
+        x = torch.randn(rows, fan_in, generator=gen).to(dtype)
+        alone = torch.cat([torch.nn.functional.linear(x[i : i + 1], w) for i in range(rows)])
+        if not all(torch.equal(torch.nn.functional.linear(x[:m], w), alone[:m]) for m in range(2, rows + 1)):
+            ok = False
+            break
+    known[key] = ok
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps(known))
+    return ok
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return " ".join(sorted(fl for fl in line.split() if fl.startswith(("avx", "amx", "fma"))))
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability()
