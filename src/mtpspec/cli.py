@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from .errors import MtpspecError
 from .models import BUNDLED, DEFAULT_MODEL
+
+
+# Modules with a `register(subparsers)` function adding one verb each (bench, serve, train-drafter).
+VERB_MODULES: list[str] = []
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_args(c)
     c.add_argument("--system", default=None, help="a system message to start the conversation")
     c.set_defaults(func=cmd_chat)
+
+    # Each further verb lives with its library module, which registers its own subparser.
+    for module in VERB_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
