@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Every test run gets its own cache unless one is given (CI shares one across the run).
-os.environ.setdefault("MTPSPEC_CACHE", str(Path.home() / ".cache" / "mtpspec"))
+# Tiny models run fastest on one thread (and the machine may be shared); real-model tests raise it.
+torch.set_num_threads(1)
 
 TINY_VOCAB = 384  # 256 bytes + specials + unused ids
 
@@ -96,8 +96,65 @@ def tiny_dirs(tmp_path_factory):
     }
 
 
-@pytest.fixture(scope="session")
-def gemma3_270m_dir():
-    from mtpspec.models import resolve_model
+@pytest.fixture
+def all_threads():
+    """Real models use every core, as a user's run would."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(1)
 
-    return resolve_model("gemma3-270m")
+
+# ---- Gemma 4 targets (appended for the MTP drafter tests) ----
+
+GEMMA4_SHAPES = ("e2b", "31b", "moe")
+
+
+def tiny_gemma4_config(shape: str = "e2b", **overrides):
+    """Tiny Gemma 4 text configs: "e2b" (per-layer embeddings, KV-shared layers, double-wide MLP),
+    "31b" (no KV sharing, K=V full attention with one global KV head), "moe" (26B-A4B-like MoE block)."""
+    from transformers import Gemma4TextConfig
+
+    sliding, full = "sliding_attention", "full_attention"
+    common = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=32, sliding_window=8, max_position_embeddings=512, final_logit_softcapping=30.0,
+        rope_parameters={
+            sliding: {"rope_type": "default", "rope_theta": 10_000.0},
+            full: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        },
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+    )
+    shapes = {
+        "e2b": dict(num_hidden_layers=6, layer_types=[sliding, sliding, full, sliding, sliding, full], num_kv_shared_layers=3,
+                    hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, use_double_wide_mlp=True),
+        "31b": dict(num_hidden_layers=4, layer_types=[sliding] * 3 + [full], attention_k_eq_v=True, num_global_key_value_heads=1),
+        "moe": dict(num_hidden_layers=4, layer_types=[sliding] * 3 + [full], enable_moe_block=True, num_experts=4,
+                    top_k_experts=2, moe_intermediate_size=32),
+    }
+    return Gemma4TextConfig(**{**common, **shapes[shape], **overrides})
+
+
+def build_tiny_gemma4(shape: str = "e2b", seed: int = 0, dtype=torch.float32, **overrides):
+    """A random Gemma 4 causal LM in mtpspec's attention, weights wide enough for well-separated logits."""
+    from transformers import AutoModelForCausalLM
+
+    from mtpspec.attention import ATTENTION_NAME, register
+
+    register()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_gemma4_config(shape, **overrides), attn_implementation=ATTENTION_NAME)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.05)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tiny models on one thread: ~10x faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

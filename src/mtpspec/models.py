@@ -159,7 +159,11 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
-    """Load (model, tokenizer) for a `--model` value, with mtpspec's attention registered."""
+    """Load (model, tokenizer) for a `--model` value, with mtpspec's attention registered.
+
+    On CPU the linear layers use mtpspec's small-M kernel (see `kernels`), unless
+    `MTPSPEC_KERNELS=0`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .attention import ATTENTION_NAME, register
@@ -172,4 +176,8 @@ def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MtpspecError(f"cannot load model from {path}: {e}") from e
+    if hf.device.type == "cpu":
+        from .kernels import accelerate
+
+        accelerate(hf)  # a no-op under MTPSPEC_KERNELS=0 or without a C++ compiler
     return hf.eval(), tokenizer

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from .attention import positions_mask
 from .errors import MtpspecError
+from .families import family_for
 from .models import cache_root
 
 PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the probe checks
@@ -41,6 +42,7 @@ class Target:
         self.tokenizer = tokenizer
         self.exact = exact
         self.config = model.config
+        self.family = family_for(self.config)  # where each layer's K/V live
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.hidden_size = self.config.hidden_size
@@ -72,7 +74,7 @@ class Target:
             raise MtpspecError(f"the prompt has {n} tokens; the model's context window is {self.context_window}")
         if self.cache is None or self.capacity < capacity:
             self.capacity = capacity
-            self.cache = Cache(layers=[StaticLayer(capacity) for _ in range(self.config.num_hidden_layers)])
+            self.cache = Cache(layers=[StaticLayer(capacity) for _ in range(self.family.num_cache_layers())])
         else:
             self.rollback(self.length)
         hidden = self._body(prompt_ids, exact=False)[-1:]
@@ -95,10 +97,13 @@ class Target:
                 raise RuntimeError(f"cannot roll back {n} positions, only {self.length} are cached")
             self.cache.crop(-n)
 
-    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[1, Hkv, length, D]` of one layer (views, not copies)."""
-        lay = self.cache.layers[layer]
-        n = self.length
+    def kv(self, layer: int, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[1, Hkv, stop, D]` that decoder layer `layer` attends to (views, not copies).
+
+        `stop` defaults to the committed length; rows past it are stale (rolled back, not yet overwritten).
+        """
+        lay = self.cache.layers[self.family.cache_index(layer)]
+        n = self.length if stop is None else stop
         return lay.keys[:, :, :n], lay.values[:, :, :n]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -134,32 +139,42 @@ class Target:
         return self._rows_invariant
 
 
-def _linear_shapes(model) -> list[tuple[int, int]]:
-    shapes = {(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    return sorted(shapes)
+def _linear_shapes(model) -> list[tuple[int, int, bool]]:
+    """(in, out, runs through `kernels.linear`) of every linear layer: the probe tests what runs."""
+    from .kernels import FastLinear
+
+    layers = {(m.in_features, m.out_features, isinstance(m, FastLinear)) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(layers)
 
 
 @torch.inference_mode()
 def probe_row_invariance(model, rows: int) -> bool:
     """Check on random data that `linear(X[:M])[i]` equals `linear(X[i:i+1])` bit for bit, M ≤ rows.
 
-    Kernel choice depends on the machine, dtype, thread count and shape, so the answer is cached
-    on disk under those keys.
+    Each layer is probed through the function it really calls (the small-M kernel for layers
+    `kernels.accelerate` switched, PyTorch's linear otherwise). Kernel choice depends on the
+    machine, dtype, thread count, shape and whether our kernel is built, so the answer is
+    cached on disk under those keys.
     """
+    from . import kernels
+
     dtype = next(model.parameters()).dtype
     shapes = _linear_shapes(model)
-    key = json.dumps([torch.__version__, str(dtype), torch.get_num_threads(), rows, _cpu_flags(), shapes])
+    # Which build of our kernel the switched layers run (None: they fall back to PyTorch's).
+    kernel = kernels.kernel_id() if any(fast for _, _, fast in shapes) else None
+    key = json.dumps([torch.__version__, str(dtype), torch.get_num_threads(), rows, _cpu_flags(), kernel, shapes])
     store = cache_root() / "row-invariance.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
     if key in known:
         return known[key]
     gen = torch.Generator().manual_seed(0)
     ok = True
-    for fan_in, fan_out in shapes:
+    for fan_in, fan_out, fast in shapes:
+        linear = kernels.linear if fast else torch.nn.functional.linear
         w = torch.randn(fan_out, fan_in, generator=gen).to(dtype)
         x = torch.randn(rows, fan_in, generator=gen).to(dtype)
-        alone = torch.cat([torch.nn.functional.linear(x[i : i + 1], w) for i in range(rows)])
-        if not all(torch.equal(torch.nn.functional.linear(x[:m], w), alone[:m]) for m in range(2, rows + 1)):
+        alone = torch.cat([linear(x[i : i + 1], w) for i in range(rows)])
+        if not all(torch.equal(linear(x[:m], w), alone[:m]) for m in range(2, rows + 1)):
             ok = False
             break
     known[key] = ok

@@ -31,7 +31,16 @@ def _draft_model(arg: str, target) -> Drafter:
     return drafter
 
 
-REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model}
+def _mtp(arg: str, target) -> Drafter:
+    from ..mtp import load_drafter
+    from .mtp import MtpDrafter
+
+    if not arg:
+        raise MtpspecError("--drafter mtp: needs a drafter directory, e.g. mtp:drafters/gemma3-270m")
+    return MtpDrafter(load_drafter(arg, dtype=target.dtype), target)
+
+
+REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp}
 
 
 def make_drafter(spec: str, target) -> Drafter:

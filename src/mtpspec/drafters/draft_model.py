@@ -17,7 +17,8 @@ class DraftModelDrafter:
     name = "draft"
 
     def __init__(self, model, tokenizer):
-        self.lm = Target(model, tokenizer, exact=False)  # drafting need not be exact, only fast
+        # Same arithmetic as a target: a model drafting for itself then agrees with every verification.
+        self.lm = Target(model, tokenizer)
         self.synced = 0  # leading committed tokens whose K/V are in the drafter's cache
 
     def check_compatible(self, target: Target) -> None:

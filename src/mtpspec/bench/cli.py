@@ -1,0 +1,92 @@
+"""`mtpspec bench`: arguments in, `run.benchmark` called, report printed, exit status out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..models import BUNDLED, DEFAULT_MODEL
+
+EXIT_NOT_LOSSLESS = 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark drafters against plain decoding, transformers and llama.cpp",
+        description="Run the same prompts through plain decoding (`none`) and each method in one interleaved run; "
+        "write results.json, report.md and PNG plots. Greedy runs check that every mtpspec method reproduces "
+        "`none`'s tokens exactly and exit 1 if one does not.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: a bundled name ({', '.join(BUNDLED)}), a .gguf file or a Hugging Face model directory (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--methods",
+        default="none,ngram",
+        help="comma list of mtpspec drafters (none, ngram, draft:MODEL, mtp[:PATH]) and reference rows "
+        "(hf: transformers greedy/sampled generate; hf-pld: its prompt lookup; hf-assisted:MODEL: its assisted "
+        "generation; llama.cpp: llama-cpp-python on the same GGUF). `none` is always included (default: none,ngram)",
+    )
+    p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field (default: mt-bench)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each dataset (default: all; gsm: 100)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt (default: 128)")
+    p.add_argument("--num-draft-tokens", default="4", metavar="K[,K...]", help="draft tokens per round; a comma list sweeps them (default: 4)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, with the losslessness check (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses SEED+i for every method (default: 0)")
+    p.add_argument("--repeats", type=int, default=1, help="measure every prompt this many times, interleaving methods (default: 1)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help=f"CPU threads for every method, fixed for the run (default: {torch.get_num_threads()})")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the model's chat template (--chat) or not (--no-chat); default: only chat-style datasets "
+        "(mt-bench, gsm) on models that ship a chat template (base Gemma 3 270M gets plain prompts)",
+    )
+    p.add_argument("--out", type=Path, default=Path("results"), help="directory for results.json, report.md and plots (default: results)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from tqdm import tqdm
+
+    from .run import BenchConfig, benchmark
+
+    config = BenchConfig(
+        model=args.model,
+        methods=args.methods,
+        datasets=args.dataset,
+        out=args.out,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        num_draft_tokens=args.num_draft_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        repeats=args.repeats,
+        threads=args.threads,
+        dtype=args.dtype,
+        chat=args.chat,
+    )
+    bars = []  # the bar starts once the inputs are checked and the models loaded
+
+    def progress(total: int):
+        bars.append(tqdm(total=total, desc="bench", unit="run", file=sys.stderr))
+        return lambda label: (bars[0].set_postfix_str(label, refresh=False), bars[0].update())
+
+    try:
+        outcome = benchmark(config, progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(outcome.report_md)
+    print("wrote " + ", ".join(str(f) for f in outcome.files), file=sys.stderr)
+    if outcome.mismatches:
+        print(f"mtpspec: LOSSLESSNESS CHECK FAILED: {len(outcome.mismatches)} greedy generation(s) differ from plain decoding:", file=sys.stderr)
+        for m in outcome.mismatches:
+            print(f"  {m.line()}", file=sys.stderr)
+        return EXIT_NOT_LOSSLESS
+    return 0

@@ -1,0 +1,159 @@
+"""What `--methods` names, and runners that generate with each one from the same prompt ids.
+
+mtpspec methods are drafter specs (`none`, `ngram`, `draft:PATH`, `mtp[:PATH]`, ...) run through
+the engine; reference methods run other implementations on the same model: transformers
+`generate` (`hf`), its prompt-lookup decoding (`hf-pld`), its assisted generation
+(`hf-assisted:PATH`) and llama.cpp (`llama.cpp`, same GGUF).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..drafters import REGISTRY
+from ..errors import MtpspecError
+
+REFERENCE_KINDS = ("hf", "hf-pld", "hf-assisted", "llama.cpp")
+UNDRAFTED_KINDS = ("none", "hf", "llama.cpp")  # methods for which a draft length means nothing
+
+
+@dataclass(frozen=True)
+class Method:
+    spec: str  # as written in --methods
+    kind: str  # before the colon
+    arg: str  # after the colon ("" if none)
+    name: str = ""  # for tables and plots: the spec with a model path shortened to its last part
+
+    def __post_init__(self):
+        if not self.name:
+            short = f"{self.kind}:{Path(self.arg).name}" if "/" in self.arg else self.spec
+            object.__setattr__(self, "name", short)
+
+    @property
+    def reference(self) -> bool:
+        """Not mtpspec: agreement with `none` is reported, not required (other kernels round differently)."""
+        return self.kind in REFERENCE_KINDS
+
+    @property
+    def drafts(self) -> bool:
+        return self.kind not in UNDRAFTED_KINDS
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the report: a method at one draft length (k = 0 for undrafted methods)."""
+
+    method: Method
+    k: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.name} k={self.k}" if self.method.drafts else self.method.name
+
+
+def parse_methods(text: str) -> list[Method]:
+    """Parse a comma list; `none` (the baseline every ratio is measured against) always comes first."""
+    methods = []
+    for spec in (s.strip() for s in text.split(",")):
+        if not spec:
+            continue
+        kind, _, arg = spec.partition(":")
+        if kind not in REFERENCE_KINDS and kind not in REGISTRY:
+            known = ", ".join(list(REGISTRY) + list(REFERENCE_KINDS))
+            raise MtpspecError(f"unknown method {spec!r}: use one of {known} (draft, hf-assisted: add :MODEL)")
+        if kind == "hf-assisted" and not arg:
+            raise MtpspecError("hf-assisted needs a draft model, e.g. hf-assisted:/path/to/model")
+        if spec not in [m.spec for m in methods]:
+            methods.append(Method(spec, kind, arg))
+    if len({m.name for m in methods}) < len(methods):  # two models with the same last path part
+        methods = [Method(m.spec, m.kind, m.arg, name=m.spec) for m in methods]
+    return [Method("none", "none", "")] + [m for m in methods if m.spec != "none"]
+
+
+def parse_draft_lengths(text: str) -> list[int]:
+    try:
+        ks = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        raise MtpspecError(f"--num-draft-tokens takes a comma list of integers, got {text!r}") from None
+    if not ks or ks[0] < 1 or ks[-1] > 32:
+        raise MtpspecError(f"--num-draft-tokens values must be between 1 and 32, got {text!r}")
+    return ks
+
+
+def make_rows(methods: list[Method], draft_lengths: list[int]) -> list[Row]:
+    return [Row(m, k) for m in methods for k in (draft_lengths if m.drafts else [0])]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """The generation settings shared by every method in a run."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RunResult:
+    token_ids: list[int]
+    ttft_s: float  # prompt in → first generated token out
+    decode_s: float  # first token → last token
+    decode_tokens: int  # tokens produced after the first one
+    target_forwards: int | None = None  # target forwards after the first token's (None: not measured)
+    stats: dict | None = None  # the engine's Stats.to_dict() for mtpspec methods
+
+
+class Runner(Protocol):
+    def run(self, ids: list[int], decoding: Decoding, k: int, seed: int) -> RunResult:
+        """Generate from prompt ids with draft length k (ignored by undrafted methods)."""
+
+
+class MtpspecRunner:
+    """An mtpspec drafter through the engine; every runner shares the one loaded target."""
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def run(self, ids, decoding, k, seed) -> RunResult:
+        from ..api import generation_config
+        from ..engine import GenerationResult
+
+        config = generation_config(
+            max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature, top_p=decoding.top_p, seed=seed, num_draft_tokens=k
+        )
+        result = GenerationResult(list(ids))
+        for _ in self.pipeline.engine.stream(ids, config, result):
+            pass
+        s = result.stats
+        return RunResult(result.token_ids, s.prefill_s, s.decode_s, s.round_tokens, s.target_forwards, s.to_dict())
+
+
+def build_runners(rows: list[Row], model: str, dtype: str, threads: int) -> dict[Method, Runner]:
+    """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need."""
+    from ..api import Pipeline, load
+
+    methods = list(dict.fromkeys(r.method for r in rows))
+    base = load(model, "none", dtype)
+    runners: dict[Method, Runner] = {}
+    hf_model = None
+    for m in methods:
+        if not m.reference:
+            runners[m] = MtpspecRunner(base if m.kind == "none" else Pipeline(base.target, m.spec, model))
+        elif m.kind == "llama.cpp":
+            from .reference import LlamaCppRunner
+
+            runners[m] = LlamaCppRunner(model, threads, base.target.eos_token_ids)
+        else:
+            from .reference import HFRunner, load_reference_model
+
+            hf_model = hf_model or load_reference_model(model, dtype)
+            assistant = load_reference_model(m.arg, dtype) if m.kind == "hf-assisted" else None
+            runners[m] = HFRunner(hf_model, m.kind, base.target.eos_token_ids, base.tokenizer, assistant)
+    return runners

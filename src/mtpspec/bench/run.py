@@ -1,0 +1,106 @@
+"""One benchmark run: validate, load once, measure, then write results.json, report.md and plots."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import MtpspecError
+from ..models import GEMMA_CHAT_TEMPLATE
+from . import markdown, plots, report
+from .datasets import Dataset, load_dataset
+from .measure import Encoded, run_bench
+from .methods import Decoding, Row, build_runners, make_rows, parse_draft_lengths, parse_methods
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    methods: str  # comma list, as on the command line
+    datasets: str  # comma list of names or .jsonl paths
+    out: Path
+    limit: int | None = None
+    max_new_tokens: int = 128
+    num_draft_tokens: str = "4"  # comma list: a sweep when there are several
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    repeats: int = 1
+    threads: int = 1
+    dtype: str = "bf16"
+    chat: bool | None = None  # None: the chat template for chat-style datasets on models that ship one
+
+
+@dataclass
+class Outcome:
+    summaries: list[report.Summary]
+    mismatches: list[report.Mismatch]
+    report_md: str
+    files: list[Path]
+
+
+def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], None]] = lambda total: lambda label: None) -> Outcome:
+    """Run the benchmark `config` describes. `progress(total)` returns the per-run callback."""
+    rows, datasets = _validate(config)
+    torch.set_num_threads(config.threads)
+    runners = build_runners(rows, config.model, config.dtype, config.threads)
+    pipeline = runners[rows[0].method].pipeline  # `none`: its tokenizer encodes the prompts for everyone
+    encoded = [_encode(ds, pipeline, config.chat) for ds in datasets]
+    decoding = Decoding(config.max_new_tokens, config.temperature, config.top_p, config.seed)
+    total = config.repeats * len(rows) * sum(len(e.prompt_ids) for e in encoded)
+    records = run_bench(rows, runners, encoded, decoding, config.repeats, progress=progress(total))
+
+    summaries = report.summarize(records, rows, encoded, decoding.greedy)
+    found = report.mismatches(records, rows, encoded) if decoding.greedy else []
+    settings = {**asdict(config), "out": str(config.out), "greedy": decoding.greedy, "rows": [r.label for r in rows]}
+    env = report.environment(config.threads, config.dtype)
+    report.write_results(config.out / "results.json", settings, env, encoded, summaries, found, records)
+    pngs = plots.write_plots(config.out, summaries)
+    text = markdown.render(config.model, settings, env, encoded, summaries, found, pngs)
+    (config.out / "report.md").write_text(text)
+    files = [config.out / name for name in ["results.json", "report.md", *pngs]]
+    return Outcome(summaries, found, text, files)
+
+
+def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
+    """Every user mistake we can see before loading a model."""
+    if config.max_new_tokens < 1:
+        raise MtpspecError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    if config.repeats < 1:
+        raise MtpspecError(f"--repeats must be at least 1, got {config.repeats}")
+    if config.threads < 1:
+        raise MtpspecError(f"--threads must be at least 1, got {config.threads}")
+    if config.temperature < 0 or not 0 < config.top_p <= 1:
+        raise MtpspecError("--temperature must be >= 0 and --top-p in (0, 1]")
+    rows = make_rows(parse_methods(config.methods), parse_draft_lengths(config.num_draft_tokens))
+    specs = [s.strip() for s in config.datasets.split(",") if s.strip()]
+    if not specs:
+        raise MtpspecError("--dataset needs at least one dataset")
+    datasets = [load_dataset(s, config.limit) for s in specs]
+    names = [d.name for d in datasets]
+    if len(set(names)) < len(names):
+        raise MtpspecError(f"datasets must have distinct names, got {', '.join(names)}")
+    try:
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MtpspecError(f"cannot create the output directory {config.out}: {e.strerror}") from e
+    return rows, datasets
+
+
+def ships_chat_template(tokenizer) -> bool:
+    """Whether the model came with a chat template (mtpspec attaches Gemma's turn format to base Gemma
+    GGUFs so that `chat` works, but a base model answers plain prompts better)."""
+    return bool(tokenizer.chat_template) and tokenizer.chat_template != GEMMA_CHAT_TEMPLATE
+
+
+def _encode(ds: Dataset, pipeline, chat: bool | None) -> Encoded:
+    use_chat = chat if chat is not None else ds.chat_style and ships_chat_template(pipeline.tokenizer)
+    ids = [pipeline.encode(p.text, chat=use_chat) for p in ds.prompts]
+    window = pipeline.target.context_window
+    for p, x in zip(ds.prompts, ids):
+        if len(x) >= window:
+            raise MtpspecError(f"prompt {p.id} has {len(x)} tokens; the model's context window is {window}")
+    return Encoded(ds.name, ids, [p.id for p in ds.prompts], use_chat)

@@ -1,0 +1,56 @@
+"""The MTP drafter in the loop: k query-only passes over the target's cache, all at one position.
+
+Step 1 of a round reads the target embedding of the last committed token and the target's
+post-norm hidden state at the row that produced it (`state.last_hidden`); step j > 1 reads the
+drafted token's embedding and the drafter's own state from step j − 1. Every step uses the
+position id of the last committed token and the same target K/V, so the K/V windows and RoPE are
+built once per round. The drafter keeps no cache: there is nothing to prefill or roll back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..mtp import CommittedKeys, MtpModel, check_fits, layer_inputs
+from ..sampling import probabilities, sample
+from ..target import Target
+from .base import EMPTY, DecodeState, Draft
+
+
+class MtpDrafter:
+    name = "mtp"
+
+    def __init__(self, model: MtpModel, target: Target, keys=None):
+        self.kv_layers = check_fits(model.config, target)
+        self.model = model.to(target.dtype).eval()
+        self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
+        self.lm_weight = target.model.get_output_embeddings().weight if model.config.lm_head == "target" else None
+
+    def begin(self, state: DecodeState) -> None:
+        self.keys.begin(state)
+
+    @torch.inference_mode()
+    def propose(self, state, k, params, generator) -> Draft:
+        if k == 0:
+            return Draft(EMPTY)
+        target = state.target
+        p = state.length - 1  # position of the last committed token; its K/V are not cached yet
+        inputs = layer_inputs(target, self.kv_layers, p, self.keys)
+        token = state.tokens[p : p + 1]
+        hidden = state.last_hidden.view(1, 1, -1)
+        tokens, qs = [], []
+        for _ in range(k):
+            out = self.model(target.embed(token)[None], hidden, inputs, self.lm_weight)
+            logits = out.logits[0, -1]
+            if params.greedy:
+                token = logits.argmax().view(1)
+            else:
+                q = probabilities(logits, params)
+                token = sample(q, generator).view(1)
+                qs.append(q)
+            tokens.append(token)
+            hidden = out.state
+        return Draft(torch.cat(tokens), torch.stack(qs) if qs else None)
+
+    def commit(self, state, draft, accepted) -> None:
+        self.keys.commit(state, draft.tokens.shape[0], accepted)

@@ -1,0 +1,89 @@
+"""Build (once, on first use) and load the C++ small-M linear kernel.
+
+The build goes to `$MTPSPEC_CACHE/kernels/<name>` (default `~/.cache/mtpspec`), where `<name>`
+hashes the source, the flags and the torch version, so a changed kernel or torch rebuilds and
+an unchanged one loads in milliseconds. Where it cannot be built (no compiler, no AVX2/FMA,
+`MTPSPEC_KERNELS=0`), `extension()` returns None after saying why in one line on stderr, and
+callers keep PyTorch's linear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+from functools import lru_cache
+
+import torch
+
+from ..models import cache_root
+from .source import SOURCE
+
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+
+
+def enabled() -> bool:
+    """Whether the user allows the kernels (`MTPSPEC_KERNELS=0` turns them off)."""
+    return os.environ.get("MTPSPEC_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def unsupported_reason() -> str | None:
+    """Why this machine cannot build or run the kernel, or None where it can."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it needs an x86-64 CPU, this is {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "it needs a CPU with AVX2 and FMA"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler}) on PATH"
+    return None
+
+
+def build_name() -> str:
+    digest = hashlib.sha256("\n".join([SOURCE, *FLAGS, torch.__version__]).encode()).hexdigest()[:12]
+    return f"mtpspec_linear_{digest}"
+
+
+def extension():
+    """The op namespace (`.linear(x, w, bias)`), or None where the kernel is unavailable.
+
+    `MTPSPEC_KERNELS` is read on every call, so turning it off takes effect at once.
+    """
+    return _built() if enabled() else None
+
+
+@lru_cache(maxsize=1)
+def _built():
+    reason = unsupported_reason()
+    if reason is None:
+        try:
+            return _load()
+        # A failed build can surface as any of these; the fallback is always correct, only slower.
+        except (RuntimeError, OSError, ImportError, ValueError) as e:
+            reason = f"the build failed ({str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})"
+    print(f"mtpspec: fast small-M linear kernel unavailable: {reason}; using PyTorch's linear", file=sys.stderr)
+    return None
+
+
+def _load():
+    from torch.utils.cpp_extension import load_inline
+
+    name = build_name()
+    build_dir = cache_root() / "kernels" / name
+    if not (build_dir / f"{name}.so").is_file():
+        print("mtpspec: compiling the small-M linear kernel (once, a few seconds)", file=sys.stderr)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # Light ATen headers and a TORCH_LIBRARY op instead of torch/extension.h and pybind11:
+    # the build takes seconds instead of a minute, and calls go through the dispatcher.
+    load_inline(
+        name=name,
+        cpp_sources=[SOURCE],
+        extra_cflags=FLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        no_implicit_headers=True,
+    )
+    return torch.ops.mtpspec_kernels

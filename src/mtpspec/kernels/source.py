@@ -1,0 +1,193 @@
+"""C++ source of the small-M linear kernel (kept in a .py file so that every install ships it).
+
+`linear(x, w, bias)` computes `y = x @ w.T + bias` for x `[M, K]`, w `[N, K]`, both bf16 or both
+fp32, with M small (decode and verification blocks). It streams each weight row once for all M
+rows, instead of once per row as PyTorch's CPU bf16 GEMM does here.
+
+Row invariance by construction: output element (m, n) is always computed by the same sequence
+of operations, whatever M is and wherever row m sits in the block:
+
+    acc = 0 (8 fp32 lanes)
+    for each 16-wide chunk c of K (the last one zero-padded):
+        acc = fma(w_n[half A of c], x_m[half A of c], acc)
+        acc = fma(w_n[half B of c], x_m[half B of c], acc)
+    y = ((acc[0:4] + acc[4:8]) pairwise-folded to one lane) (+ bias[n]), rounded once
+
+Tiling (how many rows and output features share a register block) only changes which elements
+are computed side by side, never the arithmetic of any one element. There is no -ffast-math,
+so the compiler may not reassociate the intrinsics.
+"""
+
+SOURCE = r"""
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t CHUNK = 16;  // k values per step: two 8-lane fp32 halves, A and B
+constexpr int NB = 4;          // output features per register tile
+constexpr int MB = 2;          // activation rows per register tile (NB * MB accumulators)
+constexpr int PREFETCH_TILES = 4;  // how far ahead (in weight tiles) to prefetch into L2
+
+// bf16 weights: one 256-bit load holds 16 bf16; a 32-bit lane holds k = 2j (low half) and
+// k = 2j + 1 (high half). Shifting left by 16 gives the even k as fp32 (half A), masking the
+// low half gives the odd k (half B): exact bf16 -> fp32 conversion in one op per 8 values.
+struct Bf16 {
+  using T = at::BFloat16;
+  static inline void load(const T* chunk, __m256& a, __m256& b) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
+    a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF0000)));
+  }
+  // k offset inside a chunk of the value that x's packed slot p (0..15) must hold.
+  static inline int64_t slot_k(int64_t p) { return p < 8 ? 2 * p : 2 * (p - 8) + 1; }
+};
+
+// fp32 weights: half A = k0..k0+7, half B = k0+8..k0+15.
+struct Fp32 {
+  using T = float;
+  static inline void load(const T* chunk, __m256& a, __m256& b) {
+    a = _mm256_loadu_ps(chunk);
+    b = _mm256_loadu_ps(chunk + 8);
+  }
+  static inline int64_t slot_k(int64_t p) { return p; }
+};
+
+// The one fixed horizontal sum every output element goes through.
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// x [M, K] -> fp32 [M, chunks * 16] in the slot order of the weight loader, zero-padded.
+template <class L>
+std::vector<float> pack_x(const at::Tensor& x, int64_t chunks) {
+  const int64_t M = x.size(0), K = x.size(1), Kp = chunks * CHUNK;
+  std::vector<float> xp(M * Kp, 0.0f);
+  const auto* src = x.data_ptr<typename L::T>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t p = 0; p < CHUNK; ++p) {
+        const int64_t k = c * CHUNK + L::slot_k(p);
+        if (k < K) xp[m * Kp + c * CHUNK + p] = static_cast<float>(src[m * K + k]);
+      }
+  return xp;
+}
+
+struct Problem {
+  int64_t M, N, K, chunks, full;  // full: chunks with no padding
+  const float* xp;                // [M, chunks * 16] packed activations
+  const float* bias;              // [N] fp32, or nullptr
+};
+
+// Accumulate rows m0..m0+mb of x against weight rows w[0..nb) (each K long) into acc[mb][nb].
+// `tail` holds the zero-padded last chunk of each of the nb weight rows when K % 16 != 0.
+template <class L, int nb, int mb>
+inline void block(const Problem& p, const typename L::T* w, const typename L::T* tail,
+                  int64_t m0, float* out /* [mb][nb] */) {
+  const int64_t Kp = p.chunks * CHUNK;
+  __m256 acc[mb][nb];
+  for (int m = 0; m < mb; ++m)
+    for (int n = 0; n < nb; ++n) acc[m][n] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    __m256 xa[mb], xb[mb];
+    for (int m = 0; m < mb; ++m) {
+      xa[m] = _mm256_loadu_ps(p.xp + (m0 + m) * Kp + c * CHUNK);
+      xb[m] = _mm256_loadu_ps(p.xp + (m0 + m) * Kp + c * CHUNK + 8);
+    }
+    for (int n = 0; n < nb; ++n) {
+      __m256 a, b;
+      L::load(c < p.full ? w + n * p.K + c * CHUNK : tail + n * CHUNK, a, b);
+      for (int m = 0; m < mb; ++m) {
+        acc[m][n] = _mm256_fmadd_ps(a, xa[m], acc[m][n]);
+        acc[m][n] = _mm256_fmadd_ps(b, xb[m], acc[m][n]);
+      }
+    }
+  }
+  for (int m = 0; m < mb; ++m)
+    for (int n = 0; n < nb; ++n) out[m * nb + n] = hsum(acc[m][n]);
+}
+
+// Ask for a later weight tile while this one computes, so DRAM keeps streaming during the
+// compute-heavy passes of larger M (the hardware prefetcher alone leaves gaps).
+inline void prefetch_l2(const void* start, int64_t bytes) {
+  const char* p = static_cast<const char*>(start);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
+}
+
+// All M rows for output features n0..n0+nb: the weight tile stays in L1 across row blocks.
+template <class L, int nb>
+void features(const Problem& p, const typename L::T* w, int64_t n0, typename L::T* y) {
+  using T = typename L::T;
+  T tail[nb * CHUNK];
+  if (p.full < p.chunks) {
+    std::memset(static_cast<void*>(tail), 0, sizeof(tail));
+    const int64_t k0 = p.full * CHUNK;
+    for (int n = 0; n < nb; ++n)
+      std::memcpy(static_cast<void*>(tail + n * CHUNK), w + (n0 + n) * p.K + k0, (p.K - k0) * sizeof(T));
+  }
+  const int64_t ahead = n0 + PREFETCH_TILES * nb;
+  if (ahead + nb <= p.N) prefetch_l2(w + ahead * p.K, nb * p.K * (int64_t)sizeof(T));
+  float out[MB * nb];
+  for (int64_t m0 = 0, mb = 0; m0 < p.M; m0 += mb) {
+    mb = p.M - m0 >= MB ? MB : 1;
+    if (mb == MB) block<L, nb, MB>(p, w + n0 * p.K, tail, m0, out);
+    else block<L, nb, 1>(p, w + n0 * p.K, tail, m0, out);
+    for (int m = 0; m < mb; ++m)
+      for (int n = 0; n < nb; ++n) {
+        const float b = p.bias ? p.bias[n0 + n] : 0.0f;
+        y[(m0 + m) * p.N + n0 + n] = static_cast<T>(out[m * nb + n] + b);  // one rounding (RNE)
+      }
+  }
+}
+
+template <class L>
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  using T = typename L::T;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t chunks = (K + CHUNK - 1) / CHUNK;
+  std::vector<float> xp = pack_x<L>(x, chunks);
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
+  Problem p{M, N, K, chunks, K / CHUNK, xp.data(), b32.defined() ? b32.data_ptr<float>() : nullptr};
+  at::Tensor y = at::empty({M, N}, x.options());
+  const T* wp = w.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t tiles = N / NB;
+  // Keep at least ~64 KiB of weights per thread so tiny layers do not pay for a fork.
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (NB * K * (int64_t)sizeof(T)));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) features<L, NB>(p, wp, t * NB, yp);
+  });
+  for (int64_t n0 = tiles * NB; n0 < N; ++n0) features<L, 1>(p, wp, n0, yp);
+  return y;
+}
+
+}  // namespace
+
+// x [M, K], w [N, K] (same dtype: bf16 or fp32, contiguous), bias [N] or None -> [M, N].
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1), "linear: x [M, K] and w [N, K]");
+  TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "linear: x and w must share a dtype");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  if (x.scalar_type() == at::kBFloat16) return run<Bf16>(x, w, bias);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "linear: bf16 or fp32 only");
+  return run<Fp32>(x, w, bias);
+}
+
+TORCH_LIBRARY(mtpspec_kernels, m) {
+  m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mtpspec_kernels, CPU, m) {
+  m.impl("linear", &linear);
+}
+"""

@@ -1,0 +1,53 @@
+"""Logits over the vocabulary: a full tied-embedding head, or an ordered centroid head.
+
+A full head costs one [V, H] matrix-vector product per draft step, which for Gemma's 262,144-token
+vocabulary is as much as the rest of a small drafter many times over. The centroid head (Gemma 4
+assistant's `masked_embedding`) scores C clusters of V/C tokens each, keeps the top-k clusters
+and computes exact logits only for their tokens; every other token gets -inf, so a draft
+sampled from these logits never picks it. Clusters are contiguous slices of `token_ordering`:
+cluster c holds token ids token_ordering[c·V/C : (c+1)·V/C].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CentroidHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_centroids = config.num_centroids
+        self.top_k = config.centroid_top_k
+        self.centroids = nn.Linear(config.head_width, config.num_centroids, bias=False)
+        self.register_buffer("token_ordering", torch.arange(config.vocab_size))
+
+    def clusters(self) -> torch.Tensor:
+        """[C, V/C] token ids of each cluster."""
+        return self.token_ordering.long().view(self.num_centroids, -1)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[B, T, H]`, weight `[V, H]` → (token ids `[B, T, N]`, their logits `[B, T, N]`), N = top_k·V/C."""
+        top = torch.topk(self.centroids(x), k=self.top_k, dim=-1).indices  # [B, T, top_k]
+        ids = self.clusters()[top].flatten(-2)  # [B, T, N]
+        rows = F.embedding(ids, weight)  # [B, T, N, H]; a faster gather than weight[ids]
+        return ids, (rows @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def logits_from(
+    x: torch.Tensor,  # [B, T, H]
+    weight: torch.Tensor,  # [V, H] output embedding
+    centroid_head: CentroidHead | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Logits `[B, T, V]`: exact everywhere (full head) or on the top clusters' tokens, -inf elsewhere."""
+    if centroid_head is None:
+        return _softcap(F.linear(x, weight), softcap)
+    ids, selected = centroid_head(x, weight)
+    out = torch.full((*x.shape[:-1], weight.shape[0]), float("-inf"), dtype=selected.dtype, device=x.device)
+    return out.scatter_(-1, ids, _softcap(selected, softcap))
+
+
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits

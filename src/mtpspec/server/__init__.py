@@ -1,0 +1,1 @@
+"""`mtpspec serve`: an OpenAI-compatible HTTP server over `mtpspec.api.Pipeline`."""

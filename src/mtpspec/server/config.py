@@ -1,0 +1,16 @@
+"""What one server is configured with (from `mtpspec serve` flags, or built directly in tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str  # the id clients send as `model` and /v1/models lists
+    drafter: str = "none"
+    num_draft_tokens: int = 4  # k per round, for every request (a property of the server, not of a request)
+    adaptive: bool = False
+    api_key: str | None = None  # None: /v1 is open; else requests need `Authorization: Bearer <key>`
+    max_queue: int = 64  # requests that may wait behind the running one before a 503
+    default_max_tokens: int = 256  # for requests that omit max_tokens (capped by the context window)

@@ -1,0 +1,157 @@
+"""`mtpspec bench` end to end on tiny random models, its dataset loaders and its user errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from mtpspec.bench import EVAL_DATASETS, load_dataset
+from mtpspec.bench.datasets import gsm
+from mtpspec.bench.methods import Decoding, MtpspecRunner
+from mtpspec.bench.run import ships_chat_template
+from mtpspec.cli import main
+from mtpspec.errors import MtpspecError
+from mtpspec.models import GEMMA_CHAT_TEMPLATE
+
+# Repetitive prompts give the n-gram drafter something to accept.
+PROMPTS = ["abc abc abc abc abc abc", "the cat sat on the mat; the cat sat on the"]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    return path
+
+
+def bench(tiny_dirs, prompts_file, out, methods, *extra):
+    # One thread: on a shared, busy machine tiny models run several times faster than with more.
+    argv = ["bench", "--model", str(tiny_dirs["llama"]), "--methods", methods, "--dataset", str(prompts_file)]
+    argv += ["--max-new-tokens", "8", "--num-draft-tokens", "2", "--threads", "1", "--dtype", "fp32", "--out", str(out), *extra]
+    return main(argv)
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_report_and_is_lossless(tiny_dirs, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    methods = f"ngram,draft:{tiny_dirs['llama-draft']},hf,hf-pld"
+    assert bench(tiny_dirs, prompts_file, out, methods) == 0
+    for name in ("results.json", "report.md", "speedup.png", "acceptance.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    results = json.loads((out / "results.json").read_text())
+    rows = {s["row"]: s for s in results["summary"]}
+    assert list(rows) == ["none", "ngram k=2", "draft:llama-draft k=2", "hf", "hf-pld k=2"]
+    assert rows["none"]["speedup"] == 1.0 and rows["none"]["tau"] == 1.0
+    assert results["lossless"] is True and results["mismatches"] == []
+    for label in ("ngram k=2", "draft:llama-draft k=2"):
+        assert rows[label]["lossless"] is True and rows[label]["agreement"] == 1.0
+        assert 1 <= len(rows[label]["acceptance_per_position"]) <= 2  # k = 2
+    assert rows["hf"]["lossless"] is None and rows["hf"]["agreement"] is not None  # reported, not required
+    assert all(s["runs"] == len(PROMPTS) and s["peak_rss_mb"] > 0 for s in results["summary"])
+    assert results["environment"]["threads"] == 1 and results["environment"]["torch"]
+    assert results["datasets"] == [{"name": "tiny", "prompts": 2, "chat": False}]
+    assert len(results["runs"]) == 5 * len(PROMPTS)
+
+    report = (out / "report.md").read_text()
+    assert "| tiny | none |" in report and "1.00×" in report and "Losslessness**: every mtpspec method" in report
+    assert "| tiny | none |" in capsys.readouterr().out
+
+
+def test_mismatch_is_loud_and_exits_nonzero(tiny_dirs, prompts_file, tmp_path, monkeypatch, capsys):
+    real_run = MtpspecRunner.run
+
+    def corrupted(self, ids, decoding, k, seed):
+        result = real_run(self, ids, decoding, k, seed)
+        if self.pipeline.drafter_spec != "none":
+            result.token_ids[-1] = (result.token_ids[-1] + 1) % 300
+        return result
+
+    monkeypatch.setattr(MtpspecRunner, "run", corrupted)
+    out = tmp_path / "out"
+    assert bench(tiny_dirs, prompts_file, out, "ngram", "--limit", "1", "--max-new-tokens", "4") == 1
+    assert "LOSSLESSNESS CHECK FAILED" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["lossless"] is False and results["mismatches"][0]["position"] == 3
+    assert "**Losslessness: FAILED**" in (out / "report.md").read_text()
+
+
+def test_sampled_run_skips_the_check(tiny_dirs, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    assert bench(tiny_dirs, prompts_file, out, "ngram", "--limit", "1", "--max-new-tokens", "4", "--temperature", "0.8") == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["lossless"] is None and all(s["agreement"] is None for s in results["summary"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "nope"], "unknown dataset 'nope'"),
+        (["--methods", "none,magic"], "unknown method 'magic'"),
+        (["--dataset", "missing.jsonl"], "dataset file not found"),
+        (["--num-draft-tokens", "2,x"], "comma list of integers"),
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--methods", "hf-assisted"], "hf-assisted needs a draft model"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("mtpspec: error:") and err.count("\n") == 1
+
+
+def test_dataset_sizes():
+    assert len(load_dataset("mt-bench").prompts) == 80
+    assert len(load_dataset("humaneval").prompts) == 164
+    assert len(load_dataset("humaneval", limit=3).prompts) == 3
+    assert load_dataset("mt-bench").chat_style and not load_dataset("humaneval").chat_style
+    assert EVAL_DATASETS >= {"mt-bench", "humaneval", "gsm"}
+
+
+def test_gsm_is_deterministic_for_a_seed():
+    first = gsm(5, seed=7)
+    assert first == gsm(5, seed=7) and first[:3] == gsm(3, seed=7)
+    assert first != gsm(5, seed=8)
+    assert len(load_dataset("gsm", limit=4).prompts) == 4
+    assert "reasoning_gym" not in sys.modules  # loaded without the package's heavy __init__
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(MtpspecError, match=r"bad.jsonl:2: .*'prompt'"):
+        load_dataset(str(path))
+
+
+def test_chat_default_skips_the_template_mtpspec_attaches_to_base_models(tokenizer):
+    assert ships_chat_template(tokenizer)
+    base = types.SimpleNamespace(chat_template=GEMMA_CHAT_TEMPLATE)
+    assert not ships_chat_template(base)
+
+
+def test_llama_cpp_runner_feeds_ids_and_times_tokens(tmp_path, monkeypatch):
+    """llama-cpp-python is optional; a stand-in checks the runner's plumbing."""
+
+    class FakeLlama:
+        def __init__(self, model_path, n_threads, **_):
+            self.threads = n_threads
+
+        def token_eos(self):
+            return 2
+
+        def generate(self, ids, **_):
+            yield from [5, 6, 7, 2, 9]
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.SimpleNamespace(Llama=FakeLlama))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    from mtpspec.bench.reference import LlamaCppRunner
+
+    runner = LlamaCppRunner(str(gguf), threads=3, eos_token_ids={2})
+    result = runner.run([1, 4], Decoding(max_new_tokens=10), k=0, seed=0)
+    assert runner.llm.threads == 3
+    assert result.token_ids == [5, 6, 7, 2] and result.decode_tokens == 3
+    assert runner.run([1, 4], Decoding(max_new_tokens=2), k=0, seed=0).token_ids == [5, 6]

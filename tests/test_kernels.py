@@ -1,0 +1,158 @@
+"""The small-M linear kernel: correct against PyTorch, bitwise row-invariant, and lossless in use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_tiny, byte_tokenizer
+from mtpspec import kernels
+from mtpspec.kernels.extension import extension, unsupported_reason
+
+DTYPES = [torch.bfloat16, torch.float32]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ops():
+    if not kernels.enabled():
+        pytest.skip("small-M kernel turned off by MTPSPEC_KERNELS=0")
+    reason = unsupported_reason()
+    if reason is not None:
+        pytest.skip(f"small-M kernel unavailable: {reason}")
+    if extension() is None:
+        pytest.skip("small-M kernel failed to build (its reason is on stderr)")
+    return extension()
+
+
+def _data(m: int, n: int, k: int, dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype)
+    return x, w, b
+
+
+def _reference(x, w, b):
+    # The exact-ish answer from the same rounded inputs: fp64 accumulation, no output rounding.
+    return F.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 33, 70), (5, 17, 640), (16, 8, 1), (3, 7, 15), (2, 4, 16), (7, 130, 100), (4, 64, 2048)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_torch(m, n, k, dtype, bias):
+    x, w, b = _data(m, n, k, dtype)
+    b = b if bias else None
+    assert kernels.kernel_applies(x, w)
+    y = kernels.linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (m, n)
+    ref = _reference(x, w, b)
+    # One final rounding to the output dtype, plus fp32 accumulation error (~K ulp, tiny).
+    rtol = 2**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=1e-4 * k**0.5)
+    # PyTorch's own result is within the same tolerance: the two differ by rounding only.
+    torch.testing.assert_close(y.double(), F.linear(x, w, b).double(), rtol=2 * rtol, atol=2e-4 * k**0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_input_is_flattened(dtype):
+    x, w, b = _data(6, 9, 70, dtype)
+    y = kernels.linear(x.view(2, 3, 70), w, b)
+    assert y.shape == (2, 3, 9)
+    assert torch.equal(y.view(6, 9), kernels.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,bias", [(37, 70, True), (64, 640, False), (5, 9, True), (1031, 256, False)])
+def test_rows_are_bitwise_invariant(n, k, bias, dtype):
+    """Row i of any block equals that row computed alone, for every block size and position."""
+    x, w, b = _data(32, n, k, dtype, seed=n)
+    b = b if bias else None
+    alone = torch.cat([kernels.linear(x[i : i + 1], w, b) for i in range(32)])
+    for m in range(1, kernels.MAX_ROWS + 1):
+        for start in (0, 1, 7, 32 - m):
+            assert kernels.kernel_applies(x[start : start + m], w)
+            block = kernels.linear(x[start : start + m], w, b)
+            assert torch.equal(block, alone[start : start + m]), (m, start)
+
+
+def test_special_values_propagate():
+    x, w, _ = _data(3, 8, 40, torch.bfloat16)
+    x[1, 5] = float("inf")
+    x[2, 7] = float("nan")
+    y = kernels.linear(x, w)
+    assert torch.isfinite(y[0]).all()
+    assert not torch.isfinite(y[1]).any() and torch.isnan(y[2]).all()
+
+
+def test_falls_back_where_the_kernel_does_not_apply():
+    x, w, b = _data(kernels.MAX_ROWS + 1, 8, 40, torch.bfloat16)
+    assert not kernels.kernel_applies(x, w)  # a prefill-sized block
+    assert torch.equal(kernels.linear(x, w, b), F.linear(x, w, b))
+    assert not kernels.kernel_applies(x[:2].half(), w.half())  # a dtype the kernel lacks
+    assert not kernels.kernel_applies(x[:2], w.t().contiguous().t())  # a strided weight
+    wg = w.float().requires_grad_()
+    assert not kernels.kernel_applies(x[:2].float(), wg)  # training needs autograd
+    kernels.linear(x[:2].float(), wg).sum().backward()
+    assert wg.grad is not None
+
+
+def test_turned_off_by_environment(monkeypatch):
+    x, w, _ = _data(2, 8, 40, torch.bfloat16)
+    model = build_tiny("llama", dtype=torch.bfloat16)
+    monkeypatch.setenv("MTPSPEC_KERNELS", "0")
+    assert kernels.kernel_id() is None and not kernels.kernel_applies(x, w)
+    assert kernels.accelerate(model) == 0
+    monkeypatch.delenv("MTPSPEC_KERNELS")
+    assert kernels.kernel_id() is not None and kernels.kernel_applies(x, w)
+
+
+# ---- in a model ----------------------------------------------------------------------------
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    from mtpspec.target import Target
+
+    target = Target(model, byte_tokenizer())
+    target.start(torch.tensor(ids[:4]), capacity=64)
+    return target.forward(torch.tensor(ids[4:])).logits  # [T, V], one 5-row block
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])  # qwen2: linear layers with biases
+def test_accelerate_keeps_weights_and_logits(family):
+    model = build_tiny(family, dtype=torch.bfloat16)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    head = model.get_output_embeddings()
+    weights = {name: p.data_ptr() for name, p in model.named_parameters()}
+    ids = list(range(10, 19))
+    before = _logits(model, ids)
+
+    assert kernels.accelerate(model) == len(linears) and head in linears
+    assert all(type(m) is kernels.FastLinear for m in linears)
+    assert {name: p.data_ptr() for name, p in model.named_parameters()} == weights
+    assert head.weight is model.get_input_embeddings().weight  # still tied
+    after = _logits(model, ids)
+    torch.testing.assert_close(after.float(), before.float(), rtol=0.05, atol=0.05)
+    assert (after.argmax(-1) == before.argmax(-1)).float().mean() >= 0.8
+
+    assert kernels.restore(model) == len(linears)
+    assert torch.equal(_logits(model, ids), before)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_speculative_greedy_equals_plain_greedy_in_bf16(family):
+    """With the kernel, block verification is exact: ngram drafting changes no token."""
+    from mtpspec.api import Pipeline
+    from mtpspec.target import Target
+
+    tokenizer = byte_tokenizer()
+    model = build_tiny(family, dtype=torch.bfloat16)
+    assert kernels.accelerate(model) > 0
+    spec_target = Target(model, tokenizer)
+    assert spec_target.rows_invariant(5)  # blocks run batched: the kernel, not the row-by-row fallback
+    prompt = "abcabcabc abcabc xyz abc"
+    plain = Pipeline(Target(model, tokenizer), "none").generate(prompt, max_new_tokens=40)
+    spec = Pipeline(spec_target, "ngram").generate(prompt, max_new_tokens=40)
+    assert spec.stats.drafted_tokens > 0 and spec.stats.target_forwards < plain.stats.target_forwards
+    assert spec.token_ids == plain.token_ids

@@ -1,0 +1,134 @@
+"""A freshly initialised MTP drafter is useless but exact, on every supported target family.
+
+Speculative greedy output must equal plain greedy output token for token, for any k, in fp32 and
+bf16, whatever head the drafter uses; drafters save and load in the official layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny, build_tiny_gemma4, byte_tokenizer
+
+from mtpspec.drafters import NoDrafter, make_drafter
+from mtpspec.drafters.mtp import MtpDrafter
+from mtpspec.engine import Engine, GenerationConfig, GenerationResult
+from mtpspec.mtp import init_drafter, load_drafter, save_drafter
+from mtpspec.sampling import SamplingParams
+from mtpspec.target import Target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT = "The quick brown fox jumps over the lazy dog. The quick brown"  # longer than the sliding window
+NEW_TOKENS = 12
+FAMILIES = ("gemma3", "llama", "qwen2", "qwen3", "gemma4")
+HEADS = {  # drafter head variants, cycled over the families
+    "target-full": dict(lm_head="target"),
+    "target-centroids": dict(lm_head="target", num_centroids=16, centroid_top_k=4),
+    "own-centroids": dict(lm_head="drafter", num_centroids=16, centroid_top_k=4),
+}
+
+
+def tiny_target(family: str, dtype):
+    model = build_tiny_gemma4("e2b", vocab_size=384, vocab_size_per_layer_input=384) if family == "gemma4" else build_tiny(family)
+    return Target(model.to(dtype), byte_tokenizer())
+
+
+def run(target, drafter, k: int, sampling: SamplingParams = SamplingParams(), seed: int = 0) -> GenerationResult:
+    ids = target.tokenizer(TEXT).input_ids
+    result = GenerationResult(ids)
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, num_draft_tokens=k, sampling=sampling, seed=seed)
+    for _ in Engine(target, drafter).stream(ids, config, result):
+        pass
+    return result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_drafter_is_exact(family, dtype):
+    target = tiny_target(family, dtype)
+    plain = run(target, NoDrafter(), 0).token_ids
+    head = list(HEADS)[FAMILIES.index(family) % len(HEADS)]
+    drafter = MtpDrafter(init_drafter(target.model, **HEADS[head]), target)
+    for k in (1, 2, 4, 8):
+        result = run(target, drafter, k)
+        assert result.token_ids == plain, f"{family} {head} k={k}"
+        assert result.stats.drafted_tokens > 0
+
+
+@pytest.mark.parametrize("head", list(HEADS))
+def test_every_head_is_exact_on_gemma3(head):
+    target = tiny_target("gemma3", torch.float32)
+    plain = run(target, NoDrafter(), 0).token_ids
+    assert run(target, MtpDrafter(init_drafter(target.model, **HEADS[head]), target), 4).token_ids == plain
+
+
+def test_drafter_reads_the_right_target_layers():
+    """Sliding drafter layers read the last sliding layer with its own K/V, the full layer the last full one;
+    on Gemma 4 E2B-like targets those are before the KV-shared layers."""
+    assert init_drafter(build_tiny("gemma3")).config.kv_layers == (2, 2, 2, 3)
+    assert init_drafter(build_tiny("llama")).config.kv_layers == (3, 3, 3, 3)
+    drafter = init_drafter(build_tiny_gemma4("e2b"))  # layers [S, S, F | S, S, F], the last 3 KV-shared
+    assert drafter.config.kv_layers == (1, 1, 1, 2) and drafter.config.head_dims == (16, 16, 16, 32)
+
+
+def test_sampling_returns_the_q_it_sampled_from():
+    target = tiny_target("llama", torch.float32)
+    drafter = MtpDrafter(init_drafter(target.model, lm_head="target", num_centroids=16, centroid_top_k=4), target)
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    seen = []
+    propose = drafter.propose
+
+    def spy(state, k, p, gen):
+        draft = propose(state, k, p, gen)
+        seen.append(draft)
+        return draft
+
+    drafter.propose = spy
+    first = run(target, drafter, 4, params, seed=3)
+    assert first.token_ids == run(target, drafter, 4, params, seed=3).token_ids  # seeded: reproducible
+    for draft in (d for d in seen if d.tokens.numel()):
+        assert draft.q is not None and draft.q.shape == (draft.tokens.shape[0], 384)
+        torch.testing.assert_close(draft.q.sum(-1), torch.ones(draft.tokens.shape[0]))
+        assert (draft.q.gather(1, draft.tokens[:, None]) > 0).all()
+        assert ((draft.q > 0).sum(-1) <= 4 * 24).all()  # only the top clusters' tokens can be drafted
+
+
+def test_save_load_round_trip_through_the_registry(tmp_path):
+    target = tiny_target("qwen3", torch.float32)
+    model = init_drafter(target.model, lm_head="drafter", num_centroids=16, centroid_top_k=4, seed=5)
+    save_drafter(model, tmp_path / "d")
+    loaded = load_drafter(tmp_path / "d")
+    assert loaded.config == model.config
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    drafter = make_drafter(f"mtp:{tmp_path / 'd'}", target)
+    assert run(target, drafter, 4).token_ids == run(target, NoDrafter(), 0).token_ids
+
+
+def test_our_gemma4_drafter_loads_in_transformers(tmp_path):
+    """A drafter with its own head is a valid `gemma4_assistant` checkpoint for transformers too."""
+    from transformers import Gemma4AssistantForCausalLM
+
+    target = build_tiny_gemma4("31b")
+    ours = init_drafter(target, hidden_size=32, lm_head="drafter", num_centroids=16, centroid_top_k=4)
+    save_drafter(ours, tmp_path)
+    theirs = Gemma4AssistantForCausalLM.from_pretrained(tmp_path)
+    reference = theirs.state_dict()
+    for name, value in ours.state_dict().items():
+        assert torch.equal(reference[name], value), name
+
+
+@pytest.mark.real
+def test_random_drafter_is_exact_on_gemma3_270m():
+    """The embedded default in bf16: a random 4-layer MTP drafter (centroid head) changes nothing."""
+    from mtpspec.api import load
+
+    pipe = load("gemma3-270m", dtype="bf16")
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    plain = pipe.generate(prompt, max_new_tokens=24).token_ids
+    model = init_drafter(pipe.target.model, num_centroids=2048, centroid_top_k=32)
+    pipe.engine.drafter = MtpDrafter(model, pipe.target)
+    result = pipe.generate(prompt, max_new_tokens=24, num_draft_tokens=4)
+    assert result.token_ids == plain
+    assert result.stats.drafted_tokens > 0

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from mtpspec.errors import MtpspecError
+from mtpspec.sampling import SamplingParams, probabilities
+
+LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
+
+
+def close(a, b):
+    return torch.allclose(a, torch.tensor(b), atol=1e-6)
+
+
+def test_temperature_one_is_softmax():
+    assert close(probabilities(LOGITS, SamplingParams(temperature=1.0)), [0.5, 0.25, 0.15, 0.1])
+
+
+def test_temperature_sharpens_and_flattens():
+    cold = probabilities(LOGITS, SamplingParams(temperature=0.5))
+    hot = probabilities(LOGITS, SamplingParams(temperature=2.0))
+    assert cold[0] > 0.5 > hot[0]
+    assert close(cold, (torch.tensor([0.5, 0.25, 0.15, 0.1]) ** 2 / (torch.tensor([0.5, 0.25, 0.15, 0.1]) ** 2).sum()).tolist())
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        (SamplingParams(temperature=1.0, top_k=2), [2 / 3, 1 / 3, 0, 0]),
+        (SamplingParams(temperature=1.0, top_k=1), [1, 0, 0, 0]),
+        (SamplingParams(temperature=1.0, top_p=0.5), [1, 0, 0, 0]),  # 0.5 alone reaches 0.5
+        (SamplingParams(temperature=1.0, top_p=0.7), [2 / 3, 1 / 3, 0, 0]),
+        (SamplingParams(temperature=1.0, top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),
+        (SamplingParams(temperature=1.0, min_p=0.3), [2 / 3, 1 / 3, 0, 0]),  # 0.15 < 0.3 * 0.5
+        (SamplingParams(temperature=1.0, top_k=3, top_p=0.7), [2 / 3, 1 / 3, 0, 0]),
+    ],
+)
+def test_filters(params, expected):
+    assert close(probabilities(LOGITS, params), expected)
+
+
+def test_batched_rows_are_filtered_independently():
+    logits = torch.stack([LOGITS, LOGITS.flip(0)])
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_k=1))
+    assert p.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1]]
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2)])
+def test_bad_params_are_user_errors(kwargs):
+    with pytest.raises(MtpspecError):
+        SamplingParams(**kwargs)
