@@ -77,6 +77,19 @@ def test_rows_are_bitwise_invariant(n, k, bias, dtype):
             assert torch.equal(block, alone[start : start + m]), (m, start)
 
 
+def test_thread_count_does_not_change_bits():
+    """Threads split the output features; each element's arithmetic stays the same."""
+    x, w, b = _data(5, 4099, 640, torch.bfloat16)  # large enough to be split across threads
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.linear(x, w, b)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(kernels.linear(x, w, b), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_special_values_propagate():
     x, w, _ = _data(3, 8, 40, torch.bfloat16)
     x[1, 5] = float("inf")

@@ -132,3 +132,36 @@ def test_random_drafter_is_exact_on_gemma3_270m():
     result = pipe.generate(prompt, max_new_tokens=24, num_draft_tokens=4)
     assert result.token_ids == plain
     assert result.stats.drafted_tokens > 0
+
+
+def test_batched_forward_matches_single_rows():
+    """Training runs many anchor positions at once with masks; each row must equal its decoding-time step."""
+    from mtpspec.mtp import LayerInputs, layer_inputs
+    from mtpspec.mtp.reading import CommittedKeys
+
+    target = tiny_target("gemma3", torch.float32)
+    model = init_drafter(target.model, lm_head="target", num_centroids=16, centroid_top_k=4)
+    ids = torch.tensor(target.tokenizer(TEXT).input_ids)
+    target.start(ids, capacity=len(ids) + 1)  # the cache now holds every prompt position
+    positions = [5, 11, len(ids) - 1]  # anchors: draft after the token at p, reading keys < p
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, len(positions), target.hidden_size, generator=gen)
+    hidden = torch.randn(1, len(positions), target.hidden_size, generator=gen)
+    weight = target.model.get_output_embeddings().weight
+    batched_inputs = []
+    for layer in model.config.kv_layers:
+        keys, values = (t.clone() for t in target.kv(layer, len(ids)))  # out of inference mode, as captured K/V are
+        cos, sin = target.family.rope(target.model, layer, torch.tensor([positions]))
+        window = target.family.sliding_window(layer) or len(ids)
+        k = torch.arange(len(ids))
+        mask = torch.stack([(k < p) & (k > p - window) for p in positions])[None, None]  # [1, 1, T, S]
+        batched_inputs.append(LayerInputs(keys, values, cos, sin, mask))
+    batched = model(embeds, hidden, batched_inputs, weight)
+    for t, p in enumerate(positions):
+        with torch.no_grad():
+            single = model(embeds[:, t : t + 1], hidden[:, t : t + 1], layer_inputs(target, model.config.kv_layers, p, CommittedKeys()), weight)
+        torch.testing.assert_close(batched.state[:, t : t + 1], single.state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched.logits[:, t : t + 1], single.logits, atol=1e-5, rtol=1e-5)
+    batched.logits[batched.logits.isfinite()].sum().backward()  # trainable end to end...
+    assert model.pre_projection.weight.grad is not None
+    assert model.masked_embedding.centroids.weight.grad is None  # ...but cluster choice is top-k: fit centroids apart

@@ -49,6 +49,15 @@ def decoding_options(args) -> dict:
     )
 
 
+def check_options(args, options: dict) -> None:
+    """Reject bad options before the model loads (loading takes seconds)."""
+    from .api import generation_config
+    from .drafters import parse_spec
+
+    generation_config(**options)
+    parse_spec(args.drafter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtpspec", description="Lossless speculative decoding with MTP drafters.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,7 +99,7 @@ def cmd_generate(args) -> int:
     from . import api
 
     options = decoding_options(args)
-    api.generation_config(**options)  # reject bad options before the model loads
+    check_options(args, options)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
     stream = pipe.stream(prompt, chat=args.chat, **options)
@@ -114,7 +123,7 @@ def cmd_chat(args) -> int:
     from . import api
 
     options = decoding_options(args)
-    api.generation_config(**options)
+    check_options(args, options)
     pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"mtpspec chat with {args.model} (drafter: {args.drafter}); an empty line ends.", file=sys.stderr)

@@ -7,6 +7,7 @@ that directory directly, which takes seconds instead of a minute.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -150,6 +151,20 @@ def _check_gguf_header(gguf: Path) -> None:
         raise MtpspecError(f"cannot read GGUF file {gguf}: it is corrupt or truncated ({e})") from e
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -172,8 +187,9 @@ def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _quiet_transformers():  # loading a converted directory takes a second: no bars
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MtpspecError(f"cannot load model from {path}: {e}") from e
     if hf.device.type == "cpu":

@@ -43,12 +43,19 @@ def _mtp(arg: str, target) -> Drafter:
 REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp}
 
 
-def make_drafter(spec: str, target) -> Drafter:
-    """Build the drafter that `spec` ("none", "ngram", "draft:PATH", ...) names, for `target`."""
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Split "kind:arg" and check the kind exists (cheap: call it before loading any model)."""
     kind, _, arg = spec.partition(":")
     if kind not in REGISTRY:
-        raise MtpspecError(f"unknown drafter {spec!r}: use one of {', '.join(k + (':PATH' if k in ('draft', 'mtp') else '') for k in REGISTRY)}")
+        names = ", ".join(k + (":PATH" if k in ("draft", "mtp") else "") for k in REGISTRY)
+        raise MtpspecError(f"unknown drafter {spec!r}: use one of {names}")
+    return kind, arg
+
+
+def make_drafter(spec: str, target) -> Drafter:
+    """Build the drafter that `spec` ("none", "ngram", "draft:PATH", ...) names, for `target`."""
+    kind, arg = parse_spec(spec)
     return REGISTRY[kind](arg, target)
 
 
-__all__ = ["DecodeState", "Draft", "Drafter", "make_drafter", "REGISTRY"]
+__all__ = ["DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "REGISTRY"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import accelerate
 from ..mtp import CommittedKeys, MtpModel, check_fits, layer_inputs
 from ..sampling import probabilities, sample
 from ..target import Target
@@ -23,6 +24,7 @@ class MtpDrafter:
     def __init__(self, model: MtpModel, target: Target, keys=None):
         self.kv_layers = check_fits(model.config, target)
         self.model = model.to(target.dtype).eval()
+        accelerate(self.model)  # the target's small-M linear kernel, where it can be built
         self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
         self.lm_weight = target.model.get_output_embeddings().weight if model.config.lm_head == "target" else None
 
@@ -41,11 +43,10 @@ class MtpDrafter:
         tokens, qs = [], []
         for _ in range(k):
             out = self.model(target.embed(token)[None], hidden, inputs, self.lm_weight)
-            logits = out.logits[0, -1]
             if params.greedy:
-                token = logits.argmax().view(1)
+                token = out.argmax().view(1)
             else:
-                q = probabilities(logits, params)
+                q = probabilities(out.logits[0, -1], params)
                 token = sample(q, generator).view(1)
                 qs.append(q)
             tokens.append(token)

@@ -68,7 +68,7 @@ def init_drafter(
     model = MtpModel(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         if model.masked_embedding is not None:  # random clusters until training clusters the embeddings

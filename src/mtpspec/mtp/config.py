@@ -8,7 +8,7 @@ the same layout plus an `mtpspec` block with the facts the official format has n
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import MtpspecError
@@ -146,6 +146,3 @@ class MtpConfig:
         except (OSError, ValueError) as e:
             raise MtpspecError(f"cannot read MTP drafter config {file}: {e}") from e
         return cls.from_json_dict(raw)
-
-    def replace(self, **changes) -> "MtpConfig":
-        return MtpConfig(**{**asdict(self), **changes})

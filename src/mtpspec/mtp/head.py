@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import linear  # F.linear, or the small-M CPU kernel where it applies
+
 
 class CentroidHead(nn.Module):
     def __init__(self, config):
@@ -32,6 +34,8 @@ class CentroidHead(nn.Module):
         top = torch.topk(self.centroids(x), k=self.top_k, dim=-1).indices  # [B, T, top_k]
         ids = self.clusters()[top].flatten(-2)  # [B, T, N]
         rows = F.embedding(ids, weight)  # [B, T, N, H]; a faster gather than weight[ids]
+        if ids.shape[:-1].numel() == 1:  # decoding: one matrix-vector product (bmm is far slower in bf16)
+            return ids, linear(x.reshape(1, -1), rows.reshape(-1, x.shape[-1])).view(ids.shape)
         return ids, (rows @ x.unsqueeze(-1)).squeeze(-1)
 
 
@@ -40,13 +44,17 @@ def logits_from(
     weight: torch.Tensor,  # [V, H] output embedding
     centroid_head: CentroidHead | None,
     softcap: float | None,
-) -> torch.Tensor:
-    """Logits `[B, T, V]`: exact everywhere (full head) or on the top clusters' tokens, -inf elsewhere."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits `[B, T, V]` and the ids `[B, T, N]` of the tokens that have exact ones (None: all of them).
+
+    A full head's logits are exact everywhere (in x's dtype); a centroid head's are float32 (scanning
+    a vocabulary-wide bf16 vector is slow on CPUs), exact on the top clusters' tokens, -inf elsewhere.
+    """
     if centroid_head is None:
-        return _softcap(F.linear(x, weight), softcap)
+        return _softcap(linear(x, weight), softcap), None
     ids, selected = centroid_head(x, weight)
-    out = torch.full((*x.shape[:-1], weight.shape[0]), float("-inf"), dtype=selected.dtype, device=x.device)
-    return out.scatter_(-1, ids, _softcap(selected, softcap))
+    out = torch.full((*x.shape[:-1], weight.shape[0]), float("-inf"), device=x.device)
+    return out.scatter_(-1, ids, _softcap(selected.float(), softcap)), ids
 
 
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

@@ -43,7 +43,14 @@ class LayerInputs:
 class MtpOutput:
     logits: torch.Tensor  # [B, T, V] (tokens outside the chosen clusters are -inf)
     state: torch.Tensor  # [B, T, H_t] fed back as the next step's hidden state
-    features: torch.Tensor  # [B, T, H_d] after the final norm
+    candidates: torch.Tensor | None = None  # [B, T, N] ids with finite logits (centroid head); None: all
+
+    def argmax(self) -> torch.Tensor:
+        """The most likely token `[B, T]`, scanning only the candidates when there are some."""
+        if self.candidates is None:
+            return self.logits.argmax(-1)
+        best = self.logits.gather(-1, self.candidates).argmax(-1, keepdim=True)
+        return self.candidates.gather(-1, best).squeeze(-1)
 
 
 class RMSNorm(nn.Module):
@@ -156,5 +163,5 @@ class MtpModel(nn.Module):
             if lm_weight is None:
                 raise ValueError("this drafter computes logits with the target's embedding: pass lm_weight")
             head_in, weight = state, lm_weight
-        logits = logits_from(head_in, weight, self.masked_embedding, self.config.final_logit_softcapping)
-        return MtpOutput(logits, state, x)
+        logits, candidates = logits_from(head_in, weight, self.masked_embedding, self.config.final_logit_softcapping)
+        return MtpOutput(logits, state, candidates)

@@ -1,0 +1,81 @@
+"""Integration on the real bundled models (Gemma 3 270M, SmolLM2-135M). Marked `real`:
+deselect locally with `-m 'not real'`; CI runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mtpspec
+
+pytestmark = [pytest.mark.real, pytest.mark.usefixtures("all_threads")]
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "Rewrite this code with comments:\nfor i in range(10):\n    if i % 2 == 0:\n        print(i)\nfor i in range(10):\n    if i % 2 == 0:\n",
+    "Once upon a time, in a small village,",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_fp32():
+    return mtpspec.load("gemma3-270m", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def gemma_bf16():
+    return mtpspec.load("gemma3-270m", dtype="bf16")
+
+
+def test_fp32_greedy_equals_transformers_generate(gemma_fp32):
+    from transformers import AutoModelForCausalLM
+
+    from mtpspec.models import resolve_model
+
+    reference = AutoModelForCausalLM.from_pretrained(resolve_model("gemma3-270m"), dtype=torch.float32, attn_implementation="sdpa")
+    tok = gemma_fp32.tokenizer
+    for prompt in PROMPTS[:3]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            hf = reference.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1] :].tolist()
+        ours = gemma_fp32.generate(prompt, max_new_tokens=32).token_ids
+        n = len(ours) if tok.eos_token_id not in hf else hf.index(tok.eos_token_id) + 1
+        assert ours == hf[:n], prompt
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_ngram_greedy_equals_plain_bit_for_bit(dtype, gemma_bf16, gemma_fp32):
+    pipe = gemma_bf16 if dtype == "bf16" else gemma_fp32
+    ngram = mtpspec.Pipeline(pipe.target, "ngram", "gemma3-270m")
+    accepted = 0
+    for prompt in PROMPTS:
+        plain = pipe.generate(prompt, max_new_tokens=48)
+        spec = ngram.generate(prompt, max_new_tokens=48, num_draft_tokens=4)
+        assert spec.token_ids == plain.token_ids, prompt
+        accepted += spec.stats.accepted_tokens
+    assert accepted > 0  # the block path really ran
+
+
+def test_cli_json_is_well_formed():
+    r = subprocess.run(
+        [sys.executable, "-m", "mtpspec.cli", "generate", "The capital of France is", "--json", "--max-new-tokens", "16", "--drafter", "ngram"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] in ("stop", "length") and 0 < len(out["token_ids"]) <= 16
+    assert out["stats"]["tokens_per_s"] > 0 and out["stats"]["target_forwards"] >= 1
+    assert "Paris" in out["text"]
+
+
+def test_smollm2_chat():
+    pipe = mtpspec.load("smollm2-135m", drafter="ngram")
+    res = pipe.generate([{"role": "user", "content": "What is 2 + 2?"}], max_new_tokens=24)
+    assert res.token_ids and res.text.strip()
+    plain = mtpspec.Pipeline(pipe.target, "none", "smollm2-135m").generate([{"role": "user", "content": "What is 2 + 2?"}], max_new_tokens=24)
+    assert plain.token_ids == res.token_ids
