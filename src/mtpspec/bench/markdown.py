@@ -38,7 +38,7 @@ def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
     commit = (env["git_commit"] or "unknown")[:12]
     return (
         f"{mode}; at most {settings['max_new_tokens']} new tokens; {settings['repeats']} repeat(s) after a warm-up; {sets}. "
-        f"{env['dtype']}, {env['threads']} threads on {env['cpu']} ({env['logical_cpus']} logical CPUs); "
+        f"{env['dtype']}, {env['threads']} thread{'s' if env['threads'] != 1 else ''} on {env['cpu']} ({env['logical_cpus']} logical CPUs); "
         f"torch {env['torch']}, transformers {env['transformers']}; commit {commit}."
     )
 

@@ -72,7 +72,7 @@ def _acceptance(plt, summaries: list[Summary]):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("share of drafts accepted")
-    fig.suptitle("Acceptance per draft position (τ = tokens per target forward)")
+    fig.suptitle("Acceptance per draft position (τ = tokens per target forward)", y=1.03)
     return fig
 
 

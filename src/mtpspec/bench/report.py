@@ -189,11 +189,11 @@ def _cpu_model() -> str:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the checkout mtpspec runs from, with `+dirty` if tracked files changed since."""
+    """HEAD of the checkout mtpspec runs from, with `+dirty` if the working tree differs from it."""
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode:

@@ -36,7 +36,7 @@ class LayerInputs:
     values: torch.Tensor  # [B, Hkv, S, Dv]
     cos: torch.Tensor  # [B, T, D] RoPE of the query position(s), the target layer's
     sin: torch.Tensor  # [B, T, D]
-    mask: torch.Tensor | None = None  # [B, 1, T, S] bool, True = may attend; None = every key
+    mask: torch.Tensor | None = None  # [B, 1, T, S] bool, True = may attend (≥ 1 per row); None = every key
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Which of the target's cached keys an MTP layer reads, and building its `LayerInputs` from a `Target`.
 
 The drafter's query stands at position p, the position of the last committed token, whose own
-K/V are not in the cache yet (the target has not run it). `CommittedKeys`, the behaviour vLLM and
-SGLang use, reads committed positions only: full layers see [0, p), sliding layers the target's
-window at p less p itself, [p − W + 1, p).
+K/V are not in the cache yet (the target has not run it). `CommittedKeys` reads committed positions
+only, as vLLM and SGLang do: full layers see [0, p); sliding layers see the target's own window at
+p less p itself, [p − W + 1, p), so a sliding layer reads what the target layer it shares reads.
 
 `TransformersKeys` reproduces transformers' `SinglePositionMultiTokenCandidateGenerator` exactly,
 for parity tests only: it reads the K/V that the target's last forward returned, cut at p + 1,
