@@ -18,7 +18,7 @@ VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli"]
 def add_model_args(p: argparse.ArgumentParser) -> None:
     names = ", ".join(BUNDLED)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: a bundled name ({names}), a .gguf file or a Hugging Face model directory (default: {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default="none", help="none (plain decoding), ngram (prompt lookup), draft:MODEL (a small LM with the same tokenizer) (default: none)")
+    p.add_argument("--drafter", default="none", help="none (plain decoding), ngram (prompt lookup), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory) (default: none)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")
