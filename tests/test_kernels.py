@@ -70,7 +70,7 @@ def test_rows_are_bitwise_invariant(n, k, bias, dtype):
     x, w, b = _data(32, n, k, dtype, seed=n)
     b = b if bias else None
     alone = torch.cat([kernels.linear(x[i : i + 1], w, b) for i in range(32)])
-    for m in range(1, kernels.MAX_ROWS + 1):
+    for m in range(1, kernels.SMALL_BLOCK + 1):
         for start in (0, 1, 7, 32 - m):
             assert kernels.kernel_applies(x[start : start + m], w)
             block = kernels.linear(x[start : start + m], w, b)
@@ -99,10 +99,22 @@ def test_special_values_propagate():
     assert not torch.isfinite(y[1]).any() and torch.isnan(y[2]).all()
 
 
+def test_long_blocks_are_row_invariant_too():
+    """Prefill-sized bf16 blocks run in slices of 128 rows; no row's bits depend on that."""
+    x, w, b = _data(300, 24, 70, torch.bfloat16)
+    assert kernels.kernel_applies(x, w) == (kernels.max_rows(torch.bfloat16) >= 300)
+    y = kernels.linear(x, w, b)
+    torch.testing.assert_close(y.double(), _reference(x, w, b), rtol=2**-8, atol=1e-3)
+    rows = torch.cat([kernels.linear(x[i : i + 7], w, b) for i in range(0, 300, 7)])
+    assert torch.equal(y, rows)
+
+
 def test_falls_back_where_the_kernel_does_not_apply():
-    x, w, b = _data(kernels.MAX_ROWS + 1, 8, 40, torch.bfloat16)
-    assert not kernels.kernel_applies(x, w)  # a prefill-sized block
+    x, w, b = _data(kernels.SMALL_BLOCK + 1, 8, 40, torch.float32)
+    assert not kernels.kernel_applies(x, w)  # a large fp32 block: MKL is faster
     assert torch.equal(kernels.linear(x, w, b), F.linear(x, w, b))
+    x = x.bfloat16()
+    w = w.bfloat16()
     assert not kernels.kernel_applies(x[:2].half(), w.half())  # a dtype the kernel lacks
     assert not kernels.kernel_applies(x[:2], w.t().contiguous().t())  # a strided weight
     wg = w.float().requires_grad_()

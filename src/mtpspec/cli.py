@@ -12,7 +12,7 @@ from .models import BUNDLED, DEFAULT_MODEL
 
 
 # Modules with a `register(subparsers)` function adding one verb each (bench, serve, train-drafter).
-VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli"]
+VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.training.cli"]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

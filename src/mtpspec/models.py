@@ -173,6 +173,37 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Multimodal checkpoints (Gemma 4's; Gemma 3's from 4B up) keep their language model's weights
+# under `model.language_model.` (transformers 5 layout) or `language_model.model.` (the older one,
+# official Gemma 3): the text-only causal LM of their text config holds exactly those, as `model.*`.
+LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model.", r"^language_model\.": ""}
+
+
+def _multimodal_text_config(path: Path):
+    """The text config of a multimodal checkpoint whose language model mtpspec runs alone, else None."""
+    from transformers import AutoConfig
+
+    from .families import is_supported
+
+    config = AutoConfig.from_pretrained(path)
+    text = getattr(config, "text_config", None)
+    return text if text is not None and text is not config and is_supported(text) else None
+
+
+def _load_language_model(path: Path, text_config, **kwargs):
+    """The text-only causal LM of a multimodal checkpoint: only its language-model tensors (and
+    lm_head, where not tied) are read; the vision/audio towers stay on disk."""
+    from transformers import AutoModelForCausalLM
+
+    hf, info = AutoModelForCausalLM.from_pretrained(
+        path, config=text_config, key_mapping=LANGUAGE_MODEL_KEYS, output_loading_info=True, **kwargs
+    )
+    wrong = sorted(info["missing_keys"]) + sorted(str(k) for k in info["mismatched_keys"])
+    if wrong:  # e.g. the language model lies under another prefix: never run random weights
+        raise ValueError(f"its language-model weights do not match its text config (e.g. {wrong[:3]})")
+    return hf
+
+
 def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
     """Load (model, tokenizer) for a `--model` value, with mtpspec's attention registered.
 
@@ -188,7 +219,12 @@ def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
     torch_dtype = parse_dtype(dtype)
     try:
         with _quiet_transformers():  # loading a converted directory takes a second: no bars
-            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
+            kwargs = dict(dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
+            text_config = _multimodal_text_config(path)
+            if text_config is None:
+                hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            else:
+                hf = _load_language_model(path, text_config, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MtpspecError(f"cannot load model from {path}: {e}") from e

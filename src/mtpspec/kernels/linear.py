@@ -1,4 +1,4 @@
-"""`linear(x, w, b)`: the small-M kernel where it applies, PyTorch's linear everywhere else.
+"""`linear(x, w, b)`: our kernel where it is faster, PyTorch's linear everywhere else.
 
 This one function is what patched `nn.Linear` modules call and what the target's
 row-invariance probe measures, so the probe always tests the arithmetic the model really runs.
@@ -6,26 +6,48 @@ row-invariance probe measures, so the probe always tests the arithmetic the mode
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
 from .extension import build_name, extension
 
-MAX_ROWS = 16  # the kernel's register tiling and L1 reuse are tuned for decode/verify blocks
-DTYPES = (torch.bfloat16, torch.float32)
+SMALL_BLOCK = 16  # up to here the kernel beats (or matches) PyTorch on every CPU it builds for
+
+
+@lru_cache(maxsize=1)
+def _native_bf16_gemm() -> bool:
+    """Whether the CPU has bf16 dot-product instructions (AVX512-BF16, AMX) for PyTorch's GEMM."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def max_rows(dtype: torch.dtype) -> int:
+    """Most rows per call for which the kernel is used (0: never) for this dtype.
+
+    bf16 without native bf16 instructions: PyTorch's GEMM costs time linear in the rows, so the
+    kernel wins at any count (about 5x on prefill-sized blocks). fp32, and bf16 on CPUs with
+    bf16 instructions: PyTorch reuses weights well and wins on large blocks.
+    """
+    if dtype == torch.bfloat16 and not _native_bf16_gemm():
+        return 1 << 62
+    return SMALL_BLOCK if dtype in (torch.bfloat16, torch.float32) else 0
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear(x, weight)` runs the kernel (else PyTorch's linear) for these arguments."""
     return (
         x.dtype == weight.dtype
-        and x.dtype in DTYPES
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.is_contiguous()
-        and x.numel() <= MAX_ROWS * x.shape[-1]
-        and x.numel() > 0
+        and 0 < x.numel() <= max_rows(x.dtype) * x.shape[-1]
         # The kernel has no backward: anything autograd must see goes through PyTorch.
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and extension() is not None

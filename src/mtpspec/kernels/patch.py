@@ -13,7 +13,7 @@ from .linear import kernels_active, linear
 
 
 class FastLinear(torch.nn.Linear):
-    """An `nn.Linear` whose forward uses the small-M kernel when it applies."""
+    """An `nn.Linear` whose forward uses our kernel where it is faster (see `linear`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return linear(x, self.weight, self.bias)
@@ -31,8 +31,8 @@ def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
 def accelerate(model: torch.nn.Module) -> int:
     """Make the model's linear layers use the small-M kernel; returns how many were switched.
 
-    Returns 0 (after one line on stderr saying why) where the kernel cannot be built; the model
-    then runs exactly as before.
+    Returns 0 where the kernel is turned off (`MTPSPEC_KERNELS=0`) or cannot be built (which
+    says why in one line on stderr); the model then runs exactly as before.
     """
     if not kernels_active():
         return 0

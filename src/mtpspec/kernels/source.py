@@ -1,8 +1,9 @@
 """C++ source of the small-M linear kernel (kept in a .py file so that every install ships it).
 
 `linear(x, w, bias)` computes `y = x @ w.T + bias` for x `[M, K]`, w `[N, K]`, both bf16 or both
-fp32, with M small (decode and verification blocks). It streams each weight row once for all M
-rows, instead of once per row as PyTorch's CPU bf16 GEMM does here.
+fp32. It is written for small M (decode and verification blocks): it streams each weight row
+once for up to 128 rows, instead of once per row as PyTorch's CPU bf16 GEMM does on AVX2-only
+machines. Weight tiles of 4 output features stay in L1 while row pairs sweep them.
 
 Row invariance by construction: output element (m, n) is always computed by the same sequence
 of operations, whatever M is and wherever row m sits in the block:
@@ -34,6 +35,7 @@ constexpr int64_t CHUNK = 16;  // k values per step: two 8-lane fp32 halves, A a
 constexpr int NB = 4;          // output features per register tile
 constexpr int MB = 2;          // activation rows per register tile (NB * MB accumulators)
 constexpr int PREFETCH_TILES = 4;  // how far ahead (in weight tiles) to prefetch into L2
+constexpr int64_t ROW_BLOCK = 128;  // rows per pass over the weights (bounds the packed rows)
 
 // bf16 weights: one 256-bit load holds 16 bf16; a 32-bit lane holds k = 2j (low half) and
 // k = 2j + 1 (high half). Shifting left by 16 gives the even k as fp32 (half A), masking the
@@ -67,12 +69,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// x [M, K] -> fp32 [M, chunks * 16] in the slot order of the weight loader, zero-padded.
+// x rows [M, K] -> fp32 [M, chunks * 16] in the slot order of the weight loader, zero-padded.
 template <class L>
-std::vector<float> pack_x(const at::Tensor& x, int64_t chunks) {
-  const int64_t M = x.size(0), K = x.size(1), Kp = chunks * CHUNK;
+std::vector<float> pack_x(const typename L::T* src, int64_t M, int64_t K, int64_t chunks) {
+  const int64_t Kp = chunks * CHUNK;
   std::vector<float> xp(M * Kp, 0.0f);
-  const auto* src = x.data_ptr<typename L::T>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t c = 0; c < chunks; ++c)
       for (int64_t p = 0; p < CHUNK; ++p) {
@@ -149,25 +150,36 @@ void features(const Problem& p, const typename L::T* w, int64_t n0, typename L::
   }
 }
 
+// One pass over all the weights for rows x[0..M) (M <= ROW_BLOCK) into y [M, N].
 template <class L>
-at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+void pass(const typename L::T* x, int64_t M, int64_t K, const typename L::T* w, int64_t N,
+          const float* bias, typename L::T* y) {
   using T = typename L::T;
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t chunks = (K + CHUNK - 1) / CHUNK;
-  std::vector<float> xp = pack_x<L>(x, chunks);
-  at::Tensor b32;
-  if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
-  Problem p{M, N, K, chunks, K / CHUNK, xp.data(), b32.defined() ? b32.data_ptr<float>() : nullptr};
-  at::Tensor y = at::empty({M, N}, x.options());
-  const T* wp = w.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  std::vector<float> xp = pack_x<L>(x, M, K, chunks);
+  Problem p{M, N, K, chunks, K / CHUNK, xp.data(), bias};
   const int64_t tiles = N / NB;
   // Keep at least ~64 KiB of weights per thread so tiny layers do not pay for a fork.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (NB * K * (int64_t)sizeof(T)));
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) features<L, NB>(p, wp, t * NB, yp);
+    for (int64_t t = begin; t < end; ++t) features<L, NB>(p, w, t * NB, y);
   });
-  for (int64_t n0 = tiles * NB; n0 < N; ++n0) features<L, 1>(p, wp, n0, yp);
+  for (int64_t n0 = tiles * NB; n0 < N; ++n0) features<L, 1>(p, w, n0, y);
+}
+
+template <class L>
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  using T = typename L::T;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor b32;
+  if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  // Long blocks (prefill) go in slices, so the packed rows stay in cache while every weight
+  // tile sweeps them; a slice changes no element's arithmetic.
+  for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
+    pass<L>(x.data_ptr<T>() + r0 * K, std::min(ROW_BLOCK, M - r0), K, w.data_ptr<T>(), N,
+            b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<T>() + r0 * N);
+  }
   return y;
 }
 

@@ -152,11 +152,7 @@ class MtpModel(nn.Module):
         inputs: list[LayerInputs],  # one per layer
         lm_weight: torch.Tensor | None = None,  # [V, H_t] the target's output embedding, for lm_head="target"
     ) -> MtpOutput:
-        x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1))
-        for layer, layer_inputs in zip(self.model.layers, inputs, strict=True):
-            x = layer(x, layer_inputs)
-        x = self.model.norm(x)
-        state = self.post_projection(x)
+        x, state = self.trunk(token_embeds, hidden, inputs)
         if self.config.lm_head == "drafter":
             head_in, weight = x, self.model.embed_tokens.weight
         else:
@@ -165,3 +161,19 @@ class MtpModel(nn.Module):
             head_in, weight = state, lm_weight
         logits, candidates = logits_from(head_in, weight, self.masked_embedding, self.config.final_logit_softcapping)
         return MtpOutput(logits, state, candidates)
+
+    def trunk(
+        self,
+        token_embeds: torch.Tensor,  # [B, T, H_t]
+        hidden: torch.Tensor,  # [B, T, H_t]
+        inputs: list[LayerInputs],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything but the head: the final-normed x `[B, T, H_d]` and the state `[B, T, H_t]`.
+
+        Training scores the head itself (full-vocabulary logits and centroid scores, see training/).
+        """
+        x = self.pre_projection(torch.cat([token_embeds, hidden], dim=-1))
+        for layer, layer_inputs in zip(self.model.layers, inputs, strict=True):
+            x = layer(x, layer_inputs)
+        x = self.model.norm(x)
+        return x, self.post_projection(x)

@@ -1,0 +1,64 @@
+"""Training options and the presets that fill them.
+
+Every option has a default here; a preset overrides some; flags given on the command line
+override the preset. `cpu-1h` is sized to finish in about an hour on a 2-core CPU with Gemma 3
+270M; `gpu` is sized for one data-parallel GPU worker per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+from ..errors import MtpspecError
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    target: str = "gemma3-270m"  # bundled name, .gguf or HF directory
+    data: str = "stdlib"  # comma list of sources (see data.py)
+    out: str = "drafters/my-drafter"  # final drafter directory; checkpoints go to OUT/checkpoints
+    dtype: str = "bf16"  # the frozen target's dtype (the drafter trains in float32)
+    max_steps: int = 200  # optimizer steps
+    seq_len: int = 256  # tokens per chunk (one teacher forward)
+    batch_size: int = 1  # chunks per step per rank
+    anchors: int = 0  # drafting rounds sampled per chunk (0: every position); bounds the logits' memory
+    depth: int = 4  # unrolled draft steps (k)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 20  # linear warm-up steps, then cosine decay to 10%
+    num_layers: int = 1  # drafter decoder layers
+    hidden_size: int = 0  # drafter width (0: half the target's)
+    centroids: int = -1  # centroid-head clusters (-1: 2048 for vocabularies over 65,536 tokens, else a full head)
+    centroid_top_k: int = 32  # clusters whose tokens get exact logits when drafting
+    teacher_top_k: int = 32  # target probabilities kept per position for the distillation loss
+    eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
+    eval_prompts: int = 4  # held-out prompts per evaluation (0: no evaluation)
+    eval_tokens: int = 48  # tokens generated per evaluation prompt
+    checkpoint_every: int = 50  # steps between checkpoints (0: none)
+    keep_checkpoints: int = 2
+    seed: int = 0
+    resume: bool = False  # continue from the last checkpoint in OUT/checkpoints
+    rank_digest: str = ""  # testing: each rank writes a digest of its final weights here
+
+    def __post_init__(self):
+        for name in ("max_steps", "seq_len", "batch_size", "depth", "num_layers"):
+            if getattr(self, name) < 1:
+                raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len <= self.depth + 1:
+            raise MtpspecError(f"--seq-len ({self.seq_len}) must exceed --depth + 1 ({self.depth + 1})")
+
+
+PRESETS: dict[str, dict] = {
+    # ~1.5 s/step for Gemma 3 270M on 2 cores (teacher forward of 256 tokens + a 1-layer drafter).
+    "cpu-1h": dict(max_steps=2000, seq_len=256, batch_size=1, anchors=64, num_layers=1, eval_every=250, checkpoint_every=100),
+    "gpu": dict(max_steps=20000, seq_len=1024, batch_size=8, anchors=256, num_layers=4, lr=5e-4, warmup=500, eval_every=1000, checkpoint_every=500),
+}
+
+
+def build_options(preset: str | None, **given) -> TrainOptions:
+    """Defaults, then the preset, then the flags that were given (None = not given)."""
+    if preset is not None and preset not in PRESETS:
+        raise MtpspecError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)}")
+    known = {f.name for f in fields(TrainOptions)}
+    chosen = {k: v for k, v in given.items() if v is not None and k in known}
+    return replace(TrainOptions(), **{**(PRESETS[preset] if preset else {}), **chosen})

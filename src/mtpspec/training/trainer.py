@@ -1,0 +1,191 @@
+"""The training loop: teacher forward → unrolled loss → AdamW step, with checkpoints and evaluation.
+
+Data-parallel when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; the loss
+module is wrapped in DistributedDataParallel, each rank reads its own shard of the chunk stream,
+and only rank 0 prints, evaluates and writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..models import load_hf
+from ..mtp import MtpModel, check_fits, init_drafter, save_drafter
+from ..target import Target
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .clusters import init_centroid_head
+from .data import TextSource, check_source
+from .evaluate import evaluate
+from .loss import UnrolledLoss
+from .options import TrainOptions
+from .teacher import Teacher
+
+AUTO_CENTROIDS = 2048  # clusters for vocabularies over 65,536 tokens (Gemma: 262,144 / 2048 = 128 per cluster)
+
+
+class Trainer:
+    def __init__(self, opts: TrainOptions, log=print):
+        self.opts = opts
+        self.rank, self.world = _init_distributed()
+        self.main = self.rank == 0
+        self.log = log if self.main else (lambda *a, **k: None)
+        torch.manual_seed(opts.seed)
+        for spec in opts.data.split(","):
+            check_source(spec)  # before the model loads: refusing takes no time
+        hf, tokenizer = load_hf(opts.target, opts.dtype)
+        self.target_model, self.tokenizer = hf, tokenizer
+        target = Target(hf, tokenizer, exact=False)  # the teacher batches whole chunks
+        self.step, self.position = 0, 0
+        ckpt = self._resume_point()
+        self.drafter = self._build_drafter(hf, ckpt).float().train()
+        self.lm_weight = hf.get_output_embeddings().weight.detach().float() if self.drafter.config.lm_head == "target" else None
+        self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
+        self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
+        loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth)
+        self.loss = DistributedDataParallel(loss) if self.world > 1 else loss
+        self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+        if ckpt is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+            torch.set_rng_state(ckpt.rng)
+            self.step, self.position = ckpt.step, ckpt.position
+            self.log(f"mtpspec: resuming from step {self.step} (data position {self.position})")
+
+    def _resume_point(self) -> Checkpoint | None:
+        if not self.opts.resume:
+            return None
+        path = latest_checkpoint(self.opts.out)
+        if path is None:
+            self.log(f"mtpspec: no checkpoint in {self.opts.out}/checkpoints; starting from scratch")
+            return None
+        return load_checkpoint(path)
+
+    def _build_drafter(self, hf, ckpt: Checkpoint | None) -> MtpModel:
+        if ckpt is not None:
+            model = MtpModel(ckpt.drafter_config())
+            model.load_state_dict(ckpt.model)
+            return model
+        o = self.opts
+        vocab = hf.get_output_embeddings().weight.shape[0]
+        centroids = o.centroids if o.centroids >= 0 else (AUTO_CENTROIDS if vocab > 65536 and vocab % AUTO_CENTROIDS == 0 else 0)
+        drafter = init_drafter(hf, num_layers=o.num_layers, hidden_size=o.hidden_size or None, lm_head="target",
+                               num_centroids=centroids, centroid_top_k=min(o.centroid_top_k, centroids or o.centroid_top_k), seed=o.seed).float()
+        if centroids:
+            self.log(f"mtpspec: clustering {vocab} output embeddings into {centroids} clusters")
+            init_centroid_head(drafter, hf.get_output_embeddings().weight, seed=o.seed)
+        return drafter
+
+    def train(self) -> Path | None:
+        o = self.opts
+        chunks = self.source.chunks(self.position, self.rank, self.world)
+        eval_prompts = self.source.eval_prompts(o.eval_prompts) if self.main and o.eval_prompts else []
+        bar = _progress(o.max_steps, self.step, self.main)
+        started, tokens = time.perf_counter(), 0
+        while self.step < o.max_steps:
+            batch_ids = []
+            for _ in range(o.batch_size):
+                _, ids = next(chunks)
+                batch_ids.append(ids)
+            # Every rank consumed batch_size chunks of its shard: world·batch_size of the stream.
+            self.position += o.batch_size * self.world
+            batch = self.teacher.run(batch_ids, self._anchors())
+            loss, kls, agree = self.loss(batch)
+            self._set_lr()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), 1.0)
+            self.optimizer.step()
+            self.step += 1
+            tokens += batch.num_tokens * self.world
+            rate = tokens / (time.perf_counter() - started)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", top1=" ".join(f"{a:.2f}" for a in agree.tolist()), tok_s=f"{rate:.0f}")
+                bar.update(1)
+            if o.checkpoint_every and self.step % o.checkpoint_every == 0 and self.step < o.max_steps:
+                self._checkpoint()
+            if eval_prompts and o.eval_every and self.step % o.eval_every == 0 and self.step < o.max_steps:
+                self._evaluate(eval_prompts, bar)
+        if bar is not None:
+            bar.close()
+        if eval_prompts:
+            self._evaluate(eval_prompts, None)
+        return self._finish()
+
+    def _anchors(self) -> torch.Tensor:
+        """Anchor positions p ∈ [1, L − depth], all or a random sample of `--anchors`."""
+        every = torch.arange(1, self.opts.seq_len - self.opts.depth + 1)
+        if not self.opts.anchors or self.opts.anchors >= every.numel():
+            return every
+        return every[torch.randperm(every.numel())[: self.opts.anchors].sort().values]
+
+    def _set_lr(self) -> None:
+        o = self.opts
+        if self.step < o.warmup:
+            scale = (self.step + 1) / o.warmup
+        else:
+            progress = (self.step - o.warmup) / max(1, o.max_steps - o.warmup)
+            scale = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * scale
+
+    def _checkpoint(self) -> None:
+        if self.main:
+            ckpt = Checkpoint(self.step, self.position, self.drafter.config.to_json_dict(), self.drafter.state_dict(),
+                              self.optimizer.state_dict(), torch.get_rng_state())
+            save_checkpoint(self.opts.out, ckpt, self.opts.keep_checkpoints)
+
+    def _evaluate(self, prompts, bar) -> None:
+        result = evaluate(self.drafter.eval(), self.target_model, self.tokenizer, prompts, self.opts.eval_tokens)
+        self.drafter.train()
+        line = f"step {self.step}: held-out {result.summary()}"
+        (bar.write if bar is not None else self.log)(line)
+        self.last_eval = result
+
+    def _finish(self) -> Path | None:
+        if self.opts.rank_digest:
+            Path(self.opts.rank_digest).mkdir(parents=True, exist_ok=True)
+            (Path(self.opts.rank_digest) / f"rank{self.rank}.txt").write_text(weights_digest(self.drafter))
+        out = None
+        if self.main:
+            final = MtpModel(self.drafter.config)
+            final.load_state_dict(self.drafter.state_dict())
+            out = save_drafter(final.to(self.target_model.dtype), self.opts.out)
+            self.log(f"mtpspec: saved the drafter to {out}; use it with --drafter mtp:{out}")
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+        return out
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        # The teacher and the drafter run on the CPU in this version, so the backend is gloo even
+        # where GPUs exist; NCCL goes with moving both onto each rank's GPU.
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _progress(total: int, done: int, show: bool):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="train-drafter", unit="step", dynamic_ncols=True)

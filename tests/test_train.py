@@ -1,0 +1,184 @@
+"""`mtpspec train-drafter` on tiny random targets: loss, unrolled feed, resume, losslessness, DDP, data split."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtpspec.errors import MtpspecError
+from mtpspec.models import load_hf
+from mtpspec.mtp import CommittedKeys, check_fits, init_drafter, layer_inputs, load_drafter
+from mtpspec.target import Target
+from mtpspec.training.checkpoint import latest_checkpoint, load_checkpoint
+from mtpspec.training.clusters import init_centroid_head
+from mtpspec.training.data import TextSource, check_source
+from mtpspec.training.loss import UnrolledLoss, unroll
+from mtpspec.training.teacher import Teacher
+
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    for i in range(40):
+        (root / f"doc{i}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(100)))
+    return root
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mtpspec.cli", "train-drafter", *args]
+
+
+def _teacher_setup(tiny_dir, centroids: int = 0, seq_len: int = 32):
+    hf, tok = load_hf(str(tiny_dir), "fp32")
+    target = Target(hf, tok, exact=False)
+    drafter = init_drafter(hf, num_layers=2, lm_head="target", num_centroids=centroids, centroid_top_k=2).float().train()
+    if centroids:
+        init_centroid_head(drafter, hf.get_output_embeddings().weight)
+    teacher = Teacher(target, check_fits(drafter.config, target), top_k=16)
+    ids = torch.tensor(tok(" ".join(random.Random(1).choice(WORDS) for _ in range(40))).input_ids[:seq_len])
+    return hf, target, drafter, teacher, ids
+
+
+@pytest.mark.parametrize("family,centroids", [("llama", 0), ("gemma3", 8)])
+def test_a_few_steps_lower_the_loss(tiny_dirs, family, centroids):
+    hf, _, drafter, teacher, ids = _teacher_setup(tiny_dirs[family], centroids)
+    batch = teacher.run([ids], torch.arange(1, ids.shape[0] - 3))
+    loss_fn = UnrolledLoss(drafter, hf.get_output_embeddings().weight.detach().float(), depth=4)
+    opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
+    first = loss_fn(batch)[0].item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss_fn(batch)[0].backward()
+        opt.step()
+    assert loss_fn(batch)[0].item() < first - 0.05
+
+
+def test_step_two_reads_the_drafters_own_state_as_at_inference(tiny_dirs):
+    """The unrolled steps feed state j − 1 into step j, and match the drafter run as drafters/mtp.py runs it."""
+    hf, target, drafter, teacher, ids = _teacher_setup(tiny_dirs["gemma3"])  # sliding window 8: spans get cut
+    anchors = torch.tensor([1, 5, 12, 20])
+    batch = teacher.run([ids], anchors)
+    lm_weight = hf.get_output_embeddings().weight.detach().float()
+    seen = []
+    trunk = drafter.trunk
+
+    def recording(embeds, hidden, inputs):
+        seen.append((embeds, hidden))
+        return trunk(embeds, hidden, inputs)
+
+    drafter.trunk = recording
+    steps = unroll(drafter, batch, 3, lm_weight)
+    assert torch.equal(seen[0][1], batch.hidden[:, anchors - 1])  # step 1: the target's row that produced token p
+    for j in (1, 2):
+        assert seen[j][1] is steps[j - 1].state  # step j + 1: the drafter's own state, gradients included
+        assert torch.equal(seen[j][0], batch.embeds[:, anchors + j])
+    assert steps[1].state.grad_fn is not None
+    del drafter.trunk
+    with torch.no_grad():  # the same numbers as the inference path at each anchor (target cache holds the chunk)
+        for i, p in enumerate(anchors.tolist()):
+            inputs = layer_inputs(target, teacher.kv_layers, p, CommittedKeys())
+            hidden = batch.hidden[:, p - 1 : p]
+            for j in range(3):
+                out = drafter(target.embed(ids[p + j : p + j + 1])[None], hidden, inputs, lm_weight)
+                torch.testing.assert_close(out.logits[0, 0], steps[j].logits[0, i], rtol=1e-4, atol=1e-4)
+                hidden = out.state
+
+
+def test_benchmark_sets_are_refused(tmp_path):
+    for name in ("mt-bench", "humaneval", "gsm", "HumanEval", str(tmp_path / "mt-bench.jsonl")):
+        with pytest.raises(MtpspecError, match="benchmark"):
+            check_source(name)
+    from mtpspec.cli import main
+
+    assert main(["train-drafter", "--data", "stdlib,humaneval", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_split_is_explicit_and_disjoint(corpus, tokenizer):
+    source = TextSource([str(corpus), "stdlib"], tokenizer, seq_len=64)
+    held = {d.id for d in source.documents(held_out=True)}
+    train = {d.id for d in source.documents(held_out=False)}
+    assert held and train and not held & train
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_dirs, corpus, tmp_path_factory):
+    """Train in a subprocess, SIGKILL it after a checkpoint, resume it; return what was seen."""
+    out = tmp_path_factory.mktemp("run") / "drafter"
+    common = ["--target", str(tiny_dirs["llama"]), "--data", str(corpus), "--out", str(out), "--dtype", "fp32",
+              "--seq-len", "48", "--num-layers", "1", "--checkpoint-every", "3", "--warmup", "1", "--lr", "3e-3"]
+    proc = subprocess.Popen(_cli(*common, "--max-steps", "100000", "--eval-prompts", "0"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while latest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    path = latest_checkpoint(out)
+    assert path is not None, "no checkpoint written"
+    ckpt = load_checkpoint(path)
+
+    from mtpspec.training import build_options
+    from mtpspec.training.trainer import Trainer
+
+    opts = build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(out), dtype="fp32", seq_len=48,
+                         num_layers=1, resume=True, max_steps=ckpt.step + 4, eval_prompts=0)
+    trainer = Trainer(opts, log=lambda *a: None)
+    restored = dict(step=trainer.step, position=trainer.position, weights=trainer.drafter.state_dict())
+    done = subprocess.run(_cli(*common, "--resume", "--max-steps", str(ckpt.step + 4), "--eval-prompts", "2", "--eval-tokens", "8"),
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    return dict(out=out, ckpt=ckpt, restored=restored, done=done)
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_checkpoint(resumed):
+    ckpt, restored, done = resumed["ckpt"], resumed["restored"], resumed["done"]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert restored["step"] == ckpt.step >= 3 and restored["position"] == ckpt.position > 0
+    for name, t in ckpt.model.items():
+        assert torch.equal(restored["weights"][name], t), name
+    assert f"resuming from step {ckpt.step}" in done.stdout
+    assert "held-out tau" in done.stdout + done.stderr  # evaluation with the real engine ran
+    assert (resumed["out"] / "config.json").is_file() and (resumed["out"] / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_saved_drafter_loads_and_is_lossless(resumed, tiny_dirs):
+    import mtpspec
+
+    plain = mtpspec.load(str(tiny_dirs["llama"]), drafter="none", dtype="fp32")
+    mtp = mtpspec.load(str(tiny_dirs["llama"]), drafter=f"mtp:{resumed['out']}", dtype="fp32")
+    for prompt in ("the quick brown", "seven small birds"):
+        a = mtp.generate(prompt, max_new_tokens=24)
+        assert a.token_ids == plain.generate(prompt, max_new_tokens=24).token_ids
+        assert a.stats.drafted_tokens > 0
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_end_with_identical_weights(tiny_dirs, corpus, tmp_path):
+    out, digests = tmp_path / "drafter", tmp_path / "digests"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+           "-m", "mtpspec.cli", "train-drafter", "--target", str(tiny_dirs["gemma3"]), "--data", str(corpus), "--out", str(out),
+           "--dtype", "fp32", "--seq-len", "32", "--num-layers", "1", "--max-steps", "3", "--warmup", "1", "--eval-prompts", "0",
+           "--checkpoint-every", "0", "--centroids", "8", "--centroid-top-k", "2", "--rank-digest", str(digests)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (digests / "rank0.txt").read_text(), (digests / "rank1.txt").read_text()
+    assert rank0 == rank1
+    from mtpspec.training.trainer import weights_digest
+
+    assert weights_digest(load_drafter(out)) == rank0  # what rank 0 saved is what both ranks trained
