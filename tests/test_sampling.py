@@ -30,7 +30,7 @@ def test_temperature_sharpens_and_flattens():
         (SamplingParams(temperature=1.0, top_p=0.5), [1, 0, 0, 0]),  # 0.5 alone reaches 0.5
         (SamplingParams(temperature=1.0, top_p=0.7), [2 / 3, 1 / 3, 0, 0]),
         (SamplingParams(temperature=1.0, top_p=0.8), [0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9, 0]),
-        (SamplingParams(temperature=1.0, min_p=0.3), [2 / 3, 1 / 3, 0, 0]),  # 0.15 < 0.3 * 0.5
+        (SamplingParams(temperature=1.0, min_p=0.31), [2 / 3, 1 / 3, 0, 0]),  # 0.15 < 0.31 * 0.5
         (SamplingParams(temperature=1.0, top_k=3, top_p=0.7), [2 / 3, 1 / 3, 0, 0]),
     ],
 )

@@ -48,10 +48,12 @@ def anchor_mask(anchors: torch.Tensor, length: int, window: int | None) -> torch
 
 
 class Teacher:
-    def __init__(self, target: Target, kv_layers: tuple[int, ...], top_k: int = 32):
+    def __init__(self, target: Target, kv_layers: tuple[int, ...], top_k: int = 32, row_block: int = 64):
         self.target = target
         self.kv_layers = kv_layers
         self.top_k = top_k
+        self.row_block = row_block  # rows whose vocabulary-wide logits exist at once
+        self.lm_weight = target.model.get_output_embeddings().weight.detach().float()  # [V, H_t]
 
     @torch.no_grad()
     def run(self, chunks: list[torch.Tensor], anchors: torch.Tensor) -> TeacherBatch:
@@ -82,14 +84,27 @@ class Teacher:
     def _one(self, ids: torch.Tensor):
         target = self.target
         first = target.start(ids[:1], capacity=ids.shape[0])
-        rest = target.forward(ids[1:])
-        hidden = torch.cat([first.hidden, rest.hidden]).float().clone()  # clone: leave inference mode
-        logits = torch.cat([first.logits, rest.logits]).float()
-        probs, top = torch.softmax(logits, -1).topk(self.top_k, dim=-1)
-        top_probs = (probs / probs.sum(-1, keepdim=True)).clone()
+        # Target.forward would also compute every row's logits in the model dtype (bf16 matmuls over a
+        # 262k vocabulary are the slowest part on CPUs); the teacher computes its own in float32.
+        rest = target._body(ids[1:], exact=False)
+        hidden = torch.cat([first.hidden, rest]).float().clone()  # clone: leave inference mode
+        top, top_probs = self._top(hidden)
         kv = {}
         for layer in set(self.kv_layers):
             k, v = target.kv(layer, ids.shape[0])
             kv[layer] = (k.float().clone(), v.float().clone())
         embeds = target.embed(ids).float().clone()
-        return embeds, hidden, (top.clone(), top_probs), kv
+        return embeds, hidden, (top, top_probs), kv
+
+    def _top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's top-K next tokens `[L, K]` and their renormalised probabilities `[L, K]`."""
+        ids, probs = [], []
+        cap = self.target.softcap
+        for i in range(0, hidden.shape[0], self.row_block):
+            logits = hidden[i : i + self.row_block] @ self.lm_weight.T  # [rows, V]
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            p, t = torch.softmax(logits, -1).topk(self.top_k, dim=-1)
+            ids.append(t)
+            probs.append(p / p.sum(-1, keepdim=True))
+        return torch.cat(ids), torch.cat(probs)

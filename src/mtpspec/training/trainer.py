@@ -46,8 +46,8 @@ class Trainer:
         self.step, self.position = 0, 0
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().train()
-        self.lm_weight = hf.get_output_embeddings().weight.detach().float() if self.drafter.config.lm_head == "target" else None
         self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
+        self.lm_weight = self.teacher.lm_weight if self.drafter.config.lm_head == "target" else None
         self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
         loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth)
         self.loss = DistributedDataParallel(loss) if self.world > 1 else loss
