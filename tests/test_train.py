@@ -56,9 +56,10 @@ def _teacher_setup(tiny_dir, centroids: int = 0, seq_len: int = 32):
 
 @pytest.mark.parametrize("family,centroids", [("llama", 0), ("gemma3", 8)])
 def test_a_few_steps_lower_the_loss(tiny_dirs, family, centroids):
+    torch.manual_seed(0)  # the sampled negatives
     hf, _, drafter, teacher, ids = _teacher_setup(tiny_dirs[family], centroids)
-    batch = teacher.run([ids], torch.arange(1, ids.shape[0] - 3))
-    loss_fn = UnrolledLoss(drafter, hf.get_output_embeddings().weight.detach().float(), depth=4)
+    batch = teacher.run([ids], torch.arange(1, ids.shape[0] - 3), 4)
+    loss_fn = UnrolledLoss(drafter, hf.get_output_embeddings().weight.detach().float(), depth=4, negatives=64 if centroids else 0)
     opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
     first = loss_fn(batch)[0].item()
     for _ in range(8):
@@ -72,7 +73,7 @@ def test_step_two_reads_the_drafters_own_state_as_at_inference(tiny_dirs):
     """The unrolled steps feed state j − 1 into step j, and match the drafter run as drafters/mtp.py runs it."""
     hf, target, drafter, teacher, ids = _teacher_setup(tiny_dirs["gemma3"])  # sliding window 8: spans get cut
     anchors = torch.tensor([1, 5, 12, 20])
-    batch = teacher.run([ids], anchors)
+    batch = teacher.run([ids], anchors, 3)
     lm_weight = hf.get_output_embeddings().weight.detach().float()
     seen = []
     trunk = drafter.trunk
@@ -82,7 +83,7 @@ def test_step_two_reads_the_drafters_own_state_as_at_inference(tiny_dirs):
         return trunk(embeds, hidden, inputs)
 
     drafter.trunk = recording
-    steps = unroll(drafter, batch, 3, lm_weight)
+    steps = unroll(drafter, batch, 3)
     assert torch.equal(seen[0][1], batch.hidden[:, anchors - 1])  # step 1: the target's row that produced token p
     for j in (1, 2):
         assert seen[j][1] is steps[j - 1].state  # step j + 1: the drafter's own state, gradients included
@@ -95,7 +96,7 @@ def test_step_two_reads_the_drafters_own_state_as_at_inference(tiny_dirs):
             hidden = batch.hidden[:, p - 1 : p]
             for j in range(3):
                 out = drafter(target.embed(ids[p + j : p + j + 1])[None], hidden, inputs, lm_weight)
-                torch.testing.assert_close(out.logits[0, 0], steps[j].logits[0, i], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(out.logits[0, 0], steps[j].head_in[0, i] @ lm_weight.T, rtol=1e-4, atol=1e-4)
                 hidden = out.state
 
 

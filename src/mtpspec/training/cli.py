@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--hidden-size", type=int, default=None, help="drafter width (default: half the target's)")
     p.add_argument("--centroids", type=int, default=None, help="centroid-head clusters; 0 = full-vocabulary head (default: 2048 for vocabularies over 65,536 tokens, else 0)")
     p.add_argument("--centroid-top-k", type=int, default=None, help=f"clusters whose tokens get exact logits when drafting (default: {D.centroid_top_k})")
+    p.add_argument("--negatives", type=int, default=None, help=f"with a centroid head, random tokens the draft distribution is normalised over besides the target's top-K and its top token's cluster; 0 = the full vocabulary (default: {D.negatives})")
     p.add_argument("--teacher-top-k", type=int, default=None, help=f"target probabilities kept per position for distillation (default: {D.teacher_top_k})")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between held-out evaluations; 0 = only at the end (default: {D.eval_every})")
     p.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts per evaluation; 0 = no evaluation (default: {D.eval_prompts})")

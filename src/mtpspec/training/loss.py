@@ -29,10 +29,10 @@ class StepRecord:
     token_rows: torch.Tensor  # [T] the chunk row whose token is fed (p + j − 1)
     hidden_in: torch.Tensor  # [B, T, H_t]
     state: torch.Tensor  # [B, T, H_t]
-    logits: torch.Tensor  # [B, T, V] full-vocabulary
+    head_in: torch.Tensor  # [B, T, H] what the logits are computed from (x or state, per lm_head)
 
 
-def unroll(drafter: MtpModel, batch: TeacherBatch, depth: int, lm_weight: torch.Tensor | None) -> list[StepRecord]:
+def unroll(drafter: MtpModel, batch: TeacherBatch, depth: int) -> list[StepRecord]:
     """Run `depth` draft steps from every anchor of `batch`, feeding each step the previous one's state."""
     anchors = batch.anchors
     hidden = batch.hidden[:, anchors - 1]  # [B, T, H_t]: the row that produced token p
@@ -40,46 +40,74 @@ def unroll(drafter: MtpModel, batch: TeacherBatch, depth: int, lm_weight: torch.
     for j in range(depth):
         rows = anchors + j
         x, state = drafter.trunk(batch.embeds[:, rows], hidden, batch.inputs)
-        head_in, weight = (x, drafter.model.embed_tokens.weight) if drafter.config.lm_head == "drafter" else (state, lm_weight)
-        logits = head_in @ weight.T
-        cap = drafter.config.final_logit_softcapping
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        records.append(StepRecord(rows, hidden, state, logits))
+        records.append(StepRecord(rows, hidden, state, x if drafter.config.lm_head == "drafter" else state))
         hidden = state
     return records
 
 
-class UnrolledLoss(nn.Module):
-    """The drafter plus its loss: the module DistributedDataParallel wraps (its forward is one step)."""
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits
 
-    def __init__(self, drafter: MtpModel, lm_weight: torch.Tensor | None, depth: int, cluster_weight: float = 1.0):
+
+class UnrolledLoss(nn.Module):
+    """The drafter plus its loss: the module DistributedDataParallel wraps (its forward is one step).
+
+    With `negatives` > 0 (large vocabularies) q is normalised over a sampled set instead of the whole
+    vocabulary: the target's top-K, the other tokens of the top-1 token's cluster (what drafting
+    competes against) and `negatives` random tokens shared by the batch. It costs ~1/200 of the
+    full-vocabulary softmax for Gemma's 262k tokens.
+    """
+
+    def __init__(self, drafter: MtpModel, lm_weight: torch.Tensor | None, depth: int, negatives: int = 0, cluster_weight: float = 1.0):
         super().__init__()
         self.drafter = drafter
         self.lm_weight = lm_weight  # [V, H_t] frozen target embedding; a plain attribute, not a buffer DDP would broadcast
         self.depth = depth
+        self.negatives = negatives
         self.cluster_weight = cluster_weight
+
+    def weight(self) -> torch.Tensor:
+        return self.drafter.model.embed_tokens.weight if self.drafter.config.lm_head == "drafter" else self.lm_weight
 
     def forward(self, batch: TeacherBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, per-depth KL `[depth]`, per-depth top-1 agreement with the target `[depth]`)."""
         head = self.drafter.masked_embedding
         cluster_of = None
         if head is not None:
-            cluster_of = torch.empty_like(head.token_ordering)
-            cluster_of[head.token_ordering.long()] = torch.arange(head.token_ordering.numel()) // (head.token_ordering.numel() // head.num_centroids)
+            order = head.token_ordering.long()
+            cluster_of = torch.empty_like(order)
+            cluster_of[order] = torch.arange(order.numel()) // (order.numel() // head.num_centroids)
+        weight, cap = self.weight(), self.drafter.config.final_logit_softcapping
         total, kls, agree = 0.0, [], []
-        for rec in unroll(self.drafter, batch, self.depth, self.lm_weight):
+        for rec in unroll(self.drafter, batch, self.depth):
             ids, p = batch.top_ids[:, rec.token_rows], batch.top_probs[:, rec.token_rows]  # [B, T, K]
-            logq = F.log_softmax(rec.logits.float(), -1).gather(-1, ids)
+            if self.negatives and head is not None:
+                logits = self._sampled_logits(rec.head_in, weight, ids, head.clusters()[cluster_of[ids[..., 0]]], cap)
+                logq = F.log_softmax(logits.float(), -1)[..., : ids.shape[-1]]
+                best = logits.argmax(-1) == 0
+            else:
+                logits = softcap(rec.head_in @ weight.T, cap)  # [B, T, V]
+                logq = F.log_softmax(logits.float(), -1).gather(-1, ids)
+                best = logits.argmax(-1) == ids[..., 0]
             kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
             total = total + kl
             kls.append(kl.detach())
-            agree.append((rec.logits.argmax(-1) == ids[..., 0]).float().mean())
-            if head is not None:
-                head_in = rec.state if self.drafter.config.lm_head == "target" else None
-                if head_in is None:
-                    raise NotImplementedError("centroid training needs lm_head='target'")
-                mass = torch.zeros(*ids.shape[:-1], head.num_centroids).scatter_add_(-1, cluster_of[ids].long(), p)
-                scores = head.centroids(head_in)
+            agree.append(best.float().mean())
+            if head is not None:  # the cluster scores: cross-entropy to the target's mass per cluster
+                mass = torch.zeros(*ids.shape[:-1], head.num_centroids).scatter_add_(-1, cluster_of[ids], p)
+                scores = head.centroids(rec.head_in)
                 total = total + self.cluster_weight * -(mass * F.log_softmax(scores.float(), -1)).sum(-1).mean()
         return total / self.depth, torch.stack(kls), torch.stack(agree)
+
+    def _sampled_logits(self, head_in, weight, ids, cluster_ids, cap) -> torch.Tensor:
+        """Softcapped logits `[B, T, K + S + N]` over [top-K, the top-1 cluster's tokens, shared negatives].
+
+        Cluster tokens already in the top-K are -inf so that no token counts twice.
+        """
+        negatives = torch.randint(weight.shape[0], (self.negatives,))
+        h = head_in.unsqueeze(-1)  # [B, T, H, 1]
+        top = softcap((F.embedding(ids, weight) @ h).squeeze(-1), cap)  # [B, T, K]
+        repeat = (cluster_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # [B, T, S]
+        cluster = softcap((F.embedding(cluster_ids, weight) @ h).squeeze(-1), cap).masked_fill(repeat, float("-inf"))
+        shared = softcap(head_in @ weight[negatives].T, cap)  # [B, T, N]
+        return torch.cat([top, cluster, shared], -1)

@@ -37,6 +37,17 @@ class TeacherBatch:
         return self.tokens.numel()
 
 
+@dataclass
+class _ChunkSignal:
+    """One chunk's teacher signal (float32, outside inference mode, so autograd may read it)."""
+
+    embeds: torch.Tensor  # [L, H_t]
+    hidden: torch.Tensor  # [L, H_t]
+    top_ids: torch.Tensor  # [L, K] (zeros on rows no step is taught)
+    top_probs: torch.Tensor  # [L, K]
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # target layer → keys, values [1, Hkv, L, D]
+
+
 def anchor_mask(anchors: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
     """`[T, L]` bool: the committed keys a query at each anchor may read (full: [0, p); sliding: [p − W + 1, p))."""
     keys = torch.arange(length)[None]
@@ -56,10 +67,14 @@ class Teacher:
         self.lm_weight = target.model.get_output_embeddings().weight.detach().float()  # [V, H_t]
 
     @torch.no_grad()
-    def run(self, chunks: list[torch.Tensor], anchors: torch.Tensor) -> TeacherBatch:
-        """Teacher signal for chunks `[L]` each (one target forward per chunk), at `anchors` `[T]`."""
-        rows = [self._one(ids) for ids in chunks]
-        kv = {layer: tuple(torch.cat([r[3][layer][i] for r in rows]) for i in (0, 1)) for layer in set(self.kv_layers)}
+    def run(self, chunks: list[torch.Tensor], anchors: torch.Tensor, depth: int) -> TeacherBatch:
+        """Teacher signal for chunks `[L]` each (one target forward per chunk), at `anchors` `[T]`.
+
+        Target distributions are computed only for the rows `depth` steps from the anchors are taught.
+        """
+        taught = (anchors[:, None] + torch.arange(depth)).unique()
+        rows = [self._one(ids, taught) for ids in chunks]
+        kv = {layer: tuple(torch.cat([r.kv[layer][i] for r in rows]) for i in (0, 1)) for layer in set(self.kv_layers)}
         length = chunks[0].shape[0]
         family, model = self.target.family, self.target.model
         made: dict[int, LayerInputs] = {}
@@ -73,28 +88,30 @@ class Teacher:
             made[layer] = LayerInputs(*kv[layer], cos.float().clone().expand(b, -1, -1), sin.float().clone().expand(b, -1, -1), mask)
         return TeacherBatch(
             tokens=torch.stack(chunks),
-            embeds=torch.stack([r[0] for r in rows]),
-            hidden=torch.stack([r[1] for r in rows]),
-            top_ids=torch.stack([r[2][0] for r in rows]),
-            top_probs=torch.stack([r[2][1] for r in rows]),
+            embeds=torch.stack([r.embeds for r in rows]),
+            hidden=torch.stack([r.hidden for r in rows]),
+            top_ids=torch.stack([r.top_ids for r in rows]),
+            top_probs=torch.stack([r.top_probs for r in rows]),
             inputs=[made[layer] for layer in self.kv_layers],
             anchors=anchors,
         )
 
-    def _one(self, ids: torch.Tensor):
+    def _one(self, ids: torch.Tensor, taught: torch.Tensor) -> "_ChunkSignal":
         target = self.target
         first = target.start(ids[:1], capacity=ids.shape[0])
         # Target.forward would also compute every row's logits in the model dtype (bf16 matmuls over a
         # 262k vocabulary are the slowest part on CPUs); the teacher computes its own in float32.
         rest = target._body(ids[1:], exact=False)
         hidden = torch.cat([first.hidden, rest]).float().clone()  # clone: leave inference mode
-        top, top_probs = self._top(hidden)
+        top = torch.zeros(ids.shape[0], self.top_k, dtype=torch.long)
+        top_probs = torch.zeros(ids.shape[0], self.top_k)
+        top[taught], top_probs[taught] = self._top(hidden[taught])
         kv = {}
         for layer in set(self.kv_layers):
             k, v = target.kv(layer, ids.shape[0])
             kv[layer] = (k.float().clone(), v.float().clone())
         embeds = target.embed(ids).float().clone()
-        return embeds, hidden, (top, top_probs), kv
+        return _ChunkSignal(embeds, hidden, top, top_probs, kv)
 
     def _top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's top-K next tokens `[L, K]` and their renormalised probabilities `[L, K]`."""

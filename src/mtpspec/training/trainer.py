@@ -49,7 +49,7 @@ class Trainer:
         self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
         self.lm_weight = self.teacher.lm_weight if self.drafter.config.lm_head == "target" else None
         self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
-        loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth)
+        loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives)
         self.loss = DistributedDataParallel(loss) if self.world > 1 else loss
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         if ckpt is not None:
@@ -95,7 +95,7 @@ class Trainer:
                 batch_ids.append(ids)
             # Every rank consumed batch_size chunks of its shard: world·batch_size of the stream.
             self.position += o.batch_size * self.world
-            batch = self.teacher.run(batch_ids, self._anchors())
+            batch = self.teacher.run(batch_ids, self._anchors(), o.depth)
             loss, kls, agree = self.loss(batch)
             self._set_lr()
             self.optimizer.zero_grad(set_to_none=True)
@@ -114,9 +114,7 @@ class Trainer:
                 self._evaluate(eval_prompts, bar)
         if bar is not None:
             bar.close()
-        if eval_prompts:
-            self._evaluate(eval_prompts, None)
-        return self._finish()
+        return self._finish(eval_prompts)
 
     def _anchors(self) -> torch.Tensor:
         """Anchor positions p ∈ [1, L − depth], all or a random sample of `--anchors`."""
@@ -148,7 +146,8 @@ class Trainer:
         (bar.write if bar is not None else self.log)(line)
         self.last_eval = result
 
-    def _finish(self) -> Path | None:
+    def _finish(self, eval_prompts) -> Path | None:
+        """Save the drafter (rank 0), then evaluate it: an interrupted evaluation loses nothing."""
         if self.opts.rank_digest:
             Path(self.opts.rank_digest).mkdir(parents=True, exist_ok=True)
             (Path(self.opts.rank_digest) / f"rank{self.rank}.txt").write_text(weights_digest(self.drafter))
@@ -158,6 +157,8 @@ class Trainer:
             final.load_state_dict(self.drafter.state_dict())
             out = save_drafter(final.to(self.target_model.dtype), self.opts.out)
             self.log(f"mtpspec: saved the drafter to {out}; use it with --drafter mtp:{out}")
+            if eval_prompts:
+                self._evaluate(eval_prompts, None)
         if self.world > 1:
             dist.barrier()
             dist.destroy_process_group()
