@@ -158,3 +158,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_dir():
+    """The bundled Gemma 3 270M as a converted Hugging Face directory (converts on first use)."""
+    from mtpspec.models import resolve_model
+
+    return resolve_model("gemma3-270m")
