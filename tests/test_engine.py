@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import build_tiny, byte_tokenizer
 
-from mtpspec.api import Pipeline, generation_config
+from mtpspec.api import generation_config
 from mtpspec.drafters.base import Draft
 from mtpspec.drafters.draft_model import DraftModelDrafter
 from mtpspec.engine import Engine

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtpspec import api
@@ -27,12 +26,8 @@ LONG, LONG_PROMPT = 400, "Once upon a time"  # a generation that outlasts the ch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny models are latency-bound; on a shared 2-core machine one thread is several times faster.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Tiny models are latency-bound: one thread (conftest's `one_thread`) is several times faster."""
 
 
 @pytest.fixture(scope="module")

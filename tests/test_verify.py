@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mtpspec.sampling import SamplingParams, probabilities, sample
-from mtpspec.verify import verify, verify_greedy, verify_sampled
+from mtpspec.verify import verify_greedy, verify_sampled
 
 
 def onehot_logits(ids, vocab=6):
