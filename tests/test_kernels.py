@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import build_tiny, byte_tokenizer
+
 from mtpspec import kernels
 from mtpspec.kernels.extension import extension, unsupported_reason
 
@@ -39,7 +39,18 @@ def _reference(x, w, b):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 33, 70), (5, 17, 640), (16, 8, 1), (3, 7, 15), (2, 4, 16), (7, 130, 100), (4, 64, 2048)])
+@pytest.mark.parametrize(
+    "m,n,k",
+    [
+        (1, 33, 70),
+        (5, 17, 640),
+        (16, 8, 1),
+        (3, 7, 15),
+        (2, 4, 16),
+        (7, 130, 100),
+        (4, 64, 2048),
+    ],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_matches_torch(m, n, k, dtype, bias):
     x, w, b = _data(m, n, k, dtype)
@@ -52,7 +63,9 @@ def test_matches_torch(m, n, k, dtype, bias):
     rtol = 2**-8 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=1e-4 * k**0.5)
     # PyTorch's own result is within the same tolerance: the two differ by rounding only.
-    torch.testing.assert_close(y.double(), F.linear(x, w, b).double(), rtol=2 * rtol, atol=2e-4 * k**0.5)
+    torch.testing.assert_close(
+        y.double(), F.linear(x, w, b).double(), rtol=2 * rtol, atol=2e-4 * k**0.5
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -64,7 +77,9 @@ def test_batched_input_is_flattened(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,k,bias", [(37, 70, True), (64, 640, False), (5, 9, True), (1031, 256, False)])
+@pytest.mark.parametrize(
+    "n,k,bias", [(37, 70, True), (64, 640, False), (5, 9, True), (1031, 256, False)]
+)
 def test_rows_are_bitwise_invariant(n, k, bias, dtype):
     """Row i of any block equals that row computed alone, for every block size and position."""
     x, w, b = _data(32, n, k, dtype, seed=n)
@@ -79,7 +94,9 @@ def test_rows_are_bitwise_invariant(n, k, bias, dtype):
 
 def test_thread_count_does_not_change_bits():
     """Threads split the output features; each element's arithmetic stays the same."""
-    x, w, b = _data(5, 4099, 640, torch.bfloat16)  # large enough to be split across threads
+    x, w, b = _data(
+        5, 4099, 640, torch.bfloat16
+    )  # large enough to be split across threads
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -115,7 +132,9 @@ def test_falls_back_where_the_kernel_does_not_apply():
     assert torch.equal(kernels.linear(x, w, b), F.linear(x, w, b))
     x = x.bfloat16()
     w = w.bfloat16()
-    assert not kernels.kernel_applies(x[:2].half(), w.half())  # a dtype the kernel lacks
+    assert not kernels.kernel_applies(
+        x[:2].half(), w.half()
+    )  # a dtype the kernel lacks
     assert not kernels.kernel_applies(x[:2], w.t().contiguous().t())  # a strided weight
     wg = w.float().requires_grad_()
     assert not kernels.kernel_applies(x[:2].float(), wg)  # training needs autograd
@@ -144,7 +163,9 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
     return target.forward(torch.tensor(ids[4:])).logits  # [T, V], one 5-row block
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen2"])  # qwen2: linear layers with biases
+@pytest.mark.parametrize(
+    "family", ["gemma3", "qwen2"]
+)  # qwen2: linear layers with biases
 def test_accelerate_keeps_weights_and_logits(family):
     model = build_tiny(family, dtype=torch.bfloat16)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -175,9 +196,16 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(family):
     model = build_tiny(family, dtype=torch.bfloat16)
     assert kernels.accelerate(model) > 0
     spec_target = Target(model, tokenizer)
-    assert spec_target.rows_invariant(5)  # blocks run batched: the kernel, not the row-by-row fallback
+    assert spec_target.rows_invariant(
+        5
+    )  # blocks run batched: the kernel, not the row-by-row fallback
     prompt = "abcabcabc abcabc xyz abc"
-    plain = Pipeline(Target(model, tokenizer), "none").generate(prompt, max_new_tokens=40)
+    plain = Pipeline(Target(model, tokenizer), "none").generate(
+        prompt, max_new_tokens=40
+    )
     spec = Pipeline(spec_target, "ngram").generate(prompt, max_new_tokens=40)
-    assert spec.stats.drafted_tokens > 0 and spec.stats.target_forwards < plain.stats.target_forwards
+    assert (
+        spec.stats.drafted_tokens > 0
+        and spec.stats.target_forwards < plain.stats.target_forwards
+    )
     assert spec.token_ids == plain.token_ids

@@ -9,10 +9,25 @@ mode can verify whole blocks at once. `load_hf` switches CPU models onto it; set
 """
 
 from .extension import enabled
-from .linear import SMALL_BLOCK, kernel_applies, kernel_id, kernels_active, linear, max_rows
+from .linear import (
+    SMALL_BLOCK,
+    kernel_applies,
+    kernel_id,
+    kernels_active,
+    linear,
+    max_rows,
+)
 from .patch import FastLinear, accelerate, restore
 
 __all__ = [
-    "SMALL_BLOCK", "FastLinear", "accelerate", "enabled", "kernel_applies", "kernel_id", "kernels_active", "linear",
-    "max_rows", "restore",
+    "SMALL_BLOCK",
+    "FastLinear",
+    "accelerate",
+    "enabled",
+    "kernel_applies",
+    "kernel_id",
+    "kernels_active",
+    "linear",
+    "max_rows",
+    "restore",
 ]

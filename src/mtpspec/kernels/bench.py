@@ -18,7 +18,14 @@ import torch
 from .extension import extension
 
 # Gemma 3 270M: the tied output head, then the attention and MLP projections (out, in).
-GEMMA3_270M_SHAPES = [(262144, 640), (2048, 640), (640, 2048), (1024, 640), (256, 640), (640, 1024)]
+GEMMA3_270M_SHAPES = [
+    (262144, 640),
+    (2048, 640),
+    (640, 2048),
+    (1024, 640),
+    (256, 640),
+    (640, 1024),
+]
 ROWS = [1, 2, 4, 5, 8, 16]
 L3_OVERFLOW_BYTES = 96 << 20
 
@@ -35,15 +42,15 @@ def compare(n: int, k: int, m: int, dtype: torch.dtype, reps: int) -> tuple[list
     ops = extension()
     gen = torch.Generator().manual_seed(0)
     # Cycle through enough copies of small weights to overflow the L3 cache: in the model,
-    # every layer's weights come from DRAM, as they would not from a hot cache.
+    # every layer's weights come from DRAM, not from a warm cache.
     copies = max(1, -(-L3_OVERFLOW_BYTES // (n * k * dtype.itemsize)))
     ws = [torch.randn(n, k, generator=gen).to(dtype) for _ in range(copies)]
     x = torch.randn(m, k, generator=gen).to(dtype)
     t_ref, t_fast = [], []
     for i in range(reps + 1):
         w = ws[i % copies]
-        t_ref.append(_time(lambda: torch.nn.functional.linear(x, w)))
-        t_fast.append(_time(lambda: ops.linear(x, w, None)))
+        t_ref.append(_time(lambda w=w: torch.nn.functional.linear(x, w)))
+        t_fast.append(_time(lambda w=w: ops.linear(x, w, None)))
     return t_ref[1:], t_fast[1:]  # the first call warms thread pools
 
 
@@ -52,15 +59,21 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--rows", type=int, nargs="*", default=ROWS)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     if extension() is None:
         raise SystemExit("the kernel is unavailable on this machine")
-    print(f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more)")
-    print("shape [N, K]     M | torch wall    cpu | kernel wall    cpu | speedup wall   cpu")
+    print(
+        f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more)"
+    )
+    print(
+        "shape [N, K]     M | torch wall    cpu | kernel wall    cpu | speedup wall   cpu"
+    )
     for n, k in GEMMA3_270M_SHAPES:
         # Small layers take microseconds: repeat them more for a stable median.
         reps = args.reps if n * k > 1 << 22 else args.reps * 20

@@ -26,7 +26,12 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 def enabled() -> bool:
     """Whether the user allows the kernels (`MTPSPEC_KERNELS=0` turns them off)."""
-    return os.environ.get("MTPSPEC_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get("MTPSPEC_KERNELS", "1").strip().lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
 
 
 def unsupported_reason() -> str | None:
@@ -46,7 +51,9 @@ def unsupported_reason() -> str | None:
 
 
 def build_name() -> str:
-    digest = hashlib.sha256("\n".join([SOURCE, *FLAGS, torch.__version__]).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        "\n".join([SOURCE, *FLAGS, torch.__version__]).encode()
+    ).hexdigest()[:12]
     return f"mtpspec_linear_{digest}"
 
 
@@ -68,7 +75,10 @@ def _built():
         except (RuntimeError, OSError, ImportError, ValueError) as e:
             last = str(e).strip().splitlines()[-1:] or [type(e).__name__]
             reason = f"the build failed ({last[0][:200]})"
-    print(f"mtpspec: fast small-M linear kernel unavailable: {reason}; using PyTorch's linear", file=sys.stderr)
+    print(
+        f"mtpspec: fast small-M linear kernel unavailable: {reason}; using PyTorch's linear",
+        file=sys.stderr,
+    )
     return None
 
 
@@ -78,7 +88,10 @@ def _load():
     name = build_name()
     build_dir = cache_root() / "kernels" / name
     if not (build_dir / f"{name}.so").is_file():
-        print("mtpspec: compiling the small-M linear kernel (once, under a minute)", file=sys.stderr)
+        print(
+            "mtpspec: compiling the small-M linear kernel (once, under a minute)",
+            file=sys.stderr,
+        )
     build_dir.mkdir(parents=True, exist_ok=True)
     # Light ATen headers and a TORCH_LIBRARY op instead of torch/extension.h and pybind11:
     # the build takes a third of the time, and calls go through the dispatcher.
