@@ -8,7 +8,7 @@ import json
 import sys
 
 from .errors import MtpspecError
-from .models import BUNDLED, DEFAULT_MODEL
+from .models import DEFAULT_MODEL, MODEL_HELP
 
 
 # Modules with a `register(subparsers)` function adding one verb each (bench, serve, train-drafter).
@@ -16,8 +16,7 @@ VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.t
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    names = ", ".join(BUNDLED)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: a bundled name ({names}), a .gguf file or a Hugging Face model directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: {MODEL_HELP} (default: {DEFAULT_MODEL})")
     p.add_argument("--drafter", default="none", help="none (plain decoding), ngram (prompt lookup), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory) (default: none)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")

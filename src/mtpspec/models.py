@@ -65,6 +65,7 @@ BUNDLED = {
     )
 }
 DEFAULT_MODEL = "gemma3-270m"
+MODEL_HELP = f"a bundled name ({', '.join(BUNDLED)}), a .gguf file or a Hugging Face model directory"
 
 
 def cache_root() -> Path:

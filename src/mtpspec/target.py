@@ -90,6 +90,11 @@ class Target:
             hidden = self._body(ids, exact=self.exact)
         return TargetStep(self._head(hidden), hidden)
 
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Last-layer hidden states `[T, H]` of `ids` at the next T positions, with prefill arithmetic
+        and no output head (for callers that score the vocabulary themselves, e.g. training)."""
+        return self._body(ids, exact=False)
+
     def rollback(self, n: int) -> None:
         """Forget the last `n` positions."""
         if n:

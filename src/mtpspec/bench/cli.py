@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..models import BUNDLED, DEFAULT_MODEL
+from ..models import DEFAULT_MODEL, MODEL_HELP
 
 EXIT_NOT_LOSSLESS = 1
 
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "write results.json, report.md and PNG plots. Greedy runs check that every mtpspec method reproduces "
         "`none`'s tokens exactly and exit 1 if one does not.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: a bundled name ({', '.join(BUNDLED)}), a .gguf file or a Hugging Face model directory (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: {MODEL_HELP} (default: {DEFAULT_MODEL})")
     p.add_argument(
         "--methods",
         default="none,ngram",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..models import BUNDLED
+from ..models import MODEL_HELP
 from .options import PRESETS, TrainOptions
 
 D = TrainOptions()
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
         "Shows progress, evaluates on held-out text, checkpoints to OUT/checkpoints and saves OUT/config.json + "
         "model.safetensors for `--drafter mtp:OUT`. Runs data-parallel under `torchrun --nproc-per-node N`.",
     )
-    p.add_argument("--target", default=None, help=f"target: a bundled name ({', '.join(BUNDLED)}), a .gguf file or a Hugging Face model directory (default: {D.target})")
+    p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
     p.add_argument("--data", default=None, help=f"comma list of sources: stdlib, pydocs, fortune, .txt/.jsonl files or folders (benchmark sets are refused) (default: {D.data})")
     p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU; gpu: larger batches and drafter. Flags given override it")

@@ -101,7 +101,7 @@ class Teacher:
         first = target.start(ids[:1], capacity=ids.shape[0])
         # Target.forward would also compute every row's logits in the model dtype (bf16 matmuls over a
         # 262k vocabulary are the slowest part on CPUs); the teacher computes its own in float32.
-        rest = target._body(ids[1:], exact=False)
+        rest = target.hidden_states(ids[1:])
         hidden = torch.cat([first.hidden, rest]).float().clone()  # clone: leave inference mode
         top = torch.zeros(ids.shape[0], self.top_k, dtype=torch.long)
         top_probs = torch.zeros(ids.shape[0], self.top_k)
