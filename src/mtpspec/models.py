@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,7 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     _check_gguf_header(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"mtpspec: converting {gguf.name} to a bf16 model in {out} (once; later runs load it directly)")
+    print(f"mtpspec: converting {gguf.name} to a bf16 model in {out} (once; later runs load it directly)", file=sys.stderr)
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
