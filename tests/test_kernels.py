@@ -209,3 +209,30 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(family):
         and spec.stats.target_forwards < plain.stats.target_forwards
     )
     assert spec.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window, softcap", [(None, None), (48, None), (None, 50.0)])
+def test_block_attention_is_row_invariant_and_correct(dtype, window, softcap):
+    """Each query row's bits are the same alone as inside a block; values match an fp64 reference."""
+    from mtpspec.kernels.attention import exact_attention
+
+    gen = torch.Generator().manual_seed(0)
+    hq, hkv, d, length = 8, 2, 64, 160  # grouped-query attention, a cache longer than what is read
+    q = torch.randn(1, hq, 6, d, generator=gen).to(dtype)
+    k = torch.randn(1, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(1, hkv, length, d, generator=gen).to(dtype)
+    positions = torch.arange(100, 106)
+    block = exact_attention(q, k, v, positions, window, d**-0.5, softcap)
+    for t in range(6):
+        alone = exact_attention(q[:, :, t : t + 1], k, v, positions[t : t + 1], window, d**-0.5, softcap)
+        assert torch.equal(alone[0, 0], block[0, t])
+        p = int(positions[t])
+        lo = max(0, p + 1 - window) if window else 0
+        kk, vv = k[0, :, lo : p + 1].double().repeat_interleave(hq // hkv, 0), v[0, :, lo : p + 1].double().repeat_interleave(hq // hkv, 0)
+        scores = q[0, :, t].double()[:, None] @ kk.transpose(1, 2) * d**-0.5  # [Hq, 1, S]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        want = (torch.softmax(scores, -1) @ vv)[:, 0]
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(block[0, t].double(), want, rtol=tol, atol=tol)

@@ -24,12 +24,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def gemma_fp32():
-    return mtpspec.load("gemma3-270m", dtype="fp32")
+    return mtpspec.load("gemma3-270m", drafter="none", dtype="fp32")
 
 
 @pytest.fixture(scope="module")
 def gemma_bf16():
-    return mtpspec.load("gemma3-270m", dtype="bf16")
+    return mtpspec.load("gemma3-270m", drafter="none", dtype="bf16")
 
 
 def test_fp32_greedy_equals_transformers_generate(gemma_fp32):
@@ -79,3 +79,23 @@ def test_smollm2_chat():
     assert res.token_ids and res.text.strip()
     plain = mtpspec.Pipeline(pipe.target, "none", "smollm2-135m").generate([{"role": "user", "content": "What is 2 + 2?"}], max_new_tokens=24)
     assert plain.token_ids == res.token_ids
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_shipped_drafter_is_the_default_and_exact(model, dtype, gemma_bf16, gemma_fp32):
+    """`auto` (the default) loads the shipped MTP drafter; greedy output stays plain decoding's, token for token."""
+    from mtpspec.drafters import shipped
+
+    plain = (gemma_bf16 if dtype == "bf16" else gemma_fp32) if model == "gemma3-270m" else mtpspec.load(model, drafter="none", dtype=dtype)
+    default = mtpspec.Pipeline(plain.target, "auto", model)
+    assert default.drafter_spec == f"mtp:{shipped()[model]}"
+    accepted = forwards = tokens = 0
+    for prompt in PROMPTS:
+        want = plain.generate(prompt, max_new_tokens=40)
+        got = default.generate(prompt, max_new_tokens=40, num_draft_tokens=4)
+        assert got.token_ids == want.token_ids, prompt
+        accepted += got.stats.accepted_tokens
+        forwards += got.stats.target_forwards
+        tokens += got.stats.round_tokens
+    assert accepted > 0 and tokens / forwards > 1.2  # a trained drafter: well above one token per target forward

@@ -183,3 +183,22 @@ def test_ddp_two_ranks_end_with_identical_weights(tiny_dirs, corpus, tmp_path):
     from mtpspec.training.trainer import weights_digest
 
     assert weights_digest(load_drafter(out)) == rank0  # what rank 0 saved is what both ranks trained
+
+
+def test_sources_are_packed_and_interleaved(corpus, tokenizer):
+    """Chunks alternate between sources (a small one weighs as much as the stdlib) and pack short documents."""
+    from itertools import islice
+
+    from mtpspec.bench.datasets import GSM_SEED, GSM_SIZE
+    from mtpspec.training.data import GSM_TRAIN_SEED
+
+    source = TextSource(["gsm-train", str(corpus)], tokenizer, seq_len=1024)
+    chunks = [tokenizer.decode(ids) for _, ids in islice(source.chunks(), 6)]
+    chat = ["<user>" in c or "<assistant>" in c for c in chunks]
+    assert chat == [True, False] * 3
+    assert sum(c.count("<user>") for c in chunks[0::2]) >= 3  # word problems are shorter than a chunk: packed
+    docs = list(islice(source.documents(held_out=False), 4))
+    assert docs[0].id.startswith("gsm-train/") and "<assistant>" in docs[0].text and "####" in docs[0].text
+    assert GSM_TRAIN_SEED > GSM_SEED + GSM_SIZE  # the bench's gsm prompts come from other seeds
+    resumed = [ids.tolist() for _, ids in islice(source.chunks(start=3), 3)]
+    assert resumed == [ids.tolist() for _, ids in islice(source.chunks(), 6)][3:]

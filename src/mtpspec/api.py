@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .drafters import make_drafter
+from .drafters import AUTO, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
 from .models import DEFAULT_MODEL, load_hf
@@ -32,11 +32,11 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, target: Target, drafter_spec: str = "none", model_name: str = DEFAULT_MODEL):
+    def __init__(self, target: Target, drafter_spec: str = AUTO, model_name: str = DEFAULT_MODEL):
         self.target = target
         self.tokenizer = target.tokenizer
         self.model_name = model_name
-        self.drafter_spec = drafter_spec
+        self.drafter_spec = drafter_spec = resolve_spec(drafter_spec, model_name)
         self.engine = Engine(target, make_drafter(drafter_spec, target))
 
     def encode(self, prompt: str | Messages, chat: bool = False) -> list[int]:
@@ -89,7 +89,8 @@ def generation_config(
     )
 
 
-def load(model: str = DEFAULT_MODEL, drafter: str = "none", dtype: str = "bf16", exact: bool = True) -> Pipeline:
-    """Load a target (bundled name, GGUF file or HF directory) and a drafter (`none`, `ngram`, `draft:PATH`)."""
+def load(model: str = DEFAULT_MODEL, drafter: str = AUTO, dtype: str = "bf16", exact: bool = True) -> Pipeline:
+    """Load a target (bundled name, GGUF file or HF directory) and a drafter spec (`auto`: the shipped MTP
+    drafter of a bundled target, else none; `none`, `ngram`, `draft:MODEL`, `mtp[:PATH]`)."""
     hf, tokenizer = load_hf(model, dtype)
     return Pipeline(Target(hf, tokenizer, exact=exact), drafter, model)

@@ -5,7 +5,9 @@ verified inside a block of draft tokens. Hugging Face's SDPA kernels reduce over
 an order that depends on the number of query rows and keys, so near-ties flip in bf16. Here, in
 exact mode, each query row attends through its own matrix product over exactly the keys it may
 see (`[start, position]`), so the shapes, and therefore the rounding, of a row's computation
-depend only on its absolute position.
+depend only on its absolute position. Where the C++ kernels build, one call does this for all rows
+at once (`kernels/attention.py`, row-invariant by construction); per-row matrix products are the
+fallback.
 
 The target passes the query rows' absolute positions as the "attention mask": a 4-D integer
 tensor `[1, 1, T, 1]`, which Hugging Face mask builders hand through unchanged. Causality and the
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .kernels.attention import exact_attention
 
 ATTENTION_NAME = "mtpspec"
 
@@ -58,6 +62,10 @@ def mtpspec_attention(
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     groups = hq // hkv
+    if mtpspec_exact:
+        fast = exact_attention(query, key, value, attention_mask.view(-1), sliding_window, scaling, softcap)
+        if fast is not None:
+            return fast, None
     positions = attention_mask.view(-1).tolist()
     if mtpspec_exact:
         rows = [_one_row(query[:, :, i], key, value, p, sliding_window, scaling, softcap, groups) for i, p in enumerate(positions)]

@@ -17,7 +17,7 @@ VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.t
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: {MODEL_HELP} (default: {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default="none", help="none (plain decoding), ngram (prompt lookup), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory) (default: none)")
+    p.add_argument("--drafter", default="auto", help="auto (the MTP drafter shipped for a bundled target, else none), none (plain decoding), ngram (prompt lookup), draft:MODEL (a small LM with the same tokenizer), mtp[:PATH] (an MTP drafter directory; without PATH the shipped one) (default: auto)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")
@@ -106,7 +106,7 @@ def cmd_generate(args) -> int:
         for _ in stream.chunks:
             pass
         r = stream.result
-        print(json.dumps({"prompt": prompt, "model": args.model, "drafter": args.drafter, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
+        print(json.dumps({"prompt": prompt, "model": args.model, "drafter": pipe.drafter_spec, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
         return 0
     if not args.chat:
         sys.stdout.write(prompt)
@@ -125,7 +125,7 @@ def cmd_chat(args) -> int:
     check_options(args, options)
     pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    print(f"mtpspec chat with {args.model} (drafter: {args.drafter}); an empty line ends.", file=sys.stderr)
+    print(f"mtpspec chat with {args.model} (drafter: {pipe.drafter_spec}); an empty line ends.", file=sys.stderr)
     while True:
         try:
             user = input("> ")

@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
@@ -76,8 +77,16 @@ def humaneval() -> tuple[Prompt, ...]:
     return tuple(Prompt(r["task_id"], r["prompt"]) for r in rows)
 
 
+GSM_INSTRUCTION = " Give the result as your final answer. Do not include units."
+
+
 def gsm(size: int, seed: int = GSM_SEED) -> tuple[Prompt, ...]:
-    """GSM8K-style word problems from reasoning-gym's `gsm_symbolic` generators.
+    """GSM8K-style word problems from reasoning-gym's `gsm_symbolic` generators (questions only)."""
+    return tuple(Prompt(f"gsm/{seed}/{i}", ex["question"] + GSM_INSTRUCTION) for i, ex in enumerate(gsm_examples(size, seed)))
+
+
+def gsm_examples(size: int, seed: int, start: int = 0) -> Iterator[dict]:
+    """Examples `start` .. `start + size` of the generated stream for `seed`: question, answer, metadata.answer_cot.
 
     Reproduces `GSMSymbolicDataset.__getitem__` (same seed → same problems) without importing
     the `reasoning_gym` package, whose `__init__` imports every task and its extra dependencies;
@@ -90,12 +99,9 @@ def gsm(size: int, seed: int = GSM_SEED) -> tuple[Prompt, ...]:
         for name in ("generators_00_49", "generators_50_99"):
             module = _load_file(f"_mtpspec_gsm_{name}", root / f"{name}.py")
             generators.update({int(n[len("generate_") :]): getattr(module, n) for n in dir(module) if n.startswith("generate_")})
-    task_of = Random(seed).choices(tasks, k=size)
-    prompts = []
-    for i in range(size):
-        example = generators[task_of[i]](Random(seed + i), 1.0)
-        prompts.append(Prompt(f"gsm/{seed}/{i}", example["question"] + " Give the result as your final answer. Do not include units."))
-    return tuple(prompts)
+    task_of = Random(seed).choices(tasks, k=start + size)
+    for i in range(start, start + size):
+        yield generators[task_of[i]](Random(seed + i), 1.0)
 
 
 def jsonl(path: Path) -> tuple[Prompt, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from ..errors import MtpspecError
@@ -36,20 +37,40 @@ def _mtp(arg: str, target) -> Drafter:
     from .mtp import MtpDrafter
 
     if not arg:
-        raise MtpspecError("--drafter mtp: needs a drafter directory, e.g. mtp:drafters/gemma3-270m")
+        raise MtpspecError(f"--drafter mtp: needs a drafter directory, e.g. mtp:drafters/my-drafter (shipped ones: {', '.join(shipped()) or 'none'})")
     return MtpDrafter(load_drafter(arg, dtype=target.dtype), target)
 
 
 REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp}
+AUTO = "auto"  # the default: the shipped MTP drafter of a bundled target, else none
+SHIPPED = Path(__file__).parent / "shipped"  # MTP drafters trained by mtpspec for the bundled targets
+
+
+def shipped() -> dict[str, Path]:
+    """Bundled target name → directory of the MTP drafter shipped for it."""
+    return {p.name: p for p in sorted(SHIPPED.glob("*")) if (p / "config.json").is_file()}
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split "kind:arg" and check the kind exists (cheap: call it before loading any model)."""
     kind, _, arg = spec.partition(":")
-    if kind not in REGISTRY:
-        names = ", ".join(k + (":PATH" if k in ("draft", "mtp") else "") for k in REGISTRY)
+    if kind not in REGISTRY and spec != AUTO:
+        names = ", ".join([AUTO] + [k + (":PATH" if k in ("draft", "mtp") else "") for k in REGISTRY])
         raise MtpspecError(f"unknown drafter {spec!r}: use one of {names}")
     return kind, arg
+
+
+def resolve_spec(spec: str, model: str) -> str:
+    """The spec to build for target `model`: `auto` and `mtp` (no path) name the shipped drafter of a bundled target.
+
+    `auto` falls back to `none` for targets without one; `mtp` alone is then an error.
+    """
+    path = shipped().get(model)
+    if spec == AUTO:
+        return f"mtp:{path}" if path else "none"
+    if spec in ("mtp", "mtp:") and path:
+        return f"mtp:{path}"
+    return spec
 
 
 def make_drafter(spec: str, target) -> Drafter:
@@ -58,4 +79,4 @@ def make_drafter(spec: str, target) -> Drafter:
     return REGISTRY[kind](arg, target)
 
 
-__all__ = ["DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "REGISTRY"]
+__all__ = ["AUTO", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped", "REGISTRY"]

@@ -60,7 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
-        drafter=args.drafter,
+        drafter=pipe.drafter_spec,
         num_draft_tokens=args.num_draft_tokens,
         adaptive=args.adaptive,
         api_key=api_key,
@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
-    print(f"mtpspec: serving {settings.model_name!r} (drafter {args.drafter}) at http://{where}:{port}/v1", file=sys.stderr)
+    print(f"mtpspec: serving {settings.model_name!r} (drafter {pipe.drafter_spec}) at http://{where}:{port}/v1", file=sys.stderr)
     run(create_app(pipe, settings), sock, args.log_level)
     return 0
 

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         "model.safetensors for `--drafter mtp:OUT`. Runs data-parallel under `torchrun --nproc-per-node N`.",
     )
     p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
-    p.add_argument("--data", default=None, help=f"comma list of sources: stdlib, pydocs, fortune, .txt/.jsonl files or folders (benchmark sets are refused) (default: {D.data})")
+    p.add_argument("--data", default=None, help=f"comma list of sources: stdlib (CPython's .py files), pydocs (apt-get install python3.11-doc), fortune (apt-get install fortunes), gsm-train (reasoning-gym word problems with worked answers, seeds disjoint from the bench's gsm), .txt/.jsonl files or folders; benchmark sets are refused (default: {D.data})")
     p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU; gpu: larger batches and drafter. Flags given override it")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)")
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {D.weight_decay})")
     p.add_argument("--warmup", type=int, default=None, help=f"linear warm-up steps before cosine decay (default: {D.warmup})")
     p.add_argument("--num-layers", type=int, default=None, help=f"drafter decoder layers (default: {D.num_layers})")
-    p.add_argument("--hidden-size", type=int, default=None, help="drafter width (default: half the target's)")
+    p.add_argument("--hidden-size", type=int, default=None, help="drafter width (default: the target's)")
     p.add_argument("--centroids", type=int, default=None, help="centroid-head clusters; 0 = full-vocabulary head (default: 2048 for vocabularies over 65,536 tokens, else 0)")
     p.add_argument("--centroid-top-k", type=int, default=None, help=f"clusters whose tokens get exact logits when drafting (default: {D.centroid_top_k})")
     p.add_argument("--negatives", type=int, default=None, help=f"with a centroid head, random tokens the draft distribution is normalised over besides the target's top-K and its top token's cluster; 0 = the full vocabulary (default: {D.negatives})")

@@ -1,11 +1,17 @@
 """Offline training text for drafters, and the explicit train / held-out split.
 
 Sources (`--data`, a comma list): `stdlib` (the CPython standard library's .py files on disk),
-`pydocs` (text under /usr/share/doc/python3.11, from `apt-get install python3.11-doc`),
-`fortune` (the `fortunes` files), and paths to .txt files (one document per file) or .jsonl files
-(one document per line: a "text" field, or "messages" rendered through the target's chat template).
-The benchmark sets (`bench.datasets.EVAL_DATASETS`) are refused: a drafter trained on them would be
-graded on its own training data.
+`pydocs` (the Python documentation's reStructuredText sources, from `apt-get install python3.11-doc`),
+`fortune` (the `fortunes` files), `gsm-train` (GSM8K-style problems with worked answers from
+reasoning-gym's generators, as chat turns; generated from seeds disjoint from `mtpspec bench`'s
+gsm set, which shares its templates), and paths to .txt files (one document per file) or .jsonl
+files (one document per line: a "text" field, or "messages" rendered through the target's chat
+template). The benchmark sets (`bench.datasets.EVAL_DATASETS`) are refused: a drafter trained on
+them would be graded on its own training data.
+
+Each source is packed into its own token stream (documents back to back, each with the
+tokenizer's BOS) and cut into chunks; the chunk stream takes one chunk from each source in turn,
+so a small source weighs as much as the standard library.
 
 Every document has a stable id; `is_held_out(id)` puts a fixed ~2% of them aside for evaluation,
 whatever the source order, the number of ranks or a resume.
@@ -17,20 +23,23 @@ import gzip
 import hashlib
 import json
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from random import Random
-from typing import Iterator
 
 import torch
 
-from ..bench.datasets import EVAL_DATASETS
+from ..bench.datasets import EVAL_DATASETS, GSM_INSTRUCTION, GSM_SEED, gsm_examples
 from ..errors import MtpspecError
 
-PYDOCS = Path("/usr/share/doc/python3.11")
+PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FORTUNES = (Path("/usr/share/games/fortunes"), Path("/usr/share/fortune"))
 HELD_OUT_PERCENT = 2
 MAX_DOC_CHARS = 200_000  # longer files are cut: one file should not dominate a run
+GSM_TRAIN = "gsm-train"
+GSM_TRAIN_SEED = GSM_SEED + 1_000_000_000  # the bench's gsm prompt i uses seed 42 + i: disjoint for any size it uses
+GSM_TRAIN_SIZE = 50_000  # generated problems per epoch
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,9 @@ def is_held_out(doc_id: str) -> bool:
 def check_source(spec: str) -> None:
     name = Path(spec).stem.lower() if ("/" in spec or "." in spec) else spec.lower()
     if spec.lower() in EVAL_DATASETS or name in EVAL_DATASETS:
-        raise MtpspecError(f"{spec!r} is a benchmark set ({', '.join(sorted(EVAL_DATASETS))}); never train on what `mtpspec bench` measures")
+        raise MtpspecError(
+            f"{spec!r} is a benchmark set ({', '.join(sorted(EVAL_DATASETS))}); never train on what `mtpspec bench` measures"
+        )
 
 
 def _files(spec: str) -> list[Path]:
@@ -58,7 +69,7 @@ def _files(spec: str) -> list[Path]:
     if spec == "pydocs":
         if not PYDOCS.is_dir():
             raise MtpspecError(f"--data pydocs needs {PYDOCS} (apt-get install python3.11-doc)")
-        return sorted(p for p in PYDOCS.rglob("*") if p.suffix in (".txt", ".rst", ".gz") and p.is_file())
+        return sorted(PYDOCS.rglob("*.txt"))
     if spec == "fortune":
         for root in FORTUNES:
             if root.is_dir():
@@ -69,7 +80,7 @@ def _files(spec: str) -> list[Path]:
         return [path]
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-    raise MtpspecError(f"unknown data source {spec!r}: use stdlib, pydocs, fortune or .txt/.jsonl files or folders")
+    raise MtpspecError(f"unknown data source {spec!r}: use stdlib, pydocs, fortune, {GSM_TRAIN} or .txt/.jsonl files or folders")
 
 
 def _read(path: Path) -> str:
@@ -90,7 +101,7 @@ def _documents(path: Path, tokenizer) -> Iterator[Document]:
         if "messages" in row:
             if not tokenizer.chat_template:
                 raise MtpspecError(f"{path}: chat messages need a target with a chat template")
-            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            text = _chat_text(tokenizer, row["messages"])
         else:
             text = row.get("text") or row.get("prompt", "")
         if text.strip():
@@ -98,42 +109,64 @@ def _documents(path: Path, tokenizer) -> Iterator[Document]:
 
 
 class TextSource:
-    """Documents of the given sources in a fixed shuffled order, cut into token chunks.
+    """Documents of the given sources in a fixed shuffled order, packed and cut into token chunks.
 
     Chunk i of the stream goes to rank i % world; `position` counts chunks of the whole stream
     (all ranks), so a resumed run skips exactly what was trained.
     """
 
     def __init__(self, specs: list[str], tokenizer, seq_len: int, seed: int = 0):
+        self.sources: list[tuple[str, list[Path]]] = []
         for spec in specs:
             check_source(spec)
-        self.files = [f for spec in specs for f in _files(spec)]
-        if not self.files:
-            raise MtpspecError(f"no training files found in {', '.join(specs)}")
-        Random(seed).shuffle(self.files)
+            files = [] if spec == GSM_TRAIN else _files(spec)
+            if spec != GSM_TRAIN and not files:
+                raise MtpspecError(f"no training files found in {spec}")
+            Random(seed).shuffle(files)
+            self.sources.append((spec, files))
         self.tokenizer = tokenizer
         self.seq_len = seq_len
 
+    def _documents(self, spec: str, files: list[Path], held_out: bool) -> Iterator[Document]:
+        docs = _gsm_documents(self.tokenizer) if spec == GSM_TRAIN else (d for f in files for d in _documents(f, self.tokenizer))
+        return (d for d in docs if is_held_out(d.id) == held_out)
+
     def documents(self, held_out: bool) -> Iterator[Document]:
-        for path in self.files:
-            for doc in _documents(path, self.tokenizer):
-                if is_held_out(doc.id) == held_out:
+        """One document of each source in turn, until every source is exhausted."""
+        streams = [self._documents(spec, files, held_out) for spec, files in self.sources]
+        while streams:
+            for stream in list(streams):
+                doc = next(stream, None)
+                if doc is None:
+                    streams.remove(stream)
+                else:
                     yield doc
 
-    def chunks(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
-        """(stream position after this chunk, token ids `[seq_len]`) of this rank, forever (epochs repeat)."""
-        position = 0
+    def _packed(self, spec: str, files: list[Path]) -> Iterator[list[int]]:
+        """One source's training documents back to back, cut into `seq_len` chunks, forever (epochs repeat)."""
+        buffer: list[int] = []
         while True:
             produced = False
-            for doc in self.documents(held_out=False):
-                ids = self.tokenizer(doc.text).input_ids
-                for i in range(0, len(ids) - self.seq_len + 1, self.seq_len):
-                    position += 1
+            for doc in self._documents(spec, files, held_out=False):
+                buffer.extend(self.tokenizer(doc.text).input_ids)
+                cut = len(buffer) - len(buffer) % self.seq_len
+                for i in range(0, cut, self.seq_len):
                     produced = True
-                    if position > start and (position - 1) % world == rank:
-                        yield position, torch.tensor(ids[i : i + self.seq_len])
+                    yield buffer[i : i + self.seq_len]
+                del buffer[:cut]
             if not produced:
-                raise MtpspecError(f"no training document has {self.seq_len} tokens; lower --seq-len")
+                raise MtpspecError(f"{spec} has fewer than --seq-len ({self.seq_len}) tokens of training text")
+
+    def chunks(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
+        """(stream position after this chunk, token ids `[seq_len]`) of this rank, one source after another, forever."""
+        streams = [self._packed(spec, files) for spec, files in self.sources]
+        position = 0
+        while True:
+            for stream in streams:
+                chunk = next(stream)
+                position += 1
+                if position > start and (position - 1) % world == rank:
+                    yield position, torch.tensor(chunk)
 
     def eval_prompts(self, n: int, prompt_tokens: int = 48) -> list[list[int]]:
         """The first `prompt_tokens` tokens of the first n held-out documents (falls back to training text)."""
@@ -146,3 +179,22 @@ class TextSource:
                 if len(out) >= n:
                     return out
         return out
+
+
+def _gsm_documents(tokenizer) -> Iterator[Document]:
+    """Generated word problems and their worked answers, as a chat exchange (plain Q/A without a template)."""
+    for i, ex in enumerate(gsm_examples(GSM_TRAIN_SIZE, GSM_TRAIN_SEED)):
+        question, answer = ex["question"] + GSM_INSTRUCTION, ex["metadata"]["answer_cot"]
+        if tokenizer.chat_template:
+            text = _chat_text(tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+        else:
+            text = f"Question: {question}\nAnswer: {answer}\n"
+        yield Document(f"{GSM_TRAIN}/{i}", text)
+
+
+def _chat_text(tokenizer, messages: list[dict]) -> str:
+    """The chat template's rendering, less a leading BOS where tokenizing adds it back."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]
+    return text[len(bos) :] if adds_bos and text.startswith(bos) else text

@@ -59,7 +59,7 @@ def anchor_mask(anchors: torch.Tensor, length: int, window: int | None) -> torch
 
 
 class Teacher:
-    def __init__(self, target: Target, kv_layers: tuple[int, ...], top_k: int = 32, row_block: int = 64):
+    def __init__(self, target: Target, kv_layers: tuple[int, ...], top_k: int = 32, row_block: int = 128):
         self.target = target
         self.kv_layers = kv_layers
         self.top_k = top_k
@@ -114,14 +114,17 @@ class Teacher:
         return _ChunkSignal(embeds, hidden, top, top_probs, kv)
 
     def _top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's top-K next tokens `[L, K]` and their renormalised probabilities `[L, K]`."""
+        """The target's top-K next tokens `[L, K]` and their probabilities renormalised over the K `[L, K]`.
+
+        Renormalised over the K, the probabilities are a softmax of the K logits alone, and softcapping
+        is monotonic: no vocabulary-wide softmax or tanh is needed.
+        """
         ids, probs = [], []
         cap = self.target.softcap
         for i in range(0, hidden.shape[0], self.row_block):
-            logits = hidden[i : i + self.row_block] @ self.lm_weight.T  # [rows, V]
+            logits, top = (hidden[i : i + self.row_block] @ self.lm_weight.T).topk(self.top_k, dim=-1)  # [rows, K]
             if cap:
                 logits = torch.tanh(logits / cap) * cap
-            p, t = torch.softmax(logits, -1).topk(self.top_k, dim=-1)
-            ids.append(t)
-            probs.append(p / p.sum(-1, keepdim=True))
+            ids.append(top)
+            probs.append(torch.softmax(logits, -1))
         return torch.cat(ids), torch.cat(probs)

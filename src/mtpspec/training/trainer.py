@@ -75,7 +75,7 @@ class Trainer:
         o = self.opts
         vocab = hf.get_output_embeddings().weight.shape[0]
         centroids = o.centroids if o.centroids >= 0 else (AUTO_CENTROIDS if vocab > 65536 and vocab % AUTO_CENTROIDS == 0 else 0)
-        drafter = init_drafter(hf, num_layers=o.num_layers, hidden_size=o.hidden_size or None, lm_head="target",
+        drafter = init_drafter(hf, num_layers=o.num_layers, hidden_size=o.hidden_size or hf.config.hidden_size, lm_head="target",
                                num_centroids=centroids, centroid_top_k=min(o.centroid_top_k, centroids or o.centroid_top_k), seed=o.seed).float()
         if centroids:
             self.log(f"mtpspec: clustering {vocab} output embeddings into {centroids} clusters")
