@@ -23,7 +23,12 @@ NEW_TOKENS = 24
 
 def tiny_multimodal(seed: int = 0):
     """A random `Gemma4ForConditionalGeneration` around the tiny E2B-like text model, with tiny towers."""
-    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
+    from transformers import (
+        Gemma4AudioConfig,
+        Gemma4Config,
+        Gemma4ForConditionalGeneration,
+        Gemma4VisionConfig,
+    )
 
     vision = Gemma4VisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
@@ -113,7 +118,11 @@ def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path):
     """Gemma 3 (4B and up) checkpoints are multimodal too, in transformers' older key layout
     (`language_model.model.*`): the same loader runs their language model alone."""
     from conftest import tiny_config
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        SiglipVisionConfig,
+    )
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
     config = Gemma3Config(

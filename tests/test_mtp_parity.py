@@ -34,7 +34,11 @@ STICKINESS = {"e2b": 0.3, "31b": 0.4, "moe": 0.5}  # target post-norm scale: low
 def reference_assistant(target_config, basis: torch.Tensor, seed: int = 0):
     """A Gemma4AssistantForCausalLM that reads the target's hidden state through `basis` `[32, H_t]` and
     mostly predicts what the target predicted last; its layers and centroid head perturb that."""
-    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+    from transformers import (
+        Gemma4AssistantConfig,
+        Gemma4AssistantForCausalLM,
+        Gemma4TextConfig,
+    )
 
     tc = target_config
     text = Gemma4TextConfig(
@@ -183,7 +187,9 @@ def _assert_logits_match(ours, ref):
 
 def test_draft_steps_match_transformers_generate(pair, monkeypatch):
     """Every assistant step inside transformers' assisted generate equals ours in TransformersKeys mode."""
-    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator as Generator
+    from transformers.generation.candidate_generator import (
+        SinglePositionMultiTokenCandidateGenerator as Generator,
+    )
 
     shape, target, assistant, path = pair
     rounds = []

@@ -15,7 +15,13 @@ import torch
 
 from mtpspec.errors import MtpspecError
 from mtpspec.models import load_hf
-from mtpspec.mtp import CommittedKeys, check_fits, init_drafter, layer_inputs, load_drafter
+from mtpspec.mtp import (
+    CommittedKeys,
+    check_fits,
+    init_drafter,
+    layer_inputs,
+    load_drafter,
+)
 from mtpspec.target import Target
 from mtpspec.training.checkpoint import latest_checkpoint, load_checkpoint
 from mtpspec.training.clusters import init_centroid_head

@@ -5,5 +5,5 @@ from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
 from .sampling import SamplingParams
 
-__all__ = ["load", "Pipeline", "Engine", "GenerationConfig", "GenerationResult", "SamplingParams", "MtpspecError"]
+__all__ = ["Engine", "GenerationConfig", "GenerationResult", "MtpspecError", "Pipeline", "SamplingParams", "load"]
 __version__ = "0.1.0"

@@ -10,7 +10,6 @@ import sys
 from .errors import MtpspecError
 from .models import DEFAULT_MODEL, MODEL_HELP
 
-
 # Modules with a `register(subparsers)` function adding one verb each (bench, serve, train-drafter).
 VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.training.cli"]
 

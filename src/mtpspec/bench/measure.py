@@ -11,7 +11,7 @@ import resource
 from dataclasses import dataclass
 from typing import Callable
 
-from .methods import Decoding, Row, RunResult, Runner
+from .methods import Decoding, Row, Runner, RunResult
 
 
 @dataclass

@@ -79,4 +79,4 @@ def make_drafter(spec: str, target) -> Drafter:
     return REGISTRY[kind](arg, target)
 
 
-__all__ = ["AUTO", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped", "REGISTRY"]
+__all__ = ["AUTO", "REGISTRY", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped"]
