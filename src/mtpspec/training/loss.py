@@ -3,7 +3,11 @@
 Step 1 reads the target's hidden state; step j ≥ 2 reads the state the drafter itself returned at
 step j − 1 (gradients flow through it), exactly as `drafters/mtp.py` drafts, so depth-2+ drafting
 is trained on the drafter's own states rather than on the target's. Each depth is taught the
-target's next-token distribution (its top-K, renormalised) with KL(p ‖ q).
+target's next-token distribution (its top-K, renormalised) with KL(p ‖ q), and, as in EAGLE,
+each step's output state regresses onto the target's own hidden state at the row it stands for
+(smooth L1 on states scaled by the target's RMS): a dense target per row next to 32
+probabilities. (In our 1-hour CPU runs, this with `start_as_copy` raised depth-1 agreement
+modestly, ~0.31 vs ~0.27 after 150 steps; EAGLE reports larger gains at scale.)
 
 Logits for training are full-vocabulary (`head_in @ weight.T`); the centroid head's top-cluster
 selection has no gradient, so its cluster scores learn from a separate loss: cross-entropy to
@@ -58,8 +62,10 @@ class UnrolledLoss(nn.Module):
     full-vocabulary softmax for Gemma's 262k tokens.
     """
 
-    def __init__(self, drafter: MtpModel, lm_weight: torch.Tensor | None, depth: int, negatives: int = 0, cluster_weight: float = 1.0):
+    def __init__(self, drafter: MtpModel, lm_weight: torch.Tensor | None, depth: int, negatives: int = 0,
+                 cluster_weight: float = 1.0, feature_weight: float = 1.0):
         super().__init__()
+        self.feature_weight = feature_weight
         self.drafter = drafter
         self.lm_weight = lm_weight  # [V, H_t] frozen target embedding; a plain attribute, not a buffer DDP would broadcast
         self.depth = depth
@@ -78,8 +84,11 @@ class UnrolledLoss(nn.Module):
             cluster_of = torch.empty_like(order)
             cluster_of[order] = torch.arange(order.numel()) // (order.numel() // head.num_centroids)
         weight, cap = self.weight(), self.drafter.config.final_logit_softcapping
+        scale = batch.hidden.pow(2).mean().sqrt()  # the target's hidden-state RMS
         total, kls, agree = 0.0, [], []
         for rec in unroll(self.drafter, batch, self.depth):
+            if self.feature_weight:  # step j stands for the target's row p + j − 1, whose hidden state predicts the same token
+                total = total + self.feature_weight * F.smooth_l1_loss(rec.state / scale, batch.hidden[:, rec.token_rows] / scale)
             ids, p = batch.top_ids[:, rec.token_rows], batch.top_probs[:, rec.token_rows]  # [B, T, K]
             if self.negatives and head is not None:
                 logits = self._sampled_logits(rec.head_in, weight, ids, head.clusters()[cluster_of[ids[..., 0]]], cap)

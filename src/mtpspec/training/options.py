@@ -31,6 +31,7 @@ class TrainOptions:
     centroids: int = -1  # centroid-head clusters (-1: 2048 for vocabularies over 65,536 tokens, else a full head)
     centroid_top_k: int = 32  # clusters whose tokens get exact logits when drafting
     negatives: int = 1024  # with a centroid head: random tokens q is normalised over besides top-K and a cluster (0: full vocabulary)
+    feature_weight: float = 1.0  # weight of the hidden-state regression next to the distribution loss (0: none)
     teacher_top_k: int = 32  # target probabilities kept per position for the distillation loss
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     eval_prompts: int = 4  # held-out prompts per evaluation (0: no evaluation)

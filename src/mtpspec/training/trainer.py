@@ -38,6 +38,8 @@ class Trainer:
         self.main = self.rank == 0
         self.log = log if self.main else (lambda *a, **k: None)
         torch.manual_seed(opts.seed)
+        if torch.cuda.is_available():
+            self.log("mtpspec: note: this version trains on the CPU only; the GPU is not used")
         for spec in opts.data.split(","):
             check_source(spec)  # before the model loads: refusing takes no time
         hf, tokenizer = load_hf(opts.target, opts.dtype)
@@ -49,7 +51,9 @@ class Trainer:
         self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
         self.lm_weight = self.teacher.lm_weight if self.drafter.config.lm_head == "target" else None
         self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
-        loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives)
+        if ckpt is None:
+            start_as_copy(self.drafter, self.teacher, self.source)
+        loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight)
         self.loss = DistributedDataParallel(loss) if self.world > 1 else loss
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         if ckpt is not None:
@@ -163,6 +167,28 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()
         return out
+
+
+def start_as_copy(drafter: MtpModel, teacher: Teacher, source: TextSource) -> None:
+    """Start each draft step's output state as (about) a copy of the hidden state it reads.
+
+    The step's logits are the target's head applied to that state, and the target's hidden states
+    are large (Gemma 3 270M: RMS ~6, some dimensions ~50): from small random weights the logits
+    start near zero and AdamW, whose steps are about lr in size, must first grow them. Here
+    x = pre_projection([e; h]) starts as h, and post_projection as rms(h)·I undoes the final norm, so
+    training starts from the target's own scale. The same first chunk on every rank gives every rank the same start.
+    Only for drafters as wide as the target (the default).
+    """
+    c = drafter.config
+    if c.hidden_size != c.backbone_hidden_size:
+        return
+    _, ids = next(source.chunks())
+    hidden = teacher.run([ids], torch.arange(1, 2), 1).hidden  # one teacher forward; one taught row
+    rms = hidden.pow(2).mean(-1).sqrt().mean()
+    eye = torch.eye(c.hidden_size)
+    with torch.no_grad():
+        drafter.pre_projection.weight[:, c.backbone_hidden_size :] = eye
+        drafter.post_projection.weight.copy_(eye * rms)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
