@@ -46,17 +46,16 @@ def test_draft_model_drafter_from_cli(tiny_dirs, capsys):
     assert spec["token_ids"] == plain["token_ids"] and spec["stats"]["drafted_tokens"] > 0
 
 
-def test_auto_drafter_resolves_to_the_shipped_one_or_none(tiny_dirs, capsys):
+def test_mtp_without_a_path_is_the_shipped_drafter(tiny_dirs, capsys):
     from mtpspec.drafters import resolve_spec, shipped
 
     assert set(shipped()) == {"gemma3-270m", "smollm2-135m"}
-    assert resolve_spec("auto", "gemma3-270m") == f"mtp:{shipped()['gemma3-270m']}"
-    assert resolve_spec("mtp", "smollm2-135m") == f"mtp:{shipped()['smollm2-135m']}"
-    assert resolve_spec("auto", str(tiny_dirs["llama"])) == "none"  # no drafter shipped for an arbitrary model
+    for name in ("gemma3-270m", "smollm2-135m"):
+        assert resolve_spec("mtp", name) == f"mtp:{shipped()[name]}"
     assert resolve_spec("ngram", "gemma3-270m") == "ngram"
     assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "4"]) == 0
-    assert json.loads(capsys.readouterr().out)["drafter"] == "none"
-    assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--drafter", "mtp"]) == 2
+    assert json.loads(capsys.readouterr().out)["drafter"] == "ngram"  # the default
+    assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--drafter", "mtp"]) == 2  # nothing ships for it
     assert "needs a drafter directory" in capsys.readouterr().err
 
 

@@ -83,17 +83,17 @@ def test_smollm2_chat():
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
-def test_shipped_drafter_is_the_default_and_exact(model, dtype, gemma_bf16, gemma_fp32):
-    """`auto` (the default) loads the shipped MTP drafter; greedy output stays plain decoding's, token for token."""
+def test_shipped_drafter_is_exact(model, dtype, gemma_bf16, gemma_fp32):
+    """`--drafter mtp` loads the shipped MTP drafter; greedy output stays plain decoding's, token for token."""
     from mtpspec.drafters import shipped
 
     plain = (gemma_bf16 if dtype == "bf16" else gemma_fp32) if model == "gemma3-270m" else mtpspec.load(model, drafter="none", dtype=dtype)
-    default = mtpspec.Pipeline(plain.target, "auto", model)
-    assert default.drafter_spec == f"mtp:{shipped()[model]}"
+    shipped_mtp = mtpspec.Pipeline(plain.target, "mtp", model)
+    assert shipped_mtp.drafter_spec == f"mtp:{shipped()[model]}"
     accepted = forwards = tokens = 0
     for prompt in PROMPTS:
         want = plain.generate(prompt, max_new_tokens=40)
-        got = default.generate(prompt, max_new_tokens=40, num_draft_tokens=4)
+        got = shipped_mtp.generate(prompt, max_new_tokens=40, num_draft_tokens=4)
         assert got.token_ids == want.token_ids, prompt
         accepted += got.stats.accepted_tokens
         forwards += got.stats.target_forwards

@@ -33,7 +33,7 @@ def _one_thread(one_thread):
 @pytest.fixture(scope="module")
 def ref(tiny_dirs):
     """Plain decoding in this process: what every greedy request must reproduce."""
-    return api.load(str(tiny_dirs["llama"]))
+    return api.load(str(tiny_dirs["llama"]), "none")
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,17 @@ def test_engine_failure_is_a_500_not_a_crash(client, served):
 # --- load, cancellation, metrics -----------------------------------------------------------------
 
 
-def test_disconnect_mid_stream_cancels_generation(client, url, ref):
+def test_disconnect_mid_stream_cancels_generation(client, served, ref, monkeypatch):
+    url, pipe = served
+    original = pipe.engine.stream
+
+    def slow(ids, config, result=None):
+        """Paced so that a generation reliably outlasts the client's timeout, however fast the machine."""
+        for chunk in original(ids, config, result):
+            time.sleep(0.005)
+            yield chunk
+
+    monkeypatch.setattr(pipe.engine, "stream", slow)
     before = scrape(url)
     body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as r:

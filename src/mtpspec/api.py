@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .drafters import AUTO, make_drafter, resolve_spec
+from .drafters import DEFAULT, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
 from .models import DEFAULT_MODEL, load_hf
@@ -32,7 +32,7 @@ class Stream:
 
 
 class Pipeline:
-    def __init__(self, target: Target, drafter_spec: str = AUTO, model_name: str = DEFAULT_MODEL):
+    def __init__(self, target: Target, drafter_spec: str = DEFAULT, model_name: str = DEFAULT_MODEL):
         self.target = target
         self.tokenizer = target.tokenizer
         self.model_name = model_name
@@ -89,8 +89,8 @@ def generation_config(
     )
 
 
-def load(model: str = DEFAULT_MODEL, drafter: str = AUTO, dtype: str = "bf16", exact: bool = True) -> Pipeline:
-    """Load a target (bundled name, GGUF file or HF directory) and a drafter spec (`auto`: the shipped MTP
-    drafter of a bundled target, else none; `none`, `ngram`, `draft:MODEL`, `mtp[:PATH]`)."""
+def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "bf16", exact: bool = True) -> Pipeline:
+    """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `ngram` (the default),
+    `none`, `draft:MODEL`, `mtp:PATH`, or `mtp` for the MTP drafter shipped with a bundled target."""
     hf, tokenizer = load_hf(model, dtype)
     return Pipeline(Target(hf, tokenizer, exact=exact), drafter, model)

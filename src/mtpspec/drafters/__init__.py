@@ -42,7 +42,7 @@ def _mtp(arg: str, target) -> Drafter:
 
 
 REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp}
-AUTO = "auto"  # the default: the shipped MTP drafter of a bundled target, else none
+DEFAULT = "ngram"  # the drafter measured fastest for the bundled targets on CPUs (README: Benchmarks)
 SHIPPED = Path(__file__).parent / "shipped"  # MTP drafters trained by mtpspec for the bundled targets
 
 
@@ -54,20 +54,15 @@ def shipped() -> dict[str, Path]:
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split "kind:arg" and check the kind exists (cheap: call it before loading any model)."""
     kind, _, arg = spec.partition(":")
-    if kind not in REGISTRY and spec != AUTO:
-        names = ", ".join([AUTO] + [k + (":PATH" if k in ("draft", "mtp") else "") for k in REGISTRY])
+    if kind not in REGISTRY:
+        names = ", ".join(k + (":PATH" if k in ("draft", "mtp") else "") for k in REGISTRY)
         raise MtpspecError(f"unknown drafter {spec!r}: use one of {names}")
     return kind, arg
 
 
 def resolve_spec(spec: str, model: str) -> str:
-    """The spec to build for target `model`: `auto` and `mtp` (no path) name the shipped drafter of a bundled target.
-
-    `auto` falls back to `none` for targets without one; `mtp` alone is then an error.
-    """
+    """The spec to build for target `model`: `mtp` without a path names the drafter shipped for a bundled target."""
     path = shipped().get(model)
-    if spec == AUTO:
-        return f"mtp:{path}" if path else "none"
     if spec in ("mtp", "mtp:") and path:
         return f"mtp:{path}"
     return spec
@@ -79,4 +74,4 @@ def make_drafter(spec: str, target) -> Drafter:
     return REGISTRY[kind](arg, target)
 
 
-__all__ = ["AUTO", "REGISTRY", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped"]
+__all__ = ["DEFAULT", "REGISTRY", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped"]
