@@ -11,10 +11,10 @@ import torch
 from conftest import build_tiny, build_tiny_gemma4, byte_tokenizer
 
 from mtpspec.drafters import NoDrafter, make_drafter
-from mtpspec.drafters.mtp import MtpDrafter
+from mtpspec.drafters.mtp import MtpDrafter, draw
 from mtpspec.engine import Engine, GenerationConfig, GenerationResult
-from mtpspec.mtp import init_drafter, load_drafter, save_drafter
-from mtpspec.sampling import SamplingParams
+from mtpspec.mtp import MtpOutput, init_drafter, load_drafter, save_drafter
+from mtpspec.sampling import SamplingParams, probabilities
 from mtpspec.target import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -165,3 +165,16 @@ def test_batched_forward_matches_single_rows():
     batched.logits[batched.logits.isfinite()].sum().backward()  # trainable end to end...
     assert model.pre_projection.weight.grad is not None
     assert model.masked_embedding.centroids.weight.grad is None  # ...but cluster choice is top-k: fit centroids apart
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.05)], ids=["plain", "filtered"])
+def test_sampling_over_candidates_is_the_full_vocabulary_distribution(params):
+    """With a centroid head `draw` filters and samples over the candidates only; q must equal the vocabulary-wide one."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randperm(1000, generator=gen)[:40]
+    logits = torch.full((1, 1, 1000), float("-inf"))
+    logits[0, 0, ids] = torch.randn(40, generator=gen) * 3
+    out = MtpOutput(logits, torch.zeros(1, 1, 8), ids.view(1, 1, -1))
+    token, q = draw(out, params, gen)
+    torch.testing.assert_close(q, probabilities(logits[0, -1], params))
+    assert q[token].item() > 0 and token.item() in ids.tolist()

