@@ -57,8 +57,8 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     """One token id per row of `probs` `[..., V]`, by inverting the cumulative distribution.
 
     Over Gemma's 262k vocabulary on 2 CPU threads `torch.multinomial` takes about 7.4 ms per draw,
-    this about 3.5 ms. With `right=True` the search
-    returns the first index whose cumulative mass exceeds u < total, which always has p > 0.
+    this about 3.5 ms. With `right=True` the search returns the first index whose cumulative mass
+    exceeds u < total, which always has p > 0.
     """
     cdf = probs.reshape(-1, probs.shape[-1]).double().cumsum(-1)
     total = cdf[:, -1:]
