@@ -178,3 +178,94 @@ def test_sampling_over_candidates_is_the_full_vocabulary_distribution(params):
     token, q = draw(out, params, gen)
     torch.testing.assert_close(q, probabilities(logits[0, -1], params))
     assert q[token].item() > 0 and token.item() in ids.tolist()
+
+
+def test_confidence_threshold_shortens_rounds_and_stays_exact(monkeypatch):
+    """`min_confidence` stops a round before a position the drafter is unsure of: fewer drafts, same output."""
+    import dataclasses
+
+    from mtpspec.drafters import mtp as mtp_module
+
+    target = tiny_target("gemma3", torch.float32)
+    plain = run(target, NoDrafter(), 0)
+    model = init_drafter(target.model, **HEADS["target-centroids"])
+    seen = []
+    measure = mtp_module.top_probability
+    monkeypatch.setattr(mtp_module, "top_probability", lambda out, params: seen.append(measure(out, params)) or seen[-1])
+    model.config = dataclasses.replace(model.config, min_confidence=1e-9)  # gated, but never stops: records every position
+    always = run(target, MtpDrafter(model, target), 4)
+    assert always.token_ids == plain.token_ids
+    model.config = dataclasses.replace(model.config, min_confidence=float(torch.tensor(seen).median()))
+    gated = run(target, MtpDrafter(model, target), 4)
+    assert gated.token_ids == plain.token_ids
+    assert 0 < gated.stats.drafted_tokens < always.stats.drafted_tokens
+    model.config = dataclasses.replace(model.config, min_confidence=0.999)
+    silent = run(target, MtpDrafter(model, target), 4)
+    assert silent.token_ids == plain.token_ids and silent.stats.drafted_tokens == 0
+
+
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_confidence_cut_keeps_the_drafts_before_it(greedy, monkeypatch):
+    """The cut reads the next position's distribution, not its draw: a gated round proposes exactly the
+    first tokens (and q) that an ungated round draws from the same generator state."""
+    import dataclasses
+
+    from mtpspec.drafters import mtp as mtp_module
+    from mtpspec.drafters.base import DecodeState
+
+    target = tiny_target("llama", torch.float32)
+    model = init_drafter(target.model, **HEADS["target-full"])
+    params = SamplingParams() if greedy else SamplingParams(temperature=0.8)
+    ids = torch.tensor(target.tokenizer(TEXT).input_ids)
+    first = target.start(ids, capacity=ids.numel() + 16)
+    state = DecodeState(target, torch.cat([ids, torch.zeros(16, dtype=torch.long)]), ids.numel(), first.hidden[-1])
+    seen = []
+    measure = mtp_module.top_probability
+    monkeypatch.setattr(mtp_module, "top_probability", lambda out, p: seen.append(measure(out, p)) or seen[-1])
+
+    def propose(threshold: float):
+        model.config = dataclasses.replace(model.config, min_confidence=threshold)
+        drafter = MtpDrafter(model, target)
+        drafter.begin(state)
+        seen.clear()
+        return drafter.propose(state, 6, params, torch.Generator().manual_seed(1))
+
+    full = propose(1e-9)  # gated, but never stops: records the top probability of every position
+    tops = list(seen)
+    assert full.tokens.numel() == 6 == len(tops)
+    for cut_at in range(6):
+        cut = propose(tops[cut_at] + 1e-7)
+        n = cut.tokens.numel()
+        assert n <= cut_at and torch.equal(cut.tokens, full.tokens[:n])
+        if not greedy and n:
+            torch.testing.assert_close(cut.q, full.q[:n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hybrid_drafter_is_exact_and_uses_both_drafters(dtype, monkeypatch):
+    from mtpspec.drafters.base import DecodeState
+    from mtpspec.drafters.hybrid import HybridDrafter
+
+    target = tiny_target("gemma3", dtype)
+    plain = run(target, NoDrafter(), 0).token_ids
+    mtp = MtpDrafter(init_drafter(target.model, **HEADS["target-centroids"]), target)
+    hybrid = HybridDrafter(mtp)
+    for k in (1, 4):
+        assert run(target, hybrid, k).token_ids == plain, f"k={k}"
+    sampled = SamplingParams(temperature=0.8)
+    assert run(target, hybrid, 4, sampled, seed=2).token_ids == run(target, hybrid, 4, sampled, seed=2).token_ids
+
+    # Which drafter drafts: lookup when the last two tokens occurred before, else the MTP drafter.
+    calls = []
+    propose = mtp.propose
+    monkeypatch.setattr(mtp, "propose", lambda *a: calls.append(1) or propose(*a))
+    for text, repeats in (("The quick brown fox. The quick br", True), ("The quick brown fox. Then xyz", False)):
+        ids = torch.tensor(target.tokenizer(text).input_ids)
+        first = target.start(ids, capacity=ids.numel() + 8)
+        state = DecodeState(target, torch.cat([ids, torch.zeros(8, dtype=torch.long)]), ids.numel(), first.hidden[-1])
+        calls.clear()
+        hybrid.begin(state)
+        draft = hybrid.propose(state, 4, SamplingParams(), None)
+        assert bool(calls) != repeats and draft.tokens.numel() == 4
+        if repeats:
+            assert target.tokenizer.decode(draft.tokens) == "own "

@@ -208,3 +208,66 @@ def test_sources_are_packed_and_interleaved(corpus, tokenizer):
     assert GSM_TRAIN_SEED > GSM_SEED + GSM_SIZE  # the bench's gsm prompts come from other seeds
     resumed = [ids.tolist() for _, ids in islice(source.chunks(start=3), 3)]
     assert resumed == [ids.tolist() for _, ids in islice(source.chunks(), 6)][3:]
+
+
+def test_self_distill_prompts_are_not_benchmark_prompts():
+    from mtpspec.bench.datasets import GSM_SIZE, gsm, humaneval, mt_bench
+    from mtpspec.training.selfgen import code_prompts, gsm_prompts, instruction_prompts, self_prompts
+
+    ours = [*instruction_prompts(), *code_prompts(), *gsm_prompts()]
+    assert len(ours) > 1500 and len({p.id for p in ours}) == len(ours)
+    bench = [p.text for p in (*mt_bench(), *humaneval(), *gsm(GSM_SIZE))]
+    assert not {p.text for p in ours} & set(bench)
+    heads = [p.text.strip() for p in ours if p.id.startswith("code/")]
+    assert not any(head in text for text in bench for head in heads)  # no stdlib function is a HumanEval problem
+    mixed = self_prompts(["instructions", "code", "gsm-train"], 2)
+    assert [p.id.split("/")[0] for p in mixed] == ["instructions", "code", "gsm-train"] * 2
+    with pytest.raises(MtpspecError, match="unknown prompt source"):
+        self_prompts(["mt-bench"], 2)
+
+
+def test_self_distill_writes_training_rows_and_resumes(tiny_dirs, tmp_path, tokenizer, capsys):
+    import json
+
+    from mtpspec.cli import main
+
+    out = tmp_path / "self.jsonl"
+    args = ["self-distill", "--target", str(tiny_dirs["gemma3"]), "--prompts", "instructions,code", "--per-source", "2",
+            "--max-new-tokens", "6", "--batch-size", "3", "--out", str(out)]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and {r["id"].split("/")[0] for r in rows} == {"instructions", "code"}
+    for r in rows:
+        if r["id"].startswith("instructions/"):  # chat style, through the target's template
+            assert r["text"].startswith("<user>") and "<assistant>" in r["text"]
+        else:  # code to continue
+            assert r["text"].startswith("def ")
+    assert main(args) == 0  # resumed: every prompt is done already
+    assert out.read_text().count("\n") == 4 and "4 of 4 prompts already" in capsys.readouterr().out
+    docs = list(TextSource([str(out)], tokenizer, seq_len=64).documents(held_out=False))
+    assert {d.text for d in docs} <= {r["text"] for r in rows} and docs  # train-drafter reads it as it is
+    assert main([*args[:-1], str(tmp_path / "self.txt")]) == 2
+    assert "must be a .jsonl file" in capsys.readouterr().err
+
+
+def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
+    import dataclasses
+
+    from mtpspec.mtp import save_drafter
+    from mtpspec.training import build_options
+    from mtpspec.training.trainer import Trainer
+
+    hf, _ = load_hf(str(tiny_dirs["llama"]), "fp32")
+    start = init_drafter(hf, num_layers=2, lm_head="target", seed=3)
+    save_drafter(start, tmp_path / "start")
+    opts = build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "tuned"), dtype="fp32",
+                         seq_len=32, init=str(tmp_path / "start"), max_steps=2, eval_prompts=0, checkpoint_every=0,
+                         min_confidence=0.25)
+    trainer = Trainer(opts, log=lambda *a: None)
+    assert trainer.drafter.config.num_layers == 2  # the drafter's own shape, not the default 1 layer
+    for name, t in start.state_dict().items():
+        assert torch.equal(trainer.drafter.state_dict()[name], t.float()), name  # no re-initialisation
+    trainer.train()
+    assert load_drafter(tmp_path / "tuned").config == dataclasses.replace(start.config, min_confidence=0.25)
+    with pytest.raises(MtpspecError, match="no drafter there"):
+        Trainer(build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "x"), init=str(tmp_path)))

@@ -25,7 +25,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--methods",
         default="none,ngram",
-        help="comma list of mtpspec drafters (none, ngram, draft:MODEL, mtp[:PATH]) and reference rows "
+        help="comma list of mtpspec drafters (none, ngram, draft:MODEL, mtp[:PATH], hybrid[:PATH]) and reference rows "
         "(hf: transformers greedy/sampled generate; hf-pld: its prompt lookup; hf-assisted:MODEL: its assisted "
         "generation; llama.cpp: llama-cpp-python on the same GGUF). `none` is always included (default: none,ngram)",
     )

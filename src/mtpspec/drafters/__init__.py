@@ -41,7 +41,16 @@ def _mtp(arg: str, target) -> Drafter:
     return MtpDrafter(load_drafter(arg, dtype=target.dtype), target)
 
 
-REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp}
+def _hybrid(arg: str, target) -> Drafter:
+    from .hybrid import HybridDrafter
+
+    if not arg:
+        raise MtpspecError(f"--drafter hybrid: needs an MTP drafter directory, e.g. hybrid:drafters/my-drafter (shipped ones: {', '.join(shipped()) or 'none'})")
+    return HybridDrafter(_mtp(arg, target))
+
+
+REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp, "hybrid": _hybrid}
+MTP_KINDS = ("mtp", "hybrid")  # kinds that take an MTP drafter directory; without one, the drafter shipped for the model
 DEFAULT = "ngram"  # the drafter measured fastest for the bundled targets on CPUs (README: Benchmarks)
 SHIPPED = Path(__file__).parent / "shipped"  # MTP drafters trained by mtpspec for the bundled targets
 
@@ -55,16 +64,17 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """Split "kind:arg" and check the kind exists (cheap: call it before loading any model)."""
     kind, _, arg = spec.partition(":")
     if kind not in REGISTRY:
-        names = ", ".join(k + (":PATH" if k in ("draft", "mtp") else "") for k in REGISTRY)
+        names = ", ".join(k + (":PATH" if k in ("draft", *MTP_KINDS) else "") for k in REGISTRY)
         raise MtpspecError(f"unknown drafter {spec!r}: use one of {names}")
     return kind, arg
 
 
 def resolve_spec(spec: str, model: str) -> str:
-    """The spec to build for target `model`: `mtp` without a path names the drafter shipped for a bundled target."""
+    """The spec to build for target `model`: `mtp` or `hybrid` without a path names the drafter shipped for a bundled target."""
     path = shipped().get(model)
-    if spec in ("mtp", "mtp:") and path:
-        return f"mtp:{path}"
+    kind = spec.rstrip(":")
+    if kind in MTP_KINDS and path:
+        return f"{kind}:{path}"
     return spec
 
 

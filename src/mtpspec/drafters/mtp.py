@@ -5,6 +5,12 @@ post-norm hidden state at the row that produced it (`state.last_hidden`); step j
 drafted token's embedding and the drafter's own state from step j − 1. Every step uses the
 position id of the last committed token and the same target K/V, so the K/V windows and RoPE are
 built once per round. The drafter keeps no cache: there is nothing to prefill or roll back.
+
+With the drafter's `min_confidence` (config.json) > 0, a round stops early, before drafting a position whose most likely
+token the drafter itself gives less than that probability (a weak drafter then stops paying for
+drafts the target would reject; HF assisted generation's `assistant_confidence_threshold` is the
+same idea). The decision reads only the distribution of a position not yet drafted, never the
+token drawn there, so under sampling every proposed token is still an unbiased draw from its q.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class MtpDrafter:
     name = "mtp"
 
     def __init__(self, model: MtpModel, target: Target, keys=None):
+        self.min_confidence = model.config.min_confidence
         self.kv_layers = check_fits(model.config, target)
         self.model = model.to(target.dtype).eval()
         accelerate(self.model)  # the target's small-M linear kernel, where it can be built
@@ -43,6 +50,8 @@ class MtpDrafter:
         tokens, qs = [], []
         for _ in range(k):
             out = self.model(target.embed(token)[None], hidden, inputs, self.lm_weight)
+            if self.min_confidence and top_probability(out, params) < self.min_confidence:
+                break
             if params.greedy:
                 token = out.argmax().view(1)
             else:
@@ -50,10 +59,21 @@ class MtpDrafter:
                 qs.append(q)
             tokens.append(token)
             hidden = out.state
+        if not tokens:
+            return Draft(EMPTY)
         return Draft(torch.cat(tokens), torch.stack(qs) if qs else None)
 
     def commit(self, state, draft, accepted) -> None:
         self.keys.commit(state, draft.tokens.shape[0], accepted)
+
+
+def top_probability(out: MtpOutput, params: SamplingParams) -> float:
+    """The drafter's probability of its most likely next token (after temperature and filters when sampling)."""
+    logits = out.logits[0, -1]
+    if out.candidates is not None:
+        logits = logits[out.candidates[0, -1]]
+    probs = torch.softmax(logits.float(), -1) if params.greedy else probabilities(logits, params)
+    return float(probs.max())
 
 
 def draw(out: MtpOutput, params: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,9 @@ class MtpConfig:
     final_logit_softcapping: float | None = None  # the target's, applied to the drafter's logits
     target_family: str | None = None  # model_type of the target it was built for (None: official, Gemma 4)
     kv_layers: tuple[int, ...] | None = None  # target layer each layer reads; None: last of its type with own K/V
+    # Drafting policy, tuned per drafter (like transformers' assistant_confidence_threshold): a round stops before
+    # a position whose most likely token the drafter gives less than this probability (0: always draft k).
+    min_confidence: float = 0.0
 
     def __post_init__(self):
         n = len(self.layer_types)
@@ -48,6 +51,8 @@ class MtpConfig:
             raise MtpspecError(f"MTP config: layer_types must be {SLIDING}/{FULL} and end with {FULL}, got {list(self.layer_types)}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise MtpspecError("MTP config: sliding layers need a sliding_window")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise MtpspecError(f"MTP config: min_confidence must be in [0, 1), got {self.min_confidence}")
         if self.lm_head not in LM_HEADS:
             raise MtpspecError(f"MTP config: lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
         if self.num_centroids and (self.vocab_size % self.num_centroids or self.centroid_top_k > self.num_centroids):
@@ -98,6 +103,7 @@ class MtpConfig:
             "final_logit_softcapping": self.final_logit_softcapping,
             "target_family": self.target_family,
             "kv_layers": list(self.kv_layers) if self.kv_layers is not None else None,
+            "min_confidence": self.min_confidence,
         }
         return out
 
@@ -133,6 +139,7 @@ class MtpConfig:
             final_logit_softcapping=ours.get("final_logit_softcapping"),
             target_family=ours.get("target_family"),
             kv_layers=tuple(kv_layers) if kv_layers is not None else None,
+            min_confidence=ours.get("min_confidence", 0.0),
         )
 
     def save(self, path: Path) -> None:

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: larger batches and a 4-layer drafter for a many-core machine (training itself runs on the CPU in this version). Flags given override it")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)")
+    p.add_argument("--init", default=None, metavar="DRAFTER", help="fine-tune this drafter instead of starting from scratch: a saved drafter directory, or `mtp` for the one shipped for --target; its architecture flags (layers, width, head) win over these (default: from scratch)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"the frozen target's dtype; the drafter trains in fp32 (default: {D.dtype})")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {D.max_steps})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per training chunk (default: {D.seq_len})")
@@ -36,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--centroid-top-k", type=int, default=None, help=f"clusters whose tokens get exact logits when drafting (default: {D.centroid_top_k})")
     p.add_argument("--negatives", type=int, default=None, help=f"with a centroid head, random tokens the draft distribution is normalised over besides the target's top-K and its top token's cluster; 0 = the full vocabulary (default: {D.negatives})")
     p.add_argument("--feature-weight", type=float, default=None, help=f"weight of the EAGLE-style loss pulling each draft step's state onto the target's hidden state; 0 = distribution loss only (default: {D.feature_weight})")
+    p.add_argument("--min-confidence", type=float, default=None, help=f"saved with the drafter: a drafting round stops before a position whose most likely token the drafter gives less than this probability, so a weak drafter drafts only where it is sure; 0 = always draft k (default: {D.min_confidence})")
     p.add_argument("--teacher-top-k", type=int, default=None, help=f"target probabilities kept per position for distillation (default: {D.teacher_top_k})")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between held-out evaluations; 0 = only at the end (default: {D.eval_every})")
     p.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts per evaluation; 0 = no evaluation (default: {D.eval_prompts})")
@@ -45,6 +47,44 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=None, help=f"seed for initialisation, data order and anchor sampling (default: {D.seed})")
     p.add_argument("--rank-digest", default=None, metavar="DIR", help="testing: each rank writes a digest of its final weights to DIR/rankN.txt")
     p.set_defaults(func=cmd_train_drafter)
+    _register_self_distill(subparsers)
+
+
+def _register_self_distill(subparsers) -> None:
+    from .selfgen import PROMPT_SOURCES
+
+    p = subparsers.add_parser(
+        "self-distill",
+        help="write the target's own answers to training prompts, as drafter training data",
+        description="Generate the target's greedy answers to prompts no benchmark uses and append them to a .jsonl file "
+        "for `train-drafter --data FILE`. A drafter is graded on the target's outputs, so these are its closest "
+        "training text. Rerunning with the same --out resumes where it stopped.",
+    )
+    p.add_argument("--target", default=D.target, help=f"target: {MODEL_HELP} (default: {D.target})")
+    p.add_argument("--prompts", default=",".join(PROMPT_SOURCES), help="comma list of prompt sources: instructions (assistant requests from templates x topics), code (documented standard-library functions to complete), gsm-train (word problems, seeds disjoint from the bench's gsm) (default: all)")
+    p.add_argument("--per-source", type=int, default=200, help="prompts drawn from each source (default: 200)")
+    p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default: 0)")
+    p.add_argument("--out", required=True, help="the .jsonl file to append to")
+    p.set_defaults(func=cmd_self_distill)
+
+
+def cmd_self_distill(args) -> int:
+    from pathlib import Path
+
+    from ..errors import MtpspecError
+    from .selfgen import self_distill
+
+    for name in ("per_source", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    if out.suffix != ".jsonl":
+        raise MtpspecError(f"--out must be a .jsonl file, got {out}")
+    sources = [s.strip() for s in args.prompts.split(",") if s.strip()]
+    self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed)
+    return 0
 
 
 def cmd_train_drafter(args) -> int:

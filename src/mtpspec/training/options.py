@@ -32,6 +32,7 @@ class TrainOptions:
     centroid_top_k: int = 32  # clusters whose tokens get exact logits when drafting
     negatives: int = 1024  # with a centroid head: random tokens q is normalised over besides top-K and a cluster (0: full vocabulary)
     feature_weight: float = 1.0  # weight of the hidden-state regression next to the distribution loss (0: none)
+    min_confidence: float = 0.0  # written into the saved drafter: drafting stops below this top probability (see drafters/mtp.py)
     teacher_top_k: int = 32  # target probabilities kept per position for the distillation loss
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     eval_prompts: int = 4  # held-out prompts per evaluation (0: no evaluation)
@@ -40,12 +41,15 @@ class TrainOptions:
     keep_checkpoints: int = 2
     seed: int = 0
     resume: bool = False  # continue from the last checkpoint in OUT/checkpoints
+    init: str = ""  # start from this drafter (a directory, or `mtp` for the one shipped for the target) instead of from scratch
     rank_digest: str = ""  # testing: each rank writes a digest of its final weights here
 
     def __post_init__(self):
         for name in ("max_steps", "seq_len", "batch_size", "depth", "num_layers"):
             if getattr(self, name) < 1:
                 raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_confidence < 1.0:
+            raise MtpspecError(f"--min-confidence must be in [0, 1), got {self.min_confidence}")
         if self.seq_len <= self.depth + 1:
             raise MtpspecError(f"--seq-len ({self.seq_len}) must exceed --depth + 1 ({self.depth + 1})")
 

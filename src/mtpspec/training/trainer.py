@@ -11,14 +11,16 @@ import hashlib
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import MtpspecError
 from ..models import load_hf
-from ..mtp import MtpModel, check_fits, init_drafter, save_drafter
+from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter
 from ..target import Target
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .clusters import init_centroid_head
@@ -48,10 +50,11 @@ class Trainer:
         self.step, self.position = 0, 0
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().train()
+        self.drafter.config = replace(self.drafter.config, min_confidence=opts.min_confidence)  # evaluated and saved with it
         self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
         self.lm_weight = self.teacher.lm_weight if self.drafter.config.lm_head == "target" else None
         self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
-        if ckpt is None:
+        if ckpt is None and not opts.init:
             start_as_copy(self.drafter, self.teacher, self.source)
         loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight)
         self.loss = DistributedDataParallel(loss) if self.world > 1 else loss
@@ -77,6 +80,10 @@ class Trainer:
             model.load_state_dict(ckpt.model)
             return model
         o = self.opts
+        if o.init:
+            path = init_path(o.init, o.target)
+            self.log(f"mtpspec: fine-tuning the drafter in {path}")
+            return load_drafter(path, torch.float32)
         vocab = hf.get_output_embeddings().weight.shape[0]
         centroids = o.centroids if o.centroids >= 0 else (AUTO_CENTROIDS if vocab > 65536 and vocab % AUTO_CENTROIDS == 0 else 0)
         drafter = init_drafter(hf, num_layers=o.num_layers, hidden_size=o.hidden_size or hf.config.hidden_size, lm_head="target",
@@ -167,6 +174,20 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()
         return out
+
+
+def init_path(init: str, target: str) -> Path:
+    """The drafter directory `--init` names: a path, or `mtp` for the drafter shipped for `target`."""
+    from ..drafters import shipped
+
+    if init == "mtp":
+        if target not in shipped():
+            raise MtpspecError(f"--init mtp: no drafter is shipped for {target} (only for {', '.join(shipped())})")
+        return shipped()[target]
+    path = Path(init).expanduser()
+    if not (path / "config.json").is_file():
+        raise MtpspecError(f"--init {init}: no drafter there (expected config.json and model.safetensors)")
+    return path
 
 
 def start_as_copy(drafter: MtpModel, teacher: Teacher, source: TextSource) -> None:

@@ -1,0 +1,35 @@
+"""Prompt lookup where the text repeats itself, the MTP drafter everywhere else.
+
+Small models repeat themselves often (lists, code, loops), and there prompt lookup drafts long
+runs for free, while an MTP drafter pays one step per token and is weakest exactly where the
+text is most predictable from itself. Each round: if the last `min_match` tokens occurred
+earlier, propose what followed their latest occurrence (as `ngram` does); otherwise let the MTP
+drafter draft. The choice reads committed tokens only, and both kinds of draft are verified
+alike (lookup drafts as one-hot q), so the output stays the target's.
+"""
+
+from __future__ import annotations
+
+from .base import DecodeState, Draft
+from .mtp import MtpDrafter
+from .ngram import lookup
+
+
+class HybridDrafter:
+    name = "hybrid"
+
+    def __init__(self, mtp: MtpDrafter, min_match: int = 2, max_n: int = 3):
+        self.mtp, self.min_match, self.max_n = mtp, min_match, max_n
+
+    def begin(self, state: DecodeState) -> None:
+        self.mtp.begin(state)
+
+    def propose(self, state, k, params, generator) -> Draft:
+        if k:
+            found = lookup(state.committed, k, self.max_n, self.min_match)
+            if found.numel():
+                return Draft(found)
+        return self.mtp.propose(state, k, params, generator)
+
+    def commit(self, state, draft, accepted) -> None:
+        self.mtp.commit(state, draft, accepted)

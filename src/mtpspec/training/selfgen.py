@@ -1,0 +1,222 @@
+"""Self-generated training data: the target's own greedy answers to prompts that no benchmark uses.
+
+A drafter is graded on the target's outputs, so the closest training text is those outputs
+(self-distillation, as in Medusa-2 and the EAGLE papers). `mtpspec self-distill` writes them as a
+.jsonl file of {"id", "text"} rows that `train-drafter --data FILE.jsonl` reads; "text" is the
+prompt exactly as the engine encodes it (through the chat template where the bench would use
+one) followed by the target's continuation.
+
+Prompt sources (`--prompts`, a comma list):
+- `instructions`: requests to an assistant built from task templates × topics (writing, advice,
+  explanation, comparison, reasoning, coding, extraction …), written here, not taken from any
+  benchmark;
+- `code`: signatures and docstrings of documented functions in the CPython standard library, to
+  complete like a HumanEval problem (HumanEval itself is never read);
+- `gsm-train`: word problems from reasoning-gym's generators with `train-drafter`'s seeds, which
+  are disjoint from the bench's `gsm` set.
+
+Generation is batched greedy decoding in float32 with transformers (on CPUs without bf16
+instructions float32 matrix products are the faster ones). Rows are appended batch by batch; a
+rerun with the same --out skips the prompts already there, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from random import Random
+
+import torch
+
+from ..bench.datasets import GSM_INSTRUCTION, gsm_examples
+from ..errors import MtpspecError
+from .data import GSM_TRAIN_SEED
+
+PROMPT_SOURCES = ("instructions", "code", "gsm-train")
+
+TOPICS = (
+    "the water cycle", "public libraries", "remote work", "electric cars", "the history of printing", "bees",
+    "volcanoes", "learning a second language", "compound interest", "sleep", "chess", "urban gardening",
+    "the Roman Empire", "climate change", "vaccines", "photosynthesis", "the stock market", "recycling",
+    "social media", "video games", "the moon landing", "coffee", "marathon training", "jazz", "time management",
+    "renewable energy", "black holes", "the immune system", "small businesses", "public speaking", "friendship",
+    "the ocean", "artificial intelligence", "bread baking", "mountain hiking", "museums", "rainforests",
+    "the French Revolution", "budgeting", "earthquakes", "dogs as pets", "online privacy", "the printing press",
+    "classical music", "the Olympic Games", "desert animals", "healthy breakfasts", "traffic in big cities",
+    "space telescopes", "board games", "minimalism", "the Industrial Revolution", "honey", "street food",
+    "open source software", "teamwork", "glaciers", "handwriting", "trains", "photography",
+)
+
+TEMPLATES = (
+    "Write a short blog post about {t}.",
+    "Explain {t} to a ten-year-old.",
+    "Give me five practical tips about {t}.",
+    "What are the main advantages and disadvantages of {t}?",
+    "Write a poem about {t}.",
+    "Summarize the most important facts about {t} in three paragraphs.",
+    "Imagine you are a tour guide. Describe {t} to a group of visitors.",
+    "Write a persuasive paragraph arguing that everyone should learn about {t}.",
+    "Compose a friendly email to a colleague about {t}.",
+    "List common misconceptions about {t} and correct them.",
+    "Write a short story in which {t} plays a central role.",
+    "Create a quiz with four questions about {t}, with answers.",
+    "How has {t} changed over the last hundred years?",
+    "Describe a step-by-step plan for a beginner interested in {t}.",
+    "Write a Python function that could help someone studying {t}, and explain it.",
+    "Compare {t} with {u}: what do they have in common and how do they differ?",
+    "Write a dialogue between two friends discussing {t}.",
+    "What questions would a scientist ask about {t}? Answer two of them.",
+    "Draft a product description for an app about {t}.",
+    "Give a balanced opinion on whether schools should teach more about {t}.",
+)
+
+
+@dataclass(frozen=True)
+class SelfPrompt:
+    id: str
+    text: str
+    chat_style: bool  # a request to an assistant (chat template where the model has one) vs. text to continue
+
+
+def instruction_prompts() -> Iterator[SelfPrompt]:
+    for i, template in enumerate(TEMPLATES):
+        for j, topic in enumerate(TOPICS):
+            other = TOPICS[(j * 7 + i + 1) % len(TOPICS)]
+            yield SelfPrompt(f"instructions/{i}/{j}", template.format(t=topic, u=other), True)
+
+
+def code_prompts() -> Iterator[SelfPrompt]:
+    """Documented top-level functions of the standard library, as `def …:` plus docstring to complete."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for path in sorted(root.glob("*.py")):
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_") or ast.get_docstring(node) is None:
+                continue
+            doc = node.body[0]
+            if len(node.body) < 2 or doc.end_lineno - node.lineno > 30:
+                continue
+            head = "\n".join(lines[node.lineno - 1 : doc.end_lineno]) + "\n"
+            yield SelfPrompt(f"code/{path.stem}/{node.name}", head, False)
+
+
+def gsm_prompts() -> Iterator[SelfPrompt]:
+    for i, ex in enumerate(gsm_examples(2000, GSM_TRAIN_SEED)):
+        yield SelfPrompt(f"gsm-train/{i}", ex["question"] + GSM_INSTRUCTION, True)
+
+
+def self_prompts(sources: list[str], per_source: int, seed: int = 0) -> list[SelfPrompt]:
+    """Up to `per_source` prompts of each source, drawn with a fixed seed, interleaved."""
+    makers = {"instructions": instruction_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
+    picked = []
+    for name in sources:
+        if name not in makers:
+            raise MtpspecError(f"unknown prompt source {name!r}: use {', '.join(PROMPT_SOURCES)}")
+        pool = list(makers[name]())
+        Random(seed).shuffle(pool)
+        picked.append(pool[:per_source])
+    return [p for group in zip(*picked, strict=False) for p in group] + [p for group in picked for p in group[min(map(len, picked)) :]]
+
+
+def done_ids(out: Path) -> set[str]:
+    if not out.is_file():
+        return set()
+    ids = set()
+    for n, line in enumerate(out.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                ids.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise MtpspecError(f"{out}:{n}: not a self-distill row ({e}); choose another --out") from e
+    return ids
+
+
+def self_distill(target: str, sources: list[str], per_source: int, max_new_tokens: int, batch_size: int, out: Path,
+                 seed: int = 0, log=print) -> int:
+    """Generate and append rows to `out`; return how many were written."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..bench.run import ships_chat_template
+    from ..models import resolve_model
+
+    prompts = self_prompts(sources, per_source, seed)
+    skip = done_ids(out)
+    todo = [p for p in prompts if p.id not in skip]
+    if skip:
+        log(f"mtpspec: {len(prompts) - len(todo)} of {len(prompts)} prompts already in {out}; generating the rest")
+    if not todo:
+        return 0
+    path = resolve_model(target)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    chat = ships_chat_template(tokenizer)
+    encoded = [_encode(tokenizer, p, chat) for p in todo]
+    order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stops = _stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", dynamic_ncols=True)
+    written = generated = 0
+    with out.open("a", encoding="utf-8") as f, torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
+            new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=stops, pad_token_id=pad)[:, width:]
+            for i, row in zip(rows, new.tolist(), strict=True):
+                answer = _until_stop(row, stops)
+                generated += len(answer)
+                text = tokenizer.decode(_drop_bos(tokenizer, encoded[i]) + answer, skip_special_tokens=False)
+                f.write(json.dumps({"id": todo[i].id, "text": text}) + "\n")
+                written += 1
+            f.flush()
+            bar.update(len(rows))
+            bar.set_postfix(tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    bar.close()
+    log(f"mtpspec: wrote {written} rows ({generated} generated tokens) to {out}; train with --data {out},…")
+    return written
+
+
+def _encode(tokenizer, prompt: SelfPrompt, chat: bool) -> list[int]:
+    if prompt.chat_style and chat:
+        messages = [{"role": "user", "content": prompt.text}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return tokenizer(prompt.text).input_ids
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    for token in ("<end_of_turn>", "<|im_end|>"):
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
+            ids.append(tid)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _until_stop(row: list[int], stops: list[int]) -> list[int]:
+    """The generated ids up to and including the first stop token."""
+    for n, t in enumerate(row):
+        if t in stops:
+            return row[: n + 1]
+    return row
+
+
+def _drop_bos(tokenizer, ids: list[int]) -> list[int]:
+    """Training documents get the tokenizer's BOS back when they are packed."""
+    return ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids
