@@ -52,6 +52,7 @@ def test_mtp_without_a_path_is_the_shipped_drafter(tiny_dirs, capsys):
     assert set(shipped()) == {"gemma3-270m", "smollm2-135m"}
     for name in ("gemma3-270m", "smollm2-135m"):
         assert resolve_spec("mtp", name) == f"mtp:{shipped()[name]}"
+        assert resolve_spec("hybrid", name) == f"hybrid:{shipped()[name]}"
     assert resolve_spec("ngram", "gemma3-270m") == "ngram"
     assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["drafter"] == "ngram"  # the default

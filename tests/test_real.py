@@ -90,12 +90,13 @@ def test_shipped_drafter_is_exact(model, dtype, gemma_bf16, gemma_fp32):
     plain = (gemma_bf16 if dtype == "bf16" else gemma_fp32) if model == "gemma3-270m" else mtpspec.load(model, drafter="none", dtype=dtype)
     shipped_mtp = mtpspec.Pipeline(plain.target, "mtp", model)
     assert shipped_mtp.drafter_spec == f"mtp:{shipped()[model]}"
-    accepted = forwards = tokens = 0
+    accepted = drafted = 0
     for prompt in PROMPTS:
         want = plain.generate(prompt, max_new_tokens=40)
         got = shipped_mtp.generate(prompt, max_new_tokens=40, num_draft_tokens=4)
         assert got.token_ids == want.token_ids, prompt
         accepted += got.stats.accepted_tokens
-        forwards += got.stats.target_forwards
-        tokens += got.stats.round_tokens
-    assert accepted > 0 and tokens / forwards > 1.2  # a trained drafter: well above one token per target forward
+        drafted += got.stats.drafted_tokens
+    # A trained drafter that drafts only where it is confident (min_confidence): most of its drafts are accepted.
+    assert shipped_mtp.engine.drafter.min_confidence > 0
+    assert drafted > 0 and accepted / drafted > 0.4
