@@ -243,9 +243,10 @@ def test_disconnect_mid_stream_cancels_generation(client, served, ref, monkeypat
     original = pipe.engine.stream
 
     def slow(ids, config, result=None):
-        """Paced so that a generation reliably outlasts the client's timeout, however fast the machine."""
+        """Paced per token (a chunk can carry several accepted drafts), so that a 400-token generation takes
+        at least 2 s and reliably outlasts the client's 0.5 s timeout, however fast the machine."""
         for chunk in original(ids, config, result):
-            time.sleep(0.005)
+            time.sleep(0.005 * max(1, len(chunk.token_ids)))
             yield chunk
 
     monkeypatch.setattr(pipe.engine, "stream", slow)
