@@ -9,8 +9,9 @@ built once per round. The drafter keeps no cache: there is nothing to prefill or
 With the drafter's `min_confidence` (config.json) > 0, a round stops early, before drafting a
 position whose most likely token the drafter itself gives less than that probability (a weak
 drafter then stops paying for drafts the target would reject; HF assisted generation's
-`assistant_confidence_threshold` is the same idea). The decision reads only the distribution of a position not yet drafted, never the
-token drawn there, so under sampling every proposed token is still an unbiased draw from its q.
+`assistant_confidence_threshold` is the same idea). The decision reads only the distribution
+of a position not yet drafted, never the token drawn there, so under sampling every proposed
+token is still an unbiased draw from its q.
 """
 
 from __future__ import annotations
