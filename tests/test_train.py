@@ -181,9 +181,11 @@ def test_ddp_two_ranks_end_with_identical_weights(tiny_dirs, corpus, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
            "-m", "mtpspec.cli", "train-drafter", "--target", str(tiny_dirs["gemma3"]), "--data", str(corpus), "--out", str(out),
            "--dtype", "fp32", "--seq-len", "32", "--num-layers", "1", "--max-steps", "3", "--warmup", "1", "--eval-prompts", "0",
-           "--checkpoint-every", "0", "--centroids", "8", "--centroid-top-k", "2", "--rank-digest", str(digests)]
+           "--checkpoint-every", "0", "--centroids", "8", "--centroid-top-k", "2", "--rank-digest", str(digests),
+           "--teacher-cache", str(tmp_path / "cache"), "--epoch-chunks", "4"]  # the ranks share one cache
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "cache" / "chunks").glob("*.safetensors"))) == 4  # 6 chunks trained, 4 computed
     rank0, rank1 = (digests / "rank0.txt").read_text(), (digests / "rank1.txt").read_text()
     assert rank0 == rank1
     from mtpspec.training.trainer import weights_digest
@@ -271,3 +273,65 @@ def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     assert load_drafter(tmp_path / "tuned").config == dataclasses.replace(start.config, min_confidence=0.25)
     with pytest.raises(MtpspecError, match="no drafter there"):
         Trainer(build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "x"), init=str(tmp_path)))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_cached_teacher_signal_is_the_online_one(tiny_dirs, tmp_path, dtype):
+    """Written to disk and read back, a chunk's signal builds exactly the batch the online teacher builds."""
+    from mtpspec.training.cache import TeacherCache
+
+    hf, tok = load_hf(str(tiny_dirs["gemma3"]), dtype)
+    target = Target(hf, tok, exact=False)
+    drafter = init_drafter(hf, num_layers=2, lm_head="target").float()
+    teacher = Teacher(target, check_fits(drafter.config, target), top_k=16)
+    ids = torch.tensor(tok(" ".join(random.Random(1).choice(WORDS) for _ in range(40))).input_ids[:32])
+    anchors = torch.arange(1, 32 - 3 + 1)
+    online = teacher.run([ids], anchors, depth=3)
+    cache = TeacherCache(tmp_path, dict(kv_layers=sorted(set(teacher.kv_layers))))
+    cache.save(7, teacher.signal(ids), hf.dtype)
+    cached = teacher.batch([cache.load(7)], anchors)
+    assert cache.load(8) is None and len(cache) == 1
+    for name in ("tokens", "embeds", "hidden", "anchors"):
+        assert torch.equal(getattr(online, name), getattr(cached, name)), name
+    for a, b in zip(online.inputs, cached.inputs, strict=True):
+        for name in ("keys", "values", "cos", "sin", "mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    taught = anchors[0] + torch.arange(anchors.numel() + 2)  # rows 1 … L − 1
+    assert torch.equal(online.top_ids[:, taught], cached.top_ids[:, taught])
+    assert torch.equal(online.top_probs[:, taught], cached.top_probs[:, taught])
+
+
+def test_chunk_order_with_epochs(corpus, tokenizer):
+    from itertools import islice
+
+    from mtpspec.training.data import chunk_index
+
+    assert [chunk_index(p, 0, 0) for p in range(5)] == list(range(5))  # no epochs: the stream itself
+    epochs = [[chunk_index(e * 7 + i, 7, 0) for i in range(7)] for e in range(3)]
+    assert epochs[0] == list(range(7))  # the first epoch reads the stream in order
+    assert sorted(epochs[1]) == sorted(epochs[2]) == list(range(7)) and epochs[1] != epochs[2]
+    source = TextSource([str(corpus)], tokenizer, seq_len=16)
+    stream = [ids.tolist() for _, ids in islice(source.chunks(), 8)]
+    assert [source.chunk(i).tolist() for i in (2, 3, 7, 1, 5)] == [stream[i] for i in (2, 3, 7, 1, 5)]  # forward and back
+
+
+def test_epochs_after_the_first_read_the_teacher_from_disk(tiny_dirs, corpus, tmp_path, monkeypatch):
+    from mtpspec.training import build_options
+    from mtpspec.training.trainer import Trainer
+
+    computed = []
+    signal = Teacher.signal
+    monkeypatch.setattr(Teacher, "signal", lambda self, ids, taught=None: computed.append(ids) or signal(self, ids, taught))
+    common = dict(target=str(tiny_dirs["llama"]), data=str(corpus), dtype="fp32", seq_len=32, num_layers=1, eval_prompts=0,
+                  checkpoint_every=0, teacher_cache=str(tmp_path / "cache"), epoch_chunks=3)
+    first = Trainer(build_options(None, **common, out=str(tmp_path / "a"), max_steps=7), log=lambda *a: None)
+    computed.clear()  # start_as_copy's forward
+    first.train()
+    assert len(computed) == 3 and (first.cache_hits, first.cache_reads) == (4, 7)
+    assert len(list((tmp_path / "cache" / "chunks").glob("*.safetensors"))) == 3
+    second = Trainer(build_options(None, **common, out=str(tmp_path / "b"), max_steps=4, lr=3e-4), log=lambda *a: None)
+    computed.clear()
+    second.train()
+    assert computed == [] and second.cache_hits == 4  # another run with other hyperparameters: no target forward at all
+    with pytest.raises(MtpspecError, match=r"captured with other settings \(seq_len: cached 32, this run 48\)"):
+        Trainer(build_options(None, **{**common, "seq_len": 48}, out=str(tmp_path / "c")), log=lambda *a: None)

@@ -25,6 +25,7 @@ import json
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from random import Random
 
@@ -126,6 +127,8 @@ class TextSource:
             self.sources.append((spec, files))
         self.tokenizer = tokenizer
         self.seq_len = seq_len
+        self._reader: Iterator[tuple[int, torch.Tensor]] | None = None
+        self._next = 0  # the index of the chunk `_reader` yields next
 
     def _documents(self, spec: str, files: list[Path], held_out: bool) -> Iterator[Document]:
         docs = _gsm_documents(self.tokenizer) if spec == GSM_TRAIN else (d for f in files for d in _documents(f, self.tokenizer))
@@ -168,6 +171,16 @@ class TextSource:
                 if position > start and (position - 1) % world == rank:
                     yield position, torch.tensor(chunk)
 
+    def chunk(self, index: int) -> torch.Tensor:
+        """Chunk `index` (0-based) of the whole stream: reading forward is cheap, a step back restarts the stream."""
+        if self._reader is None or index < self._next:
+            self._reader = self.chunks(start=index)
+        for position, ids in self._reader:
+            self._next = position
+            if position == index + 1:
+                return ids
+        raise AssertionError("the chunk stream is endless")
+
     def eval_prompts(self, n: int, prompt_tokens: int = 48) -> list[list[int]]:
         """The first `prompt_tokens` tokens of the first n held-out documents (falls back to training text)."""
         out = []
@@ -179,6 +192,23 @@ class TextSource:
                 if len(out) >= n:
                     return out
         return out
+
+
+def chunk_index(position: int, epoch_chunks: int, seed: int) -> int:
+    """The stream chunk trained at global `position`: the stream itself, or with `epoch_chunks` N its
+    first N chunks, in stream order in epoch 0 (a teacher cache fills front to back) and in a seeded
+    shuffle in every later epoch."""
+    if not epoch_chunks:
+        return position
+    epoch, i = divmod(position, epoch_chunks)
+    return i if epoch == 0 else _epoch_order(epoch_chunks, seed, epoch)[i]
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    Random(f"{seed}/{epoch}").shuffle(order)
+    return order
 
 
 def _gsm_documents(tokenizer) -> Iterator[Document]:

@@ -34,6 +34,8 @@ class TrainOptions:
     feature_weight: float = 1.0  # weight of the hidden-state regression next to the distribution loss (0: none)
     min_confidence: float = 0.0  # written into the saved drafter: drafting stops below this top probability (see drafters/mtp.py)
     teacher_top_k: int = 32  # target probabilities kept per position for the distillation loss
+    teacher_cache: str = ""  # directory the teacher's signal is written to and read back from (see cache.py)
+    epoch_chunks: int = 0  # train on the first N chunks of the data stream, in reshuffled epochs (0: the endless stream)
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     eval_prompts: int = 4  # held-out prompts per evaluation (0: no evaluation)
     eval_tokens: int = 48  # tokens generated per evaluation prompt
@@ -48,6 +50,8 @@ class TrainOptions:
         for name in ("max_steps", "seq_len", "batch_size", "depth", "num_layers"):
             if getattr(self, name) < 1:
                 raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.epoch_chunks < 0:
+            raise MtpspecError(f"--epoch-chunks must be 0 (the endless stream) or positive, got {self.epoch_chunks}")
         if not 0.0 <= self.min_confidence < 1.0:
             raise MtpspecError(f"--min-confidence must be in [0, 1), got {self.min_confidence}")
         if self.seq_len <= self.depth + 1:

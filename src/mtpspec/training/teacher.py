@@ -1,7 +1,7 @@
 """The frozen target as teacher: one forward over a chunk gives everything the drafter learns from.
 
-Computed online (no disk shards): a chunk's teacher forward costs about as much as reading the
-equivalent shard of K/V for every drafter layer from disk would, and nothing needs to be stored.
+Computed online by default; `cache.py` stores each chunk's signal on disk so that later epochs and
+runs read it instead (the teacher is about two thirds of a CPU training step).
 
 For a chunk of L tokens, anchor p (the position of the "last committed token", 1 ≤ p ≤ L − depth)
 stands for one drafting round, exactly as `drafters/mtp.py` runs it: step 1 reads the target's
@@ -38,10 +38,10 @@ class TeacherBatch:
 
 
 @dataclass
-class _ChunkSignal:
+class ChunkSignal:
     """One chunk's teacher signal (float32, outside inference mode, so autograd may read it)."""
 
-    embeds: torch.Tensor  # [L, H_t]
+    tokens: torch.Tensor  # [L]
     hidden: torch.Tensor  # [L, H_t]
     top_ids: torch.Tensor  # [L, K] (zeros on rows no step is taught)
     top_probs: torch.Tensor  # [L, K]
@@ -66,52 +66,61 @@ class Teacher:
         self.row_block = row_block  # rows whose vocabulary-wide logits exist at once
         self.lm_weight = target.model.get_output_embeddings().weight.detach().float()  # [V, H_t]
 
-    @torch.no_grad()
     def run(self, chunks: list[torch.Tensor], anchors: torch.Tensor, depth: int) -> TeacherBatch:
         """Teacher signal for chunks `[L]` each (one target forward per chunk), at `anchors` `[T]`.
 
         Target distributions are computed only for the rows `depth` steps from the anchors are taught.
         """
         taught = (anchors[:, None] + torch.arange(depth)).unique()
-        rows = [self._one(ids, taught) for ids in chunks]
-        kv = {layer: tuple(torch.cat([r.kv[layer][i] for r in rows]) for i in (0, 1)) for layer in set(self.kv_layers)}
-        length = chunks[0].shape[0]
+        return self.batch([self.signal(ids, taught) for ids in chunks], anchors)
+
+    def batch(self, signals: list[ChunkSignal], anchors: torch.Tensor) -> TeacherBatch:
+        """The training batch of equally long chunks' signals, with the drafter's attention inputs at `anchors`."""
+        kv = {layer: tuple(torch.cat([s.kv[layer][i] for s in signals]) for i in (0, 1)) for layer in set(self.kv_layers)}
+        tokens = torch.stack([s.tokens for s in signals])
         family, model = self.target.family, self.target.model
         made: dict[int, LayerInputs] = {}
         for layer in self.kv_layers:
             if layer in made:
                 continue
             window = family.sliding_window(layer) if family.layer_type(layer) == SLIDING else None
-            cos, sin = family.rope(model, layer, anchors[None])
-            b = len(chunks)
-            mask = anchor_mask(anchors, length, window)[None, None].expand(b, 1, -1, -1)
+            with torch.no_grad():
+                cos, sin = family.rope(model, layer, anchors[None])
+            b = len(signals)
+            mask = anchor_mask(anchors, tokens.shape[1], window)[None, None].expand(b, 1, -1, -1)
             made[layer] = LayerInputs(*kv[layer], cos.float().clone().expand(b, -1, -1), sin.float().clone().expand(b, -1, -1), mask)
+        with torch.no_grad():
+            embeds = torch.stack([self.target.embed(ids).float() for ids in tokens])
         return TeacherBatch(
-            tokens=torch.stack(chunks),
-            embeds=torch.stack([r.embeds for r in rows]),
-            hidden=torch.stack([r.hidden for r in rows]),
-            top_ids=torch.stack([r.top_ids for r in rows]),
-            top_probs=torch.stack([r.top_probs for r in rows]),
+            tokens=tokens,
+            embeds=embeds,
+            hidden=torch.stack([s.hidden for s in signals]),
+            top_ids=torch.stack([s.top_ids for s in signals]),
+            top_probs=torch.stack([s.top_probs for s in signals]),
             inputs=[made[layer] for layer in self.kv_layers],
             anchors=anchors,
         )
 
-    def _one(self, ids: torch.Tensor, taught: torch.Tensor) -> "_ChunkSignal":
+    @torch.no_grad()
+    def signal(self, ids: torch.Tensor, taught: torch.Tensor | None = None) -> ChunkSignal:
+        """One target forward over `ids` `[L]`; the top-K at the `taught` rows (None: every row)."""
         target = self.target
         first = target.start(ids[:1], capacity=ids.shape[0])
         # Target.forward would also compute every row's logits in the model dtype (bf16 matmuls over a
         # 262k vocabulary are the slowest part on CPUs); the teacher computes its own in float32.
         rest = target.hidden_states(ids[1:])
         hidden = torch.cat([first.hidden, rest]).float().clone()  # clone: leave inference mode
-        top = torch.zeros(ids.shape[0], self.top_k, dtype=torch.long)
-        top_probs = torch.zeros(ids.shape[0], self.top_k)
-        top[taught], top_probs[taught] = self._top(hidden[taught])
+        if taught is None:
+            top, top_probs = self._top(hidden)
+        else:
+            top = torch.zeros(ids.shape[0], self.top_k, dtype=torch.long)
+            top_probs = torch.zeros(ids.shape[0], self.top_k)
+            top[taught], top_probs[taught] = self._top(hidden[taught])
         kv = {}
         for layer in set(self.kv_layers):
             k, v = target.kv(layer, ids.shape[0])
             kv[layer] = (k.float().clone(), v.float().clone())
-        embeds = target.embed(ids).float().clone()
-        return _ChunkSignal(embeds, hidden, top, top_probs, kv)
+        return ChunkSignal(ids, hidden, top, top_probs, kv)
 
     def _top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's top-K next tokens `[L, K]` and their probabilities renormalised over the K `[L, K]`.

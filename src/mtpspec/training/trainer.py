@@ -1,4 +1,4 @@
-"""The training loop: teacher forward → unrolled loss → AdamW step, with checkpoints and evaluation.
+"""The training loop: teacher forward (or its disk cache) → unrolled loss → AdamW step, with checkpoints and evaluation.
 
 Data-parallel when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; the loss
 module is wrapped in DistributedDataParallel, each rank reads its own shard of the chunk stream,
@@ -23,12 +23,13 @@ from ..models import load_hf
 from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter
 from ..target import Target
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .cache import TeacherCache
 from .clusters import init_centroid_head
-from .data import TextSource, check_source
+from .data import TextSource, check_source, chunk_index
 from .evaluate import evaluate
 from .loss import UnrolledLoss
 from .options import TrainOptions
-from .teacher import Teacher
+from .teacher import Teacher, TeacherBatch
 
 AUTO_CENTROIDS = 2048  # clusters for vocabularies over 65,536 tokens (Gemma: 262,144 / 2048 = 128 per cluster)
 
@@ -48,12 +49,14 @@ class Trainer:
         self.target_model, self.tokenizer = hf, tokenizer
         target = Target(hf, tokenizer, exact=False)  # the teacher batches whole chunks
         self.step, self.position = 0, 0
+        self.cache_hits = self.cache_reads = 0  # chunks found in the teacher cache, chunks looked up (this run)
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().train()
         self.drafter.config = replace(self.drafter.config, min_confidence=opts.min_confidence)  # evaluated and saved with it
         self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
         self.lm_weight = self.teacher.lm_weight if self.drafter.config.lm_head == "target" else None
         self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
+        self.cache = self._open_cache()
         if ckpt is None and not opts.init:
             start_as_copy(self.drafter, self.teacher, self.source)
         loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight)
@@ -64,6 +67,16 @@ class Trainer:
             torch.set_rng_state(ckpt.rng)
             self.step, self.position = ckpt.step, ckpt.position
             self.log(f"mtpspec: resuming from step {self.step} (data position {self.position})")
+
+    def _open_cache(self) -> TeacherCache | None:
+        o = self.opts
+        if not o.teacher_cache:
+            return None
+        meta = dict(target=o.target, dtype=o.dtype, data=o.data, seed=o.seed, seq_len=o.seq_len, top_k=o.teacher_top_k,
+                    kv_layers=sorted(set(self.teacher.kv_layers)))
+        cache = TeacherCache(o.teacher_cache, meta)
+        self.log(f"mtpspec: teacher cache {o.teacher_cache}: {len(cache)} chunks there already")
+        return cache
 
     def _resume_point(self) -> Checkpoint | None:
         if not self.opts.resume:
@@ -95,18 +108,15 @@ class Trainer:
 
     def train(self) -> Path | None:
         o = self.opts
-        chunks = self.source.chunks(self.position, self.rank, self.world)
+        indices = self._chunk_indices()
         eval_prompts = self.source.eval_prompts(o.eval_prompts) if self.main and o.eval_prompts else []
         bar = _progress(o.max_steps, self.step, self.main)
         started, tokens = time.perf_counter(), 0
         while self.step < o.max_steps:
-            batch_ids = []
-            for _ in range(o.batch_size):
-                _, ids = next(chunks)
-                batch_ids.append(ids)
+            chunks = [next(indices) for _ in range(o.batch_size)]
             # Every rank consumed batch_size chunks of its shard: world·batch_size of the stream.
             self.position += o.batch_size * self.world
-            batch = self.teacher.run(batch_ids, self._anchors(), o.depth)
+            batch = self._teacher_batch(chunks)
             loss, kls, agree = self.loss(batch)
             self._set_lr()
             self.optimizer.zero_grad(set_to_none=True)
@@ -117,7 +127,8 @@ class Trainer:
             tokens += batch.num_tokens * self.world
             rate = tokens / (time.perf_counter() - started)
             if bar is not None:
-                bar.set_postfix(loss=f"{loss.item():.3f}", top1=" ".join(f"{a:.2f}" for a in agree.tolist()), tok_s=f"{rate:.0f}")
+                cached = {} if self.cache is None else dict(cached=f"{self.cache_hits / self.cache_reads:.0%}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", top1=" ".join(f"{a:.2f}" for a in agree.tolist()), tok_s=f"{rate:.0f}", **cached)
                 bar.update(1)
             if o.checkpoint_every and self.step % o.checkpoint_every == 0 and self.step < o.max_steps:
                 self._checkpoint()
@@ -126,6 +137,30 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self._finish(eval_prompts)
+
+    def _chunk_indices(self):
+        """The stream chunks this rank trains on, from the current position on (see `chunk_index`)."""
+        position = self.position
+        while True:
+            if position % self.world == self.rank:
+                yield chunk_index(position, self.opts.epoch_chunks, self.opts.seed)
+            position += 1
+
+    def _teacher_batch(self, chunks: list[int]) -> TeacherBatch:
+        anchors = self._anchors()
+        if self.cache is None:
+            return self.teacher.run([self.source.chunk(i) for i in chunks], anchors, self.opts.depth)
+        signals = []
+        for i in chunks:
+            self.cache_reads += 1
+            signal = self.cache.load(i)
+            if signal is None:
+                signal = self.teacher.signal(self.source.chunk(i))  # every row's top-K: any later run may sample other anchors
+                self.cache.save(i, signal, self.target_model.dtype)
+            else:
+                self.cache_hits += 1
+            signals.append(signal)
+        return self.teacher.batch(signals, anchors)
 
     def _anchors(self) -> torch.Tensor:
         """Anchor positions p ∈ [1, L − depth], all or a random sample of `--anchors`."""
