@@ -112,8 +112,8 @@ def _documents(path: Path, tokenizer) -> Iterator[Document]:
 class TextSource:
     """Documents of the given sources in a fixed shuffled order, packed and cut into token chunks.
 
-    Chunk i of the stream goes to rank i % world; `position` counts chunks of the whole stream
-    (all ranks), so a resumed run skips exactly what was trained.
+    The trainer gives chunk i of the stream to rank i % world and counts `position` over the whole
+    stream (all ranks), so a resumed run skips exactly what was trained.
     """
 
     def __init__(self, specs: list[str], tokenizer, seq_len: int, seed: int = 0):
@@ -160,15 +160,15 @@ class TextSource:
             if not produced:
                 raise MtpspecError(f"{spec} has fewer than --seq-len ({self.seq_len}) tokens of training text")
 
-    def chunks(self, start: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[int, torch.Tensor]]:
-        """(stream position after this chunk, token ids `[seq_len]`) of this rank, one source after another, forever."""
+    def chunks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(stream position after this chunk, token ids `[seq_len]`) from position `start` on, one source after another, forever."""
         streams = [self._packed(spec, files) for spec, files in self.sources]
         position = 0
         while True:
             for stream in streams:
                 chunk = next(stream)
                 position += 1
-                if position > start and (position - 1) % world == rank:
+                if position > start:
                     yield position, torch.tensor(chunk)
 
     def chunk(self, index: int) -> torch.Tensor:
