@@ -47,15 +47,20 @@ def test_draft_model_drafter_from_cli(tiny_dirs, capsys):
 
 
 def test_mtp_without_a_path_is_the_shipped_drafter(tiny_dirs, capsys):
-    from mtpspec.drafters import resolve_spec, shipped
+    from mtpspec.drafters import make_drafter, resolve_spec, shipped
+    from mtpspec.errors import MtpspecError
 
     assert set(shipped()) == {"gemma3-270m", "smollm2-135m"}
     for name in ("gemma3-270m", "smollm2-135m"):
         assert resolve_spec("mtp", name) == f"mtp:{shipped()[name]}"
         assert resolve_spec("hybrid", name) == f"hybrid:{shipped()[name]}"
+        assert resolve_spec("auto", name) == f"hybrid:{shipped()[name]}"  # the default: the shipped drafter
     assert resolve_spec("ngram", "gemma3-270m") == "ngram"
+    assert resolve_spec("auto", str(tiny_dirs["llama"])) == "ngram"
+    with pytest.raises(MtpspecError, match="resolve_spec"):
+        make_drafter("auto", None)
     assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "4"]) == 0
-    assert json.loads(capsys.readouterr().out)["drafter"] == "ngram"  # the default
+    assert json.loads(capsys.readouterr().out)["drafter"] == "ngram"  # the default where nothing ships
     assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--drafter", "mtp"]) == 2  # nothing ships for it
     assert "needs a drafter directory" in capsys.readouterr().err
 

@@ -62,12 +62,16 @@ def test_ngram_greedy_equals_plain_bit_for_bit(dtype, gemma_bf16, gemma_fp32):
 
 
 def test_cli_json_is_well_formed():
+    """The README's main command, with the default drafter: the shipped Gemma MTP drafter with prompt lookup."""
+    from mtpspec.drafters import shipped
+
     r = subprocess.run(
-        [sys.executable, "-m", "mtpspec.cli", "generate", "The capital of France is", "--json", "--max-new-tokens", "16", "--drafter", "ngram"],
+        [sys.executable, "-m", "mtpspec.cli", "generate", "The capital of France is", "--json", "--max-new-tokens", "16"],
         capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["drafter"] == f"hybrid:{shipped()['gemma3-270m']}"
     assert out["finish_reason"] in ("stop", "length") and 0 < len(out["token_ids"]) <= 16
     assert out["stats"]["tokens_per_s"] > 0 and out["stats"]["target_forwards"] >= 1
     assert "capital" in out["text"]  # Gemma 3 270M (base) continues with "the capital of ..."

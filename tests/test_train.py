@@ -226,6 +226,22 @@ def test_self_distill_prompts_are_not_benchmark_prompts():
     assert [p.id.split("/")[0] for p in mixed] == ["instructions", "code", "gsm-train"] * 2
     with pytest.raises(MtpspecError, match="unknown prompt source"):
         self_prompts(["mt-bench"], 2)
+    later = self_prompts(["instructions", "code", "gsm-train"], 2, skip=2)  # held out from a --per-source 2 run
+    assert not {p.id for p in later} & {p.id for p in mixed}
+    assert [p.id for p in self_prompts(["code"], 4)][2:] == [p.id for p in later if p.id.startswith("code/")]
+
+
+def test_self_distill_writes_held_out_prompts_for_the_bench(tmp_path, capsys):
+    from mtpspec.bench.datasets import load_dataset
+    from mtpspec.cli import main
+    from mtpspec.training.selfgen import self_prompts
+
+    out = tmp_path / "tune.jsonl"
+    assert main(["self-distill", "--prompts-only", "--skip", "5", "--per-source", "2", "--out", str(out)]) == 0
+    assert "wrote 6 prompts" in capsys.readouterr().out
+    want = self_prompts(["instructions", "code", "gsm-train"], 2, skip=5)
+    assert [p.text for p in load_dataset(str(out)).prompts] == [p.text for p in want]
+    assert main(["self-distill", "--prompts-only", "--skip", "-1", "--out", str(out)]) == 2
 
 
 def test_self_distill_writes_training_rows_and_resumes(tiny_dirs, tmp_path, tokenizer, capsys):

@@ -90,7 +90,7 @@ def generation_config(
 
 
 def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "bf16", exact: bool = True) -> Pipeline:
-    """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `ngram` (the default),
-    `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target."""
+    """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `auto` (the default:
+    `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target."""
     hf, tokenizer = load_hf(model, dtype)
     return Pipeline(Target(hf, tokenizer, exact=exact), drafter, model)

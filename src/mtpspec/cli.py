@@ -18,7 +18,7 @@ VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.t
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: {MODEL_HELP} (default: {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"ngram (prompt lookup), none (plain decoding), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory), mtp (the MTP drafter shipped with {' and '.join(shipped())}), hybrid[:PATH] (prompt lookup where the text repeats itself, that MTP drafter elsewhere) (default: {DEFAULT_DRAFTER}, the fastest measured here; see the README's Benchmarks)")
+    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"auto (hybrid with the MTP drafter shipped for --model, ngram for a model without one), ngram (prompt lookup), none (plain decoding), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory), mtp (the MTP drafter shipped with {' and '.join(shipped())}), hybrid[:PATH] (prompt lookup where the text repeats itself, that MTP drafter elsewhere) (default: {DEFAULT_DRAFTER}, the fastest measured here; see the README's Benchmarks)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")

@@ -51,7 +51,8 @@ def _hybrid(arg: str, target) -> Drafter:
 
 REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp, "hybrid": _hybrid}
 MTP_KINDS = ("mtp", "hybrid")  # kinds that take an MTP drafter directory; without one, the drafter shipped for the model
-DEFAULT = "ngram"  # the drafter measured fastest for the bundled targets on CPUs (README: Benchmarks)
+AUTO = "auto"  # `hybrid` with the MTP drafter shipped for the model, `ngram` for a model without one
+DEFAULT = AUTO  # the fastest measured for the bundled targets on CPUs (README: Benchmarks)
 SHIPPED = Path(__file__).parent / "shipped"  # MTP drafters trained by mtpspec for the bundled targets
 
 
@@ -63,15 +64,20 @@ def shipped() -> dict[str, Path]:
 def parse_spec(spec: str) -> tuple[str, str]:
     """Split "kind:arg" and check the kind exists (cheap: call it before loading any model)."""
     kind, _, arg = spec.partition(":")
+    if spec == AUTO:
+        return kind, arg
     if kind not in REGISTRY:
-        names = ", ".join(k + (":PATH" if k in ("draft", *MTP_KINDS) else "") for k in REGISTRY)
+        names = ", ".join([AUTO] + [k + (":PATH" if k in ("draft", *MTP_KINDS) else "") for k in REGISTRY])
         raise MtpspecError(f"unknown drafter {spec!r}: use one of {names}")
     return kind, arg
 
 
 def resolve_spec(spec: str, model: str) -> str:
-    """The spec to build for target `model`: `mtp` or `hybrid` without a path names the drafter shipped for a bundled target."""
+    """The spec to build for target `model`: `mtp` or `hybrid` without a path names the drafter shipped for a bundled
+    target, and `auto` is `hybrid` with that drafter, or `ngram` where none is shipped."""
     path = shipped().get(model)
+    if spec == AUTO:
+        return f"hybrid:{path}" if path else "ngram"
     kind = spec.rstrip(":")
     if kind in MTP_KINDS and path:
         return f"{kind}:{path}"
@@ -81,7 +87,9 @@ def resolve_spec(spec: str, model: str) -> str:
 def make_drafter(spec: str, target) -> Drafter:
     """Build the drafter that `spec` ("none", "ngram", "draft:PATH", ...) names, for `target`."""
     kind, arg = parse_spec(spec)
+    if kind == AUTO:
+        raise MtpspecError("the drafter `auto` depends on the model's name: resolve it with resolve_spec(spec, model) first")
     return REGISTRY[kind](arg, target)
 
 
-__all__ = ["DEFAULT", "REGISTRY", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped"]
+__all__ = ["AUTO", "DEFAULT", "REGISTRY", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped"]

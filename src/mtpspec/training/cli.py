@@ -68,7 +68,9 @@ def _register_self_distill(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default: 0)")
-    p.add_argument("--out", required=True, help="the .jsonl file to append to")
+    p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N prompts of each source's draw: N = a training run's --per-source (same --seed) draws prompts it never saw (default: 0)")
+    p.add_argument("--prompts-only", action="store_true", help="write the drawn prompts as {\"id\", \"prompt\"} rows, a held-out set for `mtpspec bench --dataset`, instead of generating answers")
+    p.add_argument("--out", required=True, help="the .jsonl file to append to (with --prompts-only: to write)")
     p.set_defaults(func=cmd_self_distill)
 
 
@@ -76,16 +78,23 @@ def cmd_self_distill(args) -> int:
     from pathlib import Path
 
     from ..errors import MtpspecError
-    from .selfgen import self_distill
+    from .selfgen import self_distill, self_prompts, write_prompts
 
     for name in ("per_source", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.skip < 0:
+        raise MtpspecError(f"--skip must be >= 0, got {args.skip}")
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise MtpspecError(f"--out must be a .jsonl file, got {out}")
     sources = [s.strip() for s in args.prompts.split(",") if s.strip()]
-    self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed)
+    if args.prompts_only:
+        prompts = self_prompts(sources, args.per_source, args.seed, args.skip)
+        write_prompts(prompts, out)
+        print(f"mtpspec: wrote {len(prompts)} prompts to {out}; measure with mtpspec bench --dataset {out}")
+        return 0
+    self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed, args.skip)
     return 0
 
 

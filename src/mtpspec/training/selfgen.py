@@ -114,8 +114,9 @@ def gsm_prompts() -> Iterator[SelfPrompt]:
         yield SelfPrompt(f"gsm-train/{i}", ex["question"] + GSM_INSTRUCTION, True)
 
 
-def self_prompts(sources: list[str], per_source: int, seed: int = 0) -> list[SelfPrompt]:
-    """Up to `per_source` prompts of each source, drawn with a fixed seed, interleaved."""
+def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int = 0) -> list[SelfPrompt]:
+    """Up to `per_source` prompts of each source, drawn with a fixed seed after leaving out the first
+    `skip` of the draw (so that `skip` = a training run's `per_source` gives prompts disjoint from it), interleaved."""
     makers = {"instructions": instruction_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
     picked = []
     for name in sources:
@@ -123,8 +124,14 @@ def self_prompts(sources: list[str], per_source: int, seed: int = 0) -> list[Sel
             raise MtpspecError(f"unknown prompt source {name!r}: use {', '.join(PROMPT_SOURCES)}")
         pool = list(makers[name]())
         Random(seed).shuffle(pool)
-        picked.append(pool[:per_source])
+        picked.append(pool[skip : skip + per_source])
     return [p for group in zip(*picked, strict=False) for p in group] + [p for group in picked for p in group[min(map(len, picked)) :]]
+
+
+def write_prompts(prompts: list[SelfPrompt], out: Path) -> None:
+    """The prompts themselves as {"id", "prompt"} rows: a dataset for `mtpspec bench --dataset FILE`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts), encoding="utf-8")
 
 
 def done_ids(out: Path) -> set[str]:
@@ -141,14 +148,14 @@ def done_ids(out: Path) -> set[str]:
 
 
 def self_distill(target: str, sources: list[str], per_source: int, max_new_tokens: int, batch_size: int, out: Path,
-                 seed: int = 0, log=print) -> int:
+                 seed: int = 0, skip: int = 0, log=print) -> int:
     """Generate and append rows to `out`; return how many were written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..bench.run import ships_chat_template
     from ..models import resolve_model
 
-    prompts = self_prompts(sources, per_source, seed)
+    prompts = self_prompts(sources, per_source, seed, skip)
     skip = done_ids(out)
     todo = [p for p in prompts if p.id not in skip]
     if skip:
