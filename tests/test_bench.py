@@ -155,3 +155,17 @@ def test_llama_cpp_runner_feeds_ids_and_times_tokens(tmp_path, monkeypatch):
     assert runner.llm.threads == 3
     assert result.token_ids == [5, 6, 7, 2] and result.decode_tokens == 3
     assert runner.run([1, 4], Decoding(max_new_tokens=2), k=0, seed=0).token_ids == [5, 6]
+
+
+def test_report_names_an_uncommitted_tree():
+    """A run from a tree with uncommitted changes must not pass for a run of its last commit."""
+    from mtpspec.bench.markdown import _setup_line
+    from mtpspec.bench.measure import Encoded
+
+    settings = {"greedy": True, "max_new_tokens": 8, "repeats": 1}
+    env = {"dtype": "bf16", "threads": 2, "cpu": "x", "logical_cpus": 2, "torch": "t", "transformers": "t"}
+    sets = [Encoded("mt-bench", [[1]], ["a"], False)]
+    clean = _setup_line(settings, {**env, "git_commit": "0123456789abcdef"}, sets)
+    dirty = _setup_line(settings, {**env, "git_commit": "0123456789abcdef+dirty"}, sets)
+    assert "commit 0123456789ab." in clean
+    assert "commit 0123456789ab+dirty (uncommitted changes)." in dirty

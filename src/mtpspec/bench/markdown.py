@@ -35,7 +35,8 @@ def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summa
 def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
     mode = "greedy" if settings["greedy"] else f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, seed {settings['seed']}"
     sets = ", ".join(f"{d.name} ({len(d.prompt_ids)} prompts, {'chat template' if d.chat else 'plain'})" for d in datasets)
-    commit = (env["git_commit"] or "unknown")[:12]
+    sha, _, dirty = (env["git_commit"] or "unknown").partition("+")
+    commit = sha[:12] + (f"+{dirty} (uncommitted changes)" if dirty else "")
     return (
         f"{mode}; at most {settings['max_new_tokens']} new tokens; {settings['repeats']} repeat(s) after a warm-up; {sets}. "
         f"{env['dtype']}, {env['threads']} thread{'s' if env['threads'] != 1 else ''} on {env['cpu']} ({env['logical_cpus']} logical CPUs); "
