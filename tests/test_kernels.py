@@ -204,11 +204,16 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(family):
         prompt, max_new_tokens=40
     )
     spec = Pipeline(spec_target, "ngram").generate(prompt, max_new_tokens=40)
-    assert (
-        spec.stats.drafted_tokens > 0
-        and spec.stats.target_forwards < plain.stats.target_forwards
-    )
-    assert spec.token_ids == plain.token_ids
+    assert spec.stats.drafted_tokens > 0 and spec.token_ids == plain.token_ids
+    # Whether this random model's text repeats (so that ngram drafts are accepted) depends on the
+    # machine's bf16 arithmetic; drafts of the true continuation are accepted everywhere, so whole
+    # blocks are verified at once, and every token must still be plain decoding's.
+    from test_engine import OracleDrafter, run
+
+    ids = tokenizer(prompt).input_ids
+    oracle = run(spec_target, OracleDrafter(plain.token_ids), ids, max_new_tokens=40, num_draft_tokens=4)
+    assert oracle.token_ids == plain.token_ids
+    assert oracle.stats.target_forwards < plain.stats.target_forwards / 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

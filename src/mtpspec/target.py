@@ -85,9 +85,10 @@ class Target:
         if self.length + ids.shape[0] > self.capacity:
             raise RuntimeError(f"cache overflow: {self.length} + {ids.shape[0]} > {self.capacity}")
         if self.exact and ids.shape[0] > 1 and not self.rows_invariant(ids.shape[0]):
-            hidden = torch.cat([self._body(ids[i : i + 1], exact=True) for i in range(ids.shape[0])])
-        else:
-            hidden = self._body(ids, exact=self.exact)
+            # One row at a time through the output head too: a block's head would round rows differently.
+            rows = [self._body(ids[i : i + 1], exact=True) for i in range(ids.shape[0])]
+            return TargetStep(torch.cat([self._head(h) for h in rows]), torch.cat(rows))
+        hidden = self._body(ids, exact=self.exact)
         return TargetStep(self._head(hidden), hidden)
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
