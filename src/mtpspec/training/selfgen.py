@@ -156,9 +156,9 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     from ..models import resolve_model
 
     prompts = self_prompts(sources, per_source, seed, skip)
-    skip = done_ids(out)
-    todo = [p for p in prompts if p.id not in skip]
-    if skip:
+    done = done_ids(out)
+    todo = [p for p in prompts if p.id not in done]
+    if done:
         log(f"mtpspec: {len(prompts) - len(todo)} of {len(prompts)} prompts already in {out}; generating the rest")
     if not todo:
         return 0
