@@ -25,6 +25,24 @@ def test_generate_json_fields(tiny_dirs, capsys):
     assert out["stats"]["generated_tokens"] == 12
 
 
+def test_generate_ignore_eos_runs_to_the_budget(tiny_dirs, capsys, monkeypatch):
+    from mtpspec.target import Target
+
+    init = Target.__init__
+
+    def every_token_is_eos(self, *a, **kw):
+        init(self, *a, **kw)
+        self.eos_token_ids = frozenset(range(self.model.config.vocab_size))
+
+    monkeypatch.setattr(Target, "__init__", every_token_is_eos)
+    args = ["generate", "Hello", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "12"]
+    assert main(args) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 1
+    assert main(args + ["--ignore-eos"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"
+
+
 def test_generate_streams_prompt_and_text(tiny_dirs, capsys):
     assert main(["generate", "Hi there", "--model", str(tiny_dirs["gemma3"]), "--max-new-tokens", "8", "--temperature", "0.7", "--seed", "1"]) == 0
     captured = capsys.readouterr()

@@ -46,6 +46,18 @@ def test_eos_inside_an_accepted_block_ends_there(target, plain):
     assert res.stats.accepted_tokens == res.stats.drafted_tokens  # it was inside an accepted block
 
 
+def test_ignore_eos_runs_to_the_budget_past_an_eos(target, plain):
+    saved = target.eos_token_ids
+    target.eos_token_ids = frozenset({plain.token_ids[7]})
+    try:
+        res = run(target, OracleDrafter(plain.token_ids), PROMPT, max_new_tokens=40, num_draft_tokens=4, ignore_eos=True)
+        ref = run(target, NoDrafter(), PROMPT, max_new_tokens=40, ignore_eos=True)
+    finally:
+        target.eos_token_ids = saved
+    assert res.token_ids == ref.token_ids == plain.token_ids
+    assert res.finish_reason == ref.finish_reason == "length"
+
+
 def test_stop_string_spanning_a_block_boundary(target, tok, plain):
     text = tok.decode(plain.token_ids)
     # Blocks emit tokens 1-5, 6-10, ...: characters of tokens 4..6 straddle the 5|6 boundary

@@ -22,7 +22,7 @@ from mtpspec.server.runner import BackgroundServer
 
 MODEL = "tiny"
 KEY = "test-key"
-LONG, LONG_PROMPT = 400, "Once upon a time"  # a generation that outlasts the checks made while it runs (no early EOS)
+LONG, LONG_PROMPT = 400, "Once upon a time"  # with ignore_eos: a generation that outlasts the checks made while it runs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,6 +153,13 @@ def test_stop_and_seeded_sampling(client, ref):
     assert sampled[0] == sampled[1]
 
 
+def test_ignore_eos_extension(client, ref):
+    want = ref.generate("a", max_new_tokens=48, ignore_eos=True)
+    r = client.completions.create(model=MODEL, prompt="a", max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason == "length"
+    assert r.usage.completion_tokens == 48
+
+
 def test_greedy_equals_generate_cli(client, tiny_dirs):
     cmd = [sys.executable, "-m", "mtpspec.cli", "generate", "a", "--model", str(tiny_dirs["llama"]), "--max-new-tokens", "24", "--json"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
@@ -251,7 +258,7 @@ def test_disconnect_mid_stream_cancels_generation(client, served, ref, monkeypat
 
     monkeypatch.setattr(pipe.engine, "stream", slow)
     before = scrape(url)
-    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
@@ -278,7 +285,7 @@ def test_queued_stream_is_kept_alive_and_dropped_on_disconnect(url, monkeypatch)
     import mtpspec.server.app as app_module
 
     monkeypatch.setattr(app_module, "KEEPALIVE_S", 0.1)
-    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as running:
         running_lines = running.iter_lines()  # held: dropping a half-read iterator closes the connection
         next(line for line in running_lines if line.startswith("data: "))
@@ -345,7 +352,7 @@ def test_api_key_required(guarded):
 
 def test_full_queue_answers_503_with_retry_after(guarded):
     auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True}
+    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True}
     with httpx.Client(timeout=30, headers=auth) as h:
         with h.stream("POST", guarded + "/v1/completions", json=body) as running:
             running_lines = running.iter_lines()  # held: dropping a half-read iterator closes the connection

@@ -76,6 +76,7 @@ def generation_config(
     min_p: float = 0.0,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    ignore_eos: bool = False,
     num_draft_tokens: int = 4,
     adaptive: bool = False,
 ) -> GenerationConfig:
@@ -84,6 +85,7 @@ def generation_config(
         sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
         seed=seed,
         stop=tuple(stop),
+        ignore_eos=ignore_eos,
         num_draft_tokens=num_draft_tokens,
         adaptive=adaptive,
     )

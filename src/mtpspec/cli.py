@@ -33,6 +33,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the top probability")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); it is not included")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens, up to --max-new-tokens (fixed-length runs)")
 
 
 def decoding_options(args) -> dict:
@@ -44,6 +45,7 @@ def decoding_options(args) -> dict:
         min_p=args.min_p,
         seed=args.seed,
         stop=args.stop,
+        ignore_eos=args.ignore_eos,
         num_draft_tokens=args.num_draft_tokens,
         adaptive=args.adaptive,
     )

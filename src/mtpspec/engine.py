@@ -27,6 +27,7 @@ class GenerationConfig:
     sampling: SamplingParams = SamplingParams()
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_new_tokens past end-of-sequence tokens (benchmarks, load tests)
     num_draft_tokens: int = 4  # k: drafts per round (the cap when adaptive)
     adaptive: bool = False  # shrink/grow k each round from the last round's acceptance
 
@@ -67,6 +68,7 @@ class Engine:
         max_new = min(config.max_new_tokens, target.context_window - n_prompt)
         k_max = config.num_draft_tokens
         tracker = TextTracker(target.tokenizer, config.stop)
+        eos = frozenset() if config.ignore_eos else target.eos_token_ids
 
         t0 = time.perf_counter()
         tokens = torch.zeros(n_prompt + max_new + 1, dtype=torch.long)
@@ -80,7 +82,7 @@ class Engine:
         try:
             k = k_max
             pending = [next_token]
-            done = self._commit(pending, state, res, tracker, target, max_new)
+            done = self._commit(pending, state, res, tracker, eos, max_new)
             yield Chunk(tracker.delta(final=done), pending)
             if not done:
                 self._timed(stats, "draft_s", drafter.begin, state)
@@ -102,7 +104,7 @@ class Engine:
                 state.last_hidden = step.hidden[verdict.accepted]
                 pending = draft.tokens[: verdict.accepted].tolist() + [verdict.next_token]
                 # Commit token by token: EOS, stop strings and the budget can end a generation mid-block.
-                done = self._commit(pending, state, res, tracker, target, max_new)
+                done = self._commit(pending, state, res, tracker, eos, max_new)
                 stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending))
                 if not done:
                     self._timed(stats, "draft_s", drafter.commit, state, draft, verdict.accepted)
@@ -129,7 +131,7 @@ class Engine:
         return int(sample(probabilities(logits, params), gen))
 
     @staticmethod
-    def _commit(pending, state, res, tracker, target, max_new) -> bool:
+    def _commit(pending, state, res, tracker, eos, max_new) -> bool:
         """Append `pending` to the state and result; True once the generation is finished.
         Tokens after the finishing one are dropped from `pending`."""
         for i, tok in enumerate(pending):
@@ -139,7 +141,7 @@ class Engine:
             if tracker.stop or i == len(pending) - 1:
                 tracker.update(res.token_ids)
             reason = None
-            if tracker.stopped or tok in target.eos_token_ids:
+            if tracker.stopped or tok in eos:
                 reason = "stop"
             elif len(res.token_ids) >= max_new:
                 reason = "length"

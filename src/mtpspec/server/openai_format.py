@@ -62,6 +62,7 @@ def generation_config(req: OpenAIRequest, n_prompt: int, context_window: int, se
         min_p=req.min_p,
         seed=req.seed,
         stop=req.stop_list,
+        ignore_eos=req.ignore_eos,
         num_draft_tokens=settings.num_draft_tokens,
         adaptive=settings.adaptive,
     )

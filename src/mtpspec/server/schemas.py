@@ -55,6 +55,7 @@ class GenerationRequest(Strict):
     min_p: float = Field(0.0, ge=0, le=1)  # extension (as in vLLM)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens past end-of-sequence tokens
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
