@@ -92,6 +92,25 @@ def test_rows_are_bitwise_invariant(n, k, bias, dtype):
             assert torch.equal(block, alone[start : start + m]), (m, start)
 
 
+@pytest.mark.parametrize("n,k", [(37, 70), (64, 640), (1031, 256), (70, 2048)])
+def test_avx2_path_is_row_invariant_and_correct_on_every_cpu(ops, n, k):
+    """The portable bf16 path, run here even where AMX or AVX512-BF16 takes over (`bf16_path`)."""
+    x, w, b = _data(16, n, k, torch.bfloat16, seed=k)
+    y = ops.linear_avx2(x, w, b)
+    torch.testing.assert_close(y.double(), _reference(x, w, b), rtol=2**-8, atol=1e-4 * k**0.5)
+    alone = torch.cat([ops.linear_avx2(x[i : i + 1], w, b) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(ops.linear_avx2(x[16 - m :], w, b), alone[16 - m :]), m
+    assert torch.equal(y, alone)
+
+
+def test_bf16_path_matches_the_cpu():
+    flags = open("/proc/cpuinfo").read()
+    want = "amx" if " amx_bf16" in flags else "avx512-bf16" if " avx512_bf16" in flags else "avx2"
+    assert kernels.bf16_path() == want  # amx also needs the OS's permission; Linux >= 5.16 grants it
+    assert kernels.kernel_id().endswith(":" + want)
+
+
 def test_thread_count_does_not_change_bits():
     """Threads split the output features; each element's arithmetic stays the same."""
     x, w, b = _data(
@@ -107,8 +126,9 @@ def test_thread_count_does_not_change_bits():
         torch.set_num_threads(threads)
 
 
-def test_special_values_propagate():
-    x, w, _ = _data(3, 8, 40, torch.bfloat16)
+@pytest.mark.parametrize("n,k", [(8, 40), (40, 64)])  # the second takes AMX where the CPU has it
+def test_special_values_propagate(n, k):
+    x, w, _ = _data(3, n, k, torch.bfloat16)
     x[1, 5] = float("inf")
     x[2, 7] = float("nan")
     y = kernels.linear(x, w)

@@ -13,6 +13,7 @@ from statistics import median
 
 import torch
 
+from .. import kernels
 from .measure import Encoded, Record
 from .methods import Row
 
@@ -167,6 +168,7 @@ def environment(threads: int, dtype: str) -> dict:
         "logical_cpus": os.cpu_count(),
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
+        "bf16_kernel": kernels.bf16_path() if dtype == "bf16" else None,
         "dtype": dtype,
         "torch": torch.__version__,
         "transformers": transformers.__version__,

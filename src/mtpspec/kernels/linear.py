@@ -73,6 +73,11 @@ def kernels_active() -> bool:
     return extension() is not None
 
 
+def bf16_path() -> str | None:
+    """How the kernel computes bf16 on this CPU ("amx", "avx512-bf16" or "avx2"), None without it."""
+    return extension().bf16_path() if kernels_active() else None
+
+
 def kernel_id() -> str | None:
-    """The kernel build that `linear` runs (source, flags and torch hashed), None if none."""
-    return build_name() if kernels_active() else None
+    """The kernel build and bf16 path that `linear` runs (source, flags and torch hashed), None if none."""
+    return f"{build_name()}:{bf16_path()}" if kernels_active() else None

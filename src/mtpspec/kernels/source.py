@@ -18,6 +18,16 @@ Tiling (how many rows and output features share a register block) only changes w
 are computed side by side, never the arithmetic of any one element. There is no -ffast-math,
 so the compiler may not reassociate the intrinsics.
 
+bf16 has two faster paths where the CPU allows. With AMX-BF16 (Intel Sapphire Rapids and later)
+tile dot products do 16 x 16 x 32 multiply-adds per instruction (`groups_amx`); with
+AVX512-BF16 alone (AMD Zen 4) one `vdpbf16ps` multiplies and adds 32 bf16 pairs straight from
+memory (`block_bh`). Either way a block of up to 16 rows costs about what one row costs (the
+weights' memory traffic), where the AVX2 path's conversions and 8-lane FMAs make each extra row
+cost a fraction of a forward. Each is row-invariant by the same construction (its fixed
+sequence is spelled out at its code); their bits differ from the AVX2 path's, so the path
+(`bf16_path`) is part of the kernel's identity, as the CPU flags are part of the row-invariance
+probe's key.
+
 `attention(q, k, v, positions, window, scaling, softcap)` is exact decode attention for a block
 of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
 of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
@@ -35,6 +45,10 @@ SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -175,8 +189,191 @@ void pass(const typename L::T* x, int64_t M, int64_t K, const typename L::T* w, 
   for (int64_t n0 = tiles * NB; n0 < N; ++n0) features<L, 1>(p, w, n0, y);
 }
 
+// ---- bf16 on CPUs with AVX512-BF16: one vdpbf16ps per 32 k values, no conversions ----
+//
+// Output element (m, n): acc = 0 (16 fp32 lanes); for each 32-wide chunk of K (the last one
+// zero-padded), lane i: acc[i] = dpbf16(acc[i], w_n[2i, 2i+1], x_m[2i, 2i+1]) (the instruction's
+// fixed pair order, round-to-nearest-even, denormals flushed); then the 16 lanes fold to 8
+// (low half + high half) and go through `hsum`, (+ bias[n]), rounded once. As above, tiling
+// only decides which elements are computed side by side.
+
+#define MTPSPEC_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int64_t CHUNK_BH = 32;  // k values per vdpbf16ps
+constexpr int MB_BH = 4;          // activation rows per register tile (NB * MB_BH accumulators)
+
+struct ProblemBh {
+  int64_t M, N, K, chunks, full;
+  const at::BFloat16* xp;  // [M, chunks * 32] activations, zero-padded
+  const float* bias;
+};
+
+template <int nb, int mb>
+MTPSPEC_AVX512BF16 inline void block_bh(const ProblemBh& p, const at::BFloat16* w, const at::BFloat16* tail,
+                                        int64_t m0, float* out /* [mb][nb] */) {
+  const int64_t Kp = p.chunks * CHUNK_BH;
+  __m512 acc[mb][nb];
+  for (int m = 0; m < mb; ++m)
+    for (int n = 0; n < nb; ++n) acc[m][n] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < p.chunks; ++c) {
+    __m512bh xv[mb];
+    for (int m = 0; m < mb; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(p.xp + (m0 + m) * Kp + c * CHUNK_BH);
+    for (int n = 0; n < nb; ++n) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(c < p.full ? w + n * p.K + c * CHUNK_BH : tail + n * CHUNK_BH);
+      for (int m = 0; m < mb; ++m) acc[m][n] = _mm512_dpbf16_ps(acc[m][n], wv, xv[m]);
+    }
+  }
+  for (int m = 0; m < mb; ++m)
+    for (int n = 0; n < nb; ++n)
+      out[m * nb + n] = hsum(_mm256_add_ps(_mm512_castps512_ps256(acc[m][n]), _mm512_extractf32x8_ps(acc[m][n], 1)));
+}
+
+template <int nb>
+MTPSPEC_AVX512BF16 void features_bh(const ProblemBh& p, const at::BFloat16* w, int64_t n0, at::BFloat16* y) {
+  using T = at::BFloat16;
+  T tail[nb * CHUNK_BH];
+  if (p.full < p.chunks) {
+    std::memset(static_cast<void*>(tail), 0, sizeof(tail));
+    const int64_t k0 = p.full * CHUNK_BH;
+    for (int n = 0; n < nb; ++n)
+      std::memcpy(static_cast<void*>(tail + n * CHUNK_BH), w + (n0 + n) * p.K + k0, (p.K - k0) * sizeof(T));
+  }
+  const int64_t ahead = n0 + PREFETCH_TILES * nb;
+  if (ahead + nb <= p.N) prefetch_l2(w + ahead * p.K, nb * p.K * (int64_t)sizeof(T));
+  float out[MB_BH * nb];
+  for (int64_t m0 = 0, mb = 0; m0 < p.M; m0 += mb) {
+    const int64_t left = p.M - m0;
+    mb = left >= 4 ? 4 : left;
+    const T* wt = w + n0 * p.K;
+    if (mb == 4) block_bh<nb, 4>(p, wt, tail, m0, out);
+    else if (mb == 3) block_bh<nb, 3>(p, wt, tail, m0, out);
+    else if (mb == 2) block_bh<nb, 2>(p, wt, tail, m0, out);
+    else block_bh<nb, 1>(p, wt, tail, m0, out);
+    for (int m = 0; m < mb; ++m)
+      for (int n = 0; n < nb; ++n) {
+        const float b = p.bias ? p.bias[n0 + n] : 0.0f;
+        y[(m0 + m) * p.N + n0 + n] = static_cast<T>(out[m * nb + n] + b);  // one rounding (RNE)
+      }
+  }
+}
+
+// features_bh for a range of tiles (the parallel_for body: a lambda does not inherit the target).
+MTPSPEC_AVX512BF16 void tiles_bh(const ProblemBh& p, const at::BFloat16* w, int64_t begin, int64_t end, at::BFloat16* y) {
+  for (int64_t t = begin; t < end; ++t) features_bh<NB>(p, w, t * NB, y);
+}
+
+void pass_bh(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, const float* bias,
+             at::BFloat16* y) {
+  const int64_t chunks = (K + CHUNK_BH - 1) / CHUNK_BH, Kp = chunks * CHUNK_BH;
+  std::vector<at::BFloat16> xp(M * Kp, at::BFloat16(0.0f));
+  for (int64_t m = 0; m < M; ++m) std::memcpy(static_cast<void*>(xp.data() + m * Kp), x + m * K, K * sizeof(at::BFloat16));
+  ProblemBh p{M, N, K, chunks, K / CHUNK_BH, xp.data(), bias};
+  const int64_t tiles = N / NB;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (NB * K * (int64_t)sizeof(at::BFloat16)));
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) { tiles_bh(p, w, begin, end, y); });
+  for (int64_t n0 = tiles * NB; n0 < N; ++n0) features_bh<1>(p, w, n0, y);
+}
+
+// ---- bf16 on CPUs with AMX-BF16: tile dot products, the rows of a block almost free ----
+//
+// Roles swapped so that the weights need no repacking: C [16 features][M rows] fp32 +=
+// A (16 weight rows x 32 k, loaded straight from w) . B (x transposed into 16 k pairs x M rows,
+// VNNI pairs). Output element (m, n): C = 0; for each 32-wide chunk of K in order, one
+// tdpbf16ps adds the chunk's 32 products into C[n][m] (the instruction's fixed order,
+// round-to-nearest-even, denormals flushed); then (+ bias[n]), rounded once. A tile element
+// depends only on its A row and B column, never on how many columns (rows of x) the tile has.
+// Layers with K % 32 != 0 take `pass_bh` whole; features past the last group of 32 take
+// `features_bh<1>` whatever M is, so every element's arithmetic is still fixed.
+
+#define MTPSPEC_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int64_t AMX_GROUP = 32;  // output features per step: two C tiles share each B tile
+constexpr int64_t AMX_ROWS = 16;   // rows of x per pass (the columns of a C tile)
+
+struct TileConfig {
+  uint8_t palette, start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+struct ProblemAmx {
+  int64_t M, N, K, chunks;
+  const at::BFloat16* xb;  // x in VNNI order: x[m][32c + 2i + j] at ((16c + i) * M + m) * 2 + j
+  const at::BFloat16* w;
+  const float* bias;
+  at::BFloat16* y;
+};
+
+MTPSPEC_AMX void groups_amx(const ProblemAmx& p, int64_t g0, int64_t g1) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  const uint16_t cols = static_cast<uint16_t>(p.M * 4);
+  cfg.rows[0] = cfg.rows[1] = 16, cfg.colsb[0] = cfg.colsb[1] = cols;  // C: 16 features x M fp32
+  cfg.rows[2] = cfg.rows[3] = 16, cfg.colsb[2] = cfg.colsb[3] = 64;    // A: 16 features x 32 k
+  cfg.rows[4] = 16, cfg.colsb[4] = cols;                              // B: 16 k pairs x M pairs
+  _tile_loadconfig(&cfg);
+  alignas(64) float c[2][16][16];
+  const int64_t stride = p.K * (int64_t)sizeof(at::BFloat16);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t n0 = g * AMX_GROUP;
+    if ((g + 2) * AMX_GROUP <= p.N) prefetch_l2(p.w + (n0 + AMX_GROUP) * p.K, AMX_GROUP * stride);
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t k = 0; k < p.chunks; ++k) {
+      _tile_loadd(4, p.xb + k * 16 * p.M * 2, p.M * 4);
+      _tile_loadd(2, p.w + n0 * p.K + k * 32, stride);
+      _tile_loadd(3, p.w + (n0 + 16) * p.K + k * 32, stride);
+      _tile_dpbf16ps(0, 2, 4);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    for (int h = 0; h < 2; ++h)
+      for (int r = 0; r < 16; ++r) {
+        const int64_t n = n0 + h * 16 + r;
+        const float b = p.bias ? p.bias[n] : 0.0f;
+        for (int64_t m = 0; m < p.M; ++m) p.y[m * p.N + n] = static_cast<at::BFloat16>(c[h][r][m] + b);
+      }
+  }
+  _tile_release();
+}
+
+// AMX needs the kernel's permission to use tile state (Linux >= 5.16); asked once per process.
+bool amx_ready() {
+  static const bool yes = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                          syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return yes;
+}
+
+void pass_amx(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, const float* bias,
+              at::BFloat16* y) {
+  const int64_t chunks = K / 32;
+  std::vector<at::BFloat16> xb(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xb[((k / 2) * M + m) * 2 + (k % 2)] = x[m * K + k];
+  ProblemAmx p{M, N, K, chunks, xb.data(), w, bias, y};
+  const int64_t groups = N / AMX_GROUP;
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (AMX_GROUP * K * (int64_t)sizeof(at::BFloat16)));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) { groups_amx(p, begin, end); });
+  if (groups * AMX_GROUP < N) {  // the last features, one at a time on the AVX512-BF16 path
+    const int64_t Kp = ((K + CHUNK_BH - 1) / CHUNK_BH) * CHUNK_BH;
+    std::vector<at::BFloat16> xp(M * Kp, at::BFloat16(0.0f));
+    for (int64_t m = 0; m < M; ++m) std::memcpy(static_cast<void*>(xp.data() + m * Kp), x + m * K, K * sizeof(at::BFloat16));
+    ProblemBh q{M, N, K, Kp / CHUNK_BH, K / CHUNK_BH, xp.data(), bias};
+    for (int64_t n0 = groups * AMX_GROUP; n0 < N; ++n0) features_bh<1>(q, w, n0, y);
+  }
+}
+
+bool has_bf16_dot() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
 template <class L>
-at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool bf16_dot) {
   using T = typename L::T;
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor b32;
@@ -185,8 +382,21 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
   // Long blocks (prefill) go in slices, so the packed rows stay in cache while every weight
   // tile sweeps them; a slice changes no element's arithmetic.
   for (int64_t r0 = 0; r0 < M; r0 += ROW_BLOCK) {
-    pass<L>(x.data_ptr<T>() + r0 * K, std::min(ROW_BLOCK, M - r0), K, w.data_ptr<T>(), N,
-            b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<T>() + r0 * N);
+    const int64_t rows = std::min(ROW_BLOCK, M - r0);
+    const float* b = b32.defined() ? b32.data_ptr<float>() : nullptr;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      if (bf16_dot && K % 32 == 0 && amx_ready()) {
+        for (int64_t a0 = 0; a0 < rows; a0 += AMX_ROWS)
+          pass_amx(x.data_ptr<T>() + (r0 + a0) * K, std::min(AMX_ROWS, rows - a0), K, w.data_ptr<T>(), N, b,
+                   y.data_ptr<T>() + (r0 + a0) * N);
+        continue;
+      }
+      if (bf16_dot) {
+        pass_bh(x.data_ptr<T>() + r0 * K, rows, K, w.data_ptr<T>(), N, b, y.data_ptr<T>() + r0 * N);
+        continue;
+      }
+    }
+    pass<L>(x.data_ptr<T>() + r0 * K, rows, K, w.data_ptr<T>(), N, b, y.data_ptr<T>() + r0 * N);
   }
   return y;
 }
@@ -254,14 +464,28 @@ at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 }
 }  // namespace
 
-// x [M, K], w [N, K] (same dtype: bf16 or fp32, contiguous), bias [N] or None -> [M, N].
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias) {
+at::Tensor linear_on(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, bool bf16_dot) {
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1), "linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "linear: x and w must share a dtype");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  if (x.scalar_type() == at::kBFloat16) return run<Bf16>(x, w, bias);
+  if (x.scalar_type() == at::kBFloat16) return run<Bf16>(x, w, bias, bf16_dot);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "linear: bf16 or fp32 only");
-  return run<Fp32>(x, w, bias);
+  return run<Fp32>(x, w, bias, false);
+}
+
+// x [M, K], w [N, K] (same dtype: bf16 or fp32, contiguous), bias [N] or None -> [M, N].
+// bf16 runs on AVX512-BF16 where the CPU has it, on the AVX2 path elsewhere.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return linear_on(x, w, bias, has_bf16_dot());
+}
+
+// Which path bf16 takes on this CPU: "amx", "avx512-bf16" or "avx2" (layers with K % 32 != 0
+// take avx512-bf16 where "amx" is named).
+std::string bf16_path() { return has_bf16_dot() ? (amx_ready() ? "amx" : "avx512-bf16") : "avx2"; }
+
+// The AVX2 path whatever the CPU (tests prove both paths on machines that have both).
+at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return linear_on(x, w, bias, false);
 }
 
 // q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv] (contiguous, one dtype: bf16 or fp32; D and Dv
@@ -283,11 +507,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 TORCH_LIBRARY(mtpspec_kernels, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("bf16_path() -> str", &bf16_path);
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtpspec_kernels, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("linear_avx2", &linear_avx2);
   m.impl("attention", &attention);
 }
 """
