@@ -258,20 +258,22 @@ MTPSPEC_AVX512BF16 void features_bh(const ProblemBh& p, const at::BFloat16* w, i
 }
 
 // features_bh for a range of tiles (the parallel_for body: a lambda does not inherit the target).
-MTPSPEC_AVX512BF16 void tiles_bh(const ProblemBh& p, const at::BFloat16* w, int64_t begin, int64_t end, at::BFloat16* y) {
-  for (int64_t t = begin; t < end; ++t) features_bh<NB>(p, w, t * NB, y);
+MTPSPEC_AVX512BF16 void tiles_bh(const ProblemBh& p, const at::BFloat16* w, int64_t n_begin, int64_t begin, int64_t end,
+                                 at::BFloat16* y) {
+  for (int64_t t = begin; t < end; ++t) features_bh<NB>(p, w, n_begin + t * NB, y);
 }
 
+// Output features n_begin..N of rows x[0..M) into y [M, N].
 void pass_bh(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, const float* bias,
-             at::BFloat16* y) {
+             at::BFloat16* y, int64_t n_begin = 0) {
   const int64_t chunks = (K + CHUNK_BH - 1) / CHUNK_BH, Kp = chunks * CHUNK_BH;
   std::vector<at::BFloat16> xp(M * Kp, at::BFloat16(0.0f));
   for (int64_t m = 0; m < M; ++m) std::memcpy(static_cast<void*>(xp.data() + m * Kp), x + m * K, K * sizeof(at::BFloat16));
   ProblemBh p{M, N, K, chunks, K / CHUNK_BH, xp.data(), bias};
-  const int64_t tiles = N / NB;
+  const int64_t tiles = (N - n_begin) / NB, n_tail = n_begin + tiles * NB;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (NB * K * (int64_t)sizeof(at::BFloat16)));
-  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) { tiles_bh(p, w, begin, end, y); });
-  for (int64_t n0 = tiles * NB; n0 < N; ++n0) features_bh<1>(p, w, n0, y);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) { tiles_bh(p, w, n_begin, begin, end, y); });
+  for (int64_t n0 = n_tail; n0 < N; ++n0) features_bh<1>(p, w, n0, y);
 }
 
 // ---- bf16 on CPUs with AMX-BF16: tile dot products, the rows of a block almost free ----
@@ -282,13 +284,14 @@ void pass_bh(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w,
 // tdpbf16ps adds the chunk's 32 products into C[n][m] (the instruction's fixed order,
 // round-to-nearest-even, denormals flushed); then (+ bias[n]), rounded once. A tile element
 // depends only on its A row and B column, never on how many columns (rows of x) the tile has.
-// Layers with K % 32 != 0 take `pass_bh` whole; features past the last group of 32 take
-// `features_bh<1>` whatever M is, so every element's arithmetic is still fixed.
+// Layers with K % 32 != 0 take `pass_bh` whole, and features past the last group of 32 take it
+// whatever M is, so every element's arithmetic is still fixed.
 
 #define MTPSPEC_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 constexpr int64_t AMX_GROUP = 32;  // output features per step: two C tiles share each B tile
 constexpr int64_t AMX_ROWS = 16;   // rows of x per pass (the columns of a C tile)
+constexpr int64_t STREAM_BYTES = 32 << 20;  // weights larger than this are prefetched ahead
 
 struct TileConfig {
   uint8_t palette, start_row;
@@ -315,9 +318,12 @@ MTPSPEC_AMX void groups_amx(const ProblemAmx& p, int64_t g0, int64_t g1) {
   _tile_loadconfig(&cfg);
   alignas(64) float c[2][16][16];
   const int64_t stride = p.K * (int64_t)sizeof(at::BFloat16);
+  // Prefetching the next group pays where the weights stream from DRAM (an output head); on
+  // weights a cache level can hold, the prefetch instructions cost more than they save.
+  const bool stream = p.N * stride > STREAM_BYTES;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t n0 = g * AMX_GROUP;
-    if ((g + 2) * AMX_GROUP <= p.N) prefetch_l2(p.w + (n0 + AMX_GROUP) * p.K, AMX_GROUP * stride);
+    if (stream && (g + 2) * AMX_GROUP <= p.N) prefetch_l2(p.w + (n0 + AMX_GROUP) * p.K, AMX_GROUP * stride);
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t k = 0; k < p.chunks; ++k) {
@@ -356,13 +362,7 @@ void pass_amx(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w
   const int64_t groups = N / AMX_GROUP;
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / (AMX_GROUP * K * (int64_t)sizeof(at::BFloat16)));
   at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) { groups_amx(p, begin, end); });
-  if (groups * AMX_GROUP < N) {  // the last features, one at a time on the AVX512-BF16 path
-    const int64_t Kp = ((K + CHUNK_BH - 1) / CHUNK_BH) * CHUNK_BH;
-    std::vector<at::BFloat16> xp(M * Kp, at::BFloat16(0.0f));
-    for (int64_t m = 0; m < M; ++m) std::memcpy(static_cast<void*>(xp.data() + m * Kp), x + m * K, K * sizeof(at::BFloat16));
-    ProblemBh q{M, N, K, Kp / CHUNK_BH, K / CHUNK_BH, xp.data(), bias};
-    for (int64_t n0 = groups * AMX_GROUP; n0 < N; ++n0) features_bh<1>(q, w, n0, y);
-  }
+  if (groups * AMX_GROUP < N) pass_bh(x, M, K, w, N, bias, y, groups * AMX_GROUP);  // the last features
 }
 
 bool has_bf16_dot() {
