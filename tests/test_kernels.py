@@ -261,3 +261,12 @@ def test_block_attention_is_row_invariant_and_correct(dtype, window, softcap):
         want = (torch.softmax(scores, -1) @ vv)[:, 0]
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(block[0, t].double(), want, rtol=tol, atol=tol)
+
+
+def test_kernel_bench_times_both_baselines(ops):
+    from mtpspec.kernels.bench import compare
+
+    for baseline in ("torch", "avx2"):
+        ref, fast = compare(256, 640, 5, torch.bfloat16, reps=2, baseline=baseline)
+        assert len(ref) == len(fast) == 2
+        assert all(wall > 0 and cpu >= 0 for wall, cpu in ref + fast)

@@ -1,5 +1,8 @@
 """Time PyTorch's linear against the small-M kernel: `python -m mtpspec.kernels.bench`.
 
+`--baseline avx2` times the kernel's portable AVX2 path instead of PyTorch, to see what the
+AMX or AVX512-BF16 path (`bf16_path()`) gains on a CPU that has one.
+
 Prints one row per (shape, M): for each of the two, the median wall and median CPU milliseconds
 per call (CPU time summed over threads), and the ratio of the medians. Calls alternate between
 the two so that load from other processes hits both alike. On a busy machine a call longer
@@ -37,9 +40,11 @@ def _time(fn) -> tuple[float, float]:
     return (time.perf_counter() - t) * 1e3, (time.process_time() - c) * 1e3
 
 
-def compare(n: int, k: int, m: int, dtype: torch.dtype, reps: int) -> tuple[list, list]:
-    """(wall, cpu) milliseconds per call of torch's linear and of the kernel for x [m, k] @ w [n, k].T."""
+def compare(n: int, k: int, m: int, dtype: torch.dtype, reps: int, baseline: str = "torch") -> tuple[list, list]:
+    """(wall, cpu) milliseconds per call of the baseline (torch's linear or the kernel's AVX2 path)
+    and of the kernel for x [m, k] @ w [n, k].T."""
     ops = extension()
+    base = ops.linear_avx2 if baseline == "avx2" else lambda x, w, b: torch.nn.functional.linear(x, w, b)
     gen = torch.Generator().manual_seed(0)
     # Cycle through enough copies of small weights to overflow the L3 cache: in the model,
     # every layer's weights come from DRAM, not from a warm cache.
@@ -49,7 +54,7 @@ def compare(n: int, k: int, m: int, dtype: torch.dtype, reps: int) -> tuple[list
     t_ref, t_fast = [], []
     for i in range(reps + 1):
         w = ws[i % copies]
-        t_ref.append(_time(lambda w=w: torch.nn.functional.linear(x, w)))
+        t_ref.append(_time(lambda w=w: base(x, w, None)))
         t_fast.append(_time(lambda w=w: ops.linear(x, w, None)))
     return t_ref[1:], t_fast[1:]  # the first call warms thread pools
 
@@ -62,23 +67,23 @@ def main() -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
     )
+    p.add_argument("--baseline", default="torch", choices=["torch", "avx2"], help="what the kernel is timed against: PyTorch's linear, or the kernel's own AVX2 path")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.threads:
         torch.set_num_threads(args.threads)
     if extension() is None:
         raise SystemExit("the kernel is unavailable on this machine")
-    print(
-        f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more)"
-    )
-    print(
-        "shape [N, K]     M | torch wall    cpu | kernel wall    cpu | speedup wall   cpu"
-    )
+    from .linear import bf16_path
+
+    path = bf16_path() if dtype == torch.bfloat16 else "avx2"
+    print(f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more); kernel path {path}")
+    print(f"shape [N, K]     M | {args.baseline:>5} wall    cpu | kernel wall    cpu | speedup wall   cpu")
     for n, k in GEMMA3_270M_SHAPES:
         # Small layers take microseconds: repeat them more for a stable median.
         reps = args.reps if n * k > 1 << 22 else args.reps * 20
         for m in args.rows:
-            t_ref, t_fast = compare(n, k, m, dtype, reps)
+            t_ref, t_fast = compare(n, k, m, dtype, reps, args.baseline)
             rw, rc = (statistics.median(t) for t in zip(*t_ref))
             fw, fc = (statistics.median(t) for t in zip(*t_fast))
             print(
