@@ -19,6 +19,7 @@ import time
 import torch
 
 from .extension import extension
+from .linear import bf16_path
 
 # Gemma 3 270M: the tied output head, then the attention and MLP projections (out, in).
 GEMMA3_270M_SHAPES = [
@@ -74,8 +75,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if extension() is None:
         raise SystemExit("the kernel is unavailable on this machine")
-    from .linear import bf16_path
-
     path = bf16_path() if dtype == torch.bfloat16 else "avx2"
     print(f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more); kernel path {path}")
     print(f"shape [N, K]     M | {args.baseline:>5} wall    cpu | kernel wall    cpu | speedup wall   cpu")

@@ -28,13 +28,10 @@ sequence is spelled out at its code); their bits differ from the AVX2 path's, so
 (`bf16_path`) is part of the kernel's identity, as the CPU flags are part of the row-invariance
 probe's key.
 
-`attention(q, k, v, positions, window, scaling, softcap)` is exact decode attention for a block
-of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
-of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
-one independent task with a fixed sequence of operations: fp32 dot products in 8 lanes with
-one fixed horizontal sum, an fp32 softmax, and an fp32 weighted sum of values in key order, so a
-row's result depends only on its position and the cache, never on the block it came in.
+The exact block attention's source is in `attention_source.py`; SOURCE joins the two.
 """
+
+from .attention_source import ATTENTION
 
 SOURCE = r"""
 #include <ATen/core/Tensor.h>
@@ -146,29 +143,39 @@ inline void prefetch_l2(const void* start, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T1);
 }
 
+// The weight-tile chores every path shares, for output features n0..n0+nb of w [N, K]:
+// `start_tile` copies the last, partial chunk of each row zero-padded into `tail` (where
+// K % chunk != 0; full = K / chunk) and prefetches a later tile; `store_tile` writes
+// out [mb][nb] (+ bias) to y [M, N] at rows m0.., rounding each element once (RNE).
+template <int nb, int64_t chunk, class T>
+inline void start_tile(const T* w, int64_t n0, int64_t N, int64_t K, int64_t full, T* tail) {
+  if (full * chunk < K) {
+    std::memset(static_cast<void*>(tail), 0, nb * chunk * sizeof(T));
+    for (int n = 0; n < nb; ++n)
+      std::memcpy(static_cast<void*>(tail + n * chunk), w + (n0 + n) * K + full * chunk, (K - full * chunk) * sizeof(T));
+  }
+  const int64_t ahead = n0 + PREFETCH_TILES * nb;
+  if (ahead + nb <= N) prefetch_l2(w + ahead * K, nb * K * (int64_t)sizeof(T));
+}
+
+template <class T>
+inline void store_tile(const float* out, int64_t mb, int nb, int64_t m0, int64_t n0, int64_t N, const float* bias, T* y) {
+  for (int64_t m = 0; m < mb; ++m)
+    for (int n = 0; n < nb; ++n)
+      y[(m0 + m) * N + n0 + n] = static_cast<T>(out[m * nb + n] + (bias ? bias[n0 + n] : 0.0f));
+}
+
 // All M rows for output features n0..n0+nb: the weight tile stays in L1 across row blocks.
 template <class L, int nb>
 void features(const Problem& p, const typename L::T* w, int64_t n0, typename L::T* y) {
-  using T = typename L::T;
-  T tail[nb * CHUNK];
-  if (p.full < p.chunks) {
-    std::memset(static_cast<void*>(tail), 0, sizeof(tail));
-    const int64_t k0 = p.full * CHUNK;
-    for (int n = 0; n < nb; ++n)
-      std::memcpy(static_cast<void*>(tail + n * CHUNK), w + (n0 + n) * p.K + k0, (p.K - k0) * sizeof(T));
-  }
-  const int64_t ahead = n0 + PREFETCH_TILES * nb;
-  if (ahead + nb <= p.N) prefetch_l2(w + ahead * p.K, nb * p.K * (int64_t)sizeof(T));
+  typename L::T tail[nb * CHUNK];
+  start_tile<nb, CHUNK>(w, n0, p.N, p.K, p.full, tail);
   float out[MB * nb];
   for (int64_t m0 = 0, mb = 0; m0 < p.M; m0 += mb) {
     mb = p.M - m0 >= MB ? MB : 1;
     if (mb == MB) block<L, nb, MB>(p, w + n0 * p.K, tail, m0, out);
     else block<L, nb, 1>(p, w + n0 * p.K, tail, m0, out);
-    for (int m = 0; m < mb; ++m)
-      for (int n = 0; n < nb; ++n) {
-        const float b = p.bias ? p.bias[n0 + n] : 0.0f;
-        y[(m0 + m) * p.N + n0 + n] = static_cast<T>(out[m * nb + n] + b);  // one rounding (RNE)
-      }
+    store_tile(out, mb, nb, m0, n0, p.N, p.bias, y);
   }
 }
 
@@ -230,30 +237,17 @@ MTPSPEC_AVX512BF16 inline void block_bh(const ProblemBh& p, const at::BFloat16* 
 
 template <int nb>
 MTPSPEC_AVX512BF16 void features_bh(const ProblemBh& p, const at::BFloat16* w, int64_t n0, at::BFloat16* y) {
-  using T = at::BFloat16;
-  T tail[nb * CHUNK_BH];
-  if (p.full < p.chunks) {
-    std::memset(static_cast<void*>(tail), 0, sizeof(tail));
-    const int64_t k0 = p.full * CHUNK_BH;
-    for (int n = 0; n < nb; ++n)
-      std::memcpy(static_cast<void*>(tail + n * CHUNK_BH), w + (n0 + n) * p.K + k0, (p.K - k0) * sizeof(T));
-  }
-  const int64_t ahead = n0 + PREFETCH_TILES * nb;
-  if (ahead + nb <= p.N) prefetch_l2(w + ahead * p.K, nb * p.K * (int64_t)sizeof(T));
+  at::BFloat16 tail[nb * CHUNK_BH];
+  start_tile<nb, CHUNK_BH>(w, n0, p.N, p.K, p.full, tail);
+  const at::BFloat16* wt = w + n0 * p.K;
   float out[MB_BH * nb];
   for (int64_t m0 = 0, mb = 0; m0 < p.M; m0 += mb) {
-    const int64_t left = p.M - m0;
-    mb = left >= 4 ? 4 : left;
-    const T* wt = w + n0 * p.K;
+    mb = std::min<int64_t>(MB_BH, p.M - m0);
     if (mb == 4) block_bh<nb, 4>(p, wt, tail, m0, out);
     else if (mb == 3) block_bh<nb, 3>(p, wt, tail, m0, out);
     else if (mb == 2) block_bh<nb, 2>(p, wt, tail, m0, out);
     else block_bh<nb, 1>(p, wt, tail, m0, out);
-    for (int m = 0; m < mb; ++m)
-      for (int n = 0; n < nb; ++n) {
-        const float b = p.bias ? p.bias[n0 + n] : 0.0f;
-        y[(m0 + m) * p.N + n0 + n] = static_cast<T>(out[m * nb + n] + b);  // one rounding (RNE)
-      }
+    store_tile(out, mb, nb, m0, n0, p.N, p.bias, y);
   }
 }
 
@@ -345,12 +339,6 @@ MTPSPEC_AMX void groups_amx(const ProblemAmx& p, int64_t g0, int64_t g1) {
   _tile_release();
 }
 
-// AMX needs the kernel's permission to use tile state (Linux >= 5.16); asked once per process.
-bool amx_ready() {
-  static const bool yes = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
-                          syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return yes;
-}
 
 void pass_amx(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, const float* bias,
               at::BFloat16* y) {
@@ -365,15 +353,25 @@ void pass_amx(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w
   if (groups * AMX_GROUP < N) pass_bh(x, M, K, w, N, bias, y, groups * AMX_GROUP);  // the last features
 }
 
-bool has_bf16_dot() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return yes;
+enum class Bf16Path { Avx2, Dot, Amx };  // Dot: AVX512-BF16's vdpbf16ps
+
+// The fastest bf16 path this CPU (and OS) allows, decided once per process. AMX also needs
+// the kernel's permission to use tile state (Linux >= 5.16).
+Bf16Path best_bf16_path() {
+  static const Bf16Path path = [] {
+    const bool dot = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                     __builtin_cpu_supports("avx512bf16");
+    if (!dot) return Bf16Path::Avx2;
+    const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+                     syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return amx ? Bf16Path::Amx : Bf16Path::Dot;
+  }();
+  return path;
 }
 
 template <class L>
-at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool bf16_dot) {
+at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, Bf16Path path) {
   using T = typename L::T;
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor b32;
@@ -385,13 +383,13 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
     const int64_t rows = std::min(ROW_BLOCK, M - r0);
     const float* b = b32.defined() ? b32.data_ptr<float>() : nullptr;
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      if (bf16_dot && K % 32 == 0 && amx_ready()) {
+      if (path == Bf16Path::Amx && K % 32 == 0) {
         for (int64_t a0 = 0; a0 < rows; a0 += AMX_ROWS)
           pass_amx(x.data_ptr<T>() + (r0 + a0) * K, std::min(AMX_ROWS, rows - a0), K, w.data_ptr<T>(), N, b,
                    y.data_ptr<T>() + (r0 + a0) * N);
         continue;
       }
-      if (bf16_dot) {
+      if (path != Bf16Path::Avx2) {
         pass_bh(x.data_ptr<T>() + r0 * K, rows, K, w.data_ptr<T>(), N, b, y.data_ptr<T>() + r0 * N);
         continue;
       }
@@ -401,110 +399,36 @@ at::Tensor run(const at::Tensor& x, const at::Tensor& w, const std::optional<at:
   return y;
 }
 
-
-// ---- exact block attention (decode and verification rows) ----
-
-template <class T> inline __m256 load8(const T* p);
-template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
-template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-template <class T>
-void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t start, int64_t stop,
-            float scaling, float softcap, float* scores, T* out) {
-  for (int64_t j = start; j < stop; ++j) {
-    const T* kj = k + j * D;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(kj + d), acc);
-    float s = hsum(acc) * scaling;
-    if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
-    scores[j - start] = s;
-  }
-  const int64_t n = stop - start;
-  float mx = scores[0];
-  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, scores[j]);
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - mx);
-    total += scores[j];
-  }
-  const float inv = 1.0f / total;
-  for (int64_t d = 0; d < Dv; d += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + (start + j) * Dv + d), acc);
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-    for (int i = 0; i < 8; ++i) out[d + i] = static_cast<T>(lanes[i]);
-  }
-}
-
-template <class T>
-at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& positions, int64_t window, double scaling, double softcap) {
-  const int64_t rows = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = k.size(0), L = k.size(1), Dv = v.size(2), groups = Hq / Hkv;
-  at::Tensor out = at::empty({rows, Hq, Dv}, q.options());
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / Hq, h = task % Hq, kvh = h / groups;
-      const int64_t stop = pos[t] + 1, start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
-      scores.resize(stop - start);
-      attend<T>(qp + (t * Hq + h) * D, kp + kvh * L * D, vp + kvh * L * Dv, D, Dv, start, stop,
-                (float)scaling, (float)softcap, scores.data(), op + (t * Hq + h) * Dv);
-    }
-  });
-  return out;
-}
 }  // namespace
 
-at::Tensor linear_on(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, bool bf16_dot) {
+at::Tensor linear_on(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias, Bf16Path path) {
   TORCH_CHECK(x_in.dim() == 2 && w_in.dim() == 2 && x_in.size(1) == w_in.size(1), "linear: x [M, K] and w [N, K]");
   TORCH_CHECK(x_in.scalar_type() == w_in.scalar_type(), "linear: x and w must share a dtype");
   const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  if (x.scalar_type() == at::kBFloat16) return run<Bf16>(x, w, bias, bf16_dot);
+  if (x.scalar_type() == at::kBFloat16) return run<Bf16>(x, w, bias, path);
   TORCH_CHECK(x.scalar_type() == at::kFloat, "linear: bf16 or fp32 only");
-  return run<Fp32>(x, w, bias, false);
+  return run<Fp32>(x, w, bias, Bf16Path::Avx2);
 }
 
 // x [M, K], w [N, K] (same dtype: bf16 or fp32, contiguous), bias [N] or None -> [M, N].
-// bf16 runs on AVX512-BF16 where the CPU has it, on the AVX2 path elsewhere.
+// bf16 takes the fastest path the CPU has (`best_bf16_path`).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  return linear_on(x, w, bias, has_bf16_dot());
+  return linear_on(x, w, bias, best_bf16_path());
 }
 
 // Which path bf16 takes on this CPU: "amx", "avx512-bf16" or "avx2" (layers with K % 32 != 0
 // take avx512-bf16 where "amx" is named).
-std::string bf16_path() { return has_bf16_dot() ? (amx_ready() ? "amx" : "avx512-bf16") : "avx2"; }
+std::string bf16_path() {
+  const Bf16Path path = best_bf16_path();
+  return path == Bf16Path::Amx ? "amx" : path == Bf16Path::Dot ? "avx512-bf16" : "avx2";
+}
 
 // The AVX2 path whatever the CPU (tests prove both paths on machines that have both).
 at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
-  return linear_on(x, w, bias, false);
+  return linear_on(x, w, bias, Bf16Path::Avx2);
 }
 
-// q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv] (contiguous, one dtype: bf16 or fp32; D and Dv
-// multiples of 8), positions [T] int64 (each < L); window 0 = full attention, softcap 0 = none.
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
-                     int64_t window, double scaling, double softcap) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(2) == k.size(2) && k.size(1) == v.size(1)
-              && k.size(0) == v.size(0) && q.size(1) % k.size(0) == 0, "attention: q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv]");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(), "attention: contiguous inputs");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attention: one dtype");
-  TORCH_CHECK(q.size(2) % 8 == 0 && v.size(2) % 8 == 0, "attention: head sizes must be multiples of 8");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0), "attention: int64 positions [T]");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < q.size(0); ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < k.size(1), "attention: position past the cache");
-  if (q.scalar_type() == at::kBFloat16) return run_attention<at::BFloat16>(q, k, v, positions, window, scaling, softcap);
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: bf16 or fp32 only");
-  return run_attention<float>(q, k, v, positions, window, scaling, softcap);
-}
-
+""" + ATTENTION + r"""
 TORCH_LIBRARY(mtpspec_kernels, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor");

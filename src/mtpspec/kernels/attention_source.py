@@ -1,0 +1,96 @@
+"""C++ source of the exact block attention kernel, compiled with the linear kernel (`source.py`).
+
+`attention(q, k, v, positions, window, scaling, softcap)` is exact decode attention for a block
+of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
+of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
+one independent task with a fixed sequence of operations: fp32 dot products in 8 lanes with
+one fixed horizontal sum, an fp32 softmax, and an fp32 weighted sum of values in key order, so a
+row's result depends only on its position and the cache, never on the block it came in.
+
+It uses `hsum` from the linear kernel's source, which comes first in the same translation unit.
+"""
+
+ATTENTION = r"""
+namespace {
+
+// ---- exact block attention (decode and verification rows) ----
+
+template <class T> inline __m256 load8(const T* p);
+template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
+template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <class T>
+void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t start, int64_t stop,
+            float scaling, float softcap, float* scores, T* out) {
+  for (int64_t j = start; j < stop; ++j) {
+    const T* kj = k + j * D;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(kj + d), acc);
+    float s = hsum(acc) * scaling;
+    if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
+    scores[j - start] = s;
+  }
+  const int64_t n = stop - start;
+  float mx = scores[0];
+  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, scores[j]);
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    total += scores[j];
+  }
+  const float inv = 1.0f / total;
+  for (int64_t d = 0; d < Dv; d += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + (start + j) * Dv + d), acc);
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    for (int i = 0; i < 8; ++i) out[d + i] = static_cast<T>(lanes[i]);
+  }
+}
+
+template <class T>
+at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& positions, int64_t window, double scaling, double softcap) {
+  const int64_t rows = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t Hkv = k.size(0), L = k.size(1), Dv = v.size(2), groups = Hq / Hkv;
+  at::Tensor out = at::empty({rows, Hq, Dv}, q.options());
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows * Hq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / Hq, h = task % Hq, kvh = h / groups;
+      const int64_t stop = pos[t] + 1, start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
+      scores.resize(stop - start);
+      attend<T>(qp + (t * Hq + h) * D, kp + kvh * L * D, vp + kvh * L * Dv, D, Dv, start, stop,
+                (float)scaling, (float)softcap, scores.data(), op + (t * Hq + h) * Dv);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+// q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv] (contiguous, one dtype: bf16 or fp32; D and Dv
+// multiples of 8), positions [T] int64 (each < L); window 0 = full attention, softcap 0 = none.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                     int64_t window, double scaling, double softcap) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(2) == k.size(2) && k.size(1) == v.size(1)
+              && k.size(0) == v.size(0) && q.size(1) % k.size(0) == 0, "attention: q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv]");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(), "attention: contiguous inputs");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attention: one dtype");
+  TORCH_CHECK(q.size(2) % 8 == 0 && v.size(2) % 8 == 0, "attention: head sizes must be multiples of 8");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0), "attention: int64 positions [T]");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t t = 0; t < q.size(0); ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < k.size(1), "attention: position past the cache");
+  if (q.scalar_type() == at::kBFloat16) return run_attention<at::BFloat16>(q, k, v, positions, window, scaling, softcap);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: bf16 or fp32 only");
+  return run_attention<float>(q, k, v, positions, window, scaling, softcap);
+}
+
+"""
