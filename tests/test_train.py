@@ -60,19 +60,28 @@ def _teacher_setup(tiny_dir, centroids: int = 0, seq_len: int = 32):
     return hf, target, drafter, teacher, ids
 
 
+@pytest.mark.parametrize("mixed", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("family,centroids", [("llama", 0), ("gemma3", 8)])
-def test_a_few_steps_lower_the_loss(tiny_dirs, family, centroids):
+def test_a_few_steps_lower_the_loss(tiny_dirs, family, centroids, mixed):
+    """fp32, and bf16 matrix products with fp32 weights as `--train-dtype bf16` trains (the lm weight in bf16)."""
     torch.manual_seed(0)  # the sampled negatives
     hf, _, drafter, teacher, ids = _teacher_setup(tiny_dirs[family], centroids)
     batch = teacher.run([ids], torch.arange(1, ids.shape[0] - 3), 4)
-    loss_fn = UnrolledLoss(drafter, hf.get_output_embeddings().weight.detach().float(), depth=4, negatives=64 if centroids else 0)
+    weight = hf.get_output_embeddings().weight.detach().float()
+    loss_fn = UnrolledLoss(drafter, weight.bfloat16() if mixed else weight, depth=4, negatives=64 if centroids else 0)
     opt = torch.optim.AdamW(drafter.parameters(), lr=3e-3)
-    first = loss_fn(batch)[0].item()
+
+    def loss():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+            return loss_fn(batch)[0]
+
+    first = loss().item()
     for _ in range(8):
         opt.zero_grad()
-        loss_fn(batch)[0].backward()
+        loss().backward()
         opt.step()
-    assert loss_fn(batch)[0].item() < first - 0.05
+    assert all(p.dtype == torch.float32 for p in drafter.parameters())
+    assert loss().item() < first - 0.05
 
 
 def test_step_two_reads_the_drafters_own_state_as_at_inference(tiny_dirs):
@@ -268,6 +277,29 @@ def test_self_distill_writes_training_rows_and_resumes(tiny_dirs, tmp_path, toke
     assert "must be a .jsonl file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("family", ["gemma3", "llama"])
+def test_self_distill_greedy_loop_equals_generate(tiny_dirs, family):
+    """The batched loop self-distill runs gives transformers' greedy tokens row for row, padding
+    (left, ragged) and a stop token inside the budget included; gemma3 has sliding-window layers (8)."""
+    from transformers import AutoModelForCausalLM
+
+    from mtpspec.training.selfgen import greedy_batch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32, attn_implementation="sdpa").eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 200, (4, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = mask[3, :9] = 0
+    ids[mask == 0] = 0
+    with torch.inference_mode():
+        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=[2], pad_token_id=0)[:, 12:]
+        stop = int(free[2, 6])  # a token row 2 generates: every row that generates it stops there
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=[2, stop], pad_token_id=0)[:, 12:]
+        got = greedy_batch(model, ids, mask, 20, [2, stop], 0)
+    assert got.shape[1] <= 20 and (got[2] == 0).any()  # row 2 stopped early and was padded
+    assert torch.equal(got, want[:, : got.shape[1]]) and (want[:, got.shape[1] :] == 0).all()
+
+
 def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     import dataclasses
 
@@ -280,12 +312,15 @@ def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     save_drafter(start, tmp_path / "start")
     opts = build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "tuned"), dtype="fp32",
                          seq_len=32, init=str(tmp_path / "start"), max_steps=2, eval_prompts=0, checkpoint_every=0,
-                         min_confidence=0.25)
+                         min_confidence=0.25, train_dtype="bf16")
     trainer = Trainer(opts, log=lambda *a: None)
     assert trainer.drafter.config.num_layers == 2  # the drafter's own shape, not the default 1 layer
     for name, t in start.state_dict().items():
         assert torch.equal(trainer.drafter.state_dict()[name], t.float()), name  # no re-initialisation
+    assert trainer.autocast and trainer.lm_weight.dtype == torch.bfloat16  # --train-dtype bf16, on any CPU
     trainer.train()
+    assert all(t.dtype == torch.float32 for t in trainer.drafter.state_dict().values())  # mixed precision: fp32 weights
+    assert not any(torch.equal(trainer.drafter.state_dict()[n], t.float()) for n, t in start.state_dict().items() if t.dim() == 2)
     assert load_drafter(tmp_path / "tuned").config == dataclasses.replace(start.config, min_confidence=0.25)
     with pytest.raises(MtpspecError, match="no drafter there"):
         Trainer(build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "x"), init=str(tmp_path)))
@@ -315,6 +350,35 @@ def test_a_cached_teacher_signal_is_the_online_one(tiny_dirs, tmp_path, dtype):
     taught = anchors[0] + torch.arange(anchors.numel() + 2)  # rows 1 … L − 1
     assert torch.equal(online.top_ids[:, taught], cached.top_ids[:, taught])
     assert torch.equal(online.top_probs[:, taught], cached.top_probs[:, taught])
+
+
+def test_a_bf16_teacher_is_the_fp32_one_within_bf16_rounding(tiny_dirs):
+    """--train-dtype bf16 with a bf16 target computes the teacher's top-K logits in bf16 (as the target serves them)."""
+    hf, tok = load_hf(str(tiny_dirs["gemma3"]), "bf16")
+    target = Target(hf, tok, exact=False)
+    layers = check_fits(init_drafter(hf, num_layers=1, lm_head="target").config, target)
+    ids = torch.tensor(tok(" ".join(random.Random(2).choice(WORDS) for _ in range(40))).input_ids[:32])
+    wide, narrow = (Teacher(target, layers, top_k=8, logits_dtype=dt).signal(ids) for dt in (torch.float32, torch.bfloat16))
+    assert Teacher(target, layers, logits_dtype=torch.bfloat16).lm_weight.dtype == torch.bfloat16
+    assert torch.equal(wide.hidden, narrow.hidden)  # the same forward; only the head's product differs
+    logits = (wide.hidden @ target.model.get_output_embeddings().weight.float().T)
+    top2 = logits.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.02 * top2[:, 0].abs() + 1e-3  # rows whose best token bf16 cannot swap
+    assert clear.sum() > 10 and torch.equal(wide.top_ids[clear, 0], narrow.top_ids[clear, 0])
+    assert torch.allclose(wide.top_probs[:, 0], narrow.top_probs[:, 0], atol=0.05)
+
+
+@pytest.mark.parametrize("vocab", [262144, 49152, 1000])
+def test_the_teachers_blockwise_top_k_is_topk(vocab):
+    from mtpspec.training.teacher import top_k
+
+    logits = torch.randn(16, vocab, generator=torch.Generator().manual_seed(vocab))
+    logits[3, :5000] = logits[3, 200:5200].clone() if vocab > 5200 else logits[3, :5000]  # duplicated values
+    logits[5] = torch.linspace(0, 1, vocab)  # the top values all in the last blocks
+    want, got = logits.topk(32, dim=-1), top_k(logits, 32)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(logits.gather(1, got[1]), want[0])  # the ids hold those values (ties may pick others)
+    assert torch.equal(got[1][[0, 1, 2, 4, 5]], want[1][[0, 1, 2, 4, 5]])  # and are topk's where no value repeats
 
 
 def test_chunk_order_with_epochs(corpus, tokenizer):

@@ -19,6 +19,7 @@ from .linear import (
     kernels_active,
     linear,
     max_rows,
+    native_bf16,
 )
 from .patch import FastLinear, accelerate, restore
 
@@ -28,6 +29,7 @@ __all__ = [
     "accelerate",
     "bf16_path",
     "enabled",
+    "native_bf16",
     "kernel_applies",
     "kernel_id",
     "kernels_active",

@@ -78,6 +78,13 @@ def bf16_path() -> str | None:
     return extension().bf16_path() if kernels_active() else None
 
 
+def native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16), where PyTorch's bf16 matrix
+    products beat its fp32 ones; independent of whether our kernel is on."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private in torch.cpu: absent means no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 def kernel_id() -> str | None:
     """The kernel build and bf16 path that `linear` runs (source, flags and torch hashed), None if none."""
     return f"{build_name()}:{bf16_path()}" if kernels_active() else None

@@ -17,7 +17,8 @@ class TrainOptions:
     target: str = "gemma3-270m"  # bundled name, .gguf or HF directory
     data: str = "stdlib,gsm-train"  # comma list of sources (see data.py)
     out: str = "drafters/my-drafter"  # final drafter directory; checkpoints go to OUT/checkpoints
-    dtype: str = "bf16"  # the frozen target's dtype (the drafter trains in float32)
+    dtype: str = "bf16"  # the frozen target's dtype (the drafter's weights and optimizer state are float32)
+    train_dtype: str = "auto"  # the drafter's matrix products: bf16 (autocast), fp32, or auto (bf16 where the CPU has bf16 instructions)
     max_steps: int = 200  # optimizer steps
     seq_len: int = 256  # tokens per chunk (one teacher forward)
     batch_size: int = 1  # chunks per step per rank
@@ -52,6 +53,8 @@ class TrainOptions:
                 raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.epoch_chunks < 0:
             raise MtpspecError(f"--epoch-chunks must be 0 (the endless stream) or positive, got {self.epoch_chunks}")
+        if self.train_dtype not in ("auto", "bf16", "fp32"):
+            raise MtpspecError(f"--train-dtype must be auto, bf16 or fp32, got {self.train_dtype!r}")
         if not 0.0 <= self.min_confidence < 1.0:
             raise MtpspecError(f"--min-confidence must be in [0, 1), got {self.min_confidence}")
         if self.seq_len <= self.depth + 1:

@@ -53,8 +53,15 @@ class Trainer:
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().train()
         self.drafter.config = replace(self.drafter.config, min_confidence=opts.min_confidence)  # evaluated and saved with it
-        self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k)
-        self.lm_weight = self.teacher.lm_weight if self.drafter.config.lm_head == "target" else None
+        self.autocast = _mixed_precision(opts.train_dtype)
+        if self.autocast:
+            self.log("mtpspec: training with bf16 matrix products (fp32 weights and optimizer state)")
+        # With bf16 products and a bf16 target, the teacher's top-K logits are bf16 too, as the target serves them.
+        logits_dtype = torch.bfloat16 if self.autocast and hf.dtype == torch.bfloat16 else torch.float32
+        self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k, logits_dtype=logits_dtype)
+        self.lm_weight = None
+        if self.drafter.config.lm_head == "target":  # bf16 under autocast: the loss gathers rows of it, half the bytes
+            self.lm_weight = self.teacher.lm_weight.bfloat16() if self.autocast else self.teacher.lm_weight
         self.source = TextSource(opts.data.split(","), tokenizer, opts.seq_len, opts.seed)
         self.cache = self._open_cache()
         if ckpt is None and not opts.init:
@@ -74,6 +81,8 @@ class Trainer:
             return None
         meta = dict(target=o.target, dtype=o.dtype, data=o.data, seed=o.seed, seq_len=o.seq_len, top_k=o.teacher_top_k,
                     kv_layers=sorted(set(self.teacher.kv_layers)))
+        if self.teacher.lm_weight.dtype != torch.float32:  # absent: float32 top-K logits, as in caches made before the choice
+            meta["top_k_logits"] = str(self.teacher.lm_weight.dtype).removeprefix("torch.")
         cache = TeacherCache(o.teacher_cache, meta)
         self.log(f"mtpspec: teacher cache {o.teacher_cache}: {len(cache)} chunks there already")
         return cache
@@ -117,7 +126,8 @@ class Trainer:
             # Every rank consumed batch_size chunks of its shard: world·batch_size of the stream.
             self.position += o.batch_size * self.world
             batch = self._teacher_batch(chunks)
-            loss, kls, agree = self.loss(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                loss, kls, agree = self.loss(batch)
             self._set_lr()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -245,6 +255,15 @@ def start_as_copy(drafter: MtpModel, teacher: Teacher, source: TextSource) -> No
     with torch.no_grad():
         drafter.pre_projection.weight[:, c.backbone_hidden_size :] = eye
         drafter.post_projection.weight.copy_(eye * rms)
+
+
+def _mixed_precision(train_dtype: str) -> bool:
+    """Whether the drafter's matrix products run in bf16 (autocast): asked for, or `auto` on a CPU with bf16 instructions."""
+    if train_dtype == "auto":
+        from ..kernels import native_bf16
+
+        return native_bf16()
+    return train_dtype == "bf16"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
