@@ -19,7 +19,7 @@ from .linear import (
     kernels_active,
     linear,
     max_rows,
-    native_bf16,
+    wants_bf16,
 )
 from .patch import FastLinear, accelerate, restore
 
@@ -29,11 +29,11 @@ __all__ = [
     "accelerate",
     "bf16_path",
     "enabled",
-    "native_bf16",
     "kernel_applies",
     "kernel_id",
     "kernels_active",
     "linear",
     "max_rows",
     "restore",
+    "wants_bf16",
 ]

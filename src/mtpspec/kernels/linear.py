@@ -78,11 +78,11 @@ def bf16_path() -> str | None:
     return extension().bf16_path() if kernels_active() else None
 
 
-def native_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16), where PyTorch's bf16 matrix
-    products beat its fp32 ones; independent of whether our kernel is on."""
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private in torch.cpu: absent means no
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+def wants_bf16(choice: str) -> bool:
+    """A `--dtype auto|bf16|fp32`-style choice for PyTorch's own matrix products: `auto` is bf16
+    where this CPU has bf16 instructions (AMX or AVX512-BF16), which make bf16 products beat fp32
+    ones; independent of whether our kernel is on."""
+    return _native_bf16_gemm() if choice == "auto" else choice == "bf16"
 
 
 def kernel_id() -> str | None:

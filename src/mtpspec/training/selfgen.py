@@ -156,6 +156,7 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..bench.run import ships_chat_template
+    from ..kernels import wants_bf16
     from ..models import resolve_model
 
     prompts = self_prompts(sources, per_source, seed, skip)
@@ -166,7 +167,7 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     if not todo:
         return 0
     path = resolve_model(target)
-    torch_dtype = generation_dtype(dtype)
+    torch_dtype = torch.bfloat16 if wants_bf16(dtype) else torch.float32
     log(f"mtpspec: generating in {torch_dtype}".replace("torch.", ""))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -201,15 +202,6 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     return written
 
 
-def generation_dtype(name: str) -> torch.dtype:
-    """bf16 or fp32 as asked; `auto`: bf16 where the CPU has bf16 instructions, else fp32."""
-    if name == "auto":
-        from ..kernels import native_bf16
-
-        name = "bf16" if native_bf16() else "fp32"
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-
-
 def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int) -> torch.Tensor:
     """Greedy continuations `[B, ≤ max_new_tokens]` of left-padded prompts, `pad` after a row's stop token.
 
@@ -223,7 +215,7 @@ def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     done = torch.zeros(len(ids), dtype=torch.bool)
     new = []
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].float().argmax(-1).masked_fill(done, pad)
+        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
         new.append(token)
         done |= torch.isin(token, stop)
         if done.all() or step == max_new_tokens - 1:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import MtpspecError
+from ..kernels import wants_bf16
 from ..models import load_hf
 from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter
 from ..target import Target
@@ -53,7 +54,7 @@ class Trainer:
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().train()
         self.drafter.config = replace(self.drafter.config, min_confidence=opts.min_confidence)  # evaluated and saved with it
-        self.autocast = _mixed_precision(opts.train_dtype)
+        self.autocast = wants_bf16(opts.train_dtype)  # the drafter's matrix products in bf16 (torch.autocast)
         if self.autocast:
             self.log("mtpspec: training with bf16 matrix products (fp32 weights and optimizer state)")
         # With bf16 products and a bf16 target, the teacher's top-K logits are bf16 too, as the target serves them.
@@ -255,15 +256,6 @@ def start_as_copy(drafter: MtpModel, teacher: Teacher, source: TextSource) -> No
     with torch.no_grad():
         drafter.pre_projection.weight[:, c.backbone_hidden_size :] = eye
         drafter.post_projection.weight.copy_(eye * rms)
-
-
-def _mixed_precision(train_dtype: str) -> bool:
-    """Whether the drafter's matrix products run in bf16 (autocast): asked for, or `auto` on a CPU with bf16 instructions."""
-    if train_dtype == "auto":
-        from ..kernels import native_bf16
-
-        return native_bf16()
-    return train_dtype == "bf16"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
