@@ -269,3 +269,18 @@ def test_hybrid_drafter_is_exact_and_uses_both_drafters(dtype, monkeypatch):
         assert bool(calls) != repeats and draft.tokens.numel() == 4
         if repeats:
             assert target.tokenizer.decode(draft.tokens) == "own "
+
+
+@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 640), (torch.float32, 6), (torch.bfloat16, 6), (torch.bfloat16, 3)])
+def test_gather_rows_is_indexing(dtype, width):
+    """The 8-byte-word gather gives `weight[ids]` bit for bit (widths of 8-byte rows and others,
+    which take PyTorch's path), and leaves a weight that needs gradients to F.embedding."""
+    from mtpspec.mtp.head import gather_rows
+
+    gen = torch.Generator().manual_seed(width)
+    weight = torch.randn(500, width, generator=gen).to(dtype)
+    ids = torch.randint(0, 500, (2, 3, 40), generator=gen)
+    assert torch.equal(gather_rows(weight, ids), weight[ids])
+    trained = weight.float().requires_grad_()
+    gather_rows(trained, ids).sum().backward()
+    assert torch.equal(trained.grad.sum(-1), torch.zeros(500).index_add_(0, ids.flatten(), torch.full((240,), float(width))))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mtpspec.errors import MtpspecError
-from mtpspec.sampling import SamplingParams, probabilities
+from mtpspec.sampling import ARGMAX_BLOCK, SamplingParams, argmax, probabilities
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
 
@@ -48,3 +48,25 @@ def test_batched_rows_are_filtered_independently():
 def test_bad_params_are_user_errors(kwargs):
     with pytest.raises(MtpspecError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("vocab", [262_144, 49_152, 151_936, 8 * ARGMAX_BLOCK + 1, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_is_torch_argmax(vocab, dtype):
+    """The first maximum of every row, as torch.argmax, with ties, the maximum in the short last block,
+    NaN and -inf rows, for whole-block and ragged vocabularies and for 1-D and 3-D inputs."""
+    gen = torch.Generator().manual_seed(vocab)
+    rows = [(torch.randn(vocab, generator=gen) * 3).to(dtype) for _ in range(6)]
+    rows.append(torch.randint(0, 4, (vocab,), generator=gen).to(dtype))  # many ties for the maximum
+    tail = torch.zeros(vocab, dtype=dtype)
+    tail[-1] = 1  # the maximum in the last token (of the short block when there is one)
+    ties = torch.zeros(vocab, dtype=dtype)
+    ties[[vocab // 3, vocab // 2, -1]] = 5  # the first of three equal maxima in different blocks
+    nan = rows[0].clone()
+    nan[[vocab // 2, vocab - 1]] = float("nan")  # argmax ranks NaN above everything
+    rows += [tail, ties, nan, torch.full((vocab,), float("-inf"), dtype=dtype)]
+    logits = torch.stack(rows)
+    assert torch.equal(argmax(logits), logits.argmax(-1))
+    assert torch.equal(argmax(logits[3]), logits[3].argmax(-1))  # 1-D
+    cube = logits[7:].reshape(2, 2, vocab)  # 3-D: the tie, NaN and -inf rows
+    assert torch.equal(argmax(cube), cube.argmax(-1))

@@ -14,7 +14,7 @@ import torch
 
 from .drafters import DecodeState, Drafter
 from .errors import MtpspecError
-from .sampling import SamplingParams, probabilities, sample
+from .sampling import SamplingParams, argmax, probabilities, sample
 from .stats import Stats
 from .target import Target
 from .text import TextTracker
@@ -127,7 +127,7 @@ class Engine:
     @staticmethod
     def _pick(logits: torch.Tensor, params: SamplingParams, gen) -> int:
         if params.greedy:
-            return int(logits.argmax())
+            return int(argmax(logits))
         return int(sample(probabilities(logits, params), gen))
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""Logits to probabilities: temperature, top-k, top-p, min-p. Pure tensor functions.
+"""Logits to tokens: greedy argmax, and probabilities with temperature, top-k, top-p, min-p. Pure tensor functions.
 
 The same `SamplingParams` filter the target's distribution p and the drafter's q, so that
 speculative sampling reproduces the filtered target distribution exactly.
@@ -33,6 +33,39 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+ARGMAX_BLOCK = 512  # tokens per block of `argmax`'s first pass
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`logits.argmax(-1)` for `[..., V]`, the same indices, faster over wide vocabularies.
+
+    PyTorch's argmax over bf16 rows is not vectorised (Gemma 3's 262k logits: 0.9–1.5 ms per row on 2
+    threads, the most expensive step of greedy verification after the forward). This takes the
+    maximum of each block of 512 tokens, which is vectorised, then the argmax of the block maxima
+    and the argmax within the block chosen: about 0.13 ms per row. Same index: the first maximum of
+    a row lies in the first block whose maximum equals it, and is that block's first maximum (NaN,
+    which argmax ranks above everything, propagates through the block maximum the same way). Tokens
+    past the last whole block form one more, shorter block.
+    """
+    vocab = logits.shape[-1]
+    whole = vocab // ARGMAX_BLOCK
+    if whole < 8:
+        return logits.argmax(-1)
+    flat = logits.reshape(-1, vocab)
+    cut = whole * ARGMAX_BLOCK
+    blocks = flat[:, :cut].view(-1, whole, ARGMAX_BLOCK)
+    tail = flat[:, cut:]
+    maxima = blocks.amax(-1)  # [R, whole]
+    if tail.shape[1]:
+        maxima = torch.cat([maxima, tail.amax(-1, keepdim=True)], -1)
+    block = maxima.argmax(-1)  # [R]
+    rows = torch.arange(flat.shape[0], device=flat.device)
+    best = block * ARGMAX_BLOCK + blocks[rows, block.clamp(max=whole - 1)].argmax(-1)
+    if tail.shape[1]:
+        best = torch.where(block == whole, cut + tail.argmax(-1), best)
+    return best.view(logits.shape[:-1])
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling import SamplingParams, probabilities, sample
+from .sampling import SamplingParams, argmax, probabilities, sample
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Verdict:
 
 def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
     """draft: [k]; target_logits: [k+1, V]. Accept while the draft equals the target's argmax."""
-    best = target_logits.argmax(dim=-1)  # [k+1]
+    best = argmax(target_logits)  # [k+1]
     k = draft.shape[0]
     mismatch = (draft != best[:k]).nonzero()
     n = int(mismatch[0]) if mismatch.numel() else k

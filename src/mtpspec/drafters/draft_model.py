@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import MtpspecError
-from ..sampling import probabilities, sample
+from ..sampling import argmax, probabilities, sample
 from ..target import Target
 from .base import EMPTY, DecodeState, Draft
 
@@ -43,7 +43,7 @@ class DraftModelDrafter:
         tokens, qs = [], []
         for i in range(k):
             if params.greedy:
-                tok = logits.argmax()
+                tok = argmax(logits)
             else:
                 q = probabilities(logits, params)
                 tok = sample(q, generator)

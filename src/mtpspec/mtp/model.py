@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from ..sampling import argmax
 from .config import MtpConfig
 from .head import CentroidHead, logits_from
 
@@ -48,7 +49,7 @@ class MtpOutput:
     def argmax(self) -> torch.Tensor:
         """The most likely token `[B, T]`, scanning only the candidates when there are some."""
         if self.candidates is None:
-            return self.logits.argmax(-1)
+            return argmax(self.logits)
         best = self.logits.gather(-1, self.candidates).argmax(-1, keepdim=True)
         return self.candidates.gather(-1, best).squeeze(-1)
 

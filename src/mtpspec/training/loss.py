@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..mtp import MtpModel
+from ..mtp.head import gather_rows
 from .teacher import TeacherBatch
 
 
@@ -115,8 +116,8 @@ class UnrolledLoss(nn.Module):
         """
         negatives = torch.randint(weight.shape[0], (self.negatives,))
         h = head_in.unsqueeze(-1)  # [B, T, H, 1]
-        top = softcap((F.embedding(ids, weight) @ h).squeeze(-1), cap)  # [B, T, K]
+        top = softcap((gather_rows(weight, ids) @ h).squeeze(-1), cap)  # [B, T, K]
         repeat = (cluster_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # [B, T, S]
-        cluster = softcap((F.embedding(cluster_ids, weight) @ h).squeeze(-1), cap).masked_fill(repeat, float("-inf"))
+        cluster = softcap((gather_rows(weight, cluster_ids) @ h).squeeze(-1), cap).masked_fill(repeat, float("-inf"))
         shared = softcap(head_in @ weight[negatives].T, cap)  # [B, T, N]
         return torch.cat([top, cluster, shared], -1)

@@ -30,7 +30,7 @@ class TrainOptions:
     num_layers: int = 1  # drafter decoder layers
     hidden_size: int = 0  # drafter width (0: the target's)
     centroids: int = -1  # centroid-head clusters (-1: 2048 for vocabularies over 65,536 tokens, else a full head)
-    centroid_top_k: int = 32  # clusters whose tokens get exact logits when drafting
+    centroid_top_k: int = 4  # clusters whose tokens get exact logits when drafting (written into the saved drafter)
     negatives: int = 1024  # with a centroid head: random tokens q is normalised over besides top-K and a cluster (0: full vocabulary)
     feature_weight: float = 1.0  # weight of the hidden-state regression next to the distribution loss (0: none)
     min_confidence: float = 0.0  # written into the saved drafter: drafting stops below this top probability (see drafters/mtp.py)

@@ -37,6 +37,7 @@ import torch
 
 from ..bench.datasets import GSM_INSTRUCTION, gsm_examples
 from ..errors import MtpspecError
+from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
 PROMPT_SOURCES = ("instructions", "code", "gsm-train")
@@ -215,7 +216,7 @@ def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     done = torch.zeros(len(ids), dtype=torch.bool)
     new = []
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1).masked_fill(done, pad)
+        token = argmax(out.logits[:, -1]).masked_fill(done, pad)
         new.append(token)
         done |= torch.isin(token, stop)
         if done.all() or step == max_new_tokens - 1:
