@@ -174,7 +174,7 @@ def test_sampling_over_candidates_is_the_full_vocabulary_distribution(params):
     ids = torch.randperm(1000, generator=gen)[:40]
     logits = torch.full((1, 1, 1000), float("-inf"))
     logits[0, 0, ids] = torch.randn(40, generator=gen) * 3
-    out = MtpOutput(logits, torch.zeros(1, 1, 8), ids.view(1, 1, -1))
+    out = MtpOutput(logits[:, :, ids], torch.zeros(1, 1, 8), ids.view(1, 1, -1), 1000)
     token, q = draw(out, params, gen)
     torch.testing.assert_close(q, probabilities(logits[0, -1], params))
     assert q[token].item() > 0 and token.item() in ids.tolist()

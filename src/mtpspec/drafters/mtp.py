@@ -70,9 +70,7 @@ class MtpDrafter:
 
 def top_probability(out: MtpOutput, params: SamplingParams) -> float:
     """The drafter's probability of its most likely next token (after temperature and filters when sampling)."""
-    logits = out.logits[0, -1]
-    if out.candidates is not None:
-        logits = logits[out.candidates[0, -1]]
+    logits = out.scores[0, -1]  # over the candidates only, when there are some
     probs = torch.softmax(logits.float(), -1) if params.greedy else probabilities(logits, params)
     return float(probs.max())
 
@@ -85,11 +83,11 @@ def draw(out: MtpOutput, params: SamplingParams, generator: torch.Generator | No
     scattered back: the same distribution without vocabulary-wide filtering and sampling passes
     per step (on Gemma's 262k vocabulary this halved the drafter's share of sampled decoding).
     """
-    logits = out.logits[0, -1]
+    logits = out.scores[0, -1]
     if out.candidates is None:
         q = probabilities(logits, params)
         return sample(q, generator).view(1), q
     ids = out.candidates[0, -1]
-    q_ids = probabilities(logits[ids], params)
-    q = torch.zeros(logits.shape, dtype=q_ids.dtype, device=logits.device).index_put_((ids,), q_ids)
+    q_ids = probabilities(logits, params)
+    q = torch.zeros(out.vocab_size, dtype=q_ids.dtype, device=logits.device).index_put_((ids,), q_ids)
     return ids[sample(q_ids, generator)].view(1), q

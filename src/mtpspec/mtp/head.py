@@ -59,16 +59,14 @@ def logits_from(
     centroid_head: CentroidHead | None,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Logits `[B, T, V]` and the ids `[B, T, N]` of the tokens that have exact ones (None: all of them).
-
-    A full head's logits are exact everywhere (in x's dtype); a centroid head's are float32 (scanning
-    a vocabulary-wide bf16 vector is slow on CPUs), exact on the top clusters' tokens, -inf elsewhere.
+    """(logits, ids): a full head's logits `[B, T, V]` in x's dtype and None; a centroid head's exact
+    logits of the top clusters' tokens `[B, T, N]` in float32 and those tokens' ids `[B, T, N]` (every
+    other token's logit is -inf; `MtpOutput.logits` spells that out when asked).
     """
     if centroid_head is None:
         return _softcap(linear(x, weight), softcap), None
     ids, selected = centroid_head(x, weight)
-    out = torch.full((*x.shape[:-1], weight.shape[0]), float("-inf"), device=x.device)
-    return out.scatter_(-1, ids, _softcap(selected.float(), softcap)), ids
+    return _softcap(selected.float(), softcap), ids
 
 
 def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

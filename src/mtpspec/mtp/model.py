@@ -42,16 +42,24 @@ class LayerInputs:
 
 @dataclass
 class MtpOutput:
-    logits: torch.Tensor  # [B, T, V] (tokens outside the chosen clusters are -inf)
+    scores: torch.Tensor  # [B, T, N] logits of the candidates (centroid head), or [B, T, V] of every token
     state: torch.Tensor  # [B, T, H_t] fed back as the next step's hidden state
-    candidates: torch.Tensor | None = None  # [B, T, N] ids with finite logits (centroid head); None: all
+    candidates: torch.Tensor | None = None  # [B, T, N] the token ids `scores` belong to; None: the whole vocabulary
+    vocab_size: int = 0  # V (with candidates)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Vocabulary-wide logits `[B, T, V]`, -inf outside the candidates. Built on request: drafting
+        reads `scores` alone, so a draft step never writes a vector as wide as the vocabulary."""
+        if self.candidates is None:
+            return self.scores
+        out = torch.full((*self.scores.shape[:-1], self.vocab_size), float("-inf"), device=self.scores.device)
+        return out.scatter_(-1, self.candidates, self.scores)
 
     def argmax(self) -> torch.Tensor:
-        """The most likely token `[B, T]`, scanning only the candidates when there are some."""
-        if self.candidates is None:
-            return argmax(self.logits)
-        best = self.logits.gather(-1, self.candidates).argmax(-1, keepdim=True)
-        return self.candidates.gather(-1, best).squeeze(-1)
+        """The most likely token `[B, T]`."""
+        best = argmax(self.scores)
+        return best if self.candidates is None else self.candidates.gather(-1, best[..., None]).squeeze(-1)
 
 
 class RMSNorm(nn.Module):
@@ -160,8 +168,8 @@ class MtpModel(nn.Module):
             if lm_weight is None:
                 raise ValueError("this drafter computes logits with the target's embedding: pass lm_weight")
             head_in, weight = state, lm_weight
-        logits, candidates = logits_from(head_in, weight, self.masked_embedding, self.config.final_logit_softcapping)
-        return MtpOutput(logits, state, candidates)
+        scores, candidates = logits_from(head_in, weight, self.masked_embedding, self.config.final_logit_softcapping)
+        return MtpOutput(scores, state, candidates, weight.shape[0])
 
     def trunk(
         self,
