@@ -202,6 +202,32 @@ def test_ddp_two_ranks_end_with_identical_weights(tiny_dirs, corpus, tmp_path):
     assert weights_digest(load_drafter(out)) == rank0  # what rank 0 saved is what both ranks trained
 
 
+def test_a_training_step_creates_its_tensors_on_its_inputs_device(tiny_dirs, corpus, tmp_path):
+    """GPU training (`--device cuda`) stands on every tensor a step creates following the device of the
+    model and data it works on. With PyTorch's default device set to `meta`, a tensor created without
+    a device lands there, and the first operation that mixes it with the step's CPU tensors fails: this
+    catches, on a machine without a GPU, the mistakes a GPU run would trip over."""
+    from mtpspec.training import build_options
+    from mtpspec.training.trainer import Trainer, start_as_copy
+
+    trainer = Trainer(build_options(None, target=str(tiny_dirs["gemma3"]), data=str(corpus), dtype="fp32", seq_len=32, num_layers=1,
+                                    centroids=8, centroid_top_k=2, negatives=16, anchors=8, eval_prompts=0, checkpoint_every=0,
+                                    teacher_cache=str(tmp_path / "cache"), out=str(tmp_path / "out")), log=lambda *a: None)
+    assert trainer.device == torch.device("cpu")  # auto, without a GPU
+    with torch.device("meta"):
+        start_as_copy(trainer.drafter, trainer.teacher, trainer.source)
+        for _ in range(2):  # the teacher computes and stores the chunks, then reads them back
+            loss, kls, agree = trainer._loss(trainer._teacher_batch([0, 1]))
+            loss.backward()
+        assert trainer.cache_hits == 2
+        trainer.cache = None  # online: the teacher's top-K at the taught rows only
+        loss, kls, agree = trainer._loss(trainer._teacher_batch([2]))
+        loss.backward()
+    assert loss.device.type == "cpu" and torch.isfinite(loss)
+    with pytest.raises(MtpspecError, match="no CUDA GPU"):
+        Trainer(build_options("gpu", target=str(tiny_dirs["gemma3"]), data=str(corpus), out=str(tmp_path / "gpu")))
+
+
 def test_sources_are_packed_and_interleaved(corpus, tokenizer):
     """Chunks alternate between sources (a small one weighs as much as the stdlib) and pack short documents."""
     from itertools import islice

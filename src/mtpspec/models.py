@@ -206,8 +206,8 @@ def _load_language_model(path: Path, text_config, **kwargs):
     return hf
 
 
-def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
-    """Load (model, tokenizer) for a `--model` value, with mtpspec's attention registered.
+def load_hf(model: str, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) for a `--model` value onto `device`, with mtpspec's attention registered.
 
     On CPU the linear layers use mtpspec's small-M kernel (see `kernels`), unless
     `MTPSPEC_KERNELS=0`.
@@ -230,6 +230,7 @@ def load_hf(model: str, dtype: str | torch.dtype = "bf16"):
             tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MtpspecError(f"cannot load model from {path}: {e}") from e
+    hf.to(device)
     if hf.device.type == "cpu":
         from .kernels import accelerate
 

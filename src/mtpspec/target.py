@@ -118,7 +118,7 @@ class Target:
 
     @torch.inference_mode()
     def _body(self, ids: torch.Tensor, exact: bool) -> torch.Tensor:
-        positions = torch.arange(self.length, self.length + ids.shape[0])
+        positions = torch.arange(self.length, self.length + ids.shape[0], device=ids.device)
         out = self.model.model(
             input_ids=ids[None],
             attention_mask=positions_mask(positions),

@@ -61,11 +61,11 @@ class TeacherCache:
     def _path(self, index: int) -> Path:
         return self.chunks / f"{index:09d}.safetensors"
 
-    def load(self, index: int) -> ChunkSignal | None:
+    def load(self, index: int, device: torch.device | str = "cpu") -> ChunkSignal | None:
         path = self._path(index)
         if not path.is_file():
             return None
-        t = load_file(path)
+        t = load_file(path, device=str(device))
         kv = {layer: (t[f"k{layer}"].float(), t[f"v{layer}"].float()) for layer in self.meta["kv_layers"]}
         return ChunkSignal(t["tokens"].long(), t["hidden"].float(), t["top_ids"].long(), t["top_probs"], kv)
 
@@ -77,5 +77,5 @@ class TeacherCache:
             tensors[f"k{layer}"], tensors[f"v{layer}"] = k.to(dtype), v.to(dtype)
         path = self._path(index)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        save_file({name: t.contiguous() for name, t in tensors.items()}, tmp)
+        save_file({name: t.contiguous().cpu() for name, t in tensors.items()}, tmp)
         os.replace(tmp, path)

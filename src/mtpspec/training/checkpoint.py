@@ -50,4 +50,4 @@ def latest_checkpoint(out: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    return Checkpoint(**torch.load(path, weights_only=False))
+    return Checkpoint(**torch.load(path, map_location="cpu", weights_only=False))  # a GPU run's too

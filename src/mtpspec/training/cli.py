@@ -19,11 +19,12 @@ def register(subparsers) -> None:
     p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
     p.add_argument("--data", default=None, help=f"comma list of sources: stdlib (CPython's .py files), pydocs (apt-get install python3.11-doc), fortune (apt-get install fortunes), gsm-train (reasoning-gym word problems with worked answers, seeds disjoint from the bench's gsm), .txt/.jsonl files or folders; benchmark sets are refused (default: {D.data})")
     p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: larger batches and a 4-layer drafter for a many-core machine (training itself runs on the CPU in this version). Flags given override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)")
     p.add_argument("--init", default=None, metavar="DRAFTER", help="fine-tune this drafter instead of starting from scratch: a saved drafter directory, or `mtp` for the one shipped for --target; its architecture flags (layers, width, head) win over these (default: from scratch)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"the frozen target's dtype; the drafter's weights and optimizer state stay fp32 (default: {D.dtype})")
-    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on CPUs with bf16 instructions (AMX, AVX512-BF16), where a Gemma 3 step takes about 0.6x the time, else fp32 (default: auto)")
+    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where a Gemma 3 step takes about 0.6x the time, else fp32 (default: auto)")
+    p.add_argument("--device", default=None, metavar="DEVICE", help="where the target and the drafter train: cpu, cuda (under torchrun: each rank's GPU, LOCAL_RANK; DDP over NCCL), cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu. Held-out evaluation always drafts on the CPU (default: auto; the gpu preset: cuda)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {D.max_steps})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per training chunk (default: {D.seq_len})")
     p.add_argument("--batch-size", type=int, default=None, help=f"chunks per step on each rank (default: {D.batch_size})")
@@ -68,7 +69,8 @@ def _register_self_distill(subparsers) -> None:
     p.add_argument("--per-source", type=int, default=200, help="prompts drawn from each source (default: 200)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="the dtype the target generates in; auto: bf16 on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32 (default: auto)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="the dtype the target generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32 (default: auto)")
+    p.add_argument("--device", default="auto", help="where the target generates: cpu, cuda, cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default: 0)")
     p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N prompts of each source's draw: N = a training run's --per-source (same --seed) draws prompts it never saw (default: 0)")
     p.add_argument("--prompts-only", action="store_true", help="write the drawn prompts as {\"id\", \"prompt\"} rows, a held-out set for `mtpspec bench --dataset`, instead of generating answers")
@@ -96,7 +98,7 @@ def cmd_self_distill(args) -> int:
         write_prompts(prompts, out)
         print(f"mtpspec: wrote {len(prompts)} prompts to {out}; measure with mtpspec bench --dataset {out}")
         return 0
-    self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed, args.skip, args.dtype)
+    self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed, args.skip, args.dtype, args.device)
     return 0
 
 

@@ -169,7 +169,7 @@ class TextSource:
                 chunk = next(stream)
                 position += 1
                 if position > start:
-                    yield position, torch.tensor(chunk)
+                    yield position, torch.tensor(chunk, device="cpu")  # callers move it where they train
 
     def chunk(self, index: int) -> torch.Tensor:
         """Chunk `index` (0-based) of the whole stream: reading forward is cheap, a step back restarts the stream."""

@@ -32,7 +32,8 @@ class EvalResult:
 
 def evaluate(drafter: MtpModel, target_model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, k: int = 4) -> EvalResult:
     target = Target(target_model, tokenizer, exact=True)  # its own cache: the teacher's stays untouched
-    mtp = Engine(target, MtpDrafter(copy.deepcopy(drafter), target))  # the drafter converts and accelerates its copy
+    # The drafter converts and accelerates its copy, on the target's device (the CPU: the engine runs there).
+    mtp = Engine(target, MtpDrafter(copy.deepcopy(drafter).to(target_model.device), target))
     plain = Engine(target, NoDrafter())
     config = GenerationConfig(max_new_tokens=max_new_tokens, num_draft_tokens=k, seed=0)
     ours, base, same = Stats(), Stats(), True

@@ -83,7 +83,7 @@ class UnrolledLoss(nn.Module):
         if head is not None:
             order = head.token_ordering.long()
             cluster_of = torch.empty_like(order)
-            cluster_of[order] = torch.arange(order.numel()) // (order.numel() // head.num_centroids)
+            cluster_of[order] = torch.arange(order.numel(), device=order.device) // (order.numel() // head.num_centroids)
         weight, cap = self.weight(), self.drafter.config.final_logit_softcapping
         scale = batch.hidden.pow(2).mean().sqrt()  # the target's hidden-state RMS
         total, kls, agree = 0.0, [], []
@@ -104,7 +104,7 @@ class UnrolledLoss(nn.Module):
             kls.append(kl.detach())
             agree.append(best.float().mean())
             if head is not None:  # the cluster scores: cross-entropy to the target's mass per cluster
-                mass = torch.zeros(*ids.shape[:-1], head.num_centroids).scatter_add_(-1, cluster_of[ids], p)
+                mass = torch.zeros(*ids.shape[:-1], head.num_centroids, device=p.device).scatter_add_(-1, cluster_of[ids], p)
                 scores = head.centroids(rec.head_in)
                 total = total + self.cluster_weight * -(mass * F.log_softmax(scores.float(), -1)).sum(-1).mean()
         return total / self.depth, torch.stack(kls), torch.stack(agree)
@@ -114,7 +114,7 @@ class UnrolledLoss(nn.Module):
 
         Cluster tokens already in the top-K are -inf so that no token counts twice.
         """
-        negatives = torch.randint(weight.shape[0], (self.negatives,))
+        negatives = torch.randint(weight.shape[0], (self.negatives,), device="cpu").to(weight.device)  # the CPU generator, which checkpoints keep
         h = head_in.unsqueeze(-1)  # [B, T, H, 1]
         top = softcap((gather_rows(weight, ids) @ h).squeeze(-1), cap)  # [B, T, K]
         repeat = (cluster_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # [B, T, S]

@@ -2,13 +2,15 @@
 
 Every option has a default here; a preset overrides some; flags given on the command line
 override the preset. `cpu-1h` is sized to finish in about an hour on a 2-core CPU with Gemma 3
-270M; `gpu` is sized for one data-parallel GPU worker per rank.
+270M; `gpu` trains on the GPU (one per rank under torchrun) with larger chunks, batches and
+drafter.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
+from ..devices import check_device
 from ..errors import MtpspecError
 
 
@@ -18,7 +20,8 @@ class TrainOptions:
     data: str = "stdlib,gsm-train"  # comma list of sources (see data.py)
     out: str = "drafters/my-drafter"  # final drafter directory; checkpoints go to OUT/checkpoints
     dtype: str = "bf16"  # the frozen target's dtype (the drafter's weights and optimizer state are float32)
-    train_dtype: str = "auto"  # the drafter's matrix products: bf16 (autocast), fp32, or auto (bf16 where the CPU has bf16 instructions)
+    train_dtype: str = "auto"  # the drafter's matrix products: bf16 (autocast), fp32, or auto (bf16 on GPUs that have it and on CPUs with bf16 instructions)
+    device: str = "auto"  # where the target and the drafter train: cpu, cuda, cuda:N, or auto (each rank's GPU where there are GPUs)
     max_steps: int = 200  # optimizer steps
     seq_len: int = 256  # tokens per chunk (one teacher forward)
     batch_size: int = 1  # chunks per step per rank
@@ -55,6 +58,7 @@ class TrainOptions:
             raise MtpspecError(f"--epoch-chunks must be 0 (the endless stream) or positive, got {self.epoch_chunks}")
         if self.train_dtype not in ("auto", "bf16", "fp32"):
             raise MtpspecError(f"--train-dtype must be auto, bf16 or fp32, got {self.train_dtype!r}")
+        check_device(self.device)
         if not 0.0 <= self.min_confidence < 1.0:
             raise MtpspecError(f"--min-confidence must be in [0, 1), got {self.min_confidence}")
         if self.seq_len <= self.depth + 1:
@@ -65,7 +69,7 @@ PRESETS: dict[str, dict] = {
     # Gemma 3 270M: ~1.6 s/step with 2 idle threads (teacher ~1 s: target forward + 262k-way top-K; drafter
     # ~0.6 s), ~2.5 s/step with 1 thread while a second run uses the other core (how the shipped drafters were trained).
     "cpu-1h": dict(max_steps=2000, seq_len=128, batch_size=1, anchors=0, num_layers=1, warmup=50, eval_every=500, checkpoint_every=100),
-    "gpu": dict(max_steps=20000, seq_len=1024, batch_size=8, anchors=256, num_layers=4, lr=5e-4, warmup=500, eval_every=1000, checkpoint_every=500),
+    "gpu": dict(device="cuda", max_steps=20000, seq_len=1024, batch_size=8, anchors=256, num_layers=4, lr=5e-4, warmup=500, eval_every=1000, checkpoint_every=500),
 }
 
 

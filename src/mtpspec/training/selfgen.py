@@ -152,12 +152,12 @@ def done_ids(out: Path) -> set[str]:
 
 
 def self_distill(target: str, sources: list[str], per_source: int, max_new_tokens: int, batch_size: int, out: Path,
-                 seed: int = 0, skip: int = 0, dtype: str = "auto", log=print) -> int:
+                 seed: int = 0, skip: int = 0, dtype: str = "auto", device: str = "auto", log=print) -> int:
     """Generate and append rows to `out`; return how many were written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..bench.run import ships_chat_template
-    from ..kernels import wants_bf16
+    from ..devices import pick_device, wants_bf16
     from ..models import resolve_model
 
     prompts = self_prompts(sources, per_source, seed, skip)
@@ -168,9 +168,10 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     if not todo:
         return 0
     path = resolve_model(target)
-    torch_dtype = torch.bfloat16 if wants_bf16(dtype) else torch.float32
-    log(f"mtpspec: generating in {torch_dtype}".replace("torch.", ""))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").eval()
+    dev = pick_device(device)
+    torch_dtype = torch.bfloat16 if wants_bf16(dtype, dev) else torch.float32
+    log(f"mtpspec: generating in {torch_dtype} on {dev}".replace("torch.", ""))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = ships_chat_template(tokenizer)
     encoded = [_encode(tokenizer, p, chat) for p in todo]
@@ -188,7 +189,7 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
             width = max(len(encoded[i]) for i in rows)
             ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
             mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
-            new = greedy_batch(model, ids, mask, max_new_tokens, stops, pad)
+            new = greedy_batch(model, ids.to(dev), mask.to(dev), max_new_tokens, stops, pad)
             for i, row in zip(rows, new.tolist(), strict=True):
                 answer = _until_stop(row, stops)
                 generated += len(answer)
@@ -212,8 +213,8 @@ def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache, position = out.cache, positions[:, -1:]
-    stop = torch.tensor(stops)
-    done = torch.zeros(len(ids), dtype=torch.bool)
+    stop = torch.tensor(stops, device=ids.device)
+    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     new = []
     for step in range(max_new_tokens):
         token = argmax(out.logits[:, -1]).masked_fill(done, pad)

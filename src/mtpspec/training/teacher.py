@@ -50,7 +50,7 @@ class ChunkSignal:
 
 def anchor_mask(anchors: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
     """`[T, L]` bool: the committed keys a query at each anchor may read (full: [0, p); sliding: [p − W + 1, p))."""
-    keys = torch.arange(length)[None]
+    keys = torch.arange(length, device=anchors.device)[None]
     p = anchors[:, None]
     mask = keys < p
     if window is not None:
@@ -75,7 +75,7 @@ class Teacher:
 
         Target distributions are computed only for the rows `depth` steps from the anchors are taught.
         """
-        taught = (anchors[:, None] + torch.arange(depth)).unique()
+        taught = (anchors[:, None] + torch.arange(depth, device=anchors.device)).unique()
         return self.batch([self.signal(ids, taught) for ids in chunks], anchors)
 
     def batch(self, signals: list[ChunkSignal], anchors: torch.Tensor) -> TeacherBatch:
@@ -117,8 +117,8 @@ class Teacher:
         if taught is None:
             top, top_probs = self._top(hidden)
         else:
-            top = torch.zeros(ids.shape[0], self.top_k, dtype=torch.long)
-            top_probs = torch.zeros(ids.shape[0], self.top_k)
+            top = torch.zeros(ids.shape[0], self.top_k, dtype=torch.long, device=ids.device)
+            top_probs = torch.zeros(ids.shape[0], self.top_k, device=ids.device)
             top[taught], top_probs[taught] = self._top(hidden[taught])
         kv = {}
         for layer in set(self.kv_layers):

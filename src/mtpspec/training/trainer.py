@@ -1,8 +1,10 @@
 """The training loop: teacher forward (or its disk cache) → unrolled loss → AdamW step, with checkpoints and evaluation.
 
-Data-parallel when launched by torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPU; the loss
+Runs where `--device` says (auto: the GPU where there is one). Data-parallel when launched by
+torchrun (WORLD_SIZE > 1): gloo on CPU, NCCL on GPUs with one GPU per rank (LOCAL_RANK); the loss
 module is wrapped in DistributedDataParallel, each rank reads its own shard of the chunk stream,
-and only rank 0 prints, evaluates and writes checkpoints.
+and only rank 0 prints, evaluates and writes checkpoints. Held-out evaluation drafts with the
+engine, which runs on the CPU: a GPU run evaluates with a CPU copy of the target.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import MtpspecError
-from ..kernels import wants_bf16
+from ..devices import pick_device, wants_bf16
 from ..models import load_hf
 from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter
 from ..target import Target
@@ -38,23 +40,24 @@ AUTO_CENTROIDS = 2048  # clusters for vocabularies over 65,536 tokens (Gemma: 26
 class Trainer:
     def __init__(self, opts: TrainOptions, log=print):
         self.opts = opts
-        self.rank, self.world = _init_distributed()
+        self.device = pick_device(opts.device)
+        self.rank, self.world = _init_distributed(self.device)
         self.main = self.rank == 0
         self.log = log if self.main else (lambda *a, **k: None)
         torch.manual_seed(opts.seed)
-        if torch.cuda.is_available():
-            self.log("mtpspec: note: this version trains on the CPU only; the GPU is not used")
         for spec in opts.data.split(","):
             check_source(spec)  # before the model loads: refusing takes no time
-        hf, tokenizer = load_hf(opts.target, opts.dtype)
+        hf, tokenizer = load_hf(opts.target, opts.dtype, self.device)
+        self.log(f"mtpspec: training on {self.device}" + (f", {self.world} ranks" if self.world > 1 else ""))
+        self._cpu_target = None  # the CPU copy a GPU run evaluates with
         self.target_model, self.tokenizer = hf, tokenizer
         target = Target(hf, tokenizer, exact=False)  # the teacher batches whole chunks
         self.step, self.position = 0, 0
         self.cache_hits = self.cache_reads = 0  # chunks found in the teacher cache, chunks looked up (this run)
         ckpt = self._resume_point()
-        self.drafter = self._build_drafter(hf, ckpt).float().train()
+        self.drafter = self._build_drafter(hf, ckpt).float().to(self.device).train()
         self.drafter.config = replace(self.drafter.config, min_confidence=opts.min_confidence)  # evaluated and saved with it
-        self.autocast = wants_bf16(opts.train_dtype)  # the drafter's matrix products in bf16 (torch.autocast)
+        self.autocast = wants_bf16(opts.train_dtype, self.device)  # the drafter's matrix products in bf16 (torch.autocast)
         if self.autocast:
             self.log("mtpspec: training with bf16 matrix products (fp32 weights and optimizer state)")
         # With bf16 products and a bf16 target, the teacher's top-K logits are bf16 too, as the target serves them.
@@ -68,7 +71,9 @@ class Trainer:
         if ckpt is None and not opts.init:
             start_as_copy(self.drafter, self.teacher, self.source)
         loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight)
-        self.loss = DistributedDataParallel(loss) if self.world > 1 else loss
+        if self.world > 1:
+            loss = DistributedDataParallel(loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.loss = loss
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
         if ckpt is not None:
             self.optimizer.load_state_dict(ckpt.optimizer)
@@ -113,7 +118,7 @@ class Trainer:
                                num_centroids=centroids, centroid_top_k=min(o.centroid_top_k, centroids or o.centroid_top_k), seed=o.seed).float()
         if centroids:
             self.log(f"mtpspec: clustering {vocab} output embeddings into {centroids} clusters")
-            init_centroid_head(drafter, hf.get_output_embeddings().weight, seed=o.seed)
+            init_centroid_head(drafter, hf.get_output_embeddings().weight.detach().cpu(), seed=o.seed)
         return drafter
 
     def train(self) -> Path | None:
@@ -127,8 +132,7 @@ class Trainer:
             # Every rank consumed batch_size chunks of its shard: world·batch_size of the stream.
             self.position += o.batch_size * self.world
             batch = self._teacher_batch(chunks)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                loss, kls, agree = self.loss(batch)
+            loss, kls, agree = self._loss(batch)
             self._set_lr()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -158,27 +162,33 @@ class Trainer:
             position += 1
 
     def _teacher_batch(self, chunks: list[int]) -> TeacherBatch:
-        anchors = self._anchors()
+        anchors = self._anchors().to(self.device)
         if self.cache is None:
-            return self.teacher.run([self.source.chunk(i) for i in chunks], anchors, self.opts.depth)
+            return self.teacher.run([self.source.chunk(i).to(self.device) for i in chunks], anchors, self.opts.depth)
         signals = []
         for i in chunks:
             self.cache_reads += 1
-            signal = self.cache.load(i)
+            signal = self.cache.load(i, self.device)
             if signal is None:
-                signal = self.teacher.signal(self.source.chunk(i))  # every row's top-K: any later run may sample other anchors
+                # Every row's top-K: any later run may sample other anchors.
+                signal = self.teacher.signal(self.source.chunk(i).to(self.device))
                 self.cache.save(i, signal, self.target_model.dtype)
             else:
                 self.cache_hits += 1
             signals.append(signal)
         return self.teacher.batch(signals, anchors)
 
+    def _loss(self, batch: TeacherBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.loss(batch)
+
     def _anchors(self) -> torch.Tensor:
-        """Anchor positions p ∈ [1, L − depth], all or a random sample of `--anchors`."""
-        every = torch.arange(1, self.opts.seq_len - self.opts.depth + 1)
+        """Anchor positions p ∈ [1, L − depth], all or a random sample of `--anchors` (drawn on the CPU,
+        whose generator checkpoints keep)."""
+        every = torch.arange(1, self.opts.seq_len - self.opts.depth + 1, device="cpu")
         if not self.opts.anchors or self.opts.anchors >= every.numel():
             return every
-        return every[torch.randperm(every.numel())[: self.opts.anchors].sort().values]
+        return every[torch.randperm(every.numel(), device="cpu")[: self.opts.anchors].sort().values]
 
     def _set_lr(self) -> None:
         o = self.opts
@@ -197,7 +207,9 @@ class Trainer:
             save_checkpoint(self.opts.out, ckpt, self.opts.keep_checkpoints)
 
     def _evaluate(self, prompts, bar) -> None:
-        result = evaluate(self.drafter.eval(), self.target_model, self.tokenizer, prompts, self.opts.eval_tokens)
+        if self.device.type != "cpu" and self._cpu_target is None:
+            self._cpu_target, _ = load_hf(self.opts.target, self.opts.dtype)
+        result = evaluate(self.drafter.eval(), self._cpu_target or self.target_model, self.tokenizer, prompts, self.opts.eval_tokens)
         self.drafter.train()
         line = f"step {self.step}: held-out {result.summary()}"
         (bar.write if bar is not None else self.log)(line)
@@ -250,9 +262,10 @@ def start_as_copy(drafter: MtpModel, teacher: Teacher, source: TextSource) -> No
     if c.hidden_size != c.backbone_hidden_size:
         return
     _, ids = next(source.chunks())
-    hidden = teacher.run([ids], torch.arange(1, 2), 1).hidden  # one teacher forward; one taught row
+    device = drafter.post_projection.weight.device
+    hidden = teacher.run([ids.to(device)], torch.arange(1, 2, device=device), 1).hidden  # one teacher forward; one taught row
     rms = hidden.pow(2).mean(-1).sqrt().mean()
-    eye = torch.eye(c.hidden_size)
+    eye = torch.eye(c.hidden_size, device=device)
     with torch.no_grad():
         drafter.pre_projection.weight[:, c.backbone_hidden_size :] = eye
         drafter.post_projection.weight.copy_(eye * rms)
@@ -262,18 +275,16 @@ def weights_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().contiguous().float().numpy().tobytes())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def _init_distributed() -> tuple[int, int]:
+def _init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        # The teacher and the drafter run on the CPU in this version, so the backend is gloo even
-        # where GPUs exist; NCCL goes with moving both onto each rank's GPU.
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size()
 
 
