@@ -10,6 +10,8 @@ Prompt sources (`--prompts`, a comma list):
 - `instructions`: requests to an assistant built from task templates × topics (writing, advice,
   explanation, comparison, reasoning, coding, extraction …), written here, not taken from any
   benchmark;
+- `tasks`: a second such set, other kinds of request (role-play, reasoning, extraction from a
+  given text, rewriting, STEM and humanities questions) over other subjects (30 × 60);
 - `code`: signatures and docstrings of documented functions in the CPython standard library, to
   complete like a HumanEval problem (HumanEval itself is never read);
 - `gsm-train`: word problems from reasoning-gym's generators with `train-drafter`'s seeds, which
@@ -40,7 +42,7 @@ from ..errors import MtpspecError
 from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
-PROMPT_SOURCES = ("instructions", "code", "gsm-train")
+PROMPT_SOURCES = ("instructions", "code", "gsm-train", "tasks")
 
 TOPICS = (
     "the water cycle", "public libraries", "remote work", "electric cars", "the history of printing", "bees",
@@ -79,6 +81,58 @@ TEMPLATES = (
 )
 
 
+# A second, disjoint set for `tasks`: other kinds of request (role-play, reasoning, extraction from a
+# given text, rewriting, STEM and humanities questions, planning) over other subjects.
+SUBJECTS = (
+    "a lighthouse keeper", "the periodic table", "a city council meeting", "medieval castles", "tea ceremonies",
+    "a lost wallet", "the speed of light", "a school science fair", "ancient Egypt", "a rainy weekend",
+    "solar panels", "a job interview", "the human heart", "a village bakery", "the Silk Road", "migrating birds",
+    "a broken laptop", "prime numbers", "a family reunion", "the Renaissance", "coral reefs", "a train delay",
+    "democracy", "a new smartphone", "the Great Wall of China", "a neighborhood library", "gravity",
+    "a birthday party", "the Cold War", "a camping trip", "inflation", "a hospital night shift", "DNA",
+    "a football match", "Shakespeare's plays", "a power outage", "the metric system", "a farmers' market",
+    "the Byzantine Empire", "a music festival", "probability", "a first day at school", "hurricanes",
+    "a bicycle repair shop", "the printing of money", "a wedding speech", "antibiotics", "a chess club",
+    "the Amazon river", "a startup company", "magnetism", "a road trip", "ancient Greek philosophy",
+    "a museum robbery", "wind turbines", "a student loan", "the Moon's phases", "a cooking competition",
+    "the Internet's history", "a mountain village",
+)
+
+TASKS = (
+    "Pretend you are {t}. Introduce yourself and describe your day.",
+    "You are a detective investigating {t}. Explain your reasoning step by step.",
+    "Write a short speech for an event about {t}.",
+    "Rewrite this sentence in a more formal tone: \"I think {t} is pretty cool and everyone should check it out.\"",
+    "Extract the key facts from this text and list them: \"Last year our town started a project about {t}. "
+    "About 300 people joined, the budget was 12,000 dollars, and the results will be shared in May.\"",
+    "Here is a claim: \"{t} has no effect on everyday life.\" Is it true? Argue both sides and conclude.",
+    "Explain the science behind {t} in simple terms.",
+    "What role did {t} play in history? Give three examples.",
+    "Write a haiku and a limerick about {t}.",
+    "Plan a one-day itinerary centered on {t}.",
+    "If you had to teach a one-hour class about {t}, what would you cover? Give an outline.",
+    "Write a news headline and a short article about {t}.",
+    "Solve this puzzle: a story about {t} has three characters, and each one tells one lie. How would you find out the truth?",
+    "Translate the idea of {t} into a metaphor and explain it.",
+    "Write a letter of complaint about {t} to a local newspaper.",
+    "What would happen if {t} disappeared tomorrow? Think it through.",
+    "Give a short answer, then a detailed answer: why does {t} matter?",
+    "Write a job advertisement connected to {t}.",
+    "Estimate, with your reasoning, how many people in a big city think about {t} each day.",
+    "Describe {t} using only questions.",
+    "Write the opening paragraph of a novel about {t}.",
+    "Create a table with three columns (fact, source, importance) about {t}.",
+    "Act as a teacher grading an essay about {t}. Give feedback on its structure.",
+    "Summarize a debate between an optimist and a pessimist about {t}.",
+    "Write a recipe-style guide (ingredients, steps) for understanding {t}.",
+    "What are the ethical questions raised by {t}?",
+    "How is {t} related to {u}? Find as many connections as you can.",
+    "Write a thank-you note to someone who taught you about {t}.",
+    "Give ten keywords about {t} and use each in a sentence.",
+    "Write a short scene for a play in which {t} causes a misunderstanding.",
+)
+
+
 @dataclass(frozen=True)
 class SelfPrompt:
     id: str
@@ -91,6 +145,13 @@ def instruction_prompts() -> Iterator[SelfPrompt]:
         for j, topic in enumerate(TOPICS):
             other = TOPICS[(j * 7 + i + 1) % len(TOPICS)]
             yield SelfPrompt(f"instructions/{i}/{j}", template.format(t=topic, u=other), True)
+
+
+def task_prompts() -> Iterator[SelfPrompt]:
+    for i, template in enumerate(TASKS):
+        for j, subject in enumerate(SUBJECTS):
+            other = SUBJECTS[(j * 11 + i + 1) % len(SUBJECTS)]
+            yield SelfPrompt(f"tasks/{i}/{j}", template.format(t=subject, u=other), True)
 
 
 def code_prompts() -> Iterator[SelfPrompt]:
@@ -121,7 +182,7 @@ def gsm_prompts() -> Iterator[SelfPrompt]:
 def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int = 0) -> list[SelfPrompt]:
     """Up to `per_source` prompts of each source, drawn with a fixed seed after leaving out the first
     `skip` of the draw (so that `skip` = a training run's `per_source` gives prompts disjoint from it), interleaved."""
-    makers = {"instructions": instruction_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
+    makers = {"instructions": instruction_prompts, "tasks": task_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
     picked = []
     for name in sources:
         if name not in makers:

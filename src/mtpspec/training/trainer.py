@@ -207,9 +207,12 @@ class Trainer:
             save_checkpoint(self.opts.out, ckpt, self.opts.keep_checkpoints)
 
     def _evaluate(self, prompts, bar) -> None:
-        if self.device.type != "cpu" and self._cpu_target is None:
-            self._cpu_target, _ = load_hf(self.opts.target, self.opts.dtype)
-        result = evaluate(self.drafter.eval(), self._cpu_target or self.target_model, self.tokenizer, prompts, self.opts.eval_tokens)
+        model = self.target_model
+        if self.device.type != "cpu":  # the engine drafts on the CPU
+            if self._cpu_target is None:
+                self._cpu_target, _ = load_hf(self.opts.target, self.opts.dtype)
+            model = self._cpu_target
+        result = evaluate(self.drafter.eval(), model, self.tokenizer, prompts, self.opts.eval_tokens)
         self.drafter.train()
         line = f"step {self.step}: held-out {result.summary()}"
         (bar.write if bar is not None else self.log)(line)
