@@ -28,7 +28,8 @@ def pick_device(choice: str) -> torch.device:
         raise MtpspecError(f"--device {choice}: PyTorch sees no CUDA GPU here (torch {torch.__version__}, "
                            f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")
     count = torch.cuda.device_count()
-    index = int(choice.partition(":")[2] or int(os.environ.get("LOCAL_RANK", "0")) % count)
+    _, _, named = choice.partition(":")
+    index = int(named) if named else int(os.environ.get("LOCAL_RANK", "0")) % count
     if index >= count:
         raise MtpspecError(f"--device {choice}: there are {count} GPUs (cuda:0 to cuda:{count - 1})")
     torch.cuda.set_device(index)

@@ -141,17 +141,20 @@ class SelfPrompt:
 
 
 def instruction_prompts() -> Iterator[SelfPrompt]:
-    for i, template in enumerate(TEMPLATES):
-        for j, topic in enumerate(TOPICS):
-            other = TOPICS[(j * 7 + i + 1) % len(TOPICS)]
-            yield SelfPrompt(f"instructions/{i}/{j}", template.format(t=topic, u=other), True)
+    return _templated("instructions", TEMPLATES, TOPICS, stride=7)
 
 
 def task_prompts() -> Iterator[SelfPrompt]:
-    for i, template in enumerate(TASKS):
-        for j, subject in enumerate(SUBJECTS):
-            other = SUBJECTS[(j * 11 + i + 1) % len(SUBJECTS)]
-            yield SelfPrompt(f"tasks/{i}/{j}", template.format(t=subject, u=other), True)
+    return _templated("tasks", TASKS, SUBJECTS, stride=11)
+
+
+def _templated(source: str, templates: tuple[str, ...], subjects: tuple[str, ...], stride: int) -> Iterator[SelfPrompt]:
+    """Every template with every subject `t`; templates that compare take a second subject `u`,
+    picked by `stride` so that pairs vary across templates."""
+    for i, template in enumerate(templates):
+        for j, subject in enumerate(subjects):
+            other = subjects[(j * stride + i + 1) % len(subjects)]
+            yield SelfPrompt(f"{source}/{i}/{j}", template.format(t=subject, u=other), True)
 
 
 def code_prompts() -> Iterator[SelfPrompt]:
