@@ -249,10 +249,13 @@ def test_sources_are_packed_and_interleaved(corpus, tokenizer):
 
 def test_self_distill_prompts_are_not_benchmark_prompts():
     from mtpspec.bench.datasets import GSM_SIZE, gsm, humaneval, mt_bench
-    from mtpspec.training.selfgen import code_prompts, gsm_prompts, instruction_prompts, self_prompts, task_prompts
+    from mtpspec.training.selfgen import (code_prompts, gsm_prompts, instruction_prompts, mixed_prompts, self_prompts,
+                                          task_prompts)
 
-    ours = [*instruction_prompts(), *task_prompts(), *code_prompts(), *gsm_prompts()]
-    assert len(ours) > 5000 and len({p.id for p in ours}) == len(ours)
+    ours = [*instruction_prompts(), *task_prompts(), *mixed_prompts(), *code_prompts(), *gsm_prompts()]
+    assert len(ours) > 8000 and len({p.id for p in ours}) == len(ours)
+    templated = [p.text for p in (*instruction_prompts(), *task_prompts(), *mixed_prompts())]
+    assert len(set(templated)) == len(templated) == 6000  # mixed draws none of the other two's prompts
     bench = [p.text for p in (*mt_bench(), *humaneval(), *gsm(GSM_SIZE))]
     assert not {p.text for p in ours} & set(bench)
     heads = [p.text.strip() for p in ours if p.id.startswith("code/")]
@@ -273,8 +276,8 @@ def test_self_distill_writes_held_out_prompts_for_the_bench(tmp_path, capsys):
 
     out = tmp_path / "tune.jsonl"
     assert main(["self-distill", "--prompts-only", "--skip", "5", "--per-source", "2", "--out", str(out)]) == 0
-    assert "wrote 8 prompts" in capsys.readouterr().out
-    want = self_prompts(["instructions", "code", "gsm-train", "tasks"], 2, skip=5)  # every source by default
+    assert "wrote 10 prompts" in capsys.readouterr().out
+    want = self_prompts(["instructions", "code", "gsm-train", "tasks", "mixed"], 2, skip=5)  # every source by default
     assert [p.text for p in load_dataset(str(out)).prompts] == [p.text for p in want]
     assert main(["self-distill", "--prompts-only", "--skip", "-1", "--out", str(out)]) == 2
 

@@ -65,7 +65,7 @@ def _register_self_distill(subparsers) -> None:
         "training text. Rerunning with the same --out resumes where it stopped.",
     )
     p.add_argument("--target", default=D.target, help=f"target: {MODEL_HELP} (default: {D.target})")
-    p.add_argument("--prompts", default=",".join(PROMPT_SOURCES), help="comma list of prompt sources: instructions (assistant requests from 20 templates x 60 topics), tasks (a second set, 30 x 60: role-play, reasoning, extraction from a given text, rewriting, STEM and humanities), code (documented standard-library functions to complete), gsm-train (word problems, seeds disjoint from the bench's gsm) (default: all)")
+    p.add_argument("--prompts", default=",".join(PROMPT_SOURCES), help="comma list of prompt sources: instructions (assistant requests from 20 templates x 60 topics), tasks (a second set, 30 x 60: role-play, reasoning, extraction from a given text, rewriting, STEM and humanities), mixed (each set's requests over the other's subjects, 3,000 prompts neither draws), code (documented standard-library functions to complete), gsm-train (word problems, seeds disjoint from the bench's gsm) (default: all)")
     p.add_argument("--per-source", type=int, default=200, help="prompts drawn from each source (default: 200)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")

@@ -12,6 +12,8 @@ Prompt sources (`--prompts`, a comma list):
   benchmark;
 - `tasks`: a second such set, other kinds of request (role-play, reasoning, extraction from a
   given text, rewriting, STEM and humanities questions) over other subjects (30 × 60);
+- `mixed`: each set's requests over the other set's subjects (30 × 60 + 20 × 60), prompts
+  neither of the two above draws;
 - `code`: signatures and docstrings of documented functions in the CPython standard library, to
   complete like a HumanEval problem (HumanEval itself is never read);
 - `gsm-train`: word problems from reasoning-gym's generators with `train-drafter`'s seeds, which
@@ -42,7 +44,7 @@ from ..errors import MtpspecError
 from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
-PROMPT_SOURCES = ("instructions", "code", "gsm-train", "tasks")
+PROMPT_SOURCES = ("instructions", "code", "gsm-train", "tasks", "mixed")
 
 TOPICS = (
     "the water cycle", "public libraries", "remote work", "electric cars", "the history of printing", "bees",
@@ -148,6 +150,11 @@ def task_prompts() -> Iterator[SelfPrompt]:
     return _templated("tasks", TASKS, SUBJECTS, stride=11)
 
 
+def mixed_prompts() -> Iterator[SelfPrompt]:
+    yield from _templated("mixed/tasks", TASKS, TOPICS, stride=13)
+    yield from _templated("mixed/instructions", TEMPLATES, SUBJECTS, stride=17)
+
+
 def _templated(source: str, templates: tuple[str, ...], subjects: tuple[str, ...], stride: int) -> Iterator[SelfPrompt]:
     """Every template with every subject `t`; templates that compare take a second subject `u`,
     picked by `stride` so that pairs vary across templates."""
@@ -185,7 +192,7 @@ def gsm_prompts() -> Iterator[SelfPrompt]:
 def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int = 0) -> list[SelfPrompt]:
     """Up to `per_source` prompts of each source, drawn with a fixed seed after leaving out the first
     `skip` of the draw (so that `skip` = a training run's `per_source` gives prompts disjoint from it), interleaved."""
-    makers = {"instructions": instruction_prompts, "tasks": task_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
+    makers = {"instructions": instruction_prompts, "tasks": task_prompts, "mixed": mixed_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
     picked = []
     for name in sources:
         if name not in makers:
