@@ -44,8 +44,6 @@ from ..errors import MtpspecError
 from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
-PROMPT_SOURCES = ("instructions", "code", "gsm-train", "tasks", "mixed")
-
 TOPICS = (
     "the water cycle", "public libraries", "remote work", "electric cars", "the history of printing", "bees",
     "volcanoes", "learning a second language", "compound interest", "sleep", "chess", "urban gardening",
@@ -189,15 +187,20 @@ def gsm_prompts() -> Iterator[SelfPrompt]:
         yield SelfPrompt(f"gsm-train/{i}", ex["question"] + GSM_INSTRUCTION, True)
 
 
+# name -> prompt generator, in the order the default draw interleaves them
+PROMPT_MAKERS = {"instructions": instruction_prompts, "code": code_prompts, "gsm-train": gsm_prompts,
+                 "tasks": task_prompts, "mixed": mixed_prompts}
+PROMPT_SOURCES = tuple(PROMPT_MAKERS)
+
+
 def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int = 0) -> list[SelfPrompt]:
     """Up to `per_source` prompts of each source, drawn with a fixed seed after leaving out the first
     `skip` of the draw (so that `skip` = a training run's `per_source` gives prompts disjoint from it), interleaved."""
-    makers = {"instructions": instruction_prompts, "tasks": task_prompts, "mixed": mixed_prompts, "code": code_prompts, "gsm-train": gsm_prompts}
     picked = []
     for name in sources:
-        if name not in makers:
+        if name not in PROMPT_MAKERS:
             raise MtpspecError(f"unknown prompt source {name!r}: use {', '.join(PROMPT_SOURCES)}")
-        pool = list(makers[name]())
+        pool = list(PROMPT_MAKERS[name]())
         Random(seed).shuffle(pool)
         picked.append(pool[skip : skip + per_source])
     return [p for group in zip(*picked, strict=False) for p in group] + [p for group in picked for p in group[min(map(len, picked)) :]]
