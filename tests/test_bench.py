@@ -107,8 +107,16 @@ def test_dataset_sizes():
     assert len(load_dataset("mt-bench").prompts) == 80
     assert len(load_dataset("humaneval").prompts) == 164
     assert len(load_dataset("humaneval", limit=3).prompts) == 3
-    assert load_dataset("mt-bench").chat_style and not load_dataset("humaneval").chat_style
+    assert all(p.chat for p in load_dataset("mt-bench").prompts) and not any(p.chat for p in load_dataset("humaneval").prompts)
     assert EVAL_DATASETS >= {"mt-bench", "humaneval", "gsm"}
+
+
+def test_mt_bench_limit_samples_every_category():
+    """MT-Bench lists its 80 questions category by category; a --limit must not measure writing alone."""
+    ids = [p.id for p in load_dataset("mt-bench").prompts]
+    assert sorted(ids, key=lambda i: int(i.split("/")[1])) == [f"mt-bench/{n}" for n in range(81, 161)]  # all 80, once
+    # question ids 81-90 are writing, 91-100 roleplay, ... 151-160 humanities
+    assert [p.id for p in load_dataset("mt-bench", limit=9).prompts] == [f"mt-bench/{n}" for n in range(81, 161, 10)] + ["mt-bench/82"]
 
 
 def test_gsm_is_deterministic_for_a_seed():
@@ -123,6 +131,29 @@ def test_jsonl_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     with pytest.raises(MtpspecError, match=r"bad.jsonl:2: .*'prompt'"):
+        load_dataset(str(path))
+
+
+def test_jsonl_rows_choose_the_chat_template_one_by_one(tmp_path, tokenizer):
+    """A held-out set mixes requests (chat) and code (plain), as self-distill encoded them."""
+    from mtpspec.bench.markdown import _template_use
+    from mtpspec.bench.run import _encode
+
+    path = tmp_path / "tune.jsonl"
+    path.write_text('{"prompt": "Say hi.", "chat": true}\n{"prompt": "def f():"}\n')
+    ds = load_dataset(str(path))
+    assert [p.chat for p in ds.prompts] == [True, False]
+    calls = []
+    pipe = types.SimpleNamespace(tokenizer=tokenizer, target=types.SimpleNamespace(context_window=100),
+                                 encode=lambda text, chat: calls.append(chat) or [1, 2])
+    encoded = _encode(ds, pipe, None)
+    assert calls == [True, False] and encoded.chat_prompts == 1 and _template_use(encoded) == "chat template for 1"
+    calls.clear()
+    assert _encode(ds, pipe, False).chat_prompts == 0 and calls == [False, False]  # --no-chat wins
+    calls.clear()
+    assert _template_use(_encode(ds, pipe, True)) == "chat template" and calls == [True, True]
+    path.write_text('{"prompt": "x", "chat": "yes"}\n')
+    with pytest.raises(MtpspecError, match=r"tune.jsonl:1: 'chat' must be true or false"):
         load_dataset(str(path))
 
 
@@ -164,7 +195,7 @@ def test_report_names_an_uncommitted_tree():
 
     settings = {"greedy": True, "max_new_tokens": 8, "repeats": 1}
     env = {"dtype": "bf16", "threads": 2, "cpu": "x", "logical_cpus": 2, "torch": "t", "transformers": "t"}
-    sets = [Encoded("mt-bench", [[1]], ["a"], False)]
+    sets = [Encoded("mt-bench", [[1]], ["a"], 0)]
     clean = _setup_line(settings, {**env, "git_commit": "0123456789abcdef"}, sets)
     dirty = _setup_line(settings, {**env, "git_commit": "0123456789abcdef+dirty"}, sets)
     assert "commit 0123456789ab." in clean

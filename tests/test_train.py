@@ -278,7 +278,8 @@ def test_self_distill_writes_held_out_prompts_for_the_bench(tmp_path, capsys):
     assert main(["self-distill", "--prompts-only", "--skip", "5", "--per-source", "2", "--out", str(out)]) == 0
     assert "wrote 10 prompts" in capsys.readouterr().out
     want = self_prompts(["instructions", "code", "gsm-train", "tasks", "mixed"], 2, skip=5)  # every source by default
-    assert [p.text for p in load_dataset(str(out)).prompts] == [p.text for p in want]
+    assert [(p.text, p.chat) for p in load_dataset(str(out)).prompts] == [(p.text, p.chat) for p in want]
+    assert {p.chat for p in want} == {True, False}  # code is continued, the rest are requests
     assert main(["self-distill", "--prompts-only", "--skip", "-1", "--out", str(out)]) == 2
 
 

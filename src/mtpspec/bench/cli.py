@@ -43,8 +43,8 @@ def register(subparsers) -> None:
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="wrap prompts in the model's chat template (--chat) or not (--no-chat); default: only chat-style datasets "
-        "(mt-bench, gsm) on models that ship a chat template (base Gemma 3 270M gets plain prompts)",
+        help="wrap prompts in the model's chat template (--chat) or not (--no-chat); default: only requests to an assistant "
+        "(mt-bench, gsm, and .jsonl rows with \"chat\": true) on models that ship a chat template (base Gemma 3 270M gets plain prompts)",
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="directory for results.json, report.md and plots (default: results)")
     p.set_defaults(func=cmd_bench)

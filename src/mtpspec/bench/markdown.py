@@ -32,9 +32,15 @@ def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summa
     return "\n".join(lines) + "\n"
 
 
+def _template_use(d: Encoded) -> str:
+    if d.chat_prompts == len(d.prompt_ids):
+        return "chat template"
+    return f"chat template for {d.chat_prompts}" if d.chat_prompts else "plain"
+
+
 def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
     mode = "greedy" if settings["greedy"] else f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, seed {settings['seed']}"
-    sets = ", ".join(f"{d.name} ({len(d.prompt_ids)} prompts, {'chat template' if d.chat else 'plain'})" for d in datasets)
+    sets = ", ".join(f"{d.name} ({len(d.prompt_ids)} prompts, {_template_use(d)})" for d in datasets)
     sha, _, dirty = (env["git_commit"] or "unknown").partition("+")
     commit = sha[:12] + (f"+{dirty} (uncommitted changes)" if dirty else "")
     kernel = f", bf16 linear kernel: {env['bf16_kernel']}" if env.get("bf16_kernel") else ""

@@ -21,7 +21,7 @@ class Encoded:
     name: str
     prompt_ids: list[list[int]]
     prompt_names: list[str]
-    chat: bool
+    chat_prompts: int  # how many went through the chat template
 
 
 @dataclass

@@ -220,7 +220,7 @@ def write_results(path: Path, settings: dict, env: dict, datasets: list[Encoded]
     data = {
         "settings": settings,
         "environment": env,
-        "datasets": [{"name": d.name, "prompts": len(d.prompt_ids), "chat": d.chat} for d in datasets],
+        "datasets": [{"name": d.name, "prompts": len(d.prompt_ids), "chat_prompts": d.chat_prompts} for d in datasets],
         "summary": [asdict(s) for s in summaries],
         "lossless": not found if settings["greedy"] else None,
         "mismatches": [asdict(m) for m in found],

@@ -104,10 +104,11 @@ def ships_chat_template(tokenizer) -> bool:
 
 
 def _encode(ds: Dataset, pipeline, chat: bool | None) -> Encoded:
-    use_chat = chat if chat is not None else ds.chat_style and ships_chat_template(pipeline.tokenizer)
-    ids = [pipeline.encode(p.text, chat=use_chat) for p in ds.prompts]
+    template = ships_chat_template(pipeline.tokenizer)
+    use_chat = [chat if chat is not None else p.chat and template for p in ds.prompts]
+    ids = [pipeline.encode(p.text, chat=c) for p, c in zip(ds.prompts, use_chat, strict=True)]
     window = pipeline.target.context_window
     for p, x in zip(ds.prompts, ids):
         if len(x) >= window:
             raise MtpspecError(f"prompt {p.id} has {len(x)} tokens; the model's context window is {window}")
-    return Encoded(ds.name, ids, [p.id for p in ds.prompts], use_chat)
+    return Encoded(ds.name, ids, [p.id for p in ds.prompts], sum(use_chat))

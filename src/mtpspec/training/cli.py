@@ -73,7 +73,7 @@ def _register_self_distill(subparsers) -> None:
     p.add_argument("--device", default="auto", help="where the target generates: cpu, cuda, cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default: 0)")
     p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N prompts of each source's draw: N = a training run's --per-source (same --seed) draws prompts it never saw (default: 0)")
-    p.add_argument("--prompts-only", action="store_true", help="write the drawn prompts as {\"id\", \"prompt\"} rows, a held-out set for `mtpspec bench --dataset`, instead of generating answers")
+    p.add_argument("--prompts-only", action="store_true", help="write the drawn prompts as {\"id\", \"prompt\", \"chat\"} rows, a held-out set for `mtpspec bench --dataset` (which wraps requests in the chat template as this command would), instead of generating answers")
     p.add_argument("--out", required=True, help="the .jsonl file to append to (with --prompts-only: to write)")
     p.set_defaults(func=cmd_self_distill)
 

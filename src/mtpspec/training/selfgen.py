@@ -33,13 +33,12 @@ import ast
 import json
 import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
 import torch
 
-from ..bench.datasets import GSM_INSTRUCTION, gsm_examples
+from ..bench.datasets import GSM_INSTRUCTION, Prompt, gsm_examples
 from ..errors import MtpspecError
 from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
@@ -133,36 +132,29 @@ TASKS = (
 )
 
 
-@dataclass(frozen=True)
-class SelfPrompt:
-    id: str
-    text: str
-    chat_style: bool  # a request to an assistant (chat template where the model has one) vs. text to continue
-
-
-def instruction_prompts() -> Iterator[SelfPrompt]:
+def instruction_prompts() -> Iterator[Prompt]:
     return _templated("instructions", TEMPLATES, TOPICS, stride=7)
 
 
-def task_prompts() -> Iterator[SelfPrompt]:
+def task_prompts() -> Iterator[Prompt]:
     return _templated("tasks", TASKS, SUBJECTS, stride=11)
 
 
-def mixed_prompts() -> Iterator[SelfPrompt]:
+def mixed_prompts() -> Iterator[Prompt]:
     yield from _templated("mixed/tasks", TASKS, TOPICS, stride=13)
     yield from _templated("mixed/instructions", TEMPLATES, SUBJECTS, stride=17)
 
 
-def _templated(source: str, templates: tuple[str, ...], subjects: tuple[str, ...], stride: int) -> Iterator[SelfPrompt]:
+def _templated(source: str, templates: tuple[str, ...], subjects: tuple[str, ...], stride: int) -> Iterator[Prompt]:
     """Every template with every subject `t`; templates that compare take a second subject `u`,
     picked by `stride` so that pairs vary across templates."""
     for i, template in enumerate(templates):
         for j, subject in enumerate(subjects):
             other = subjects[(j * stride + i + 1) % len(subjects)]
-            yield SelfPrompt(f"{source}/{i}/{j}", template.format(t=subject, u=other), True)
+            yield Prompt(f"{source}/{i}/{j}", template.format(t=subject, u=other), True)
 
 
-def code_prompts() -> Iterator[SelfPrompt]:
+def code_prompts() -> Iterator[Prompt]:
     """Documented top-level functions of the standard library, as `def …:` plus docstring to complete."""
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.glob("*.py")):
@@ -179,12 +171,12 @@ def code_prompts() -> Iterator[SelfPrompt]:
             if len(node.body) < 2 or doc.end_lineno - node.lineno > 30:
                 continue
             head = "\n".join(lines[node.lineno - 1 : doc.end_lineno]) + "\n"
-            yield SelfPrompt(f"code/{path.stem}/{node.name}", head, False)
+            yield Prompt(f"code/{path.stem}/{node.name}", head, False)
 
 
-def gsm_prompts() -> Iterator[SelfPrompt]:
+def gsm_prompts() -> Iterator[Prompt]:
     for i, ex in enumerate(gsm_examples(2000, GSM_TRAIN_SEED)):
-        yield SelfPrompt(f"gsm-train/{i}", ex["question"] + GSM_INSTRUCTION, True)
+        yield Prompt(f"gsm-train/{i}", ex["question"] + GSM_INSTRUCTION, True)
 
 
 # name -> prompt generator, in the order the default draw interleaves them
@@ -193,7 +185,7 @@ PROMPT_MAKERS = {"instructions": instruction_prompts, "code": code_prompts, "gsm
 PROMPT_SOURCES = tuple(PROMPT_MAKERS)
 
 
-def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int = 0) -> list[SelfPrompt]:
+def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int = 0) -> list[Prompt]:
     """Up to `per_source` prompts of each source, drawn with a fixed seed after leaving out the first
     `skip` of the draw (so that `skip` = a training run's `per_source` gives prompts disjoint from it), interleaved."""
     picked = []
@@ -206,10 +198,11 @@ def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int =
     return [p for group in zip(*picked, strict=False) for p in group] + [p for group in picked for p in group[min(map(len, picked)) :]]
 
 
-def write_prompts(prompts: list[SelfPrompt], out: Path) -> None:
-    """The prompts themselves as {"id", "prompt"} rows: a dataset for `mtpspec bench --dataset FILE`."""
+def write_prompts(prompts: list[Prompt], out: Path) -> None:
+    """The prompts themselves as {"id", "prompt", "chat"} rows: a dataset for `mtpspec bench --dataset FILE`
+    that wraps each prompt as this run would (the chat template for requests, where the model ships one)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps({"id": p.id, "prompt": p.text}) + "\n" for p in prompts), encoding="utf-8")
+    out.write_text("".join(json.dumps({"id": p.id, "prompt": p.text, "chat": p.chat}) + "\n" for p in prompts), encoding="utf-8")
 
 
 def done_ids(out: Path) -> set[str]:
@@ -302,8 +295,8 @@ def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
     return torch.stack(new, 1)
 
 
-def _encode(tokenizer, prompt: SelfPrompt, chat: bool) -> list[int]:
-    if prompt.chat_style and chat:
+def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
+    if prompt.chat and chat:
         messages = [{"role": "user", "content": prompt.text}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return tokenizer(prompt.text).input_ids
