@@ -18,12 +18,13 @@ from mtpspec.models import GEMMA_CHAT_TEMPLATE
 
 # Repetitive prompts give the n-gram drafter something to accept.
 PROMPTS = ["abc abc abc abc abc abc", "the cat sat on the mat; the cat sat on the"]
+CATEGORIES = ["letters", "words"]
 
 
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "tiny.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    path.write_text("\n".join(json.dumps({"prompt": p, "category": c}) for p, c in zip(PROMPTS, CATEGORIES)) + "\n")
     return path
 
 
@@ -53,11 +54,17 @@ def test_end_to_end_writes_report_and_is_lossless(tiny_dirs, prompts_file, tmp_p
     assert rows["hf"]["lossless"] is None and rows["hf"]["agreement"] is not None  # reported, not required
     assert all(s["runs"] == len(PROMPTS) and s["peak_rss_mb"] > 0 for s in results["summary"])
     assert results["environment"]["threads"] == 1 and results["environment"]["torch"]
-    assert results["datasets"] == [{"name": "tiny", "prompts": 2, "chat": False}]
+    assert results["datasets"] == [{"name": "tiny", "prompts": 2, "chat_prompts": 0, "categories": CATEGORIES}]
     assert len(results["runs"]) == 5 * len(PROMPTS)
+    by_category = {(s["dataset"], s["row"]): s for s in results["by_category"]}
+    assert set(by_category) == {(f"tiny/{c}", r) for c in CATEGORIES for r in rows}
+    for c, prompt in zip(CATEGORIES, range(len(PROMPTS))):
+        run = next(r for r in results["runs"] if r["prompt"] == prompt and r["row"] == "ngram k=2")
+        assert by_category[(f"tiny/{c}", "ngram k=2")]["tau"] == pytest.approx(run["decode_tokens"] / run["target_forwards"])
 
     report = (out / "report.md").read_text()
     assert "| tiny | none |" in report and "1.00×" in report and "Losslessness**: every mtpspec method" in report
+    assert "| dataset / category | ngram k=2 |" in report and "| tiny/letters | " in report and "| tiny/words | " in report
     assert "| tiny | none |" in capsys.readouterr().out
 
 

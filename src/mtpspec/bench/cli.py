@@ -29,7 +29,7 @@ def register(subparsers) -> None:
         "(hf: transformers greedy/sampled generate; hf-pld: its prompt lookup; hf-assisted:MODEL: its assisted "
         "generation; llama.cpp: llama-cpp-python on the same GGUF). `none` is always included (default: none,ngram)",
     )
-    p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field (default: mt-bench)")
+    p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns, one category after another, so a --limit samples every category), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field and optional 'chat' (default: mt-bench)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each dataset (default: all; gsm: 100)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt (default: 128)")
     p.add_argument("--num-draft-tokens", default="4", metavar="K[,K...]", help="draft tokens per round; a comma list sweeps them (default: 4)")

@@ -31,6 +31,7 @@ class Prompt:
     id: str
     text: str
     chat: bool = False  # a request to an assistant (the chat template, where the model ships one) vs. text to continue
+    category: str = ""  # the report adds a table by category where prompts have one (mt-bench's eight)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def mt_bench() -> tuple[Prompt, ...]:
         rank.append(seen[r["category"]])
         seen[r["category"]] += 1
     ordered = [r for _, r in sorted(zip(rank, rows), key=lambda pair: pair[0])]  # stable: file order within a rank
-    return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True) for r in ordered)
+    return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"]) for r in ordered)
 
 
 def humaneval() -> tuple[Prompt, ...]:
@@ -114,8 +115,8 @@ def gsm_examples(size: int, seed: int, start: int = 0) -> Iterator[dict]:
 
 
 def jsonl(path: Path) -> tuple[Prompt, ...]:
-    """Rows {"prompt": text} with optional "id" and "chat" (true: a request to an assistant, wrapped
-    in the chat template where the model ships one; false, the default: text to continue)."""
+    """Rows {"prompt": text} with optional "id", "chat" (true: a request to an assistant, wrapped in
+    the chat template where the model ships one; false, the default: text to continue) and "category"."""
     if not path.is_file():
         raise MtpspecError(f"dataset file not found: {path}")
     prompts = []
@@ -130,7 +131,9 @@ def jsonl(path: Path) -> tuple[Prompt, ...]:
             raise MtpspecError(f"{path}:{n}: each line needs a non-empty string field 'prompt'")
         if not isinstance(row.get("chat", False), bool):
             raise MtpspecError(f"{path}:{n}: 'chat' must be true or false")
-        prompts.append(Prompt(str(row.get("id", f"{path.stem}/{len(prompts)}")), row["prompt"], row.get("chat", False)))
+        if not isinstance(row.get("category", ""), str):
+            raise MtpspecError(f"{path}:{n}: 'category' must be a string")
+        prompts.append(Prompt(str(row.get("id", f"{path.stem}/{len(prompts)}")), row["prompt"], row.get("chat", False), row.get("category", "")))
     if not prompts:
         raise MtpspecError(f"{path} has no prompts")
     return tuple(prompts)

@@ -12,9 +12,11 @@ HEADER = (
 ALIGN = "|---|---|--:|--:|--:|---|---|--:|--:|---|"
 
 
-def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summaries: list[Summary], found: list[Mismatch], plots: list[str]) -> str:
+def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summaries: list[Summary],
+           by_category: list[Summary], found: list[Mismatch], plots: list[str]) -> str:
     lines = [f"# mtpspec bench: {model}", "", _setup_line(settings, env, datasets), "", HEADER, ALIGN]
     lines += [_row(s) for s in summaries]
+    lines += _category_table(by_category)
     lines += ["", _lossless_line(settings, summaries, found), ""]
     lines += [
         "- **decode tok/s**: tokens after the first one / time after the first one, per generation; "
@@ -30,6 +32,21 @@ def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summa
     if plots:
         lines += [""] + [f"![{p.removesuffix('.png')}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _category_table(by_category: list[Summary]) -> list[str]:
+    """Speedup (τ) of every row but `none` on each category's prompts; nothing without categories."""
+    if not by_category:
+        return []
+    labels = list(dict.fromkeys(s.row for s in by_category if s.row != "none"))
+    cells: dict[str, dict[str, str]] = {}
+    for s in by_category:
+        if s.row != "none":
+            tau = f" (τ {s.tau:.2f})" if s.tau is not None else ""
+            cells.setdefault(s.dataset, {})[s.row] = (f"{s.speedup:.2f}×" if s.speedup else "–") + tau
+    lines = ["", "By category (speedup over `none` on that category's prompts, τ):", "",
+             "| dataset / category | " + " | ".join(labels) + " |", "|---|" + "--:|" * len(labels)]
+    return lines + [f"| {name} | " + " | ".join(row.get(label, "–") for label in labels) + " |" for name, row in cells.items()]
 
 
 def _template_use(d: Encoded) -> str:

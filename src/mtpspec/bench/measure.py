@@ -8,7 +8,7 @@ on whichever ran during a bad minute.
 from __future__ import annotations
 
 import resource
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .methods import Decoding, Row, Runner, RunResult
@@ -22,6 +22,7 @@ class Encoded:
     prompt_ids: list[list[int]]
     prompt_names: list[str]
     chat_prompts: int  # how many went through the chat template
+    categories: list[str] = field(default_factory=list)  # each prompt's ("" where it has none)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import median
 
@@ -89,6 +89,18 @@ def summarize(records: list[Record], rows: list[Row], datasets: list[Encoded], g
         for s in summaries[-len(rows) :]:
             s.speedup = s.tok_s_total / none_total if s.tok_s_total and none_total else None
     return summaries
+
+
+def summarize_categories(records: list[Record], rows: list[Row], datasets: list[Encoded], greedy: bool) -> list[Summary]:
+    """The same summaries for each category of a dataset whose prompts have one, as datasets
+    named "DATASET/CATEGORY" (speedups over `none` on that category's prompts)."""
+    out = []
+    for ds in datasets:
+        for category in dict.fromkeys(c for c in ds.categories if c):
+            name = f"{ds.name}/{category}"
+            mine = [replace(r, dataset=name) for r in records if r.dataset == ds.name and ds.categories[r.prompt] == category]
+            out += summarize(mine, rows, [Encoded(name, [], [], 0)], greedy)
+    return out
 
 
 def _summary(dataset: str, row: Row, records: list[Record], base: dict, greedy: bool) -> Summary:
@@ -203,7 +215,7 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_results(path: Path, settings: dict, env: dict, datasets: list[Encoded], summaries, found, records) -> None:
+def write_results(path: Path, settings: dict, env: dict, datasets: list[Encoded], summaries, by_category, found, records) -> None:
     runs = [
         {
             "dataset": r.dataset,
@@ -220,8 +232,9 @@ def write_results(path: Path, settings: dict, env: dict, datasets: list[Encoded]
     data = {
         "settings": settings,
         "environment": env,
-        "datasets": [{"name": d.name, "prompts": len(d.prompt_ids), "chat_prompts": d.chat_prompts} for d in datasets],
+        "datasets": [{"name": d.name, "prompts": len(d.prompt_ids), "chat_prompts": d.chat_prompts, "categories": d.categories} for d in datasets],
         "summary": [asdict(s) for s in summaries],
+        "by_category": [asdict(s) for s in by_category],
         "lossless": not found if settings["greedy"] else None,
         "mismatches": [asdict(m) for m in found],
         "runs": runs,

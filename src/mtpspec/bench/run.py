@@ -61,12 +61,13 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     records = run_bench(rows, runners, encoded, decoding, config.repeats, progress=progress(total))
 
     summaries = report.summarize(records, rows, encoded, decoding.greedy)
+    by_category = report.summarize_categories(records, rows, encoded, decoding.greedy)
     found = report.mismatches(records, rows, encoded) if decoding.greedy else []
     settings = {**asdict(config), "out": str(config.out), "greedy": decoding.greedy, "rows": [r.label for r in rows]}
     env = report.environment(config.threads, config.dtype)
-    report.write_results(config.out / "results.json", settings, env, encoded, summaries, found, records)
+    report.write_results(config.out / "results.json", settings, env, encoded, summaries, by_category, found, records)
     pngs = plots.write_plots(config.out, summaries)
-    text = markdown.render(config.model, settings, env, encoded, summaries, found, pngs)
+    text = markdown.render(config.model, settings, env, encoded, summaries, by_category, found, pngs)
     (config.out / "report.md").write_text(text)
     files = [config.out / name for name in ["results.json", "report.md", *pngs]]
     return Outcome(summaries, found, text, files)
@@ -111,4 +112,4 @@ def _encode(ds: Dataset, pipeline, chat: bool | None) -> Encoded:
     for p, x in zip(ds.prompts, ids):
         if len(x) >= window:
             raise MtpspecError(f"prompt {p.id} has {len(x)} tokens; the model's context window is {window}")
-    return Encoded(ds.name, ids, [p.id for p in ds.prompts], sum(use_chat))
+    return Encoded(ds.name, ids, [p.id for p in ds.prompts], sum(use_chat), [p.category for p in ds.prompts])
