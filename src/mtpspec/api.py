@@ -11,6 +11,7 @@ from .errors import MtpspecError
 from .models import DEFAULT_MODEL, load_hf
 from .sampling import SamplingParams
 from .target import Target
+from .text import encode_prompt
 
 Messages = Sequence[dict]  # [{"role": "user", "content": "..."}, ...]
 
@@ -41,12 +42,7 @@ class Pipeline:
 
     def encode(self, prompt: str | Messages, chat: bool = False) -> list[int]:
         """Token ids for a plain prompt, or for chat messages through the model's chat template."""
-        if isinstance(prompt, str) and not chat:
-            return self.tokenizer(prompt).input_ids
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        if not self.tokenizer.chat_template:
-            raise MtpspecError(f"{self.model_name} has no chat template; use a plain prompt")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return encode_prompt(self.tokenizer, prompt, chat, self.model_name)
 
     def stream(self, prompt: str | Messages, chat: bool = False, **options) -> Stream:
         ids = self.encode(prompt, chat)

@@ -1,6 +1,20 @@
-"""Incremental detokenisation with stop strings: what text is safe to show, and where to stop."""
+"""Prompts to token ids, and incremental detokenisation with stop strings: what text is safe to
+show, and where to stop."""
 
 from __future__ import annotations
+
+from .errors import MtpspecError
+
+
+def encode_prompt(tokenizer, prompt, chat: bool, model_name: str = "this model") -> list[int]:
+    """Token ids of a plain prompt, or of chat messages (a string is one user message) through the
+    tokenizer's chat template, with the assistant's turn opened."""
+    if isinstance(prompt, str) and not chat:
+        return tokenizer(prompt).input_ids
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if not tokenizer.chat_template:
+        raise MtpspecError(f"{model_name} has no chat template; use a plain prompt")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 class TextTracker:

@@ -139,6 +139,13 @@ def jsonl(path: Path) -> tuple[Prompt, ...]:
     return tuple(prompts)
 
 
+def write_jsonl(prompts: list[Prompt], path: Path) -> None:
+    """`prompts` as rows that `jsonl` reads back the same: {"id", "prompt", "chat"} (+ "category" where set)."""
+    rows = [{"id": p.id, "prompt": p.text, "chat": p.chat, **({"category": p.category} if p.category else {})} for p in prompts]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
 def _literal(path: Path, name: str):
     """The value of a module-level `name = <literal>` in a source file, without running it."""
     for node in ast.parse(path.read_text()).body:

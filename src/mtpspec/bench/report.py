@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
 
@@ -79,28 +79,28 @@ def mismatches(records: list[Record], rows: list[Row], datasets: list[Encoded]) 
 
 
 def summarize(records: list[Record], rows: list[Row], datasets: list[Encoded], greedy: bool) -> list[Summary]:
-    summaries = []
-    for ds in datasets:
-        base = {(r.prompt, r.repeat): r.result.token_ids for r in records if r.dataset == ds.name and r.row == "none"}
-        for row in rows:
-            mine = [r for r in records if r.dataset == ds.name and r.row == row.label]
-            summaries.append(_summary(ds.name, row, mine, base, greedy))
-        none_total = summaries[-len(rows)].tok_s_total  # `none` is always the first row
-        for s in summaries[-len(rows) :]:
-            s.speedup = s.tok_s_total / none_total if s.tok_s_total and none_total else None
-    return summaries
+    return [s for ds in datasets for s in _summaries(ds.name, [r for r in records if r.dataset == ds.name], rows, greedy)]
 
 
 def summarize_categories(records: list[Record], rows: list[Row], datasets: list[Encoded], greedy: bool) -> list[Summary]:
-    """The same summaries for each category of a dataset whose prompts have one, as datasets
-    named "DATASET/CATEGORY" (speedups over `none` on that category's prompts)."""
+    """The same summaries for each category of a dataset whose prompts have one, named
+    "DATASET/CATEGORY" (speedups over `none` on that category's prompts)."""
     out = []
     for ds in datasets:
         for category in dict.fromkeys(c for c in ds.categories if c):
-            name = f"{ds.name}/{category}"
-            mine = [replace(r, dataset=name) for r in records if r.dataset == ds.name and ds.categories[r.prompt] == category]
-            out += summarize(mine, rows, [Encoded(name, [], [], 0)], greedy)
+            mine = [r for r in records if r.dataset == ds.name and ds.categories[r.prompt] == category]
+            out += _summaries(f"{ds.name}/{category}", mine, rows, greedy)
     return out
+
+
+def _summaries(name: str, records: list[Record], rows: list[Row], greedy: bool) -> list[Summary]:
+    """One summary per row over `records` (one dataset's, or part of one), speedups over `none`'s."""
+    base = {(r.prompt, r.repeat): r.result.token_ids for r in records if r.row == "none"}
+    summaries = [_summary(name, row, [r for r in records if r.row == row.label], base, greedy) for row in rows]
+    none_total = summaries[0].tok_s_total  # `none` is always the first row
+    for s in summaries:
+        s.speedup = s.tok_s_total / none_total if s.tok_s_total and none_total else None
+    return summaries
 
 
 def _summary(dataset: str, row: Row, records: list[Record], base: dict, greedy: bool) -> Summary:

@@ -81,8 +81,9 @@ def _register_self_distill(subparsers) -> None:
 def cmd_self_distill(args) -> int:
     from pathlib import Path
 
+    from ..bench.datasets import write_jsonl
     from ..errors import MtpspecError
-    from .selfgen import self_distill, self_prompts, write_prompts
+    from .selfgen import self_distill, self_prompts
 
     for name in ("per_source", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
@@ -95,7 +96,7 @@ def cmd_self_distill(args) -> int:
     sources = [s.strip() for s in args.prompts.split(",") if s.strip()]
     if args.prompts_only:
         prompts = self_prompts(sources, args.per_source, args.seed, args.skip)
-        write_prompts(prompts, out)
+        write_jsonl(prompts, out)  # each row says whether it is a request, as self-distill would encode it
         print(f"mtpspec: wrote {len(prompts)} prompts to {out}; measure with mtpspec bench --dataset {out}")
         return 0
     self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed, args.skip, args.dtype, args.device)

@@ -198,13 +198,6 @@ def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int =
     return [p for group in zip(*picked, strict=False) for p in group] + [p for group in picked for p in group[min(map(len, picked)) :]]
 
 
-def write_prompts(prompts: list[Prompt], out: Path) -> None:
-    """The prompts themselves as {"id", "prompt", "chat"} rows: a dataset for `mtpspec bench --dataset FILE`
-    that wraps each prompt as this run would (the chat template for requests, where the model ships one)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps({"id": p.id, "prompt": p.text, "chat": p.chat}) + "\n" for p in prompts), encoding="utf-8")
-
-
 def done_ids(out: Path) -> set[str]:
     if not out.is_file():
         return set()
@@ -226,6 +219,7 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     from ..bench.run import ships_chat_template
     from ..devices import pick_device, wants_bf16
     from ..models import resolve_model
+    from ..text import encode_prompt
 
     prompts = self_prompts(sources, per_source, seed, skip)
     done = done_ids(out)
@@ -241,7 +235,7 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = ships_chat_template(tokenizer)
-    encoded = [_encode(tokenizer, p, chat) for p in todo]
+    encoded = [encode_prompt(tokenizer, p.text, p.chat and chat) for p in todo]
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
     out.parent.mkdir(parents=True, exist_ok=True)
     stops = _stop_ids(model, tokenizer)
@@ -293,13 +287,6 @@ def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: i
         position = position + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
     return torch.stack(new, 1)
-
-
-def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
-    if prompt.chat and chat:
-        messages = [{"role": "user", "content": prompt.text}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return tokenizer(prompt.text).input_ids
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
