@@ -8,9 +8,8 @@ from typing import Iterator, Sequence
 from .drafters import DEFAULT, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
-from .models import DEFAULT_MODEL, load_hf
+from .models import DEFAULT_MODEL, load_target
 from .sampling import SamplingParams
-from .target import Target
 from .text import encode_prompt
 
 Messages = Sequence[dict]  # [{"role": "user", "content": "..."}, ...]
@@ -87,8 +86,11 @@ def generation_config(
     )
 
 
-def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "bf16", exact: bool = True) -> Pipeline:
+def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "auto", exact: bool = True, weights: str = "auto") -> Pipeline:
     """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `auto` (the default:
-    `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target."""
-    hf, tokenizer = load_hf(model, dtype)
-    return Pipeline(Target(hf, tokenizer, exact=exact), drafter, model)
+    `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target.
+
+    `weights`: `auto` runs a GGUF model (bundled, or a .gguf file) on its own quantized weights through
+    the GGUF runtime (float32 activations), a Hugging Face directory through transformers (`dtype`,
+    `auto` = bf16); `dequant` turns a GGUF model into a bf16 transformers model first."""
+    return Pipeline(load_target(model, dtype, exact, weights), drafter, model)

@@ -66,12 +66,25 @@ def mtpspec_attention(
         fast = exact_attention(query, key, value, attention_mask.view(-1), sliding_window, scaling, softcap)
         if fast is not None:
             return fast, None
-    positions = attention_mask.view(-1).tolist()
     if mtpspec_exact:
-        rows = [_one_row(query[:, :, i], key, value, p, sliding_window, scaling, softcap, groups) for i, p in enumerate(positions)]
-        out = torch.stack(rows, dim=1)  # [B, T, Hq, Dv]
-        return out, None
+        return per_row_attention(query, key, value, attention_mask.view(-1), sliding_window, scaling, softcap), None
+    positions = attention_mask.view(-1).tolist()
     return _batched(query, key, value, positions, sliding_window, scaling, softcap, groups), None
+
+
+def per_row_attention(
+    query: torch.Tensor,  # [B, Hq, T, D]
+    key: torch.Tensor,  # [B, Hkv, L, D]
+    value: torch.Tensor,  # [B, Hkv, L, Dv]
+    positions: torch.Tensor,  # [T] absolute positions of the query rows
+    sliding_window: int | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:  # [B, T, Hq, Dv]
+    """Each query row through its own products over exactly the keys it may see (the portable path)."""
+    groups = query.shape[1] // key.shape[1]
+    rows = [_one_row(query[:, :, i], key, value, p, sliding_window, scaling, softcap, groups) for i, p in enumerate(positions.tolist())]
+    return torch.stack(rows, dim=1)
 
 
 def _one_row(q, key, value, pos, sliding_window, scaling, softcap, groups):

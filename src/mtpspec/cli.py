@@ -10,7 +10,7 @@ import sys
 from .drafters import DEFAULT as DEFAULT_DRAFTER
 from .drafters import shipped
 from .errors import MtpspecError
-from .models import DEFAULT_MODEL, MODEL_HELP
+from .models import DEFAULT_MODEL, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
 
 # Modules with a `register(subparsers)` function adding one verb each (bench, serve, train-drafter).
 VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.training.cli"]
@@ -21,7 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"auto (hybrid with the MTP drafter shipped for --model, ngram for a model without one), ngram (prompt lookup), none (plain decoding), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory), mtp (the MTP drafter shipped with {' and '.join(shipped())}), hybrid[:PATH] (prompt lookup where the text repeats itself, that MTP drafter elsewhere) (default: {DEFAULT_DRAFTER}, the fastest measured here; see the README's Benchmarks)")
     p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
     p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")
+    p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of a transformers model (auto: bf16); the GGUF runtime computes in fp32 on the file's own weights (default: auto)")
     p.add_argument("--no-exact", dest="exact", action="store_false", help="allow faster batched attention whose bf16 rounding depends on the block size (greedy output may then differ from plain decoding)")
 
 
@@ -103,7 +104,7 @@ def cmd_generate(args) -> int:
     options = decoding_options(args)
     check_options(args, options)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
     stream = pipe.stream(prompt, chat=args.chat, **options)
     if args.json:
         for _ in stream.chunks:
@@ -126,7 +127,7 @@ def cmd_chat(args) -> int:
 
     options = decoding_options(args)
     check_options(args, options)
-    pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"mtpspec chat with {args.model} (drafter: {pipe.drafter_spec}); an empty line ends.", file=sys.stderr)
     while True:

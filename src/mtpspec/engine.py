@@ -18,7 +18,7 @@ from .sampling import SamplingParams, argmax, probabilities, sample
 from .stats import Stats
 from .target import Target
 from .text import TextTracker
-from .verify import verify
+from .verify import accept_greedy, verify
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,11 @@ class Engine:
                 block = torch.cat([state.tokens[state.length - 1 : state.length], draft.tokens])
                 kept = 0
                 try:
-                    step = target.forward(block)
-                    verdict = verify(draft.tokens, draft.q, step.logits, params, gen)
+                    step = target.forward(block, logits=not params.greedy)
+                    if params.greedy:
+                        verdict = accept_greedy(draft.tokens, step.greedy())
+                    else:
+                        verdict = verify(draft.tokens, draft.q, step.logits, params, gen)
                     kept = 1 + verdict.accepted
                 finally:
                     target.rollback(block.shape[0] - kept)  # keep [last, accepted drafts]

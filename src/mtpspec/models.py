@@ -105,32 +105,68 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     if (out / "config.json").is_file():
         return out
     _check_gguf_header(gguf)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     print(f"mtpspec: converting {gguf.name} to a bf16 model in {out} (once; later runs load it directly)", file=sys.stderr)
-    try:
+    with _gguf_errors(gguf):
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (ValueError, OSError, KeyError, RuntimeError, EOFError) as e:
-        raise MtpspecError(f"cannot read GGUF file {gguf}: it is corrupt, truncated or unsupported ({e})") from e
+        tokenizer = _gguf_tokenizer(gguf, model.config)
     # The GGUF quantizer would be written into config.json and make the directory unloadable.
     for attr in ("quantization_config", "_is_quantized"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
     model.hf_quantizer = None
-    if tokenizer.chat_template is None and model.config.model_type.startswith("gemma"):
+    return _write_once(out, gguf, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+def gguf_metadata(gguf: Path, name: str | None = None) -> Path:
+    """A cache directory with the config, generation config and tokenizer of `gguf` and no weights
+    (what the GGUF runtime needs besides the file itself); made once, read in a second afterwards."""
+    out = cache_root() / "models" / f"{name or gguf.stem}-{_gguf_key(gguf)}-meta"
+    if (out / "config.json").is_file():
+        return out
+    _check_gguf_header(gguf)
+    from transformers import AutoConfig, GenerationConfig
+
+    print(f"mtpspec: reading the config and tokenizer of {gguf.name} (once; later runs read {out})", file=sys.stderr)
+    with _gguf_errors(gguf):
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tokenizer = _gguf_tokenizer(gguf, config)
+    for attr in ("quantization_config", "_is_quantized"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    generation = GenerationConfig.from_model_config(config)
+    return _write_once(out, gguf, lambda tmp: (config.save_pretrained(tmp), generation.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+
+
+@contextlib.contextmanager
+def _gguf_errors(gguf: Path):
+    try:
+        yield
+    except (ValueError, OSError, KeyError, RuntimeError, EOFError) as e:
+        raise MtpspecError(f"cannot read GGUF file {gguf}: it is corrupt, truncated or unsupported ({e})") from e
+
+
+def _gguf_tokenizer(gguf: Path, config):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer.chat_template is None and config.model_type.startswith("gemma"):
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _write_once(out: Path, gguf: Path, write) -> Path:
+    """Run `write(tmp)` into a fresh directory and move it to `out` atomically: a killed run never
+    leaves a half-written directory, and of two concurrent runs the first to finish wins."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         (tmp / "mtpspec-source.json").write_text(json.dumps({"gguf": str(gguf.resolve())}))
-        os.replace(tmp, out)  # atomic: a killed conversion never leaves a half-written model
+        os.replace(tmp, out)
     except OSError:
-        if (out / "config.json").is_file():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        if not (out / "config.json").is_file():
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,6 +240,78 @@ def _load_language_model(path: Path, text_config, **kwargs):
     if wrong:  # e.g. the language model lies under another prefix: never run random weights
         raise ValueError(f"its language-model weights do not match its text config (e.g. {wrong[:3]})")
     return hf
+
+
+WEIGHTS = ("auto", "gguf", "dequant")
+WEIGHTS_HELP = (
+    "auto (the default): a GGUF model (a bundled one or a .gguf file) runs on its own quantized weights "
+    "through mtpspec's GGUF runtime, a Hugging Face directory through transformers; gguf: require the GGUF "
+    "runtime; dequant: dequantise a GGUF model to a bf16 transformers model (the path before the runtime)"
+)
+
+
+def gguf_file(model: str) -> Path | None:
+    """The GGUF file behind a `--model` value (a bundled name or a .gguf path), None for a directory."""
+    if model in BUNDLED:
+        return BUNDLED[model].gguf()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise MtpspecError(f"GGUF file not found: {path}")
+        return path
+    return None
+
+
+def load_target(model: str, dtype: str = "auto", exact: bool = True, weights: str = "auto"):
+    """The target for a `--model` value: the GGUF runtime's (`GgufTarget`, float32 activations) or a
+    transformers model's (`Target`, `dtype` weights and activations; `auto` is bf16)."""
+    if weights not in WEIGHTS:
+        raise MtpspecError(f"unknown --weights {weights!r}: use {', '.join(WEIGHTS)}")
+    gguf = gguf_file(model) if weights != "dequant" else None
+    if weights == "gguf" and gguf is None:
+        raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
+    if gguf is not None:
+        from .runtime.model import ARCHS
+
+        arch = _gguf_architecture(gguf)
+        if arch in ARCHS:
+            if dtype not in ("auto", "fp32", "float32"):
+                raise MtpspecError(f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant")
+            return load_gguf(gguf, model if model in BUNDLED else None)
+        if weights == "gguf":
+            raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
+        print(f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr)
+    from .target import Target
+
+    hf, tokenizer = load_hf(model, "bf16" if dtype == "auto" else dtype)
+    return Target(hf, tokenizer, exact=exact)
+
+
+def _gguf_architecture(gguf: Path) -> str:
+    from gguf import GGUFReader
+
+    _check_gguf_header(gguf)
+    field = GGUFReader(gguf).fields.get("general.architecture")
+    return field.contents() if field is not None else "unknown"
+
+
+def load_gguf(gguf: Path, name: str | None = None):
+    """The GGUF runtime's target for a file; its config and tokenizer are read once into the cache."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from .runtime import GgufModel, GgufTarget, GgufWeights
+
+    meta = gguf_metadata(gguf, name)
+    with _quiet_transformers():
+        config = AutoConfig.from_pretrained(meta)
+        tokenizer = AutoTokenizer.from_pretrained(meta)
+        generation = GenerationConfig.from_pretrained(meta)
+        # transformers' own rotary module for this config: a skeleton whose parameters stay on the meta
+        # device (no memory) and whose RoPE buffers are real.
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    return GgufTarget(GgufModel(GgufWeights(gguf), config, skeleton.model.rotary_emb), tokenizer, generation)
 
 
 def load_hf(model: str, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu"):

@@ -15,25 +15,16 @@ run one row at a time, which is exact by construction (slower, never wrong).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from .attention import positions_mask
-from .errors import MtpspecError
 from .families import family_for
 from .models import cache_root
+from .runtime.target import TargetStep, check_prompt, stop_token_ids
 
 PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the probe checks
-
-
-@dataclass
-class TargetStep:
-    """What one target forward yields for its T rows."""
-
-    logits: torch.Tensor  # [T, V] in the model dtype
-    hidden: torch.Tensor  # [T, H] last layer, after the final norm
 
 
 class Target:
@@ -51,11 +42,7 @@ class Target:
         self.cache: Cache | None = None
         self.capacity = 0
         self._rows_invariant: bool | None = None
-        # Stop ids: the tokenizer's EOS plus the generation config's (Gemma ends turns with another id).
-        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos |= set(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos] if gen_eos is not None else [])
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     @property
     def length(self) -> int:
@@ -67,29 +54,26 @@ class Target:
 
         Returns the last prompt row only (the only one generation needs).
         """
-        n = prompt_ids.shape[0]
-        if n == 0:
-            raise MtpspecError("the prompt is empty")
-        if n >= self.context_window:
-            raise MtpspecError(f"the prompt has {n} tokens; the model's context window is {self.context_window}")
+        check_prompt(prompt_ids.shape[0], self.context_window)
         if self.cache is None or self.capacity < capacity:
             self.capacity = capacity
             self.cache = Cache(layers=[StaticLayer(capacity) for _ in range(self.family.num_cache_layers())])
         else:
             self.rollback(self.length)
         hidden = self._body(prompt_ids, exact=False)[-1:]
-        return TargetStep(self._head(hidden), hidden)
+        return TargetStep(hidden, logits=self._head(hidden))
 
-    def forward(self, ids: torch.Tensor) -> TargetStep:
-        """Run `ids` `[T]` at the next T positions; their K/V stay in the cache until rolled back."""
+    def forward(self, ids: torch.Tensor, logits: bool = True) -> TargetStep:
+        """Run `ids` `[T]` at the next T positions; their K/V stay in the cache until rolled back.
+        Always computes the logits (`logits=False` is a hint the GGUF runtime uses)."""
         if self.length + ids.shape[0] > self.capacity:
             raise RuntimeError(f"cache overflow: {self.length} + {ids.shape[0]} > {self.capacity}")
         if self.exact and ids.shape[0] > 1 and not self.rows_invariant(ids.shape[0]):
             # One row at a time through the output head too: a block's head would round rows differently.
             rows = [self._body(ids[i : i + 1], exact=True) for i in range(ids.shape[0])]
-            return TargetStep(torch.cat([self._head(h) for h in rows]), torch.cat(rows))
+            return TargetStep(torch.cat(rows), logits=torch.cat([self._head(h) for h in rows]))
         hidden = self._body(ids, exact=self.exact)
-        return TargetStep(self._head(hidden), hidden)
+        return TargetStep(hidden, logits=self._head(hidden))
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states `[T, H]` of `ids` at the next T positions, with prefill arithmetic
@@ -115,6 +99,15 @@ class Target:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Input embeddings `[T, H]` exactly as the target computes them (scaled where it scales)."""
         return self.model.get_input_embeddings()(ids[None])[0]
+
+    def rope(self, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[B, T, D]` of `layer`'s rotary embedding at `positions` `[B, T]`."""
+        return self.family.rope(self.model, layer, positions)
+
+    @property
+    def output_embedding(self) -> torch.Tensor:
+        """The output head's weight `[V, H]`."""
+        return self.model.get_output_embeddings().weight
 
     @torch.inference_mode()
     def _body(self, ids: torch.Tensor, exact: bool) -> torch.Tensor:

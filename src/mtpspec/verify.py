@@ -34,7 +34,12 @@ class Verdict:
 
 def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
     """draft: [k]; target_logits: [k+1, V]. Accept while the draft equals the target's argmax."""
-    best = argmax(target_logits)  # [k+1]
+    return accept_greedy(draft, argmax(target_logits))
+
+
+def accept_greedy(draft: torch.Tensor, best: torch.Tensor) -> Verdict:
+    """draft: [k]; best: [k+1] the target's argmax at each slot (from `verify_greedy`, or a head that
+    computes it without the logits). Accept while the draft equals it."""
     k = draft.shape[0]
     mismatch = (draft != best[:k]).nonzero()
     n = int(mismatch[0]) if mismatch.numel() else k

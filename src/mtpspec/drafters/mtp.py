@@ -34,7 +34,7 @@ class MtpDrafter:
         self.model = model.to(target.dtype).eval()
         accelerate(self.model)  # the target's small-M linear kernel, where it can be built
         self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
-        self.lm_weight = target.model.get_output_embeddings().weight if model.config.lm_head == "target" else None
+        self.lm_weight = target.output_embedding if model.config.lm_head == "target" else None
 
     def begin(self, state: DecodeState) -> None:
         self.keys.begin(state)

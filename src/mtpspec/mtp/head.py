@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import linear  # F.linear, or the small-M CPU kernel where it applies
+from ..runtime import QMatrix
 
 
 class CentroidHead(nn.Module):
@@ -33,6 +34,10 @@ class CentroidHead(nn.Module):
         """x `[B, T, H]`, weight `[V, H]` → (token ids `[B, T, N]`, their logits `[B, T, N]`), N = top_k·V/C."""
         top = torch.topk(self.centroids(x), k=self.top_k, dim=-1).indices  # [B, T, top_k]
         ids = self.clusters()[top].flatten(-2)  # [B, T, N]
+        if isinstance(weight, QMatrix):  # the GGUF runtime's head: the candidates' rows, still quantized
+            if ids.shape[:-1].numel() != 1:
+                raise ValueError("a quantized output embedding scores one position at a time (drafting, not training)")
+            return ids, weight.take(ids.reshape(-1)).linear(x.reshape(1, -1)).view(ids.shape)
         rows = gather_rows(weight, ids)  # [B, T, N, H]
         if ids.shape[:-1].numel() == 1:  # decoding: one matrix-vector product (bmm is far slower in bf16)
             return ids, linear(x.reshape(1, -1), rows.reshape(-1, x.shape[-1])).view(ids.shape)
@@ -55,7 +60,7 @@ def gather_rows(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def logits_from(
     x: torch.Tensor,  # [B, T, H]
-    weight: torch.Tensor,  # [V, H] output embedding
+    weight: torch.Tensor | QMatrix,  # [V, H] output embedding (a QMatrix on the GGUF runtime)
     centroid_head: CentroidHead | None,
     softcap: float | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -64,7 +69,8 @@ def logits_from(
     other token's logit is -inf; `MtpOutput.logits` spells that out when asked).
     """
     if centroid_head is None:
-        return _softcap(linear(x, weight), softcap), None
+        logits = weight.linear(x) if isinstance(weight, QMatrix) else linear(x, weight)
+        return _softcap(logits, softcap), None
     ids, selected = centroid_head(x, weight)
     return _softcap(selected.float(), softcap), ids
 

@@ -68,6 +68,6 @@ def layer_inputs(target, kv_layers: tuple[int, ...], p: int, keys) -> list[Layer
             continue
         start, stop = keys.span(p, family.layer_type(layer), family.sliding_window(layer))
         k, v = target.kv(layer, stop)
-        cos, sin = family.rope(target.model, layer, positions)
+        cos, sin = target.rope(layer, positions)
         made[layer] = LayerInputs(k[:, :, start:], v[:, :, start:], cos, sin)
     return [made[layer] for layer in kv_layers]

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind(args.host, args.port)  # fail on a taken port before the model loads
     if not api_key and not _is_loopback(args.host):
         print(f"mtpspec: warning: listening on {args.host} without an API key; anyone who can reach it can use it", file=sys.stderr)
-    pipe = api.load(args.model, args.drafter, args.dtype, args.exact)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
         drafter=pipe.drafter_spec,

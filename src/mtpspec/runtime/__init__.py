@@ -1,0 +1,13 @@
+"""The GGUF-native runtime: a target that runs a GGUF model on its own quantized weights.
+
+Layers, each importing only the ones before it: `weights` (the file's tensors in their block
+formats, memory-mapped) → `build` + `quant.cpp` (the C++ kernels: products with 1–16 activation
+rows, row- and thread-invariant by construction, and a head fused with argmax) → `model` (the
+forward) → `target` (the engine's target contract, a preallocated cache, integer rollback).
+"""
+
+from .model import GgufModel
+from .target import GgufTarget, TargetStep
+from .weights import GgufWeights, QMatrix
+
+__all__ = ["GgufModel", "GgufTarget", "GgufWeights", "QMatrix", "TargetStep"]

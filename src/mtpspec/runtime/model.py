@@ -1,0 +1,187 @@
+"""A lean forward over a GGUF model's own weights: Gemma 3 and Llama-style decoders, in float32.
+
+Every projection is a `QMatrix` product (C++, on the file's blocks); norms, RoPE and activations are
+a few PyTorch ops per layer on `[T, H]` rows; attention is the exact per-row kernel over the
+preallocated cache. The file is interpreted as transformers interprets it when it loads a GGUF:
+- llama.cpp stores Llama's Q and K rows permuted for its interleaved RoPE; `_unpermute` restores the
+  Hugging Face order (a row permutation, so it works on quantized rows), and RoPE is `rotate_half`;
+- llama.cpp stores Gemma's norm weights as 1 + w; transformers subtracts 1 and its norm adds it back,
+  so `(g - 1) + 1` is computed the same way here;
+- RoPE tables come from transformers' own rotary module for the model's config.
+
+Row invariance: a row's result depends only on its token and the cached keys before it, never on
+which other rows share the call (see quant.cpp for the products, kernels/attention.py for attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import MtpspecError
+from ..families import SLIDING, family_for
+from ..kernels.attention import exact_attention
+from .weights import GgufWeights, QMatrix
+
+ARCHS = ("gemma3", "llama")
+
+
+@dataclass
+class Layer:
+    kind: str  # "sliding_attention" or "full_attention"
+    window: int | None
+    attn_norm: torch.Tensor  # [H]
+    q: QMatrix  # [Hq * D, H]
+    k: QMatrix  # [Hkv * D, H]
+    v: QMatrix  # [Hkv * D, H]
+    o: QMatrix  # [H, Hq * D]
+    ffn_norm: torch.Tensor  # [H]
+    gate: QMatrix  # [F, H]
+    up: QMatrix  # [F, H]
+    down: QMatrix  # [H, F]
+    q_norm: torch.Tensor | None = None  # [D] Gemma only
+    k_norm: torch.Tensor | None = None
+    post_attn_norm: torch.Tensor | None = None  # [H] Gemma's sandwich norms
+    post_ffn_norm: torch.Tensor | None = None
+
+
+def _unpermute(m: QMatrix, heads: int) -> QMatrix:
+    """Undo llama.cpp's Q/K row permutation (transformers' `_reverse_permute_weights`, as a row order)."""
+    n = m.shape[0]
+    half = n // heads // 2
+    order = torch.arange(n).view(heads, half, 2).transpose(1, 2).reshape(-1)
+    return m.take(order)
+
+
+class GgufModel:
+    """Weights and forward of one GGUF decoder; `config` is the transformers config of the same file."""
+
+    def __init__(self, weights: GgufWeights, config, rotary):
+        self.arch = weights.field("general.architecture")
+        if self.arch not in ARCHS:
+            raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {self.arch!r}; use --weights dequant")
+        self.config = config
+        self.family = family_for(config)
+        self.rotary = rotary  # transformers' rotary embedding module for this config
+        self.gemma = self.arch == "gemma3"
+        c = config
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.eps = c.rms_norm_eps
+        self.scaling = self.family.attention_scaling(0)
+        self.softcap = getattr(c, "final_logit_softcapping", None)
+        self.attn_softcap = getattr(c, "attn_logit_softcapping", None)
+        self.embed_scale = torch.tensor(c.hidden_size**0.5) if self.gemma else None
+        self.embedding = weights.matrix("token_embd.weight")
+        self.head = weights.matrix("output.weight") if weights.has("output.weight") else self.embedding
+        self.final_norm = self._norm_weight(weights.vector("output_norm.weight"))
+        self.layers = [self._layer(weights, i) for i in range(c.num_hidden_layers)]
+
+    def _norm_weight(self, w: torch.Tensor) -> torch.Tensor:
+        return 1.0 + (w - 1.0) if self.gemma else w
+
+    def _layer(self, w: GgufWeights, i: int) -> Layer:
+        p = f"blk.{i}."
+        vec = lambda name: self._norm_weight(w.vector(p + name))  # noqa: E731
+        q, k = w.matrix(p + "attn_q.weight"), w.matrix(p + "attn_k.weight")
+        if not self.gemma:
+            q, k = _unpermute(q, self.heads), _unpermute(k, self.kv_heads)
+        layer = Layer(
+            kind=self.family.layer_type(i),
+            window=self.family.sliding_window(i),
+            attn_norm=vec("attn_norm.weight"),
+            q=q,
+            k=k,
+            v=w.matrix(p + "attn_v.weight"),
+            o=w.matrix(p + "attn_output.weight"),
+            ffn_norm=vec("ffn_norm.weight"),
+            gate=w.matrix(p + "ffn_gate.weight"),
+            up=w.matrix(p + "ffn_up.weight"),
+            down=w.matrix(p + "ffn_down.weight"),
+        )
+        if self.gemma:
+            layer.q_norm, layer.k_norm = vec("attn_q_norm.weight"), vec("attn_k_norm.weight")
+            layer.post_attn_norm, layer.post_ffn_norm = vec("post_attention_norm.weight"), vec("post_ffw_norm.weight")
+        return layer
+
+    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed * w if self.gemma else w * normed
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        x = self.embedding.rows(ids)
+        return x * self.embed_scale if self.gemma else x
+
+    def rope(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[1, T, D]` at `positions` `[1, T]` for layers of type `kind`."""
+        probe = torch.empty(0)
+        return self.rotary(probe, positions, kind) if self.gemma else self.rotary(probe, positions)
+
+    def forward(self, ids: torch.Tensor, start: int, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Hidden states `[T, H]` (after the final norm) of tokens `ids` `[T]` at positions start.., writing
+        their K/V into `cache` (one (keys, values) `[1, Hkv, capacity, D]` pair per layer)."""
+        t = ids.shape[0]
+        positions = torch.arange(start, start + t)
+        tables = {kind: self.rope(kind, positions[None]) for kind in self.family.attention_types()}
+        x = self.embed(ids)
+        for layer, (keys, values) in zip(self.layers, cache, strict=True):
+            h = self.norm(x, layer.attn_norm)
+            q = layer.q.linear(h).view(t, self.heads, self.head_dim)
+            k = layer.k.linear(h).view(t, self.kv_heads, self.head_dim)
+            v = layer.v.linear(h).view(t, self.kv_heads, self.head_dim)
+            if self.gemma:
+                q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
+            cos, sin = tables[layer.kind]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys[0, :, start : start + t] = k.transpose(0, 1)
+            values[0, :, start : start + t] = v.transpose(0, 1)
+            a = self._attend(q, keys, values, positions, layer.window)
+            a = layer.o.linear(a.reshape(t, -1))
+            if self.gemma:
+                a = self.norm(a, layer.post_attn_norm)
+            x = x + a
+            h = self.norm(x, layer.ffn_norm)
+            m = layer.down.linear(self._act(layer.gate.linear(h)) * layer.up.linear(h))
+            if self.gemma:
+                m = self.norm(m, layer.post_ffn_norm)
+            x = x + m
+        return self.norm(x, self.final_norm)
+
+    def _act(self, g: torch.Tensor) -> torch.Tensor:
+        return F.gelu(g, approximate="tanh") if self.gemma else F.silu(g)
+
+    def _attend(self, q, keys, values, positions, window) -> torch.Tensor:
+        """`[T, Hq, D]` attention of each query row over exactly the keys its position may see."""
+        query = q.transpose(0, 1)[None]  # [1, Hq, T, D]
+        out = exact_attention(query, keys, values, positions, window, self.scaling, self.attn_softcap)
+        if out is None:  # no C++ kernels here: the same per-row arithmetic through PyTorch
+            from ..attention import per_row_attention
+
+            out = per_row_attention(query, keys, values, positions, window, self.scaling, self.attn_softcap)
+        return out[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, V] float32
+        logits = self.head.linear(hidden)
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T] int64
+        """The argmax of `logits(hidden)`, fused with the head (a softcap is monotonic but could tie
+        distinct logits, so a capped head takes the full logits)."""
+        if self.softcap:
+            from ..sampling import argmax
+
+            return argmax(self.logits(hidden))
+        return self.head.argmax(hidden)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on `[T, heads, D]` with cos, sin `[1, T, D]` (transformers' rotate_half form)."""
+    cos, sin = cos[0, :, None], sin[0, :, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def is_sliding(kind: str) -> bool:
+    return kind == SLIDING

@@ -1,0 +1,112 @@
+"""GGUF tensors kept in the file's own block formats, memory-mapped, behind one small matrix type.
+
+A `QMatrix` is a 2-D weight whose rows are output features, each row the file's consecutive blocks
+for that feature's K input weights. `linear`, `argmax` and `rows` run the C++ kernels on those bytes
+directly (see quant.cpp): a weight's value is exactly what the format's reference dequantiser gives.
+The file is mapped copy-on-write, so the weights cost page cache, shared between processes, rather
+than private memory; nothing here ever writes to them.
+
+Tensors of a type the kernels do not know are dequantised once, on load, to float32 with gguf-py's
+reference dequantiser (correct, larger and slower), and one line on stderr says which.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from ..errors import MtpspecError
+from .build import ops
+
+Q = GGMLQuantizationType
+# What the kernels multiply on directly.
+NATIVE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+
+
+@dataclass(frozen=True)
+class QMatrix:
+    """A weight `[N, K]` in a GGUF block format (N output features of K inputs)."""
+
+    raw: torch.Tensor  # [N, row_bytes] uint8: row n is feature n's blocks
+    qtype: GGMLQuantizationType
+    cols: int  # K
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raw.shape[0], self.cols
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N] float32
+        """`x @ W.T` in float32; row i of a block has the same bits as row i alone."""
+        flat = x.reshape(-1, self.cols).float()
+        return ops().qlinear(flat, self.raw, int(self.qtype), self.cols).view(*x.shape[:-1], self.raw.shape[0])
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
+        """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index."""
+        return torch.cat([ops().qargmax(x[i : i + 16].float(), self.raw, int(self.qtype), self.cols) for i in range(0, x.shape[0], 16)])
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, K] float32
+        """Rows `ids`, dequantised (embedding lookups)."""
+        return ops().dequantize(self.raw, ids.reshape(-1), int(self.qtype), self.cols).view(*ids.shape, self.cols)
+
+    def take(self, ids: torch.Tensor) -> QMatrix:
+        """The matrix of rows `ids` `[R]` (their blocks copied, still quantized)."""
+        return QMatrix(self.raw.index_select(0, ids), self.qtype, self.cols)
+
+
+
+def _as_qmatrix(raw: np.ndarray, qtype: GGMLQuantizationType, cols: int) -> QMatrix:
+    """A 2-D tensor's data as GGUFReader maps it (uint8 blocks, or float rows for F32/F16/BF16)."""
+    rows = raw.shape[0]
+    return QMatrix(torch.from_numpy(raw.reshape(rows, -1).view(np.uint8)), qtype, cols)
+
+
+class GgufWeights:
+    """The tensors of one GGUF file by name: `matrix(name)` for 2-D weights, `vector(name)` for 1-D ones."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            # Copy-on-write mapping: writable numpy views (torch wants them) that never reach the file.
+            self.reader = GGUFReader(self.path, "c")
+        except (ValueError, OSError, KeyError, IndexError) as e:
+            raise MtpspecError(f"cannot read GGUF file {self.path}: {e}") from e
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        foreign = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in NATIVE})
+        if foreign:
+            print(
+                f"mtpspec: {self.path.name} has tensors of type {', '.join(foreign)}, which the GGUF runtime does not "
+                "multiply on directly; they are dequantised to float32 on load (correct, larger and slower)",
+                file=sys.stderr,
+            )
+
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def matrix(self, name: str) -> QMatrix:
+        t = self._tensor(name)
+        cols = int(t.shape[0])  # GGUF lists dimensions innermost first
+        if len(t.shape) != 2:
+            raise MtpspecError(f"{self.path.name}: {name} has shape {list(t.shape)}, expected a matrix")
+        if t.tensor_type in NATIVE:
+            return _as_qmatrix(t.data, t.tensor_type, cols)
+        dense = dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), cols).astype(np.float32)
+        return _as_qmatrix(dense, Q.F32, cols)
+
+    def vector(self, name: str) -> torch.Tensor:  # [n] float32
+        t = self._tensor(name)
+        return torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(-1).astype(np.float32))
+
+    def _tensor(self, name: str):
+        if name not in self.tensors:
+            raise MtpspecError(f"{self.path.name} has no tensor {name!r}")
+        return self.tensors[name]
