@@ -20,6 +20,12 @@ from .model import MtpModel
 WEIGHTS = "model.safetensors"
 
 
+def _vocab_size(target_model) -> int:
+    if hasattr(target_model, "get_output_embeddings"):  # a transformers model
+        return target_model.get_output_embeddings().weight.shape[0]
+    return target_model.vocab_size  # an mtpspec target
+
+
 def init_drafter(
     target_model,
     num_layers: int = 4,
@@ -32,7 +38,7 @@ def init_drafter(
     seed: int = 0,
     std: float = 0.02,
 ) -> MtpModel:
-    """A randomly initialised drafter shaped for `target_model` (a Hugging Face causal LM), in its dtype.
+    """A randomly initialised drafter shaped for `target_model` (a Hugging Face causal LM, or an mtpspec target).
 
     Layers are [sliding × (n − 1), full] when the target has sliding layers, else all full; each
     reads the last target layer of its type that computes its own K/V. Untrained, it drafts
@@ -51,7 +57,7 @@ def init_drafter(
         backbone_hidden_size=tc.hidden_size,
         hidden_size=hidden,
         intermediate_size=intermediate_size or 4 * hidden,
-        vocab_size=target_model.get_output_embeddings().weight.shape[0],
+        vocab_size=_vocab_size(target_model),
         num_attention_heads=heads,
         layer_types=types,
         head_dims=tuple(family.head_dim(i) for i in kv_layers),
@@ -73,7 +79,7 @@ def init_drafter(
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         if model.masked_embedding is not None:  # random clusters until training clusters the embeddings
             model.masked_embedding.token_ordering.copy_(torch.randperm(config.vocab_size, generator=gen))
-    return model.to(next(target_model.parameters()).dtype).eval()
+    return model.to(target_model.dtype).eval()  # transformers models and mtpspec targets both say their dtype
 
 
 def save_drafter(model: MtpModel, path: str | Path) -> Path:

@@ -1,0 +1,167 @@
+"""The GGUF runtime: exact block formats, row- and thread-invariant products, a fused argmax head, and a
+forward that equals transformers' on the same file. Tiny random GGUFs (tests/gguf_tiny.py); the real
+bundled models are in test_real.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+from gguf_tiny import load_transformers, random_blocks, tiny_gemma3_gguf, tiny_llama_gguf, write_tiny_gguf  # noqa: F401
+
+import mtpspec
+from mtpspec.cli import main
+from mtpspec.models import load_gguf
+from mtpspec.mtp import init_drafter, save_drafter
+from mtpspec.runtime import QMatrix
+from mtpspec.runtime.build import ops
+from mtpspec.runtime.weights import NATIVE
+
+TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
+assert set(TYPES) == NATIVE
+
+
+def matrix(qtype, rows, cols, seed=0, extreme=False) -> QMatrix:
+    return QMatrix(torch.from_numpy(random_blocks(qtype, rows, cols, seed, extreme)), qtype, cols)
+
+
+def reference(m: QMatrix) -> torch.Tensor:  # [N, K] float32, gguf-py's dequantiser
+    return torch.from_numpy(dequantize(m.raw.numpy(), m.qtype).reshape(m.shape).astype(np.float32))
+
+
+@pytest.mark.parametrize("extreme", [False, True])
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_dequantised_values_equal_the_reference_bit_for_bit(qtype, extreme):
+    m = matrix(qtype, 80, 512, seed=1, extreme=extreme)  # 80 rows x 2-16 blocks: every extreme case appears
+    ours = m.rows(torch.arange(80))
+    assert torch.equal(ours, reference(m))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_products_agree_with_float64_within_fp32_rounding(qtype):
+    m = matrix(qtype, 96, 768, seed=2)
+    x = torch.randn(5, 768, generator=torch.Generator().manual_seed(0))
+    w = reference(m).double()
+    exact = x.double() @ w.T
+    scale = x.double().abs() @ w.abs().T  # sum of |products|: bounds the fp32 rounding error
+    assert ((m.linear(x).double() - exact).abs() <= 1e-5 * scale + 1e-30).all()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_K, Q.Q5_0, Q.Q6_K, Q.Q4_1, Q.F16], ids=lambda t: t.name)
+def test_rows_are_invariant_to_the_block_they_are_computed_in(qtype):
+    m = matrix(qtype, 70, 512, seed=3)  # 70: a partial last tile of features
+    x = torch.randn(33, 512, generator=torch.Generator().manual_seed(1))  # 33: past one 16-row pass, twice
+    alone = torch.cat([m.linear(x[i : i + 1]) for i in range(33)])
+    for rows in [*range(2, 17), 33]:
+        assert torch.equal(m.linear(x[:rows]), alone[:rows]), rows
+        assert torch.equal(m.argmax(x[:rows]), alone[:rows].argmax(-1)), rows
+
+
+def test_products_are_invariant_to_the_thread_count():
+    m = matrix(Q.Q8_0, 20000, 256, seed=4)  # enough features that two threads split them
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = m.linear(x), m.argmax(x)
+        torch.set_num_threads(2)
+        two = m.linear(x), m.argmax(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_head_argmax_breaks_ties_like_argmax(threads):
+    """Copies of the winning row, early and late (in different thread slices), tie exactly: the first wins."""
+    raw = random_blocks(Q.Q8_0, 20000, 256, seed=5)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(3))
+    best = int(QMatrix(torch.from_numpy(raw), Q.Q8_0, 256).argmax(x[:1])[0])
+    tied = raw.copy()
+    first, last = min(best, 7), 19990
+    tied[first] = tied[last] = raw[best]
+    m = QMatrix(torch.from_numpy(tied), Q.Q8_0, 256)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        logits = m.linear(x)
+        assert logits[0, first] == logits[0, last] == logits[0].max()
+        assert torch.equal(m.argmax(x), logits.argmax(-1))
+        assert int(m.argmax(x)[0]) == first
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_unknown_type_is_refused_by_the_kernel():
+    with pytest.raises(RuntimeError, match="unsupported GGML type"):
+        ops().qlinear(torch.zeros(1, 256), torch.zeros(1, 84, dtype=torch.uint8), int(Q.Q2_K), 256)
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def tiny_gguf(request):
+    return request.getfixturevalue(f"tiny_{request.param}_gguf")
+
+
+def _logits_both(path, text):
+    target = load_gguf(path)
+    hf, tok = load_transformers(path)
+    ids = torch.tensor(tok.encode(text))
+    ours = torch.cat([target.start(ids[:1], 64).logits, target.gguf.logits(target.hidden_states(ids[1:]))])
+    with torch.inference_mode():
+        theirs = hf(ids[None]).logits[0].float()
+    return ours, theirs
+
+
+def test_forward_equals_transformers_on_the_same_file(tiny_gguf):
+    """Same weights, same conventions (Q/K row order, Gemma's norm + 1, RoPE, sliding window): the logits of
+    a prompt longer than the window agree to fp32 rounding."""
+    ours, theirs = _logits_both(tiny_gguf, "the quick brown fox jumps over the lazy dog, then over the lazy cat")
+    assert ours.shape == theirs.shape and ours.shape[0] > 12
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_unsupported_tensor_type_falls_back_with_one_warning(tmp_path, capfd):
+    path = write_tiny_gguf(tmp_path / "q2k.gguf", "llama", q2_k_tensor="blk.0.ffn_down.weight", vocab_size=4096)
+    ours, theirs = _logits_both(path, "falling back is slower, never wrong")
+    assert capfd.readouterr().err.count("Q2_K") == 1
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_speculative_output_equals_plain_for_every_drafter(tiny_gguf, tmp_path, k):
+    """Random drafters (full and centroid heads), lookup, and both together: greedy output is plain
+    decoding's, token for token, and blocks were really verified."""
+    target = load_gguf(tiny_gguf)
+    prompt = "abc abc abc abc, the cat sat on the mat; the cat sat on the"
+    plain = mtpspec.Pipeline(target, "none").generate(prompt, max_new_tokens=24, ignore_eos=True)
+    save_drafter(init_drafter(target, num_layers=2, num_centroids=64, centroid_top_k=4), tmp_path / "centroid")
+    save_drafter(init_drafter(target, num_layers=1), tmp_path / "full")
+    for spec in ("ngram", f"mtp:{tmp_path / 'full'}", f"mtp:{tmp_path / 'centroid'}", f"hybrid:{tmp_path / 'centroid'}"):
+        got = mtpspec.Pipeline(target, spec).generate(prompt, max_new_tokens=24, num_draft_tokens=k, ignore_eos=True)
+        assert got.token_ids == plain.token_ids, spec
+        assert got.stats.drafted_tokens > 0, spec
+
+
+def test_sampled_output_is_reproducible_with_a_seed(tiny_llama_gguf, tmp_path):  # noqa: F811
+    target = load_gguf(tiny_llama_gguf)
+    pipe = mtpspec.Pipeline(target, "ngram")
+    runs = [pipe.generate("abc abc abc abc", max_new_tokens=16, temperature=0.8, seed=7, ignore_eos=True).token_ids for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_cli_weights_errors(tiny_dirs, tiny_llama_gguf, capsys):  # noqa: F811
+    assert main(["generate", "hi", "--model", str(tiny_dirs["llama"]), "--weights", "gguf", "--max-new-tokens", "2"]) == 2
+    assert "--weights gguf needs a GGUF model" in capsys.readouterr().err
+    assert main(["generate", "hi", "--model", str(tiny_llama_gguf), "--dtype", "bf16", "--max-new-tokens", "2"]) == 2
+    assert "computes in fp32" in capsys.readouterr().err
+
+
+def test_cli_runs_both_weight_paths_on_a_gguf_file(tiny_llama_gguf, capsys):  # noqa: F811
+    for weights in ("auto", "dequant"):
+        args = ["generate", "the cat", "--model", str(tiny_llama_gguf), "--weights", weights, "--max-new-tokens", "4", "--drafter", "ngram", "--json"]
+        assert main(args) == 0, weights
+        assert '"token_ids"' in capsys.readouterr().out
