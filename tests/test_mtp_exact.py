@@ -124,7 +124,7 @@ def test_random_drafter_is_exact_on_gemma3_270m():
     """The embedded default in bf16: a random 4-layer MTP drafter (centroid head) changes nothing."""
     from mtpspec.api import load
 
-    pipe = load("gemma3-270m", drafter="none", dtype="bf16")
+    pipe = load("gemma3-270m", drafter="none", dtype="bf16", weights="dequant")
     prompt = "The capital of France is Paris. The capital of Germany is"
     plain = pipe.generate(prompt, max_new_tokens=24).token_ids
     model = init_drafter(pipe.target.model, num_centroids=2048, centroid_top_k=32)

@@ -24,12 +24,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def gemma_fp32():
-    return mtpspec.load("gemma3-270m", drafter="none", dtype="fp32")
+    return mtpspec.load("gemma3-270m", drafter="none", dtype="fp32", weights="dequant")
 
 
 @pytest.fixture(scope="module")
 def gemma_bf16():
-    return mtpspec.load("gemma3-270m", drafter="none", dtype="bf16")
+    return mtpspec.load("gemma3-270m", drafter="none", dtype="bf16", weights="dequant")
 
 
 def test_fp32_greedy_equals_transformers_generate(gemma_fp32):
@@ -85,13 +85,32 @@ def test_smollm2_chat():
     assert plain.token_ids == res.token_ids
 
 
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_gguf_runtime_every_drafter_is_exact(model):
+    """The default path: the bundled GGUF on its own weights. Every drafter, chains of 4 and 8, plain and
+    chat prompts: greedy output is plain decoding's, bit for bit, and the blocks were really verified."""
+    plain = mtpspec.load(model, drafter="none")
+    assert type(plain.target).__name__ == "GgufTarget"
+    chat = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+    for spec, lengths in (("ngram", (4,)), ("mtp", (4,)), ("hybrid", (4, 8))):
+        pipe = mtpspec.Pipeline(plain.target, spec, model)
+        accepted = 0
+        for prompt, is_chat in [*((p, False) for p in PROMPTS), (chat, True)]:
+            want = plain.generate(prompt, chat=is_chat, max_new_tokens=40, ignore_eos=True)
+            for k in lengths:
+                got = pipe.generate(prompt, chat=is_chat, max_new_tokens=40, num_draft_tokens=k, ignore_eos=True)
+                assert got.token_ids == want.token_ids, (spec, k, prompt)
+                accepted += got.stats.accepted_tokens
+        assert accepted > 0, spec
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
 def test_shipped_drafter_is_exact(model, dtype, gemma_bf16, gemma_fp32):
     """`--drafter mtp` loads the shipped MTP drafter; greedy output stays plain decoding's, token for token."""
     from mtpspec.drafters import shipped
 
-    plain = (gemma_bf16 if dtype == "bf16" else gemma_fp32) if model == "gemma3-270m" else mtpspec.load(model, drafter="none", dtype=dtype)
+    plain = (gemma_bf16 if dtype == "bf16" else gemma_fp32) if model == "gemma3-270m" else mtpspec.load(model, drafter="none", dtype=dtype, weights="dequant")
     shipped_mtp = mtpspec.Pipeline(plain.target, "mtp", model)
     assert shipped_mtp.drafter_spec == f"mtp:{shipped()[model]}"
     accepted = drafted = 0
