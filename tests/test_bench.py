@@ -8,13 +8,11 @@ import types
 
 import pytest
 
-from mtpspec.bench import EVAL_DATASETS, load_dataset
-from mtpspec.bench.datasets import gsm
+from mtpspec.prompts import EVAL_DATASETS, gsm, load_dataset
 from mtpspec.bench.methods import Decoding, MtpspecRunner
-from mtpspec.bench.run import ships_chat_template
 from mtpspec.cli import main
 from mtpspec.errors import MtpspecError
-from mtpspec.models import GEMMA_CHAT_TEMPLATE
+from mtpspec.text import GEMMA_CHAT_TEMPLATE, ships_chat_template
 
 # Repetitive prompts give the n-gram drafter something to accept.
 PROMPTS = ["abc abc abc abc abc abc", "the cat sat on the mat; the cat sat on the"]

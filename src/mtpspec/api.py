@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator, Sequence
 
 from .drafters import DEFAULT, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
-from .models import DEFAULT_MODEL, load_hf
+from .models import DEFAULT_DTYPE, DEFAULT_MODEL, load_hf
 from .sampling import SamplingParams
 from .target import Target
 from .text import encode_prompt
@@ -64,30 +64,20 @@ class Pipeline:
             raise MtpspecError(f"the prompt has {len(ids)} tokens; the model's context window is {self.target.context_window}")
 
 
-def generation_config(
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    ignore_eos: bool = False,
-    num_draft_tokens: int = 4,
-    adaptive: bool = False,
-) -> GenerationConfig:
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
-        seed=seed,
-        stop=tuple(stop),
-        ignore_eos=ignore_eos,
-        num_draft_tokens=num_draft_tokens,
-        adaptive=adaptive,
-    )
+SAMPLING_OPTIONS = frozenset(f.name for f in fields(SamplingParams))
 
 
-def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "bf16", exact: bool = True) -> Pipeline:
+def generation_config(**options) -> GenerationConfig:
+    """A `GenerationConfig` from flat keyword options: the fields of `GenerationConfig` (`max_new_tokens`,
+    `seed`, `stop`, `ignore_eos`, `num_draft_tokens`, `adaptive`) and of `SamplingParams` (`temperature`,
+    `top_k`, `top_p`, `min_p`). Options left out keep those classes' defaults; unknown ones raise TypeError."""
+    sampling = {name: options.pop(name) for name in SAMPLING_OPTIONS & options.keys()}
+    if "stop" in options:
+        options["stop"] = tuple(options["stop"])
+    return GenerationConfig(sampling=SamplingParams(**sampling), **options)
+
+
+def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = DEFAULT_DTYPE, exact: bool = True) -> Pipeline:
     """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `auto` (the default:
     `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target."""
     hf, tokenizer = load_hf(model, dtype)

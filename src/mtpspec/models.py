@@ -22,17 +22,12 @@ from typing import Callable
 import torch
 
 from .errors import MtpspecError
+from .paths import models_dir
+from .text import GEMMA_CHAT_TEMPLATE
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-
-# Gemma 3 270M ships as a base model without a chat template; its tokenizer still has Gemma's
-# turn tokens, so `chat` uses Gemma's standard turn format.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+DTYPE_NAMES = ("bf16", "fp32")  # what the command line offers; DTYPES also takes torch's names
+DEFAULT_DTYPE = "bf16"
 
 
 def _gemma3_gguf() -> Path:
@@ -69,10 +64,6 @@ DEFAULT_MODEL = "gemma3-270m"
 MODEL_HELP = f"a bundled name ({', '.join(BUNDLED)}), a .gguf file or a Hugging Face model directory"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MTPSPEC_CACHE", Path.home() / ".cache" / "mtpspec"))
-
-
 def resolve_model(model: str) -> Path:
     """Turn a `--model` value into a Hugging Face model directory, converting GGUF on first use."""
     if model in BUNDLED:
@@ -101,7 +92,7 @@ def _gguf_key(path: Path) -> str:
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     """Dequantise `gguf` into a bf16 safetensors directory in the cache (once) and return it."""
-    out = cache_root() / "models" / f"{name or gguf.stem}-{_gguf_key(gguf)}"
+    out = models_dir() / f"{name or gguf.stem}-{_gguf_key(gguf)}"
     if (out / "config.json").is_file():
         return out
     _check_gguf_header(gguf)
@@ -206,7 +197,7 @@ def _load_language_model(path: Path, text_config, **kwargs):
     return hf
 
 
-def load_hf(model: str, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu"):
+def load_hf(model: str, dtype: str | torch.dtype = DEFAULT_DTYPE, device: str | torch.device = "cpu"):
     """Load (model, tokenizer) for a `--model` value onto `device`, with mtpspec's attention registered.
 
     On CPU the linear layers use mtpspec's small-M kernel (see `kernels`), unless

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from ..models import cache_root
+from ..paths import kernels_dir
 from .source import SOURCE
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
@@ -86,7 +86,7 @@ def _load():
     from torch.utils.cpp_extension import load_inline
 
     name = build_name()
-    build_dir = cache_root() / "kernels" / name
+    build_dir = kernels_dir() / name
     if not (build_dir / f"{name}.so").is_file():
         print(
             "mtpspec: compiling the small-M linear kernel (once, under a minute)",

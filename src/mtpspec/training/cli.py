@@ -81,7 +81,7 @@ def _register_self_distill(subparsers) -> None:
 def cmd_self_distill(args) -> int:
     from pathlib import Path
 
-    from ..bench.datasets import write_jsonl
+    from ..prompts import write_jsonl
     from ..errors import MtpspecError
     from .selfgen import self_distill, self_prompts
 
