@@ -2,7 +2,7 @@
 
 GGUF files (the bundled models ship as GGUF) are dequantised once into a bf16 safetensors
 directory under the cache root (`$MTPSPEC_CACHE`, default `~/.cache/mtpspec`); later loads read
-that directory directly, which takes seconds instead of a minute.
+that directory directly, far faster than converting again.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 

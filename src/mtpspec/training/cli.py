@@ -19,11 +19,11 @@ def register(subparsers) -> None:
     p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
     p.add_argument("--data", default=None, help=f"comma list of sources: stdlib (CPython's .py files), pydocs (apt-get install python3.11-doc), fortune (apt-get install fortunes), gsm-train (reasoning-gym word problems with worked answers, seeds disjoint from the bench's gsm), .txt/.jsonl files or folders; benchmark sets are refused (default: {D.data})")
     p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: sized for about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)")
     p.add_argument("--init", default=None, metavar="DRAFTER", help="fine-tune this drafter instead of starting from scratch: a saved drafter directory, or `mtp` for the one shipped for --target; its architecture flags (layers, width, head) win over these (default: from scratch)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"the frozen target's dtype; the drafter's weights and optimizer state stay fp32 (default: {D.dtype})")
-    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where a Gemma 3 step takes about 0.6x the time, else fp32 (default: auto)")
+    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is faster, else fp32 (default: auto)")
     p.add_argument("--device", default=None, metavar="DEVICE", help="where the target and the drafter train: cpu, cuda (under torchrun: each rank's GPU, LOCAL_RANK; DDP over NCCL), cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu. Held-out evaluation always drafts on the CPU (default: auto; the gpu preset: cuda)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {D.max_steps})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per training chunk (default: {D.seq_len})")
@@ -81,8 +81,8 @@ def _register_self_distill(subparsers) -> None:
 def cmd_self_distill(args) -> int:
     from pathlib import Path
 
-    from ..prompts import write_jsonl
     from ..errors import MtpspecError
+    from ..prompts import write_jsonl
     from .selfgen import self_distill, self_prompts
 
     for name in ("per_source", "max_new_tokens", "batch_size"):
