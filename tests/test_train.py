@@ -249,8 +249,14 @@ def test_sources_are_packed_and_interleaved(corpus, tokenizer):
 
 def test_self_distill_prompts_are_not_benchmark_prompts():
     from mtpspec.prompts import GSM_SIZE, gsm, humaneval, mt_bench
-    from mtpspec.training.selfgen import (code_prompts, gsm_prompts, instruction_prompts, mixed_prompts, self_prompts,
-                                          task_prompts)
+    from mtpspec.training.selfgen import (
+        code_prompts,
+        gsm_prompts,
+        instruction_prompts,
+        mixed_prompts,
+        self_prompts,
+        task_prompts,
+    )
 
     ours = [*instruction_prompts(), *task_prompts(), *mixed_prompts(), *code_prompts(), *gsm_prompts()]
     assert len(ours) > 8000 and len({p.id for p in ours}) == len(ours)
@@ -270,8 +276,8 @@ def test_self_distill_prompts_are_not_benchmark_prompts():
 
 
 def test_self_distill_writes_held_out_prompts_for_the_bench(tmp_path, capsys):
-    from mtpspec.prompts import load_dataset
     from mtpspec.cli import main
+    from mtpspec.prompts import load_dataset
     from mtpspec.training.selfgen import self_prompts
 
     out = tmp_path / "tune.jsonl"

@@ -76,7 +76,7 @@ def mt_bench() -> tuple[Prompt, ...]:
     for r in rows:
         rank.append(seen[r["category"]])
         seen[r["category"]] += 1
-    ordered = [r for _, r in sorted(zip(rank, rows), key=lambda pair: pair[0])]  # stable: file order within a rank
+    ordered = [r for _, r in sorted(zip(rank, rows, strict=True), key=lambda pair: pair[0])]  # stable: file order within a rank
     return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"]) for r in ordered)
 
 

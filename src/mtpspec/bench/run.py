@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -104,7 +104,7 @@ def _encode(ds: Dataset, pipeline, chat: bool | None) -> Encoded:
     use_chat = [chat if chat is not None else p.chat and template for p in ds.prompts]
     ids = [pipeline.encode(p.text, chat=c) for p, c in zip(ds.prompts, use_chat, strict=True)]
     window = pipeline.target.context_window
-    for p, x in zip(ds.prompts, ids):
+    for p, x in zip(ds.prompts, ids, strict=True):
         if len(x) >= window:
             raise MtpspecError(f"prompt {p.id} has {len(x)} tokens; the model's context window is {window}")
     return Encoded(ds.name, ids, [p.id for p in ds.prompts], sum(use_chat), [p.category for p in ds.prompts])

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..paths import kernels_dir
+
 HERE = Path(__file__).parent
 SOURCES = (HERE / "linear.cpp", HERE / "attention.cpp")  # one translation unit each
 HEADERS = (HERE / "simd.h",)

@@ -31,8 +31,8 @@ from random import Random
 
 import torch
 
-from ..prompts import EVAL_DATASETS, GSM_INSTRUCTION, GSM_SEED, gsm_examples
 from ..errors import MtpspecError
+from ..prompts import EVAL_DATASETS, GSM_INSTRUCTION, GSM_SEED, gsm_examples
 
 PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FORTUNES = (Path("/usr/share/games/fortunes"), Path("/usr/share/fortune"))

@@ -38,8 +38,8 @@ from random import Random
 
 import torch
 
-from ..prompts import GSM_INSTRUCTION, Prompt, gsm_examples
 from ..errors import MtpspecError
+from ..prompts import GSM_INSTRUCTION, Prompt, gsm_examples
 from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
