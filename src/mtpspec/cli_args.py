@@ -26,23 +26,72 @@ DRAFTER_HELP = (
 def add_model_args(p: argparse.ArgumentParser) -> None:
     k = GenerationConfig.num_draft_tokens
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: {MODEL_HELP} (default: {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=DRAFTER_HELP.format(shipped=" and ".join(shipped()), default=DEFAULT_DRAFTER))
-    p.add_argument("--num-draft-tokens", type=int, default=k, metavar="K", help=f"tokens the drafter proposes per round (default: {k})")
-    p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help=f"weights and activations dtype (default: {DEFAULT_DTYPE})")
-    p.add_argument("--no-exact", dest="exact", action="store_false", help="allow faster batched attention whose bf16 rounding depends on the block size (greedy output may then differ from plain decoding)")
+    p.add_argument(
+        "--drafter",
+        default=DEFAULT_DRAFTER,
+        help=DRAFTER_HELP.format(shipped=" and ".join(shipped()), default=DEFAULT_DRAFTER),
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=k,
+        metavar="K",
+        help=f"tokens the drafter proposes per round (default: {k})",
+    )
+    p.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="adapt the draft length each round to the recent acceptance (K is the cap)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=DTYPE_NAMES,
+        help=f"weights and activations dtype (default: {DEFAULT_DTYPE})",
+    )
+    p.add_argument(
+        "--no-exact",
+        dest="exact",
+        action="store_false",
+        help="allow faster batched attention whose bf16 rounding depends on the block size (greedy output may then differ from plain decoding)",
+    )
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g, s = GenerationConfig, SamplingParams
-    p.add_argument("--max-new-tokens", type=int, default=g.max_new_tokens, help=f"most tokens to generate (default: {g.max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=s.temperature, help=f"0 = greedy; > 0 samples (default: {s.temperature:g})")
-    p.add_argument("--top-k", type=int, default=s.top_k, help=f"sample among the K most likely tokens (0 = all; default: {s.top_k})")
-    p.add_argument("--top-p", type=float, default=s.top_p, help=f"nucleus sampling mass, in (0, 1] (default: {s.top_p:g})")
-    p.add_argument("--min-p", type=float, default=s.min_p, help=f"drop tokens below MIN_P x the top probability (default: {s.min_p:g})")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=g.max_new_tokens,
+        help=f"most tokens to generate (default: {g.max_new_tokens})",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=s.temperature, help=f"0 = greedy; > 0 samples (default: {s.temperature:g})"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=s.top_k,
+        help=f"sample among the K most likely tokens (0 = all; default: {s.top_k})",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=s.top_p, help=f"nucleus sampling mass, in (0, 1] (default: {s.top_p:g})"
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=s.min_p,
+        help=f"drop tokens below MIN_P x the top probability (default: {s.min_p:g})",
+    )
     p.add_argument("--seed", type=int, default=g.seed, help="random seed for sampling (reproducible output)")
-    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); it is not included")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens, up to --max-new-tokens (fixed-length runs)")
+    p.add_argument(
+        "--stop", action="append", default=[], help="stop when this text appears (repeatable); it is not included"
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past end-of-sequence tokens, up to --max-new-tokens (fixed-length runs)",
+    )
 
 
 def decoding_options(args: argparse.Namespace) -> dict:
