@@ -8,13 +8,11 @@ import types
 
 import pytest
 
-from mtpspec.bench import EVAL_DATASETS, load_dataset
-from mtpspec.bench.datasets import gsm
 from mtpspec.bench.methods import Decoding, MtpspecRunner
-from mtpspec.bench.run import ships_chat_template
 from mtpspec.cli import main
 from mtpspec.errors import MtpspecError
-from mtpspec.models import GEMMA_CHAT_TEMPLATE
+from mtpspec.prompts import EVAL_DATASETS, gsm, load_dataset
+from mtpspec.text import GEMMA_CHAT_TEMPLATE, ships_chat_template
 
 # Repetitive prompts give the n-gram drafter something to accept.
 PROMPTS = ["abc abc abc abc abc abc", "the cat sat on the mat; the cat sat on the"]
@@ -24,7 +22,7 @@ CATEGORIES = ["letters", "words"]
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "tiny.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": p, "category": c}) for p, c in zip(PROMPTS, CATEGORIES)) + "\n")
+    path.write_text("\n".join(json.dumps({"prompt": p, "category": c}) for p, c in zip(PROMPTS, CATEGORIES, strict=True)) + "\n")
     return path
 
 
@@ -58,7 +56,7 @@ def test_end_to_end_writes_report_and_is_lossless(tiny_dirs, prompts_file, tmp_p
     assert len(results["runs"]) == 5 * len(PROMPTS)
     by_category = {(s["dataset"], s["row"]): s for s in results["by_category"]}
     assert set(by_category) == {(f"tiny/{c}", r) for c in CATEGORIES for r in rows}
-    for c, prompt in zip(CATEGORIES, range(len(PROMPTS))):
+    for c, prompt in zip(CATEGORIES, range(len(PROMPTS)), strict=True):
         run = next(r for r in results["runs"] if r["prompt"] == prompt and r["row"] == "ngram k=2")
         assert by_category[(f"tiny/{c}", "ngram k=2")]["tau"] == pytest.approx(run["decode_tokens"] / run["target_forwards"])
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, byte_tokenizer
 
+from conftest import build_tiny, byte_tokenizer
 from mtpspec.api import generation_config
 from mtpspec.drafters.base import Draft
 from mtpspec.drafters.draft_model import DraftModelDrafter

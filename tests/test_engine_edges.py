@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, byte_tokenizer
-from test_engine import OracleDrafter, run
 
+from conftest import build_tiny, byte_tokenizer
 from mtpspec.api import Pipeline
 from mtpspec.drafters.base import NoDrafter
 from mtpspec.drafters.ngram import NgramDrafter
 from mtpspec.target import Target
+from test_engine import OracleDrafter, run
 
 PROMPT = [72, 101, 108, 108, 111, 32, 119]
 

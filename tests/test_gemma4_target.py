@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import byte_tokenizer, tiny_gemma4_config
 from safetensors.torch import load_file, save_file
 
 import mtpspec
+from conftest import byte_tokenizer, tiny_gemma4_config
 from mtpspec.errors import MtpspecError
 from mtpspec.mtp import init_drafter, save_drafter
 
@@ -117,12 +117,13 @@ def test_language_model_under_another_prefix_is_refused(multimodal, tmp_path):
 def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path):
     """Gemma 3 (4B and up) checkpoints are multimodal too, in transformers' older key layout
     (`language_model.model.*`): the same loader runs their language model alone."""
-    from conftest import tiny_config
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
         SiglipVisionConfig,
     )
+
+    from conftest import tiny_config
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
     config = Gemma3Config(

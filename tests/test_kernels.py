@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny, byte_tokenizer
 
+from conftest import build_tiny, byte_tokenizer
 from mtpspec import kernels
 from mtpspec.kernels.extension import extension, unsupported_reason
 

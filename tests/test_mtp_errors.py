@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import build_tiny, byte_tokenizer
 
+from conftest import build_tiny, byte_tokenizer
 from mtpspec.cli import main
 from mtpspec.drafters import make_drafter
 from mtpspec.errors import MtpspecError

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny, build_tiny_gemma4, byte_tokenizer
 
+from conftest import build_tiny, build_tiny_gemma4, byte_tokenizer
 from mtpspec.drafters import NoDrafter, make_drafter
 from mtpspec.drafters.mtp import MtpDrafter, draw
 from mtpspec.engine import Engine, GenerationConfig, GenerationResult

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GEMMA4_SHAPES, build_tiny_gemma4, byte_tokenizer
 from safetensors import safe_open
 
+from conftest import GEMMA4_SHAPES, build_tiny_gemma4, byte_tokenizer
 from mtpspec.drafters.mtp import MtpDrafter
 from mtpspec.engine import Engine, GenerationConfig, GenerationResult
 from mtpspec.mtp import CommittedKeys, LayerInputs, TransformersKeys, load_drafter
@@ -209,7 +209,7 @@ def test_draft_steps_match_transformers_generate(pair, monkeypatch):
     assert len(rounds) > 1, "transformers did not use SinglePositionMultiTokenCandidateGenerator"
     assert result.token_ids == ref_tokens
     assert len(steps) == len(ref_steps)
-    for i, (out, ref) in enumerate(zip(steps, ref_steps)):
+    for i, (out, ref) in enumerate(zip(steps, ref_steps, strict=True)):
         _assert_logits_match(out.logits, ref.logits)
         # The targets differ in rounding (our exact attention vs SDPA), so the K/V read differ slightly.
         torch.testing.assert_close(out.state, ref.last_hidden_state, atol=1e-3, rtol=1e-3, msg=f"{shape} step {i}")

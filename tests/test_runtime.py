@@ -13,7 +13,7 @@ from gguf_tiny import load_transformers, random_blocks, tiny_gemma3_gguf, tiny_l
 
 import mtpspec
 from mtpspec.cli import main
-from mtpspec.models import load_gguf
+from mtpspec.api import load_gguf
 from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops

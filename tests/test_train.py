@@ -232,7 +232,7 @@ def test_sources_are_packed_and_interleaved(corpus, tokenizer):
     """Chunks alternate between sources (a small one weighs as much as the stdlib) and pack short documents."""
     from itertools import islice
 
-    from mtpspec.bench.datasets import GSM_SEED, GSM_SIZE
+    from mtpspec.prompts import GSM_SEED, GSM_SIZE
     from mtpspec.training.data import GSM_TRAIN_SEED
 
     source = TextSource(["gsm-train", str(corpus)], tokenizer, seq_len=1024)
@@ -248,9 +248,15 @@ def test_sources_are_packed_and_interleaved(corpus, tokenizer):
 
 
 def test_self_distill_prompts_are_not_benchmark_prompts():
-    from mtpspec.bench.datasets import GSM_SIZE, gsm, humaneval, mt_bench
-    from mtpspec.training.selfgen import (code_prompts, gsm_prompts, instruction_prompts, mixed_prompts, self_prompts,
-                                          task_prompts)
+    from mtpspec.prompts import GSM_SIZE, gsm, humaneval, mt_bench
+    from mtpspec.training.selfgen import (
+        code_prompts,
+        gsm_prompts,
+        instruction_prompts,
+        mixed_prompts,
+        self_prompts,
+        task_prompts,
+    )
 
     ours = [*instruction_prompts(), *task_prompts(), *mixed_prompts(), *code_prompts(), *gsm_prompts()]
     assert len(ours) > 8000 and len({p.id for p in ours}) == len(ours)
@@ -270,8 +276,8 @@ def test_self_distill_prompts_are_not_benchmark_prompts():
 
 
 def test_self_distill_writes_held_out_prompts_for_the_bench(tmp_path, capsys):
-    from mtpspec.bench.datasets import load_dataset
     from mtpspec.cli import main
+    from mtpspec.prompts import load_dataset
     from mtpspec.training.selfgen import self_prompts
 
     out = tmp_path / "tune.jsonl"

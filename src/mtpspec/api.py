@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 from .drafters import DEFAULT, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
-from .models import DEFAULT_MODEL, load_target
+from .models import BUNDLED, DEFAULT_DTYPE, DEFAULT_MODEL, RUNTIME_DTYPES, WEIGHTS, gguf_file, gguf_metadata, load_hf, quiet_transformers
+from .runtime import ARCHS, GgufModel, GgufTarget, GgufWeights
 from .sampling import SamplingParams
+from .target import Target
 from .text import encode_prompt
 
 Messages = Sequence[dict]  # [{"role": "user", "content": "..."}, ...]
@@ -63,30 +67,20 @@ class Pipeline:
             raise MtpspecError(f"the prompt has {len(ids)} tokens; the model's context window is {self.target.context_window}")
 
 
-def generation_config(
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_p: float = 0.0,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    ignore_eos: bool = False,
-    num_draft_tokens: int = 4,
-    adaptive: bool = False,
-) -> GenerationConfig:
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p),
-        seed=seed,
-        stop=tuple(stop),
-        ignore_eos=ignore_eos,
-        num_draft_tokens=num_draft_tokens,
-        adaptive=adaptive,
-    )
+SAMPLING_OPTIONS = frozenset(f.name for f in fields(SamplingParams))
 
 
-def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "auto", exact: bool = True, weights: str = "auto") -> Pipeline:
+def generation_config(**options) -> GenerationConfig:
+    """A `GenerationConfig` from flat keyword options: the fields of `GenerationConfig` (`max_new_tokens`,
+    `seed`, `stop`, `ignore_eos`, `num_draft_tokens`, `adaptive`) and of `SamplingParams` (`temperature`,
+    `top_k`, `top_p`, `min_p`). Options left out keep those classes' defaults; unknown ones raise TypeError."""
+    sampling = {name: options.pop(name) for name in SAMPLING_OPTIONS & options.keys()}
+    if "stop" in options:
+        options["stop"] = tuple(options["stop"])
+    return GenerationConfig(sampling=SamplingParams(**sampling), **options)
+
+
+def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = DEFAULT_DTYPE, exact: bool = True, weights: str = "auto") -> Pipeline:
     """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `auto` (the default:
     `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target.
 
@@ -94,3 +88,43 @@ def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = "auto"
     the GGUF runtime (float32 activations), a Hugging Face directory through transformers (`dtype`,
     `auto` = bf16); `dequant` turns a GGUF model into a bf16 transformers model first."""
     return Pipeline(load_target(model, dtype, exact, weights), drafter, model)
+
+
+def load_target(model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weights: str = "auto"):
+    """The target for a `--model` value: the GGUF runtime's (`GgufTarget`, float32 activations) or a
+    transformers model's (`Target`, `dtype` weights and activations; `auto` is bf16)."""
+    if weights not in WEIGHTS:
+        raise MtpspecError(f"unknown --weights {weights!r}: use {', '.join(WEIGHTS)}")
+    gguf = gguf_file(model) if weights != "dequant" else None
+    if weights == "gguf" and gguf is None:
+        raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
+    if gguf is not None:
+        weights_ = GgufWeights(gguf)  # a corrupt or truncated file fails here, with one clear line
+        arch = weights_.field("general.architecture")
+        if arch in ARCHS:
+            if dtype not in RUNTIME_DTYPES:
+                raise MtpspecError(f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant")
+            return load_gguf(weights_, model if model in BUNDLED else None)
+        if weights == "gguf":
+            raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
+        print(f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr)
+    hf, tokenizer = load_hf(model, dtype)
+    return Target(hf, tokenizer, exact=exact)
+
+
+def load_gguf(gguf: Path | GgufWeights, name: str | None = None) -> GgufTarget:
+    """The GGUF runtime's target for a file; its config and tokenizer are read once into the cache."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    weights = gguf if isinstance(gguf, GgufWeights) else GgufWeights(gguf)
+    meta = gguf_metadata(weights.path, name)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(meta)
+        tokenizer = AutoTokenizer.from_pretrained(meta)
+        generation = GenerationConfig.from_pretrained(meta)
+        # transformers' own rotary module for this config: a skeleton whose parameters stay on the meta
+        # device (no memory) and whose RoPE buffers are real.
+        with init_empty_weights(include_buffers=False):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    return GgufTarget(GgufModel(weights, config, skeleton.model.rotary_emb), tokenizer, generation)

@@ -3,62 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 
-from .drafters import DEFAULT as DEFAULT_DRAFTER
-from .drafters import shipped
+from . import api
+from .bench import cli as bench_cli
+from .cli_args import add_decoding_args, add_model_args, check_options, decoding_options
 from .errors import MtpspecError
-from .models import DEFAULT_MODEL, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
+from .server import cli as server_cli
+from .training import cli as training_cli
 
-# Modules with a `register(subparsers)` function adding one verb each (bench, serve, train-drafter).
-VERB_MODULES: list[str] = ["mtpspec.server.cli", "mtpspec.bench.cli", "mtpspec.training.cli"]
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: {MODEL_HELP} (default: {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default=DEFAULT_DRAFTER, help=f"auto (hybrid with the MTP drafter shipped for --model, ngram for a model without one), ngram (prompt lookup), none (plain decoding), draft:MODEL (a small LM with the same tokenizer), mtp:PATH (an MTP drafter directory), mtp (the MTP drafter shipped with {' and '.join(shipped())}), hybrid[:PATH] (prompt lookup where the text repeats itself, that MTP drafter elsewhere) (default: {DEFAULT_DRAFTER}, the fastest measured here; see the README's Benchmarks)")
-    p.add_argument("--num-draft-tokens", type=int, default=4, metavar="K", help="tokens the drafter proposes per round (default: 4)")
-    p.add_argument("--adaptive", action="store_true", help="adapt the draft length each round to the recent acceptance (K is the cap)")
-    p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of a transformers model (auto: bf16); the GGUF runtime computes in fp32 on the file's own weights (default: auto)")
-    p.add_argument("--no-exact", dest="exact", action="store_false", help="allow faster batched attention whose bf16 rounding depends on the block size (greedy output may then differ from plain decoding)")
-
-
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default: 1)")
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below MIN_P x the top probability")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
-    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable); it is not included")
-    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens, up to --max-new-tokens (fixed-length runs)")
-
-
-def decoding_options(args) -> dict:
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        seed=args.seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-        num_draft_tokens=args.num_draft_tokens,
-        adaptive=args.adaptive,
-    )
-
-
-def check_options(args, options: dict) -> None:
-    """Reject bad options before the model loads (loading takes seconds)."""
-    from .api import generation_config
-    from .drafters import parse_spec
-
-    generation_config(**options)
-    parse_spec(args.drafter)
+# Each further verb lives with its library module, which registers its own subparser.
+VERBS = (server_cli, bench_cli, training_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,9 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="a system message to start the conversation")
     c.set_defaults(func=cmd_chat)
 
-    # Each further verb lives with its library module, which registers its own subparser.
-    for module in VERB_MODULES:
-        importlib.import_module(module).register(sub)
+    for verb in VERBS:
+        verb.register(sub)
     return parser
 
 
@@ -99,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_generate(args) -> int:
-    from . import api
-
     options = decoding_options(args)
     check_options(args, options)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -123,8 +76,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from . import api
-
     options = decoding_options(args)
     check_options(args, options)
     pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)

@@ -7,8 +7,8 @@ decoding through the same code; with any drafter the emitted tokens are exactly 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 

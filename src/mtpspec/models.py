@@ -2,7 +2,7 @@
 
 GGUF files (the bundled models ship as GGUF) are dequantised once into a bf16 safetensors
 directory under the cache root (`$MTPSPEC_CACHE`, default `~/.cache/mtpspec`); later loads read
-that directory directly, which takes seconds instead of a minute.
+that directory directly, far faster than converting again.
 """
 
 from __future__ import annotations
@@ -15,24 +15,21 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .errors import MtpspecError
+from .paths import models_dir
+from .text import GEMMA_CHAT_TEMPLATE
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
-
-# Gemma 3 270M ships as a base model without a chat template; its tokenizer still has Gemma's
-# turn tokens, so `chat` uses Gemma's standard turn format.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+# `auto`: bf16 for a transformers model; the GGUF runtime always computes in fp32 (see `api.load_target`).
+DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+DTYPE_NAMES = ("auto", "bf16", "fp32")  # what the command line offers; DTYPES also takes torch's names
+DEFAULT_DTYPE = "auto"
+RUNTIME_DTYPES = ("auto", "fp32", "float32")  # the GGUF runtime's activations are fp32
 
 
 def _gemma3_gguf() -> Path:
@@ -69,10 +66,6 @@ DEFAULT_MODEL = "gemma3-270m"
 MODEL_HELP = f"a bundled name ({', '.join(BUNDLED)}), a .gguf file or a Hugging Face model directory"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("MTPSPEC_CACHE", Path.home() / ".cache" / "mtpspec"))
-
-
 def resolve_model(model: str) -> Path:
     """Turn a `--model` value into a Hugging Face model directory, converting GGUF on first use."""
     if model in BUNDLED:
@@ -101,7 +94,7 @@ def _gguf_key(path: Path) -> str:
 
 def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     """Dequantise `gguf` into a bf16 safetensors directory in the cache (once) and return it."""
-    out = cache_root() / "models" / f"{name or gguf.stem}-{_gguf_key(gguf)}"
+    out = models_dir() / f"{name or gguf.stem}-{_gguf_key(gguf)}"
     if (out / "config.json").is_file():
         return out
     _check_gguf_header(gguf)
@@ -122,7 +115,7 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
 def gguf_metadata(gguf: Path, name: str | None = None) -> Path:
     """A cache directory with the config, generation config and tokenizer of `gguf` and no weights
     (what the GGUF runtime needs besides the file itself); made once, read in a second afterwards."""
-    out = cache_root() / "models" / f"{name or gguf.stem}-{_gguf_key(gguf)}-meta"
+    out = models_dir() / f"{name or gguf.stem}-{_gguf_key(gguf)}-meta"
     if (out / "config.json").is_file():
         return out
     _check_gguf_header(gguf)
@@ -190,7 +183,7 @@ def _check_gguf_header(gguf: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -262,59 +255,7 @@ def gguf_file(model: str) -> Path | None:
     return None
 
 
-def load_target(model: str, dtype: str = "auto", exact: bool = True, weights: str = "auto"):
-    """The target for a `--model` value: the GGUF runtime's (`GgufTarget`, float32 activations) or a
-    transformers model's (`Target`, `dtype` weights and activations; `auto` is bf16)."""
-    if weights not in WEIGHTS:
-        raise MtpspecError(f"unknown --weights {weights!r}: use {', '.join(WEIGHTS)}")
-    gguf = gguf_file(model) if weights != "dequant" else None
-    if weights == "gguf" and gguf is None:
-        raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
-    if gguf is not None:
-        from .runtime.model import ARCHS
-
-        arch = _gguf_architecture(gguf)
-        if arch in ARCHS:
-            if dtype not in ("auto", "fp32", "float32"):
-                raise MtpspecError(f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant")
-            return load_gguf(gguf, model if model in BUNDLED else None)
-        if weights == "gguf":
-            raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
-        print(f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr)
-    from .target import Target
-
-    hf, tokenizer = load_hf(model, "bf16" if dtype == "auto" else dtype)
-    return Target(hf, tokenizer, exact=exact)
-
-
-def _gguf_architecture(gguf: Path) -> str:
-    from gguf import GGUFReader
-
-    _check_gguf_header(gguf)
-    field = GGUFReader(gguf).fields.get("general.architecture")
-    return field.contents() if field is not None else "unknown"
-
-
-def load_gguf(gguf: Path, name: str | None = None):
-    """The GGUF runtime's target for a file; its config and tokenizer are read once into the cache."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from .runtime import GgufModel, GgufTarget, GgufWeights
-
-    meta = gguf_metadata(gguf, name)
-    with _quiet_transformers():
-        config = AutoConfig.from_pretrained(meta)
-        tokenizer = AutoTokenizer.from_pretrained(meta)
-        generation = GenerationConfig.from_pretrained(meta)
-        # transformers' own rotary module for this config: a skeleton whose parameters stay on the meta
-        # device (no memory) and whose RoPE buffers are real.
-        with init_empty_weights(include_buffers=False):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    return GgufTarget(GgufModel(GgufWeights(gguf), config, skeleton.model.rotary_emb), tokenizer, generation)
-
-
-def load_hf(model: str, dtype: str | torch.dtype = "bf16", device: str | torch.device = "cpu"):
+def load_hf(model: str, dtype: str | torch.dtype = DEFAULT_DTYPE, device: str | torch.device = "cpu"):
     """Load (model, tokenizer) for a `--model` value onto `device`, with mtpspec's attention registered.
 
     On CPU the linear layers use mtpspec's small-M kernel (see `kernels`), unless
@@ -328,7 +269,7 @@ def load_hf(model: str, dtype: str | torch.dtype = "bf16", device: str | torch.d
     path = resolve_model(model)
     torch_dtype = parse_dtype(dtype)
     try:
-        with _quiet_transformers():  # loading a converted directory takes a second: no bars
+        with quiet_transformers():  # loading a converted directory takes a second: no bars
             kwargs = dict(dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
             text_config = _multimodal_text_config(path)
             if text_config is None:

@@ -43,7 +43,7 @@ class Stats:
     @property
     def acceptance_per_position(self) -> list[float]:
         acc = self.accepted_per_position + [0] * (len(self.drafted_per_position) - len(self.accepted_per_position))
-        return [a / d for a, d in zip(acc, self.drafted_per_position)]
+        return [a / d for a, d in zip(acc, self.drafted_per_position, strict=True)]
 
     @property
     def tokens_per_s(self) -> float:

@@ -21,7 +21,7 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from .attention import positions_mask
 from .families import family_for
-from .models import cache_root
+from .paths import row_invariance_store
 from .runtime.target import TargetStep, check_prompt, stop_token_ids
 
 PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the probe checks
@@ -162,7 +162,7 @@ def probe_row_invariance(model, rows: int) -> bool:
     # Which build of our kernel the switched layers run (None: they fall back to PyTorch's).
     kernel = kernels.kernel_id() if any(fast for _, _, fast in shapes) else None
     key = json.dumps([torch.__version__, str(dtype), torch.get_num_threads(), rows, _cpu_flags(), kernel, shapes])
-    store = cache_root() / "row-invariance.json"
+    store = row_invariance_store()
     known = json.loads(store.read_text()) if store.is_file() else {}
     if key in known:
         return known[key]

@@ -1,9 +1,25 @@
-"""Prompts to token ids, and incremental detokenisation with stop strings: what text is safe to
-show, and where to stop."""
+"""Prompts to token ids (with the facts about chat templates), and incremental detokenisation with
+stop strings: what text is safe to show, and where to stop."""
 
 from __future__ import annotations
 
 from .errors import MtpspecError
+
+# Gemma 3 270M ships as a base model without a chat template; its tokenizer still has Gemma's
+# turn tokens, so model loading attaches Gemma's standard turn format and `chat` works.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+
+def ships_chat_template(tokenizer) -> bool:
+    """Whether the model came with a chat template of its own. The Gemma turn format attached to a
+    base model makes `chat` work, but a base model answers plain prompts better, so prompt sets
+    wrap their requests in the template only where the model shipped one."""
+    return bool(tokenizer.chat_template) and tokenizer.chat_template != GEMMA_CHAT_TEMPLATE
 
 
 def encode_prompt(tokenizer, prompt, chat: bool, model_name: str = "this model") -> list[int]:

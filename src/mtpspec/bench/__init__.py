@@ -1,6 +1,2 @@
 """`mtpspec bench`: the same prompts through the baseline and each method in one run, with speed
 ratios, acceptance statistics, a losslessness check, a report and plots."""
-
-from .datasets import EVAL_DATASETS, load_dataset
-
-__all__ = ["EVAL_DATASETS", "load_dataset"]

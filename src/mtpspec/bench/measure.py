@@ -8,8 +8,8 @@ on whichever ran during a bad minute.
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .methods import Decoding, Row, Runner, RunResult
 

@@ -61,7 +61,7 @@ def _acceptance(plt, summaries: list[Summary]):
         return None
     datasets = _datasets(drafting)
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False, sharey=True)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes[0], datasets, strict=True):
         for s in (s for s in drafting if s.dataset == dataset):
             depth = range(1, len(s.acceptance_per_position) + 1)
             tau = f", τ {s.tau:.2f}" if s.tau is not None else ""

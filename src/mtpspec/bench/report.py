@@ -73,7 +73,7 @@ def mismatches(records: list[Record], rows: list[Row], datasets: list[Encoded]) 
         if r.row in reference or r.result.token_ids == expected:
             continue
         got = r.result.token_ids
-        position = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+        position = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
         found.append(Mismatch(r.dataset, names[r.dataset][r.prompt], r.repeat, r.row, position, len(expected), len(got)))
     return found
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ..api import generation_config
+from ..engine import GenerationConfig
 from ..errors import MtpspecError
-from ..models import GEMMA_CHAT_TEMPLATE
+from ..models import DEFAULT_DTYPE
+from ..prompts import Dataset, load_dataset
+from ..sampling import SamplingParams
+from ..text import ships_chat_template
 from . import markdown, plots, report
-from .datasets import Dataset, load_dataset
 from .measure import Encoded, run_bench
 from .methods import (
     Decoding,
@@ -30,14 +34,14 @@ class BenchConfig:
     datasets: str  # comma list of names or .jsonl paths
     out: Path
     limit: int | None = None
-    max_new_tokens: int = 128
-    num_draft_tokens: str = "4"  # comma list: a sweep when there are several
-    temperature: float = 0.0
-    top_p: float = 1.0
+    max_new_tokens: int = GenerationConfig.max_new_tokens
+    num_draft_tokens: str = str(GenerationConfig.num_draft_tokens)  # comma list: a sweep when there are several
+    temperature: float = SamplingParams.temperature
+    top_p: float = SamplingParams.top_p
     seed: int = 0
     repeats: int = 1
     threads: int = 1
-    dtype: str = "bf16"
+    dtype: str = DEFAULT_DTYPE
     chat: bool | None = None  # None: the chat template for chat-style datasets on models that ship one
 
 
@@ -75,14 +79,11 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
 
 def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
     """Every user mistake we can see before loading a model."""
-    if config.max_new_tokens < 1:
-        raise MtpspecError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    generation_config(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
     if config.repeats < 1:
         raise MtpspecError(f"--repeats must be at least 1, got {config.repeats}")
     if config.threads < 1:
         raise MtpspecError(f"--threads must be at least 1, got {config.threads}")
-    if config.temperature < 0 or not 0 < config.top_p <= 1:
-        raise MtpspecError("--temperature must be >= 0 and --top-p in (0, 1]")
     rows = make_rows(parse_methods(config.methods), parse_draft_lengths(config.num_draft_tokens))
     specs = [s.strip() for s in config.datasets.split(",") if s.strip()]
     if not specs:
@@ -98,18 +99,12 @@ def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
     return rows, datasets
 
 
-def ships_chat_template(tokenizer) -> bool:
-    """Whether the model came with a chat template (mtpspec attaches Gemma's turn format to base Gemma
-    GGUFs so that `chat` works, but a base model answers plain prompts better)."""
-    return bool(tokenizer.chat_template) and tokenizer.chat_template != GEMMA_CHAT_TEMPLATE
-
-
 def _encode(ds: Dataset, pipeline, chat: bool | None) -> Encoded:
     template = ships_chat_template(pipeline.tokenizer)
     use_chat = [chat if chat is not None else p.chat and template for p in ds.prompts]
     ids = [pipeline.encode(p.text, chat=c) for p, c in zip(ds.prompts, use_chat, strict=True)]
     window = pipeline.target.context_window
-    for p, x in zip(ds.prompts, ids):
+    for p, x in zip(ds.prompts, ids, strict=True):
         if len(x) >= window:
             raise MtpspecError(f"prompt {p.id} has {len(x)} tokens; the model's context window is {window}")
     return Encoded(ds.name, ids, [p.id for p in ds.prompts], sum(use_chat), [p.category for p in ds.prompts])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ..errors import MtpspecError
 from .base import DecodeState, Draft, Drafter, NoDrafter
@@ -52,7 +52,7 @@ def _hybrid(arg: str, target) -> Drafter:
 REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp, "hybrid": _hybrid}
 MTP_KINDS = ("mtp", "hybrid")  # kinds that take an MTP drafter directory; without one, the drafter shipped for the model
 AUTO = "auto"  # `hybrid` with the MTP drafter shipped for the model, `ngram` for a model without one
-DEFAULT = AUTO  # the fastest measured for the bundled targets on CPUs (README: Benchmarks)
+DEFAULT = AUTO  # the fastest measured for the bundled targets on CPUs (docs/benchmarks.md)
 SHIPPED = Path(__file__).parent / "shipped"  # MTP drafters trained by mtpspec for the bundled targets
 
 

@@ -16,7 +16,7 @@ def exact_attention(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor | None:
-    """`[1, T, Hq, Dv]`: every row's result depends only on its position and the cache (see source.py)."""
+    """`[1, T, Hq, Dv]`: every row's result depends only on its position and the cache (see attention.cpp)."""
     applies = (
         query.device.type == "cpu"
         and query.shape[0] == 1

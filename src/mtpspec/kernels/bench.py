@@ -83,8 +83,8 @@ def main() -> None:
         reps = args.reps if n * k > 1 << 22 else args.reps * 20
         for m in args.rows:
             t_ref, t_fast = compare(n, k, m, dtype, reps, args.baseline)
-            rw, rc = (statistics.median(t) for t in zip(*t_ref))
-            fw, fc = (statistics.median(t) for t in zip(*t_fast))
+            rw, rc = (statistics.median(t) for t in zip(*t_ref, strict=True))
+            fw, fc = (statistics.median(t) for t in zip(*t_fast, strict=True))
             print(
                 f"[{n:6d}, {k:4d}] {m:4d} | {rw:10.3f} {rc:7.3f} | {fw:11.3f} {fc:7.3f} | {rw / fw:8.2f}x {rc / fc:5.2f}x",
                 flush=True,

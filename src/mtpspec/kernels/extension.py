@@ -1,8 +1,9 @@
-"""Build (once, on first use) and load the C++ small-M linear kernel.
+"""Build (once, on first use) and load the C++ kernels: the small-M linear and the exact block attention.
 
-The build goes to `$MTPSPEC_CACHE/kernels/<name>` (default `~/.cache/mtpspec`), where `<name>`
-hashes the source, the flags and the torch version, so a changed kernel or torch rebuilds and
-an unchanged one loads quickly. Where it cannot be built (no compiler or ninja, no AVX2/FMA),
+The sources are package files beside this module (`linear.cpp`, `attention.cpp`, `simd.h`). The
+build goes to `$MTPSPEC_CACHE/kernels/<name>` (default `~/.cache/mtpspec`), where `<name>` hashes
+the sources' contents, the flags and the torch version, so a changed kernel or torch rebuilds and
+an unchanged one loads without compiling. Where it cannot be built (no compiler or ninja, no AVX2/FMA),
 `extension()` returns None after saying why in one line on stderr, and callers keep PyTorch's
 linear; under `MTPSPEC_KERNELS=0` it returns None silently.
 """
@@ -15,12 +16,15 @@ import platform
 import shutil
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
-from ..models import cache_root
-from .source import SOURCE
+from ..paths import kernels_dir
 
+HERE = Path(__file__).parent
+SOURCES = (HERE / "linear.cpp", HERE / "attention.cpp")  # one translation unit each
+HEADERS = (HERE / "simd.h",)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
 
 
@@ -51,10 +55,9 @@ def unsupported_reason() -> str | None:
 
 
 def build_name() -> str:
-    digest = hashlib.sha256(
-        "\n".join([SOURCE, *FLAGS, torch.__version__]).encode()
-    ).hexdigest()[:12]
-    return f"mtpspec_linear_{digest}"
+    texts = [path.read_text() for path in (*SOURCES, *HEADERS)]
+    digest = hashlib.sha256("\n".join([*texts, *FLAGS, torch.__version__]).encode()).hexdigest()[:12]
+    return f"mtpspec_kernels_{digest}"
 
 
 def extension():
@@ -83,25 +86,21 @@ def _built():
 
 
 def _load():
-    from torch.utils.cpp_extension import load_inline
+    from torch.utils.cpp_extension import load
 
     name = build_name()
-    build_dir = cache_root() / "kernels" / name
+    build_dir = kernels_dir() / name
     if not (build_dir / f"{name}.so").is_file():
-        print(
-            "mtpspec: compiling the small-M linear kernel (once, under a minute)",
-            file=sys.stderr,
-        )
+        print("mtpspec: compiling the C++ kernels (once per kernel and torch version)", file=sys.stderr)
     build_dir.mkdir(parents=True, exist_ok=True)
-    # Light ATen headers and a TORCH_LIBRARY op instead of torch/extension.h and pybind11:
-    # the build takes a third of the time, and calls go through the dispatcher.
-    load_inline(
+    # The sources include light ATen headers and register TORCH_LIBRARY ops instead of using
+    # torch/extension.h and pybind11: the build is much shorter, and calls go through the dispatcher.
+    load(
         name=name,
-        cpp_sources=[SOURCE],
+        sources=[str(path) for path in SOURCES],
         extra_cflags=FLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(build_dir),
         is_python_module=False,
-        no_implicit_headers=True,
     )
     return torch.ops.mtpspec_kernels

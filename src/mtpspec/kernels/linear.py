@@ -32,7 +32,7 @@ def max_rows(dtype: torch.dtype) -> int:
     """Most rows per call for which the kernel is used (0: never) for this dtype.
 
     bf16 without native bf16 instructions: PyTorch's GEMM costs time linear in the rows, so the
-    kernel wins at any count (about 5x on prefill-sized blocks). fp32, and bf16 on CPUs with
+    kernel wins at any count. fp32, and bf16 on CPUs with
     bf16 instructions: PyTorch reuses weights well and wins on large blocks.
     """
     if dtype == torch.bfloat16 and not _native_bf16_gemm():

@@ -108,7 +108,7 @@ class MtpConfig:
         return out
 
     @classmethod
-    def from_json_dict(cls, raw: dict) -> "MtpConfig":
+    def from_json_dict(cls, raw: dict) -> MtpConfig:
         from transformers import Gemma4AssistantConfig
 
         raw = dict(raw)
@@ -146,7 +146,7 @@ class MtpConfig:
         (Path(path) / "config.json").write_text(json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "MtpConfig":
+    def load(cls, path: Path) -> MtpConfig:
         file = Path(path) / "config.json"
         try:
             raw = json.loads(file.read_text())

@@ -6,8 +6,8 @@ rows, row- and thread-invariant by construction, and a head fused with argmax) â
 forward) â†’ `target` (the engine's target contract, a preallocated cache, integer rollback).
 """
 
-from .model import GgufModel
+from .model import ARCHS, GgufModel
 from .target import GgufTarget, TargetStep
 from .weights import GgufWeights, QMatrix
 
-__all__ = ["GgufModel", "GgufTarget", "GgufWeights", "QMatrix", "TargetStep"]
+__all__ = ["ARCHS", "GgufModel", "GgufTarget", "GgufWeights", "QMatrix", "TargetStep"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MtpspecError
+from ..paths import kernels_dir
 
 SOURCE = Path(__file__).with_name("quant.cpp")
 # No -ffast-math, and no contraction of a product into a sum unless the source asks (std::fma or an
@@ -43,12 +44,10 @@ def ops():
     the kernels cannot be built (no C++ compiler, or ninja missing)."""
     from torch.utils.cpp_extension import is_ninja_available, load_inline
 
-    from ..models import cache_root
-
     if not is_ninja_available():
         raise MtpspecError("the GGUF runtime builds its kernels with ninja: pip install ninja (or use --weights dequant)")
     name = build_name()
-    build_dir = cache_root() / "kernels" / name
+    build_dir = kernels_dir() / name
     if not (build_dir / f"{name}.so").is_file():
         print("mtpspec: compiling the GGUF runtime's kernels (once per machine and version)", file=sys.stderr)
     build_dir.mkdir(parents=True, exist_ok=True)

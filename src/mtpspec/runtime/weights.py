@@ -77,13 +77,8 @@ class GgufWeights:
         except (ValueError, OSError, KeyError, IndexError) as e:
             raise MtpspecError(f"cannot read GGUF file {self.path}: {e}") from e
         self.tensors = {t.name: t for t in self.reader.tensors}
-        foreign = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in NATIVE})
-        if foreign:
-            print(
-                f"mtpspec: {self.path.name} has tensors of type {', '.join(foreign)}, which the GGUF runtime does not "
-                "multiply on directly; they are dequantised to float32 on load (correct, larger and slower)",
-                file=sys.stderr,
-            )
+        self.foreign = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in NATIVE})
+        self._warned = False
 
     def field(self, key: str, default=None):
         f = self.reader.fields.get(key)
@@ -99,6 +94,13 @@ class GgufWeights:
             raise MtpspecError(f"{self.path.name}: {name} has shape {list(t.shape)}, expected a matrix")
         if t.tensor_type in NATIVE:
             return _as_qmatrix(t.data, t.tensor_type, cols)
+        if not self._warned:
+            self._warned = True
+            print(
+                f"mtpspec: {self.path.name} has tensors of type {', '.join(self.foreign)}, which the GGUF runtime does not "
+                "multiply on directly; they are dequantised to float32 on load (correct, larger and slower)",
+                file=sys.stderr,
+            )
         dense = dequantize(t.data, t.tensor_type).reshape(int(t.shape[1]), cols).astype(np.float32)
         return _as_qmatrix(dense, Q.F32, cols)
 

@@ -11,8 +11,8 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request

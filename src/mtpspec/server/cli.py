@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..cli import add_model_args
+from ..cli_args import add_model_args
 from ..errors import MtpspecError
 
 API_KEY_ENV = "MTPSPEC_API_KEY"
@@ -40,12 +40,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.default_max_tokens < 1:
         raise MtpspecError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     api.generation_config(num_draft_tokens=args.num_draft_tokens)  # reject a bad K before the model loads
-    try:
-        from .app import create_app
-        from .config import ServerSettings
-        from .runner import bind, run
-    except ImportError as e:
-        raise MtpspecError(f"mtpspec serve needs fastapi, uvicorn and prometheus-client ({e.name} is missing): pip install 'mtpspec[serve]'") from e
+    from .app import create_app
+    from .config import ServerSettings
+    from .runner import bind, run
 
     if args.threads is not None:
         if args.threads < 1:

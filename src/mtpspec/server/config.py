@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..engine import GenerationConfig
+
 
 @dataclass(frozen=True)
 class ServerSettings:
     model_name: str  # the id clients send as `model` and /v1/models lists
     drafter: str = "none"
-    num_draft_tokens: int = 4  # k per round, for every request (a property of the server, not of a request)
+    num_draft_tokens: int = GenerationConfig.num_draft_tokens  # k per round, for every request (a property of the server, not of a request)
     adaptive: bool = False
     api_key: str | None = None  # None: /v1 is open; else requests need `Authorization: Bearer <key>`
     max_queue: int = 64  # requests that may wait behind the running one before a 503

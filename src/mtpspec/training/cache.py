@@ -1,8 +1,8 @@
 """A disk cache of the teacher's signal: epochs after the first, and later runs, skip the target.
 
-The teacher's forward plus its top-K over the vocabulary is most of a CPU training step (Gemma 3
-270M, 128-token chunks, 2 threads: 0.89 s of 1.35 s; the drafter's unrolled step is the rest),
-while a cached chunk is ~325 kB that loads in milliseconds. So with `--teacher-cache DIR` every
+The teacher's forward plus its top-K over the vocabulary is most of a CPU training step (the
+drafter's unrolled step is the rest), while a cached chunk is a few hundred kB that loads in
+milliseconds. So with `--teacher-cache DIR` every
 chunk the teacher computes is also written to DIR, and every chunk found there is read instead
 of computed. With `--epoch-chunks N` a run trains on the first N chunks of the data stream over
 and over, and only the first epoch pays for the target; a second run with other hyperparameters

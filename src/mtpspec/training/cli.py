@@ -19,11 +19,11 @@ def register(subparsers) -> None:
     p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
     p.add_argument("--data", default=None, help=f"comma list of sources: stdlib (CPython's .py files), pydocs (apt-get install python3.11-doc), fortune (apt-get install fortunes), gsm-train (reasoning-gym word problems with worked answers, seeds disjoint from the bench's gsm), .txt/.jsonl files or folders; benchmark sets are refused (default: {D.data})")
     p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: sized for about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)")
     p.add_argument("--init", default=None, metavar="DRAFTER", help="fine-tune this drafter instead of starting from scratch: a saved drafter directory, or `mtp` for the one shipped for --target; its architecture flags (layers, width, head) win over these (default: from scratch)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"the frozen target's dtype; the drafter's weights and optimizer state stay fp32 (default: {D.dtype})")
-    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where a Gemma 3 step takes about 0.6x the time, else fp32 (default: auto)")
+    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is faster, else fp32 (default: auto)")
     p.add_argument("--device", default=None, metavar="DEVICE", help="where the target and the drafter train: cpu, cuda (under torchrun: each rank's GPU, LOCAL_RANK; DDP over NCCL), cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu. Held-out evaluation always drafts on the CPU (default: auto; the gpu preset: cuda)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {D.max_steps})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per training chunk (default: {D.seq_len})")
@@ -36,12 +36,12 @@ def register(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=None, help=f"drafter decoder layers (default: {D.num_layers})")
     p.add_argument("--hidden-size", type=int, default=None, help="drafter width (default: the target's)")
     p.add_argument("--centroids", type=int, default=None, help="centroid-head clusters; 0 = full-vocabulary head (default: 2048 for vocabularies over 65,536 tokens, else 0)")
-    p.add_argument("--centroid-top-k", type=int, default=None, help=f"clusters whose tokens get exact logits when drafting, saved in the drafter's config.json (centroid_intermediate_top_k, editable later); fewer make each draft step cheaper and, since the drafter's confidence is taken over those tokens, let it draft more often (Gemma 3 270M: 4 instead of 32 raised τ from 2.50 to 2.73 with hybrid drafting) (default: {D.centroid_top_k})")
+    p.add_argument("--centroid-top-k", type=int, default=None, help=f"clusters whose tokens get exact logits when drafting, saved in the drafter's config.json (centroid_intermediate_top_k, editable later); fewer make each draft step cheaper and, since the drafter's confidence is taken over those tokens, let it draft more often (default: {D.centroid_top_k})")
     p.add_argument("--negatives", type=int, default=None, help=f"with a centroid head, random tokens the draft distribution is normalised over besides the target's top-K and its top token's cluster; 0 = the full vocabulary (default: {D.negatives})")
     p.add_argument("--feature-weight", type=float, default=None, help=f"weight of the EAGLE-style loss pulling each draft step's state onto the target's hidden state; 0 = distribution loss only (default: {D.feature_weight})")
     p.add_argument("--min-confidence", type=float, default=None, help=f"saved with the drafter: a drafting round stops before a position whose most likely token the drafter gives less than this probability, so a weak drafter drafts only where it is sure; 0 = always draft k (default: {D.min_confidence})")
     p.add_argument("--teacher-top-k", type=int, default=None, help=f"target probabilities kept per position for distillation (default: {D.teacher_top_k})")
-    p.add_argument("--teacher-cache", default=None, metavar="DIR", help="write the frozen target's signal for every chunk to DIR and read it back wherever it is there, so later epochs and later runs with the same target, data, seed, --seq-len, --teacher-top-k and drafter K/V layers skip the target (about 2/3 of a CPU step); ~2.5 kB per token for Gemma 3 270M (default: computed online, nothing stored)")
+    p.add_argument("--teacher-cache", default=None, metavar="DIR", help="write the frozen target's signal for every chunk to DIR and read it back wherever it is there, so later epochs and later runs with the same target, data, seed, --seq-len, --teacher-top-k and drafter K/V layers skip the target, most of a CPU step; a few kB per token (default: computed online, nothing stored)")
     p.add_argument("--epoch-chunks", type=int, default=None, metavar="N", help="train on the first N chunks of the data only, repeated in reshuffled epochs (with --teacher-cache only the first epoch runs the target); 0 = the endless stream (default: 0)")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between held-out evaluations; 0 = only at the end (default: {D.eval_every})")
     p.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts per evaluation; 0 = no evaluation (default: {D.eval_prompts})")
@@ -81,8 +81,8 @@ def _register_self_distill(subparsers) -> None:
 def cmd_self_distill(args) -> int:
     from pathlib import Path
 
-    from ..bench.datasets import write_jsonl
     from ..errors import MtpspecError
+    from ..prompts import write_jsonl
     from .selfgen import self_distill, self_prompts
 
     for name in ("per_source", "max_new_tokens", "batch_size"):

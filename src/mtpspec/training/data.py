@@ -6,7 +6,7 @@ Sources (`--data`, a comma list): `stdlib` (the CPython standard library's .py f
 reasoning-gym's generators, as chat turns; generated from seeds disjoint from `mtpspec bench`'s
 gsm set, which shares its templates), and paths to .txt files (one document per file) or .jsonl
 files (one document per line: a "text" field, or "messages" rendered through the target's chat
-template). The benchmark sets (`bench.datasets.EVAL_DATASETS`) are refused: a drafter trained on
+template). The benchmark sets (`prompts.EVAL_DATASETS`) are refused: a drafter trained on
 them would be graded on its own training data.
 
 Each source is packed into its own token stream (documents back to back, each with the
@@ -31,8 +31,8 @@ from random import Random
 
 import torch
 
-from ..bench.datasets import EVAL_DATASETS, GSM_INSTRUCTION, GSM_SEED, gsm_examples
 from ..errors import MtpspecError
+from ..prompts import EVAL_DATASETS, GSM_INSTRUCTION, GSM_SEED, gsm_examples
 
 PYDOCS = Path("/usr/share/doc/python3.11/html/_sources")
 FORTUNES = (Path("/usr/share/games/fortunes"), Path("/usr/share/fortune"))

@@ -1,8 +1,7 @@
 """Training options and the presets that fill them.
 
 Every option has a default here; a preset overrides some; flags given on the command line
-override the preset. `cpu-1h` is sized to finish in about an hour on a 2-core CPU with Gemma 3
-270M; `gpu` trains on the GPU (one per rank under torchrun) with larger chunks, batches and
+override the preset. `cpu-1h` is sized for about an hour on a 2-core CPU with Gemma 3 270M; `gpu` trains on the GPU (one per rank under torchrun) with larger chunks, batches and
 drafter.
 """
 
@@ -66,8 +65,8 @@ class TrainOptions:
 
 
 PRESETS: dict[str, dict] = {
-    # Gemma 3 270M: ~1.6 s/step with 2 idle threads (teacher ~1 s: target forward + 262k-way top-K; drafter
-    # ~0.6 s), ~2.5 s/step with 1 thread while a second run uses the other core (how the shipped drafters were trained).
+    # cpu-1h: one 128-token chunk per step, where the teacher (target forward + 262k-way top-K for
+    # Gemma 3) costs more than the drafter's step; its step count is what fits an hour on 2 cores.
     "cpu-1h": dict(max_steps=2000, seq_len=128, batch_size=1, anchors=0, num_layers=1, warmup=50, eval_every=500, checkpoint_every=100),
     "gpu": dict(device="cuda", max_steps=20000, seq_len=1024, batch_size=8, anchors=256, num_layers=4, lr=5e-4, warmup=500, eval_every=1000, checkpoint_every=500),
 }

@@ -38,8 +38,8 @@ from random import Random
 
 import torch
 
-from ..bench.datasets import GSM_INSTRUCTION, Prompt, gsm_examples
 from ..errors import MtpspecError
+from ..prompts import GSM_INSTRUCTION, Prompt, gsm_examples
 from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
@@ -216,10 +216,9 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     """Generate and append rows to `out`; return how many were written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..bench.run import ships_chat_template
     from ..devices import pick_device, wants_bf16
     from ..models import resolve_model
-    from ..text import encode_prompt
+    from ..text import encode_prompt, ships_chat_template
 
     prompts = self_prompts(sources, per_source, seed, skip)
     done = done_ids(out)

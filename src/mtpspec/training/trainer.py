@@ -20,13 +20,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import MtpspecError
 from ..devices import pick_device, wants_bf16
+from ..errors import MtpspecError
 from ..models import load_hf
 from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter
 from ..target import Target
-from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .cache import TeacherCache
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from .clusters import init_centroid_head
 from .data import TextSource, check_source, chunk_index
 from .evaluate import evaluate

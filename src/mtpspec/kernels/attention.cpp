@@ -1,19 +1,25 @@
-"""C++ source of the exact block attention kernel, compiled with the linear kernel (`source.py`).
+// The exact block attention kernel, built into one library with the linear kernel (linear.cpp).
+//
+// `attention(q, k, v, positions, window, scaling, softcap)` is exact decode attention for a block
+// of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
+// of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
+// one independent task with a fixed sequence of operations: fp32 dot products in 8 lanes with
+// one fixed horizontal sum, an fp32 softmax, and an fp32 weighted sum of values in key order, so a
+// row's result depends only on its position and the cache, never on the block it came in.
+//
+// Its horizontal sum is the linear kernel's (`hsum`, simd.h).
 
-`attention(q, k, v, positions, window, scaling, softcap)` is exact decode attention for a block
-of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
-of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
-one independent task with a fixed sequence of operations: fp32 dot products in 8 lanes with
-one fixed horizontal sum, an fp32 softmax, and an fp32 weighted sum of values in key order, so a
-row's result depends only on its position and the cache, never on the block it came in.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <vector>
 
-It uses `hsum` from the linear kernel's source, which comes first in the same translation unit.
-"""
+#include "simd.h"
 
-ATTENTION = r"""
 namespace {
-
-// ---- exact block attention (decode and verification rows) ----
 
 template <class T> inline __m256 load8(const T* p);
 template <> inline __m256 load8<float>(const float* p) { return _mm256_loadu_ps(p); }
@@ -93,4 +99,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return run_attention<float>(q, k, v, positions, window, scaling, softcap);
 }
 
-"""
+TORCH_LIBRARY_FRAGMENT(mtpspec_kernels, m) {
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mtpspec_kernels, CPU, m) {
+  m.impl("attention", &attention);
+}
