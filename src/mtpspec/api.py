@@ -100,7 +100,7 @@ def load_target(model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weig
         raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
     if gguf is not None:
         weights_ = GgufWeights(gguf)  # a corrupt or truncated file fails here, with one clear line
-        arch = weights_.field("general.architecture")
+        arch = weights_.architecture
         if arch in ARCHS:
             if dtype not in RUNTIME_DTYPES:
                 raise MtpspecError(f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant")

@@ -59,7 +59,7 @@ class GgufModel:
     """Weights and forward of one GGUF decoder; `config` is the transformers config of the same file."""
 
     def __init__(self, weights: GgufWeights, config, rotary):
-        self.arch = weights.field("general.architecture")
+        self.arch = weights.architecture
         if self.arch not in ARCHS:
             raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {self.arch!r}; use --weights dequant")
         self.config = config

@@ -73,16 +73,16 @@ class GgufWeights:
         self.path = Path(path)
         try:
             # Copy-on-write mapping: writable numpy views (torch wants them) that never reach the file.
-            self.reader = GGUFReader(self.path, "c")
+            reader = GGUFReader(self.path, "c")
         except (ValueError, OSError, KeyError, IndexError) as e:
             raise MtpspecError(f"cannot read GGUF file {self.path}: {e}") from e
-        self.tensors = {t.name: t for t in self.reader.tensors}
-        self.foreign = sorted({t.tensor_type.name for t in self.reader.tensors if t.tensor_type not in NATIVE})
+        # Keep the tensors (views of the mapping) and drop the reader: its parsed metadata (a large
+        # vocabulary as Python objects) would hold more memory than the weights.
+        self.tensors = {t.name: t for t in reader.tensors}
+        arch = reader.fields.get("general.architecture")
+        self.architecture = arch.contents() if arch is not None else "unknown"
+        self.foreign = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in NATIVE})
         self._warned = False
-
-    def field(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
 
     def has(self, name: str) -> bool:
         return name in self.tensors
