@@ -95,10 +95,10 @@ def test_gguf_runtime_every_drafter_is_exact(model):
     for spec, lengths in (("ngram", (4,)), ("mtp", (4,)), ("hybrid", (4, 8))):
         pipe = mtpspec.Pipeline(plain.target, spec, model)
         accepted = 0
-        for prompt, is_chat in [*((p, False) for p in PROMPTS), (chat, True)]:
-            want = plain.generate(prompt, chat=is_chat, max_new_tokens=40, ignore_eos=True)
+        for prompt, is_chat in [(PROMPTS[1], False), (PROMPTS[2], False), (chat, True)]:
+            want = plain.generate(prompt, chat=is_chat, max_new_tokens=32, ignore_eos=True)
             for k in lengths:
-                got = pipe.generate(prompt, chat=is_chat, max_new_tokens=40, num_draft_tokens=k, ignore_eos=True)
+                got = pipe.generate(prompt, chat=is_chat, max_new_tokens=32, num_draft_tokens=k, ignore_eos=True)
                 assert got.token_ids == want.token_ids, (spec, k, prompt)
                 accepted += got.stats.accepted_tokens
         assert accepted > 0, spec
