@@ -12,8 +12,9 @@
 //     for each 16-wide chunk c of w_n's dequantised values, in order (zero-padded to a multiple of 16):
 //         acc = fma(w_n[c], x_m[c], acc)                        (one rounding per lane)
 //     y[m, n] = tree_sum(acc)       (t[i] = t[i] + t[i + s] for s = 8, 4, 2, 1; y = t[0])
-// whatever M is, which rows and features share a register tile, and whichever thread computes it:
-// threads split output features n, never a reduction. The three vector paths (AVX-512, AVX2 + FMA,
+// whatever M is, which rows and features share a register tile (and whether its chunks are decoded
+// in registers or loaded from a span decoded once for several row groups), and whichever thread
+// computes it: threads split output features n, never a reduction. The three vector paths (AVX-512, AVX2 + FMA,
 // portable C++ with std::fma) perform the same roundings, so they give the same bits.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -359,8 +360,8 @@ template <> struct Dec<Q6_K> {  // (d * sc) * (q - 32)
   float ds[16];
   void load(const uint8_t* blk) {
     b = blk;
-    const float d = fp16(b + 208);
-    for (int s = 0; s < 16; ++s) ds[s] = d * float(int8_t(b[192 + s]));
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    _mm512_storeu_ps(ds, _mm512_mul_ps(splat(fp16(b + 208)), cvt(sc)));  // d * float(sc[s]), 16 at once
   }
   V chunk(int c) const {  // half = c / 8 of 128 values; within it value 32i + 16g + l: 4 low bits from
     const int half = c >> 3, i = (c >> 1) & 3, g = c & 1;  // ql[32 (i & 1) + 16g + l], 2 high from qh[16g + l]
