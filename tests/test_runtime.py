@@ -59,6 +59,17 @@ def test_rows_are_invariant_to_the_block_they_are_computed_in(qtype):
         assert torch.equal(m.argmax(x[:rows]), alone[:rows].argmax(-1)), rows
 
 
+@pytest.mark.parametrize("qtype", [Q.F16, Q.BF16, Q.F32], ids=lambda t: t.name)
+def test_unquantized_rows_of_any_length(qtype):
+    """K not a multiple of 16: the last chunk is zero-padded, on the one-row and the several-row paths."""
+    m = matrix(qtype, 21, 40, seed=6)
+    x = torch.randn(7, 40, generator=torch.Generator().manual_seed(4))
+    w = reference(m).double()
+    alone = torch.cat([m.linear(x[i : i + 1]) for i in range(7)])
+    assert torch.equal(m.linear(x), alone) and torch.equal(m.argmax(x), alone.argmax(-1))
+    assert ((alone.double() - x.double() @ w.T).abs() <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30).all()
+
+
 def test_products_are_invariant_to_the_thread_count():
     m = matrix(Q.Q8_0, 20000, 256, seed=4)  # enough features that two threads split them
     x = torch.randn(9, 256, generator=torch.Generator().manual_seed(2))

@@ -4,15 +4,18 @@
 // n's K input weights as consecutive blocks. A weight's value is exactly what the format's reference
 // dequantiser gives (ggml / gguf-py, in fp32, with multiplications and additions rounded one at a
 // time: this file is compiled with -ffp-contract=off, so no product is fused into a sum unasked).
+// Values are decoded 16 at a time straight into registers (AVX-512), or by the scalar reference
+// decoder into a small buffer (other paths); either way each value takes the reference's operations.
 //
 // Row and thread invariance by construction: output element (m, n) is always
 //     acc = 0 (16 fp32 lanes)
 //     for each 16-wide chunk c of w_n's dequantised values, in order (zero-padded to a multiple of 16):
 //         acc = fma(w_n[c], x_m[c], acc)                        (one rounding per lane)
-//     y[m, n] = tree_sum(acc)                                   (a fixed 16-lane tree)
-// whatever M is, wherever row m sits in the call, and whichever thread computes it: threads split
-// output features n, never a reduction. The three vector paths (AVX-512, AVX2 + FMA, portable C++
-// with std::fma) perform the same roundings, so they give the same bits.
+//     y[m, n] = tree_sum(acc)       (t[i] = t[i] + t[i + s] for s = 8, 4, 2, 1; y = t[0])
+// whatever M is, which rows and features share a register tile (and whether its chunks are decoded
+// in registers or loaded from a span decoded once for several row groups), and whichever thread
+// computes it: threads split output features n, never a reduction. The three vector paths (AVX-512, AVX2 + FMA,
+// portable C++ with std::fma) perform the same roundings, so they give the same bits.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -37,7 +40,7 @@ enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, 
 
 struct Format { int64_t block, bytes; };  // values per block, bytes per block
 
-Format format_of(int64_t type) {
+constexpr Format kFormat(int64_t type) {  // {0, 0}: not a format multiplied here
   switch (type) {
     case F32: return {1, 4};
     case F16: return {1, 2};
@@ -51,8 +54,19 @@ Format format_of(int64_t type) {
     case Q5_K: return {256, 176};
     case Q6_K: return {256, 210};
   }
-  TORCH_CHECK(false, "mtpspec runtime: unsupported GGML type ", type);
+  return {0, 0};
 }
+
+Format format_of(int64_t type) {
+  const Format f = kFormat(type);
+  TORCH_CHECK(f.block > 0, "mtpspec runtime: unsupported GGML type ", type);
+  return f;
+}
+
+// The kernels' decoding unit: one block, or 16 values of the unquantized formats.
+template <int64_t type> constexpr int64_t kUnit = std::max<int64_t>(16, kFormat(type).block);
+template <int64_t type> constexpr int64_t kUnitBytes = kUnit<type> / kFormat(type).block * kFormat(type).bytes;
+template <int64_t type> constexpr int kChunks = int(kUnit<type> / 16);
 
 inline float fp16(const uint8_t* p) {  // IEEE half -> float, exact (subnormals included)
   uint16_t h;
@@ -91,110 +105,10 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
   }
 }
 
-#if defined(__AVX512F__)
-// AVX-512 decoders of the formats in common files. Each value goes through the same operations as in
-// the scalar reference decoder below (a multiply, then an add or subtract, each rounded), so both
-// give the same bits; only 16 values are decoded at a time.
-inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
-inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline void put(float* o, __m512 v) { _mm512_storeu_ps(o, v); }
-
-template <int64_t type>
-inline bool dequant_block_simd(const uint8_t* b, float* out) {
-  const __m512i nib = _mm512_set1_epi32(0xF);
-  if constexpr (type == Q8_0) {
-    const __m512 d = _mm512_set1_ps(fp16(b));
-    for (int h = 0; h < 2; ++h)
-      put(out + 16 * h, _mm512_mul_ps(d, cvt(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + 16 * h))))));
-    return true;
-  } else if constexpr (type == Q4_0 || type == Q4_1) {
-    const bool one = type == Q4_1;
-    const __m512 d = _mm512_set1_ps(fp16(b)), m = _mm512_set1_ps(one ? fp16(b + 2) : 0.0f);
-    const __m512i q = bytes16(b + (one ? 4 : 2)), eight = _mm512_set1_epi32(8);
-    __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_srli_epi32(q, 4);
-    if (one) {
-      put(out, _mm512_add_ps(_mm512_mul_ps(d, cvt(lo)), m));
-      put(out + 16, _mm512_add_ps(_mm512_mul_ps(d, cvt(hi)), m));
-    } else {
-      put(out, _mm512_mul_ps(d, cvt(_mm512_sub_epi32(lo, eight))));
-      put(out + 16, _mm512_mul_ps(d, cvt(_mm512_sub_epi32(hi, eight))));
-    }
-    return true;
-  } else if constexpr (type == Q5_0 || type == Q5_1) {
-    const bool one = type == Q5_1;
-    const __m512 d = _mm512_set1_ps(fp16(b)), m = _mm512_set1_ps(one ? fp16(b + 2) : 0.0f);
-    uint32_t qh;
-    std::memcpy(&qh, b + (one ? 4 : 2), 4);
-    const __m512i q = bytes16(b + (one ? 8 : 6)), sixteen = _mm512_set1_epi32(16);
-    __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_srli_epi32(q, 4);
-    lo = _mm512_mask_or_epi32(lo, __mmask16(qh & 0xFFFF), lo, sixteen);  // fifth bit of value j: qh bit j
-    hi = _mm512_mask_or_epi32(hi, __mmask16(qh >> 16), hi, sixteen);     // of value j + 16: bit j + 16
-    if (one) {
-      put(out, _mm512_add_ps(_mm512_mul_ps(d, cvt(lo)), m));
-      put(out + 16, _mm512_add_ps(_mm512_mul_ps(d, cvt(hi)), m));
-    } else {
-      put(out, _mm512_mul_ps(d, cvt(_mm512_sub_epi32(lo, sixteen))));
-      put(out + 16, _mm512_mul_ps(d, cvt(_mm512_sub_epi32(hi, sixteen))));
-    }
-    return true;
-  } else if constexpr (type == Q4_K || type == Q5_K) {
-    const bool five = type == Q5_K;
-    const float d = fp16(b), dmin = fp16(b + 2);
-    const uint8_t* qs = b + (five ? 48 : 16);
-    for (int j = 0; j < 4; ++j) {
-      uint8_t sc1, m1, sc2, m2;
-      scale_min_k4(2 * j, b + 4, sc1, m1);
-      scale_min_k4(2 * j + 1, b + 4, sc2, m2);
-      const __m512 d1 = _mm512_set1_ps(d * float(sc1)), dm1 = _mm512_set1_ps(dmin * float(m1));
-      const __m512 d2 = _mm512_set1_ps(d * float(sc2)), dm2 = _mm512_set1_ps(dmin * float(m2));
-      for (int h = 0; h < 2; ++h) {
-        const __m512i q = bytes16(qs + 32 * j + 16 * h);
-        __m512i lo = _mm512_and_si512(q, nib), hi = _mm512_srli_epi32(q, 4);
-        if (five) {
-          const __m512i qh = bytes16(b + 16 + 16 * h), one = _mm512_set1_epi32(1);
-          lo = _mm512_or_si512(lo, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh, 2 * j), one), 4));
-          hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(qh, 2 * j + 1), one), 4));
-        }
-        put(out + 64 * j + 16 * h, _mm512_sub_ps(_mm512_mul_ps(d1, cvt(lo)), dm1));
-        put(out + 64 * j + 32 + 16 * h, _mm512_sub_ps(_mm512_mul_ps(d2, cvt(hi)), dm2));
-      }
-    }
-    return true;
-  } else if constexpr (type == Q6_K) {
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = fp16(b + 208);
-    const __m512i three = _mm512_set1_epi32(3), bias = _mm512_set1_epi32(32);
-    for (int half = 0; half < 2; ++half) {
-      const uint8_t* ql = b + 64 * half;
-      const uint8_t* qh = b + 128 + 32 * half;
-      const int8_t* s = sc + 8 * half;
-      float* o = out + 128 * half;
-      for (int g = 0; g < 2; ++g) {  // values l = 16g .. 16g + 15 share sub-block scales s[g + 2i]
-        const __m512i a = bytes16(ql + 16 * g), c = bytes16(ql + 32 + 16 * g), h = bytes16(qh + 16 * g);
-        const __m512i parts[4] = {
-            _mm512_or_si512(_mm512_and_si512(a, nib), _mm512_slli_epi32(_mm512_and_si512(h, three), 4)),
-            _mm512_or_si512(_mm512_and_si512(c, nib), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 2), three), 4)),
-            _mm512_or_si512(_mm512_srli_epi32(a, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 4), three), 4)),
-            _mm512_or_si512(_mm512_srli_epi32(c, 4), _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(h, 6), three), 4))};
-        for (int i = 0; i < 4; ++i) {
-          const __m512 ds = _mm512_set1_ps(d * float(s[g + 2 * i]));
-          put(o + 32 * i + 16 * g, _mm512_mul_ps(ds, cvt(_mm512_sub_epi32(parts[i], bias))));
-        }
-      }
-    }
-    return true;
-  }
-  return false;
-}
-#else
-template <int64_t type>
-inline bool dequant_block_simd(const uint8_t*, float*) { return false; }
-#endif
-
-// One block's values into out[0 .. block), by the reference formulas (same operations, same order).
+// One block's values into out[0 .. block), by the reference formulas (same operations, same order):
+// the portable decoder, and the definition the vector decoders below match value for value.
 template <int64_t type>
 inline void dequant_block(const uint8_t* b, float* out) {
-  if (dequant_block_simd<type>(b, out)) return;
   switch (type) {
     case F32: std::memcpy(out, b, 4); return;
     case F16: out[0] = fp16(b); return;
@@ -293,12 +207,6 @@ inline void dequant_block(const uint8_t* b, float* out) {
   TORCH_CHECK(false, "mtpspec runtime: unsupported GGML type ", type);
 }
 
-// Values [k0, k0 + n) of one weight row (k0 and n whole blocks) into out.
-template <int64_t type>
-inline void dequant_span(const Format& f, const uint8_t* row, int64_t k0, int64_t n, float* out) {
-  for (int64_t k = k0; k < k0 + n; k += f.block) dequant_block<type>(row + (k / f.block) * f.bytes, out + (k - k0));
-}
-
 // Calls fn(std::integral_constant<int64_t, T>{}) for the runtime type id T: one compiled kernel per format.
 template <class Fn>
 auto dispatch(int64_t type, Fn&& fn) {
@@ -324,43 +232,183 @@ struct V { __m512 v; };
 inline V vzero() { return {_mm512_setzero_ps()}; }
 inline V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline V vadd(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline void vstore(float* p, V a) { _mm512_storeu_ps(p, a.v); }
 const char* kPath = "avx512";
+// A value the compiler must keep in a register: without this, GCC re-loads a tile's weight and
+// activation chunks for every FMA that uses them (two loads per FMA: load-bound, not FMA-bound).
+inline V pin(V a) { asm("" : "+v"(a.v)); return a; }
 #elif defined(__AVX2__) && defined(__FMA__)
 struct V { __m256 lo, hi; };
 inline V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
-inline V vadd(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
 const char* kPath = "avx2";
+inline V pin(V a) { asm("" : "+x"(a.lo), "+x"(a.hi)); return a; }
 #else
 struct V { float f[16]; };
 inline V vzero() { V r; for (float& x : r.f) x = 0.0f; return r; }
 inline V vload(const float* p) { V r; std::memcpy(r.f, p, 64); return r; }
 inline V vfma(V a, V b, V c) { V r; for (int i = 0; i < 16; ++i) r.f[i] = std::fma(a.f[i], b.f[i], c.f[i]); return r; }
-inline V vadd(V a, V b) { V r; for (int i = 0; i < 16; ++i) r.f[i] = a.f[i] + b.f[i]; return r; }
 inline void vstore(float* p, V a) { std::memcpy(p, a.f, 64); }
 const char* kPath = "portable";
+inline V pin(V a) { return a; }
 #endif
 
-inline float tree_sum(V v) {
-  alignas(64) float t[16];
-  vstore(t, v);
-  for (int s = 8; s > 0; s /= 2)
-    for (int i = 0; i < s; ++i) t[i] = t[i] + t[i + s];
-  return t[0];
-}
+// ---- Decoders: Dec<type>.load(unit bytes), then chunk(c) = values [16c, 16c + 16) of the unit ----
 
-constexpr int NB = 4;           // weight rows dequantised together (independent accumulator chains)
+// Any path: the unit through the scalar reference decoder into a buffer.
+template <int64_t type>
+struct Dec {
+  alignas(64) float v[kUnit<type>];
+  void load(const uint8_t* u) {
+    for (int64_t k = 0; k < kUnit<type>; k += kFormat(type).block) dequant_block<type>(u + k / kFormat(type).block * kFormat(type).bytes, v + k);
+  }
+  V chunk(int c) const { return vload(v + 16 * c); }
+};
+
 #if defined(__AVX512F__)
-constexpr int RB = 4;           // activation rows sharing each weight load: NB * RB accumulators in 32 registers
+// AVX-512 decoders, in registers: each value takes the scalar decoder's operations (a multiply, then
+// an add or subtract, each rounded), so both give the same bits.
+inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
+inline __m512 splat(float f) { return _mm512_set1_ps(f); }
+inline __m512i i32(int v) { return _mm512_set1_epi32(v); }
+inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m512i nibble(__m512i q, bool high) { return high ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, i32(0xF)); }
+
+template <> struct Dec<F32> {
+  const uint8_t* p;
+  void load(const uint8_t* u) { p = u; }
+  V chunk(int) const { return {_mm512_loadu_ps(p)}; }
+};
+template <> struct Dec<F16> {
+  const uint8_t* p;
+  void load(const uint8_t* u) { p = u; }
+  V chunk(int) const { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+};
+template <> struct Dec<BF16> {
+  const uint8_t* p;
+  void load(const uint8_t* u) { p = u; }
+  V chunk(int) const {
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
+  }
+};
+template <> struct Dec<Q8_0> {  // d * q
+  __m512 d;
+  const uint8_t* q;
+  void load(const uint8_t* b) { d = splat(fp16(b)); q = b + 2; }
+  V chunk(int c) const { return {_mm512_mul_ps(d, cvt(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)))))}; }
+};
+template <int64_t type>  // Q4_0: d * (q - 8); Q4_1: d * q + m. Chunk 0: low nibbles, chunk 1: high.
+struct DecQ4 {
+  static constexpr bool one = type == Q4_1;
+  __m512 d, m;
+  __m512i q;
+  void load(const uint8_t* b) { d = splat(fp16(b)); m = splat(one ? fp16(b + 2) : 0.0f); q = bytes16(b + (one ? 4 : 2)); }
+  V chunk(int c) const {
+    const __m512i v = nibble(q, c);
+    return {one ? _mm512_add_ps(_mm512_mul_ps(d, cvt(v)), m) : _mm512_mul_ps(d, cvt(_mm512_sub_epi32(v, i32(8))))};
+  }
+};
+template <> struct Dec<Q4_0> : DecQ4<Q4_0> {};
+template <> struct Dec<Q4_1> : DecQ4<Q4_1> {};
+template <int64_t type>  // Q5_0: d * (q - 16); Q5_1: d * q + m; the fifth bit of value j is qh bit j.
+struct DecQ5 {
+  static constexpr bool one = type == Q5_1;
+  __m512 d, m;
+  __m512i q;
+  uint32_t qh;
+  void load(const uint8_t* b) {
+    d = splat(fp16(b));
+    m = splat(one ? fp16(b + 2) : 0.0f);
+    std::memcpy(&qh, b + (one ? 4 : 2), 4);
+    q = bytes16(b + (one ? 8 : 6));
+  }
+  V chunk(int c) const {
+    const __m512i lo = nibble(q, c), v = _mm512_mask_or_epi32(lo, __mmask16(qh >> (16 * c)), lo, i32(16));
+    return {one ? _mm512_add_ps(_mm512_mul_ps(d, cvt(v)), m) : _mm512_mul_ps(d, cvt(_mm512_sub_epi32(v, i32(16))))};
+  }
+};
+template <> struct Dec<Q5_0> : DecQ5<Q5_0> {};
+template <> struct Dec<Q5_1> : DecQ5<Q5_1> {};
+template <int64_t type>  // Q4_K / Q5_K: (d * sc) * q - (dmin * m), per 32-value sub-block s
+struct DecK45 {
+  static constexpr bool five = type == Q5_K;
+  const uint8_t* b;
+  float dsc[8], dmn[8];
+  void load(const uint8_t* blk) {
+    b = blk;
+    const float d = fp16(b), dmin = fp16(b + 2);
+    for (int s = 0; s < 8; ++s) {
+      uint8_t sc, mn;
+      scale_min_k4(s, b + 4, sc, mn);
+      dsc[s] = d * float(sc);
+      dmn[s] = dmin * float(mn);
+    }
+  }
+  V chunk(int c) const {  // values 16c..: group j = c / 4 of 64 (bytes 32j..), low nibbles then high
+    const int j = c >> 2, high = (c >> 1) & 1, h = c & 1, s = 2 * j + high;
+    __m512i v = nibble(bytes16(b + (five ? 48 : 16) + 32 * j + 16 * h), high);
+    if (five) v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bytes16(b + 16 + 16 * h), s), i32(1)), 4));
+    return {_mm512_sub_ps(_mm512_mul_ps(splat(dsc[s]), cvt(v)), splat(dmn[s]))};
+  }
+};
+template <> struct Dec<Q4_K> : DecK45<Q4_K> {};
+template <> struct Dec<Q5_K> : DecK45<Q5_K> {};
+template <> struct Dec<Q6_K> {  // (d * sc) * (q - 32)
+  const uint8_t* b;
+  float ds[16];
+  void load(const uint8_t* blk) {
+    b = blk;
+    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
+    _mm512_storeu_ps(ds, _mm512_mul_ps(splat(fp16(b + 208)), cvt(sc)));  // d * float(sc[s]), 16 at once
+  }
+  V chunk(int c) const {  // half = c / 8 of 128 values; within it value 32i + 16g + l: 4 low bits from
+    const int half = c >> 3, i = (c >> 1) & 3, g = c & 1;  // ql[32 (i & 1) + 16g + l], 2 high from qh[16g + l]
+    const __m512i lo = nibble(bytes16(b + 64 * half + 32 * (i & 1) + 16 * g), i >= 2);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(bytes16(b + 128 + 32 * half + 16 * g), 2 * i), i32(3));
+    const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
+    return {_mm512_mul_ps(splat(ds[8 * half + g + 2 * i]), cvt(_mm512_sub_epi32(q, i32(32))))};
+  }
+};
+
+// tree_sum of 16 accumulators at once: each level adds lane i + s into lane i for four registers'
+// worth of lanes, so every sum takes the scalar tree's additions. out[k] = tree_sum(a[k]).
+inline void tree_sum16(const V* a, float* out) {
+  __m512 p[8], q[4], r[2];
+  for (int i = 0; i < 8; ++i)  // s = 8: [a lanes 0-7 | b lanes 0-7] + [a lanes 8-15 | b lanes 8-15]
+    p[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i].v, a[2 * i + 1].v, 0x44), _mm512_shuffle_f32x4(a[2 * i].v, a[2 * i + 1].v, 0xEE));
+  for (int i = 0; i < 4; ++i)  // s = 4: 128-bit lane k holds accumulator 4i + k
+    q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0x88), _mm512_shuffle_f32x4(p[2 * i], p[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // s = 2: lane k holds accumulators 8i + k, 8i + 4 + k
+    r[i] = _mm512_add_ps(_mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0x44), _mm512_shuffle_ps(q[2 * i], q[2 * i + 1], 0xEE));
+  // s = 1: element 4k + j holds accumulator 4j + k; transpose into order.
+  const __m512 s = _mm512_add_ps(_mm512_shuffle_ps(r[0], r[1], 0x88), _mm512_shuffle_ps(r[0], r[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, s));
+}
 #else
-constexpr int RB = 2;           // 16 registers (AVX2 holds a 16-lane vector in two)
+inline void tree_sum16(const V* a, float* out) {
+  for (int k = 0; k < 16; ++k) {
+    alignas(64) float t[16];
+    vstore(t, a[k]);
+    for (int s = 8; s > 0; s /= 2)
+      for (int i = 0; i < s; ++i) t[i] = t[i] + t[i + s];
+    out[k] = t[0];
+  }
+}
 #endif
-constexpr int64_t SPAN = 256;   // values dequantised per step: one K-quant block, eight legacy blocks
-constexpr int64_t ROWS = 16;    // activation rows per pass over the weights
+
+// out[k] = tree_sum(accumulator k) for the n accumulators [n][16] at a.
+inline void tree_sums(const float* a, int n, float* out) {
+  for (int k = 0; k < n; k += 16) {
+    V v[16];
+    float t[16];
+    for (int i = 0; i < 16; ++i) v[i] = k + i < n ? vload(a + 16 * (k + i)) : vzero();
+    tree_sum16(v, t);
+    std::copy(t, t + std::min(16, n - k), out + k);
+  }
+}
 
 struct Problem {
   int64_t M, N, K, Kp, type;
@@ -370,57 +418,129 @@ struct Problem {
   int64_t row_bytes;
 };
 
-// acc[r][j] += w_j · x_r over the 16-wide chunks [0, span) of one dequantised span, for R activation
-// rows at xs (stride Kp) and the NB weight rows in wbuf. Each weight chunk is loaded once for R rows.
-template <int R>
-inline void accumulate(const float (*wbuf)[SPAN], const float* xs, int64_t Kp, int64_t span, V (*acc)[NB]) {
-  V a[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) a[r][j] = acc[r][j];
-  for (int64_t c = 0; c < span; c += 16) {
-    V w[NB];
-    for (int j = 0; j < NB; ++j) w[j] = vload(wbuf[j] + c);
-    for (int r = 0; r < R; ++r) {
-      const V x = vload(xs + r * Kp + c);
-      for (int j = 0; j < NB; ++j) a[r][j] = vfma(w[j], x, a[r][j]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NB; ++j) acc[r][j] = a[r][j];
-}
-
-// Output features [n0, n0 + nb) for activation rows [m0, m0 + mb): out[m][j] = y[m0 + m][n0 + j].
-// Rows of a partial last tile (nb < NB) are computed on zeros and dropped.
+// Values [k0, k0 + n) of one weight row (k0 a whole number of units) into out, zeros on to width.
 template <int64_t type>
-void tile(const Problem& p, int64_t n0, int nb, int64_t m0, int64_t mb, float* out /* [mb][NB] */) {
-  alignas(64) float wbuf[NB][SPAN];
-  V acc[ROWS][NB];
-  for (int64_t m = 0; m < mb; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = vzero();
-  for (int64_t k0 = 0; k0 < p.Kp; k0 += SPAN) {
-    const int64_t span = std::min(SPAN, p.Kp - k0);
-    const int64_t real = std::max<int64_t>(0, std::min(span, p.K - k0));
-    for (int j = 0; j < NB; ++j) {
-      const int64_t have = j < nb ? real : 0;
-      if (have) dequant_span<type>(p.f, p.w + (n0 + j) * p.row_bytes, k0, have, wbuf[j]);
-      std::fill(wbuf[j] + have, wbuf[j] + span, 0.0f);
-    }
-    // Grouping rows changes which elements share a weight load, never any element's arithmetic.
-    const float* xs = p.x + m0 * p.Kp + k0;
-    int64_t m = 0;
-    for (; m + RB <= mb; m += RB) accumulate<RB>(wbuf, xs + m * p.Kp, p.Kp, span, acc + m);
-    for (; m < mb; ++m) accumulate<1>(wbuf, xs + m * p.Kp, p.Kp, span, acc + m);
+void decode_span(const uint8_t* row, int64_t k0, int64_t n, int64_t width, float* out) {
+  int64_t k = 0;
+  for (Dec<type> dec; k + kUnit<type> <= n; k += kUnit<type>) {
+    dec.load(row + (k0 + k) / kUnit<type> * kUnitBytes<type>);
+    for (int c = 0; c < kChunks<type>; ++c) vstore(out + k + 16 * c, dec.chunk(c));
   }
-  for (int64_t m = 0; m < mb; ++m)
-    for (int j = 0; j < NB; ++j) out[m * NB + j] = tree_sum(acc[m][j]);
+  for (; k < n; ++k) dequant_block<type>(row + (k0 + k) * kFormat(type).bytes, out + k);  // unquantized rows' last values
+  std::fill(out + n, out + width, 0.0f);
 }
 
-// Padded width: K rounded up to whole blocks and to 16 lanes.
-int64_t padded(int64_t K, const Format& f) {
-  const int64_t blocks = (K + f.block - 1) / f.block;
-  const int64_t Kb = blocks * f.block;
-  return (Kb + 15) / 16 * 16;
+// Values already decoded by decode_span: chunks are loads.
+struct Decoded {
+  const float* p;
+  void load(const float* u) { p = u; }
+  V chunk(int c) const { return vload(p + 16 * c); }
+};
+
+// Software prefetch of weights a few tiles ahead: `lines` cache lines from `base`, spread over the
+// steps of a tile (the head streams ~180 MB from DRAM per call, in NB interleaved row streams that
+// the hardware prefetcher follows late).
+struct Prefetch {
+  const uint8_t* base;
+  int64_t lines, per;
+  void step(int64_t i) const {
+    for (int64_t l = i * per; l < std::min(lines, (i + 1) * per); ++l) __builtin_prefetch(base + 64 * l, 0, 3);
+  }
+};
+
+// acc[r * NB + j] += the chunks of units [0, units) of NB weight rows times R activation rows at x
+// (stride Kp): a register tile of R * NB accumulators. Each weight chunk is decoded (D = Dec<type>:
+// row[j] points at the row's bytes) or loaded (D = Decoded: at decoded values) once per tile, each
+// activation chunk loaded once.
+template <int64_t type, class D, int NB, int R, class Row>
+void tile(const Problem& p, const Row* const* row, int64_t units, const float* x, float* acc, const Prefetch& pf) {
+  constexpr int64_t U = kUnit<type>, stride = std::is_same_v<D, Decoded> ? U : kUnitBytes<type>;
+  V a[R * NB];
+  for (int i = 0; i < R * NB; ++i) a[i] = pin(vload(acc + 16 * i));  // pin: no memcpy through the stack
+  for (int64_t u = 0; u < units; ++u) {
+    pf.step(u);
+    D dec[NB];
+    for (int j = 0; j < NB; ++j) dec[j].load(row[j] + u * stride);
+#pragma GCC unroll 16
+    for (int c = 0; c < kChunks<type>; ++c) {
+      V w[NB];
+      for (int j = 0; j < NB; ++j) w[j] = pin(dec[j].chunk(c));
+      for (int r = 0; r < R; ++r) {
+        const V xv = pin(vload(x + r * p.Kp + u * U + 16 * c));
+        for (int j = 0; j < NB; ++j) a[r * NB + j] = vfma(w[j], xv, a[r * NB + j]);
+      }
+    }
+  }
+  for (int i = 0; i < R * NB; ++i) vstore(acc + 16 * i, pin(a[i]));
 }
+
+// tile<..., r> for a run-time r <= R.
+template <int64_t type, class D, int NB, int R, class Row>
+void tile_rows(const Problem& p, const Row* const* row, int64_t units, int64_t r, const float* x, float* acc, const Prefetch& pf) {
+  if constexpr (R > 1)
+    if (r < R) return tile_rows<type, D, NB, R - 1>(p, row, units, r, x, acc, pf);
+  tile<type, D, NB, R>(p, row, units, x, acc, pf);
+}
+
+constexpr int64_t SPAN = 1024;  // values per decoded span
+constexpr int64_t AHEAD = 2;    // tiles between the one computed and the one prefetched
+
+// Per-task scratch: accumulators [M][NB][16] and decoded weights [NB][SPAN].
+struct Scratch {
+  std::vector<float> acc, wbuf, out;
+  Scratch(int64_t M, int NB) : acc(M * NB * 16), wbuf(NB * SPAN), out(M * NB) {}
+};
+
+// s.out[m * NB + j] = y[m, n0 + j] for all M rows and NB features from n0 (a partial last tile
+// repeats the last feature and drops it). Rows go in near-equal groups of at most RMAX per register
+// tile. One group decodes in registers; several share decoded spans of SPAN values (SPAN * NB
+// weights and SPAN * M activations stay in L1 while every group passes over them).
+template <int64_t type, int NB, int RMAX>
+void features(const Problem& p, int64_t n0, Scratch& s) {
+  const uint8_t* row[NB];
+  for (int j = 0; j < NB; ++j) row[j] = p.w + std::min(n0 + j, p.N - 1) * p.row_bytes;
+  std::fill(s.acc.begin(), s.acc.end(), 0.0f);
+  const int64_t groups = (p.M + RMAX - 1) / RMAX, ahead = std::min(p.N, n0 + AHEAD * NB);
+  const int64_t lines = (std::min(p.N, ahead + NB) - ahead) * p.row_bytes / 64;
+  const uint8_t* next = p.w + ahead * p.row_bytes;
+  if (groups == 1 && p.K % kUnit<type> == 0) {
+    const int64_t units = p.K / kUnit<type>;
+    tile_rows<type, Dec<type>, NB, RMAX>(p, row, units, p.M, p.x, s.acc.data(), Prefetch{next, lines, (lines + units - 1) / units});
+  } else {
+    Prefetch{next, lines, lines}.step(0);
+    const float* rows[NB];
+    for (int j = 0; j < NB; ++j) rows[j] = s.wbuf.data() + j * SPAN;
+    for (int64_t k0 = 0; k0 < p.Kp; k0 += SPAN) {
+      const int64_t span = std::min(SPAN, p.Kp - k0);
+      for (int j = 0; j < NB; ++j) decode_span<type>(row[j], k0, std::min(span, p.K - k0), span, s.wbuf.data() + j * SPAN);
+      for (int64_t g = 0, m = 0; g < groups; ++g) {
+        const int64_t r = (p.M - m + groups - g - 1) / (groups - g);
+        tile_rows<type, Decoded, NB, RMAX>(p, rows, span / kUnit<type>, r, p.x + m * p.Kp + k0, s.acc.data() + m * NB * 16, Prefetch{});
+        m += r;
+      }
+    }
+  }
+  tree_sums(s.acc.data(), int(p.M * NB), s.out.data());
+}
+
+// Register tiles: NB features by up to RMAX rows (AVX-512: 32 registers hold NB * RMAX accumulators,
+// NB decoded chunks and an activation chunk; AVX2 holds a 16-lane vector in two of its 16).
+struct Shape { int nb, rmax; };
+#if defined(__AVX512F__)
+constexpr Shape kOneRow{8, 1}, kRows{4, 5};
+#else
+constexpr Shape kOneRow{4, 1}, kRows{2, 2};
+#endif
+
+// fn(integral_constant<Shape>) with the tile shape for M rows: one row (decoding) or several.
+template <class Fn>
+void with_shape(int64_t M, Fn&& fn) {
+  if (M == 1) fn(std::integral_constant<const Shape*, &kOneRow>{});
+  else fn(std::integral_constant<const Shape*, &kRows>{});
+}
+
+// Padded width: K rounded up to 16 lanes (blocks of 16 or more values already are).
+int64_t padded(int64_t K) { return (K + 15) / 16 * 16; }
 
 Problem problem(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K, std::vector<float>& xpad) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K, "x must be float32 [M, K]");
@@ -428,7 +548,8 @@ Problem problem(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t 
   const Format f = format_of(type);
   TORCH_CHECK(K % f.block == 0, "K (", K, ") must be a whole number of blocks of ", f.block);
   TORCH_CHECK(w.size(1) == K / f.block * f.bytes, "w rows hold ", w.size(1), " bytes, expected ", K / f.block * f.bytes);
-  Problem p{x.size(0), w.size(0), K, padded(K, f), type, f, nullptr, w.data_ptr<uint8_t>(), w.size(1)};
+  TORCH_CHECK(w.size(0) > 0, "w has no rows");
+  Problem p{x.size(0), w.size(0), K, padded(K), type, f, nullptr, w.data_ptr<uint8_t>(), w.size(1)};
   xpad.assign(p.M * p.Kp, 0.0f);
   const at::Tensor xc = x.contiguous();
   const float* src = xc.data_ptr<float>();
@@ -437,29 +558,28 @@ Problem problem(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t 
   return p;
 }
 
-// Tiles of NB features per parallel task; grain keeps a task's weights worth a thread wake-up.
-int64_t grain_for(const Problem& p) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, p.K)); }
+// Tiles of nb features per parallel task: grain keeps a task's weights worth a thread wake-up.
+int64_t grain_for(const Problem& p, int nb) { return std::max<int64_t>(1, (1 << 18) / (nb * std::max<int64_t>(1, p.K))); }
 
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K) {
   std::vector<float> xpad;
   const Problem p = problem(x, w, type, K, xpad);
   at::Tensor y = at::empty({p.M, p.N}, x.options());
   float* out = y.data_ptr<float>();
-  const int64_t tiles = (p.N + NB - 1) / NB;
   dispatch(type, [&](auto t_) {
-  constexpr int64_t T = decltype(t_)::value;
-  at::parallel_for(0, tiles, grain_for(p), [&](int64_t begin, int64_t end) {
-    float buf[ROWS * NB];
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * NB;
-      const int nb = int(std::min<int64_t>(NB, p.N - n0));
-      for (int64_t m0 = 0; m0 < p.M; m0 += ROWS) {
-        const int64_t mb = std::min(ROWS, p.M - m0);
-        tile<T>(p, n0, nb, m0, mb, buf);
-        for (int64_t m = 0; m < mb; ++m)
-          for (int j = 0; j < nb; ++j) out[(m0 + m) * p.N + n0 + j] = buf[m * NB + j];
+  with_shape(p.M, [&](auto s_) {
+    constexpr int64_t T = decltype(t_)::value;
+    constexpr Shape S = *decltype(s_)::value;
+    const int64_t tiles = (p.N + S.nb - 1) / S.nb;
+    at::parallel_for(0, tiles, grain_for(p, S.nb), [&](int64_t begin, int64_t end) {
+      Scratch s(p.M, S.nb);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n0 = t * S.nb;
+        features<T, S.nb, S.rmax>(p, n0, s);
+        for (int64_t m = 0; m < p.M; ++m)
+          for (int64_t j = 0; j < std::min<int64_t>(S.nb, p.N - n0); ++j) out[m * p.N + n0 + j] = s.out[m * S.nb + j];
       }
-    }
+    });
   });
   });
   return y;
@@ -475,31 +595,32 @@ inline bool beats(float v, float bv) { return !std::isnan(bv) && (std::isnan(v) 
 at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K) {
   std::vector<float> xpad;
   const Problem p = problem(x, w, type, K, xpad);
-  TORCH_CHECK(p.M <= ROWS, "qargmax takes at most ", ROWS, " rows");
-  const int64_t tiles = (p.N + NB - 1) / NB;
-  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, tiles));
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, p.N));
   std::vector<float> best(slices * p.M, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> index(slices * p.M, 0);
   dispatch(type, [&](auto t_) {
-  constexpr int64_t T = decltype(t_)::value;
-  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
-    float buf[ROWS * NB];
-    for (int64_t s = begin; s < end; ++s) {
-      float* bv = best.data() + s * p.M;
-      int64_t* bi = index.data() + s * p.M;
-      for (int64_t m = 0; m < p.M; ++m) bi[m] = -1;
-      for (int64_t t = s * tiles / slices; t < (s + 1) * tiles / slices; ++t) {
-        const int64_t n0 = t * NB;
-        const int nb = int(std::min<int64_t>(NB, p.N - n0));
-        tile<T>(p, n0, nb, 0, p.M, buf);
-        for (int64_t m = 0; m < p.M; ++m)
-          for (int j = 0; j < nb; ++j)
-            if (bi[m] < 0 || beats(buf[m * NB + j], bv[m])) {
-              bv[m] = buf[m * NB + j];
-              bi[m] = n0 + j;
-            }
+  with_shape(p.M, [&](auto s_) {
+    constexpr int64_t T = decltype(t_)::value;
+    constexpr Shape S = *decltype(s_)::value;
+    const int64_t tiles = (p.N + S.nb - 1) / S.nb;
+    at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+      Scratch sc(p.M, S.nb);
+      for (int64_t s = begin; s < end; ++s) {
+        float* bv = best.data() + s * p.M;
+        int64_t* bi = index.data() + s * p.M;
+        for (int64_t m = 0; m < p.M; ++m) bi[m] = -1;
+        for (int64_t t = s * tiles / slices; t < (s + 1) * tiles / slices; ++t) {
+          const int64_t n0 = t * S.nb;
+          features<T, S.nb, S.rmax>(p, n0, sc);
+          for (int64_t m = 0; m < p.M; ++m)
+            for (int64_t j = 0; j < std::min<int64_t>(S.nb, p.N - n0); ++j)
+              if (bi[m] < 0 || beats(sc.out[m * S.nb + j], bv[m])) {
+                bv[m] = sc.out[m * S.nb + j];
+                bi[m] = n0 + j;
+              }
+        }
       }
-    }
+    });
   });
   });
   at::Tensor out = at::empty({p.M}, x.options().dtype(at::kLong));
@@ -530,12 +651,11 @@ at::Tensor dequantize(const at::Tensor& w, const at::Tensor& ids, int64_t type, 
   const int64_t T = ids.size(0), N = w.size(0);
   for (int64_t t = 0; t < T; ++t) TORCH_CHECK(id[t] >= 0 && id[t] < N, "row ", id[t], " is out of range [0, ", N, ")");
   at::Tensor out = at::empty({T, K}, w.options().dtype(at::kFloat));
-  float* o = out.data_ptr<float>();
   const uint8_t* base = w.data_ptr<uint8_t>();
   dispatch(type, [&](auto t_) {
     constexpr int64_t TY = decltype(t_)::value;
     at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) dequant_span<TY>(f, base + id[t] * w.size(1), 0, K, o + t * K);
+      for (int64_t t = begin; t < end; ++t) decode_span<TY>(base + id[t] * w.size(1), 0, K, K, out.data_ptr<float>() + t * K);
     });
   });
   return out;
