@@ -10,8 +10,9 @@ import pytest
 
 from mtpspec.bench import EVAL_DATASETS, load_dataset
 from mtpspec.bench.datasets import gsm
-from mtpspec.bench.methods import Decoding, MtpspecRunner
+from mtpspec.bench.methods import MtpspecRunner
 from mtpspec.bench.run import ships_chat_template
+from mtpspec.bench.runners import Decoding
 from mtpspec.cli import main
 from mtpspec.errors import MtpspecError
 from mtpspec.models import GEMMA_CHAT_TEMPLATE

@@ -11,7 +11,8 @@ import resource
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .methods import Decoding, Row, Runner, RunResult
+from .methods import Row
+from .runners import Decoding, Runner, RunResult
 
 
 @dataclass

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ..drafters import REGISTRY
 from ..errors import MtpspecError
+from .reference import HFRunner, LlamaCppRunner, load_reference_model
+from .runners import Runner, RunResult
 
 REFERENCE_KINDS = ("hf", "hf-pld", "hf-assisted", "llama.cpp")
 UNDRAFTED_KINDS = ("none", "hf", "llama.cpp")  # methods for which a draft length means nothing
@@ -86,35 +87,6 @@ def make_rows(methods: list[Method], draft_lengths: list[int]) -> list[Row]:
     return [Row(m, k) for m in methods for k in (draft_lengths if m.drafts else [0])]
 
 
-@dataclass(frozen=True)
-class Decoding:
-    """The generation settings shared by every method in a run."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass
-class RunResult:
-    token_ids: list[int]
-    ttft_s: float  # prompt in → first generated token out
-    decode_s: float  # first token → last token
-    decode_tokens: int  # tokens produced after the first one
-    target_forwards: int | None = None  # target forwards after the first token's (None: not measured)
-    stats: dict | None = None  # the engine's Stats.to_dict() for mtpspec methods
-
-
-class Runner(Protocol):
-    def run(self, ids: list[int], decoding: Decoding, k: int, seed: int) -> RunResult:
-        """Generate from prompt ids with draft length k (ignored by undrafted methods)."""
-
-
 class MtpspecRunner:
     """An mtpspec drafter through the engine; every runner shares the one loaded target."""
 
@@ -147,12 +119,8 @@ def build_runners(rows: list[Row], model: str, dtype: str, threads: int) -> dict
         if not m.reference:
             runners[m] = MtpspecRunner(base if m.kind == "none" else Pipeline(base.target, m.spec, model))
         elif m.kind == "llama.cpp":
-            from .reference import LlamaCppRunner
-
             runners[m] = LlamaCppRunner(model, threads, base.target.eos_token_ids)
         else:
-            from .reference import HFRunner, load_reference_model
-
             hf_model = hf_model or load_reference_model(model, dtype)
             assistant = load_reference_model(m.arg, dtype) if m.kind == "hf-assisted" else None
             runners[m] = HFRunner(hf_model, m.kind, base.target.eos_token_ids, base.tokenizer, assistant)

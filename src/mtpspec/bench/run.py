@@ -13,14 +13,8 @@ from ..models import GEMMA_CHAT_TEMPLATE
 from . import markdown, plots, report
 from .datasets import Dataset, load_dataset
 from .measure import Encoded, run_bench
-from .methods import (
-    Decoding,
-    Row,
-    build_runners,
-    make_rows,
-    parse_draft_lengths,
-    parse_methods,
-)
+from .methods import Row, build_runners, make_rows, parse_draft_lengths, parse_methods
+from .runners import Decoding
 
 
 @dataclass(frozen=True)
