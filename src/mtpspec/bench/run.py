@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +12,7 @@ from ..errors import MtpspecError
 from ..models import GEMMA_CHAT_TEMPLATE
 from . import markdown, plots, report
 from .datasets import Dataset, load_dataset
+from .llamacpp import NativeBuild, load_build
 from .measure import Encoded, run_bench
 from .methods import Row, build_runners, make_rows, parse_draft_lengths, parse_methods
 from .runners import Decoding
@@ -33,6 +34,7 @@ class BenchConfig:
     threads: int = 1
     dtype: str = "bf16"
     chat: bool | None = None  # None: the chat template for chat-style datasets on models that ship one
+    llama_cpp_bin: Path | None = None  # native llama.cpp binaries, for the llama.cpp-native/-lookup/-ngram rows
 
 
 @dataclass
@@ -45,9 +47,9 @@ class Outcome:
 
 def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], None]] = lambda total: lambda label: None) -> Outcome:
     """Run the benchmark `config` describes. `progress(total)` returns the per-run callback."""
-    rows, datasets = _validate(config)
+    rows, datasets, build = _validate(config)
     torch.set_num_threads(config.threads)
-    runners = build_runners(rows, config.model, config.dtype, config.threads)
+    runners = build_runners(rows, config.model, config.dtype, config.threads, build)
     pipeline = runners[rows[0].method].pipeline  # `none`: its tokenizer encodes the prompts for everyone
     encoded = [_encode(ds, pipeline, config.chat) for ds in datasets]
     decoding = Decoding(config.max_new_tokens, config.temperature, config.top_p, config.seed)
@@ -58,7 +60,10 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     by_category = report.summarize_categories(records, rows, encoded, decoding.greedy)
     found = report.mismatches(records, rows, encoded) if decoding.greedy else []
     settings = {**asdict(config), "out": str(config.out), "greedy": decoding.greedy, "rows": [r.label for r in rows]}
+    settings["llama_cpp_bin"] = str(config.llama_cpp_bin) if config.llama_cpp_bin else None
     env = report.environment(config.threads, config.dtype)
+    if build:
+        env["llama_cpp_native"] = {"dir": str(build.dir), "flags": build.flags, "threads": config.threads, **build.info}
     report.write_results(config.out / "results.json", settings, env, encoded, summaries, by_category, found, records)
     pngs = plots.write_plots(config.out, summaries)
     text = markdown.render(config.model, settings, env, encoded, summaries, by_category, found, pngs)
@@ -67,8 +72,8 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     return Outcome(summaries, found, text, files)
 
 
-def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
-    """Every user mistake we can see before loading a model."""
+def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset], NativeBuild | None]:
+    """Every user mistake we can see before loading a model; native llama.cpp methods get their label."""
     if config.max_new_tokens < 1:
         raise MtpspecError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
     if config.repeats < 1:
@@ -77,7 +82,13 @@ def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
         raise MtpspecError(f"--threads must be at least 1, got {config.threads}")
     if config.temperature < 0 or not 0 < config.top_p <= 1:
         raise MtpspecError("--temperature must be >= 0 and --top-p in (0, 1]")
-    rows = make_rows(parse_methods(config.methods), parse_draft_lengths(config.num_draft_tokens))
+    methods = parse_methods(config.methods)
+    native = {m.kind for m in methods if m.native}
+    build = load_build(config.llama_cpp_bin, native) if native else None
+    if build:
+        note = f"{build.flags}, {config.threads} thread{'s' if config.threads != 1 else ''}"
+        methods = [replace(m, note=note) if m.native else m for m in methods]
+    rows = make_rows(methods, parse_draft_lengths(config.num_draft_tokens))
     specs = [s.strip() for s in config.datasets.split(",") if s.strip()]
     if not specs:
         raise MtpspecError("--dataset needs at least one dataset")
@@ -89,7 +100,7 @@ def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MtpspecError(f"cannot create the output directory {config.out}: {e.strerror}") from e
-    return rows, datasets
+    return rows, datasets, build
 
 
 def ships_chat_template(tokenizer) -> bool:

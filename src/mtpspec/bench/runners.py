@@ -29,6 +29,8 @@ class RunResult:
     decode_tokens: int  # tokens produced after the first one
     target_forwards: int | None = None  # target forwards after the first token's (None: not measured)
     stats: dict | None = None  # the engine's Stats.to_dict() for mtpspec methods
+    process_rss_mb: float | None = None  # peak RSS of the subprocess that generated (None: generated in this process)
+    prompt_tokens: int | None = None  # the prompt as a runner that tokenizes text itself read it (native llama.cpp)
 
 
 class Runner(Protocol):
