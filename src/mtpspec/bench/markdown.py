@@ -74,15 +74,16 @@ def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
 
 def _native_line(build: dict) -> str:
     """How the native llama.cpp rows were built and timed (their labels carry the flags and threads)."""
-    version = build.get("llama_cpp", "").removeprefix("version: ")
-    source = f"llama.cpp {version} from the llama-cpp-python {build['llama_cpp_python']} sdist, " if build.get("llama_cpp_python") else ""
-    cmake = " ".join(build.get("cmake_flags", [])) or "unknown flags"
-    made = "; ".join(x for x in (build.get("compiler"), build.get("cpu")) if x)
+    version = build["llama_cpp"].removeprefix("version: ") + " " if build.get("llama_cpp") else ""
+    source = f"llama.cpp {version}from the llama-cpp-python {build['llama_cpp_python']} sdist" if build.get("llama_cpp_python") else ""
+    flags = " ".join(build.get("cmake_flags", []))
+    made = "; ".join(x for x in (source, f"cmake `{flags}`" if flags else "build flags unknown", build.get("compiler"), build.get("cpu")) if x)
+    threads = build["threads"]
     return (
-        f"Native llama.cpp rows: binaries in `{build['dir']}` ({source}cmake `{cmake}`{'; ' + made if made else ''}), "
-        f"{build['threads']} threads. Their times are llama.cpp's own timing lines: process start and model load are "
-        "not counted; peak RSS is the llama.cpp process's. They get the prompt as text and tokenize it themselves "
-        "(results.json: each run's prompt_tokens), so their output ids are their text re-encoded."
+        f"Native llama.cpp rows: binaries in `{build['dir']}` ({made}), {threads} thread{'s' if threads != 1 else ''}. "
+        "Their times are llama.cpp's own timing lines: process start and model load are not counted; peak RSS is the "
+        "llama.cpp process's. They get the prompt as text and tokenize it themselves (results.json: each run's "
+        "prompt_tokens), so their output ids are their text re-encoded."
     )
 
 
