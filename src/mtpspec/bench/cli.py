@@ -28,8 +28,8 @@ def register(subparsers) -> None:
         help="comma list of mtpspec drafters (none, ngram, draft:MODEL, mtp[:PATH], hybrid[:PATH]) and reference rows "
         "(hf: transformers greedy/sampled generate; hf-pld: its prompt lookup; hf-assisted:MODEL: its assisted "
         "generation; llama.cpp: llama-cpp-python on the same GGUF; with --llama-cpp-bin, native llama.cpp on the same GGUF: "
-        "llama.cpp-native: plain llama-completion, llama.cpp-lookup: llama-lookup, llama.cpp-ngram[:TYPE]: "
-        "llama-speculative-simple --spec-type TYPE, ngram-simple by default). `none` is always included (default: none,ngram)",
+        "llama.cpp-native: plain llama-completion, llama.cpp-lookup: llama-lookup drafting k tokens, llama.cpp-ngram[:TYPE]: "
+        "llama-speculative-simple --spec-type TYPE, ngram-simple by default, with its own draft sizes). `none` is always included (default: none,ngram)",
     )
     p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns, one category after another, so a --limit samples every category), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field and optional 'chat' (default: mt-bench)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each dataset (default: all; gsm: 100)")

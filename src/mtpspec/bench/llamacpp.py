@@ -2,8 +2,10 @@
 
 - `llama.cpp-native`: plain decoding (`llama-completion`).
 - `llama.cpp-lookup` k=K: its n-gram cache lookup decoding (`llama-lookup --spec-draft-n-max K`).
-- `llama.cpp-ngram[:TYPE]` k=K: `llama-speculative-simple --spec-type TYPE` (ngram-simple by default)
-  drafting at most K tokens, its other settings llama.cpp's defaults.
+- `llama.cpp-ngram[:TYPE]`: `llama-speculative-simple --spec-type TYPE` (ngram-simple by default)
+  with llama.cpp's own draft sizes. No k: ngram-simple drafts nothing when its draft length
+  (`--spec-ngram-simple-size-m`) is below its match length (12), and `--spec-draft-n-max` only
+  sizes draft models' drafts, so the bench's draft length has no faithful flag here.
 
 `scripts/build-llama-cpp.sh` builds the binaries and writes `build-info.json` beside them, which labels
 the rows. The times are llama.cpp's own (the timing lines each binary prints), so process start and
@@ -24,8 +26,7 @@ from ..errors import MtpspecError
 from .runners import Decoding, RunResult
 
 BINARIES = {"llama.cpp-native": "llama-completion", "llama.cpp-lookup": "llama-lookup", "llama.cpp-ngram": "llama-speculative-simple"}
-# The --spec-type values whose draft length is one flag; llama.cpp's default draws 48 tokens.
-NGRAM_TYPES = {t: f"--spec-ngram-{t.removeprefix('ngram-')}-size-m" for t in ("ngram-simple", "ngram-map-k", "ngram-map-k4v")}
+NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")  # its model-free --spec-type values
 BUILD_SCRIPT = "scripts/build-llama-cpp.sh"
 
 
@@ -179,12 +180,12 @@ class NativeRunner:
         if self.kind == "llama.cpp-native":
             # --special prints the end-of-generation token, so the re-encoded ids end as `none`'s do.
             return args + ["-n", str(decoding.max_new_tokens), "-no-cnv", "--no-display-prompt", "--special", "--verbose-prompt"]
-        # These stop once they have more than -n tokens.
+        # These stop once they have more than -n tokens, past it by the last round's accepted drafts:
+        # their rates count every token they made; their ids are cut at max_new_tokens.
         args += ["-n", str(max(decoding.max_new_tokens - 1, 1))]
         if self.kind == "llama.cpp-lookup":
             return args + ["--spec-draft-n-max", str(k)]
-        spec = self.arg or "ngram-simple"
-        return args + ["--spec-type", spec, NGRAM_TYPES[spec], str(k)]
+        return args + ["--spec-type", self.arg or "ngram-simple"]
 
 
 def _run(cmd: list[str], tmp: Path) -> tuple[str, str, float]:

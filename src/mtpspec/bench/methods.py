@@ -19,7 +19,7 @@ from .reference import HFRunner, LlamaCppRunner, gguf_path, load_reference_model
 from .runners import Runner, RunResult
 
 REFERENCE_KINDS = ("hf", "hf-pld", "hf-assisted", "llama.cpp", *llamacpp.BINARIES)
-UNDRAFTED_KINDS = ("none", "hf", "llama.cpp", "llama.cpp-native")  # methods for which a draft length means nothing
+UNDRAFTED_KINDS = ("none", "hf", "llama.cpp", "llama.cpp-native", "llama.cpp-ngram")  # methods for which a draft length means nothing
 
 
 @dataclass(frozen=True)
