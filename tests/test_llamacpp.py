@@ -115,31 +115,42 @@ def test_missing_binary_and_build_flags(tmp_path):
     assert load_build(tmp_path / "bin", {"llama.cpp-native"}).flags == "GGML_NATIVE=ON"
 
 
-def test_runner_against_a_stand_in_binary(tmp_path, tokenizer):
-    """The real captured output replayed by a script: arguments, prompt file, parsing, re-encoding."""
-    seen = tmp_path / "seen"
-    stdout, stderr, _ = sample("gemma3-270m", "llama-completion")
-    (tmp_path / "out").write_text(stdout)
+def replay(tmp_path: Path, tokenizer, model: str, binary: str, kind: str, prompt: str, max_new_tokens: int):
+    """Run `kind` through a script that prints captured output, with `prompt` in place of the captured one."""
+    stdout, stderr, captured = sample(model, binary)
+    (tmp_path / "out").write_text(stdout.replace(captured, prompt) if captured else stdout)
     (tmp_path / "err").write_text(stderr)
+    seen = tmp_path / "seen"
     script = (
         f'printf "%s\\n" "$@" > {seen}.args\n'
         f'while [ $# -gt 0 ]; do [ "$1" = -f ] && cp "$2" {seen}.prompt; shift; done\n'
         f"cat {tmp_path}/out; cat {tmp_path}/err >&2\n"
     )
-    fake_binary(tmp_path / "bin" / "llama-completion", script)
-    build = NativeBuild(tmp_path / "bin", {})
-    runner = NativeRunner(build, "llama.cpp-native", "", Path("m.gguf"), 3, tokenizer)
-    ids = tokenizer.encode("a prompt of 17 b.")
-    assert len(ids) == 17  # the captured run read its prompt as 17 tokens
-    result = runner.run(ids, Decoding(max_new_tokens=24), k=0, seed=0)
+    fake_binary(tmp_path / "bin" / binary, script)
+    runner = NativeRunner(NativeBuild(tmp_path / "bin", {}), kind, "", Path("m.gguf"), 3, tokenizer)
+    result = runner.run(tokenizer.encode(prompt), Decoding(max_new_tokens=max_new_tokens), k=4, seed=0)
+    return result, (tmp_path / "seen.args").read_text().split("\n"), (tmp_path / "seen.prompt").read_text()
 
-    args = (tmp_path / "seen.args").read_text().split("\n")
+
+def test_runner_against_a_stand_in_binary(tmp_path, tokenizer):
+    """Captured output replayed by a script: arguments, prompt file, parsing, re-encoding."""
+    prompt = "a prompt of 17 b."  # 17 byte tokens, as many as the captured run read
+    result, args, sent = replay(tmp_path, tokenizer, "gemma3-270m", "llama-completion", "llama.cpp-native", prompt, 24)
     for flag, value in [("-m", "m.gguf"), ("-t", "3"), ("-tb", "3"), ("-n", "24"), ("--temp", "0")]:
         assert args[args.index(flag) + 1] == value
     assert {"--no-escape", "-no-cnv", "--special"} <= set(args)
-    assert (tmp_path / "seen.prompt").read_text() == "a prompt of 17 b.\n"
+    assert sent == prompt + "\n"
     assert result.decode_tokens == 23 and result.ttft_s == pytest.approx(1.58638) and result.prompt_tokens == 17
     assert len(result.token_ids) == 24 and result.process_rss_mb > 0  # byte tokens, cut at max_new_tokens
+
+
+def test_tokens_past_the_limit_are_not_counted(tmp_path, tokenizer):
+    """speculative-simple made 60 tokens for -n 47: the row counts 48, over the whole decode time."""
+    prompt = "x" * 45
+    result, args, _ = replay(tmp_path, tokenizer, "gemma3-270m", "llama-speculative-simple", "llama.cpp-ngram", prompt, 48)
+    assert args[args.index("-n") + 1] == "47" and args[args.index("--spec-type") + 1] == "ngram-simple"
+    assert result.decode_tokens == 48 and result.decode_s == pytest.approx(4.792) and result.target_forwards == 21
+    assert len(result.token_ids) == 48
 
 
 def test_failing_binary_is_a_clear_error(tmp_path, tokenizer):

@@ -166,10 +166,16 @@ class NativeRunner:
             # It stopped early, at an end-of-generation token it does not print: the GGUF's EOS stands
             # for it (a chat turn's own end token, such as Gemma's <end_of_turn>, would read as a difference).
             tokens.append(self.tokenizer.eos_token_id)
-        return RunResult(tokens, out.ttft_s, out.decode_s, out.decode_tokens, out.forwards, process_rss_mb=rss_mb, prompt_tokens=out.prompt_tokens)
+        # The last round can run past max_new_tokens: lookup by up to k drafts, speculative-simple by
+        # a whole draft (48 tokens for ngram-simple), as it stops truncating drafts where the tokens
+        # left reach 0. Tokens past the limit are not counted, but that forward's time is: at most one
+        # forward's time too much, where counting them would credit tokens the other rows never make.
+        limit = decoding.max_new_tokens - (0 if self.kind == "llama.cpp-ngram" else 1)
+        decode_tokens = min(out.decode_tokens, limit)
+        return RunResult(tokens, out.ttft_s, out.decode_s, decode_tokens, out.forwards, process_rss_mb=rss_mb, prompt_tokens=out.prompt_tokens)
 
     def _args(self, prompt_file: Path, n_prompt: int, decoding: Decoding, k: int, seed: int) -> list[str]:
-        slack = n_prompt // 10 + k + 16  # its own tokens for the prompt, and lookup's drafts past its limit
+        slack = n_prompt // 10 + max(k, 64) + 16  # its own tokens for the prompt, and drafts past the limit
         args = ["-m", str(self.gguf), "-f", str(prompt_file), "-t", str(self.threads), "-tb", str(self.threads),
                 "-c", str(n_prompt + decoding.max_new_tokens + slack), "--seed", str(seed),
                 "--no-escape"]  # the prompt is text as it is: a backslash in code stays a backslash
@@ -180,8 +186,7 @@ class NativeRunner:
         if self.kind == "llama.cpp-native":
             # --special prints the end-of-generation token, so the re-encoded ids end as `none`'s do.
             return args + ["-n", str(decoding.max_new_tokens), "-no-cnv", "--no-display-prompt", "--special", "--verbose-prompt"]
-        # These stop once they have more than -n tokens, past it by the last round's accepted drafts:
-        # their rates count every token they made; their ids are cut at max_new_tokens.
+        # These stop once they have more than -n tokens, past it by the last round's accepted drafts.
         args += ["-n", str(max(decoding.max_new_tokens - 1, 1))]
         if self.kind == "llama.cpp-lookup":
             return args + ["--spec-draft-n-max", str(k)]
