@@ -49,6 +49,8 @@ def test_parses_llama_lookup():
     # 26 tokens, 16 of them accepted drafts: 10 rounds, the first token from the prefill, no forward after the last
     assert out.decode_tokens == 25 and out.forwards == 9
     assert out.text.startswith("Write a haiku") and "<start_of_turn>" not in out.text and not out.text.endswith("\n")
+    ended = parse_output("llama.cpp-lookup", *sample("smollm2-135m", "llama-lookup"))
+    assert ended.text.endswith("below.<|im_end|>") and ended.decode_tokens == 14  # it prints its end token
 
 
 def test_parses_llama_speculative_simple():
