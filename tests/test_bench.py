@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from mtpspec.bench.methods import Decoding, MtpspecRunner
+from mtpspec.bench.methods import MtpspecRunner
+from mtpspec.bench.runners import Decoding
 from mtpspec.cli import main
 from mtpspec.errors import MtpspecError
 from mtpspec.prompts import EVAL_DATASETS, gsm, load_dataset

@@ -27,7 +27,9 @@ def register(subparsers) -> None:
         default="none,ngram",
         help="comma list of mtpspec drafters (none, ngram, draft:MODEL, mtp[:PATH], hybrid[:PATH]) and reference rows "
         "(hf: transformers greedy/sampled generate; hf-pld: its prompt lookup; hf-assisted:MODEL: its assisted "
-        "generation; llama.cpp: llama-cpp-python on the same GGUF). `none` is always included (default: none,ngram)",
+        "generation; llama.cpp: llama-cpp-python on the same GGUF; with --llama-cpp-bin, native llama.cpp on the same GGUF: "
+        "llama.cpp-native: plain llama-completion, llama.cpp-lookup: llama-lookup drafting k tokens, llama.cpp-ngram[:TYPE]: "
+        "llama-speculative-simple --spec-type TYPE, ngram-simple by default, with its own draft sizes). `none` is always included (default: none,ngram)",
     )
     p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns, one category after another, so a --limit samples every category), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field and optional 'chat' (default: mt-bench)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each dataset (default: all; gsm: 100)")
@@ -45,6 +47,16 @@ def register(subparsers) -> None:
         default=None,
         help="wrap prompts in the model's chat template (--chat) or not (--no-chat); default: only requests to an assistant "
         "(mt-bench, gsm, and .jsonl rows with \"chat\": true) on models that ship a chat template (base Gemma 3 270M gets plain prompts)",
+    )
+    p.add_argument(
+        "--llama-cpp-bin",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory with native llama.cpp binaries (llama-completion, llama-lookup, llama-speculative-simple) for the "
+        "llama.cpp-native/-lookup/-ngram rows, which run them as subprocesses with the same prompts, threads and max tokens "
+        "and report llama.cpp's own timings, labelled with the build's flags; scripts/build-llama-cpp.sh [DIR] builds one "
+        "offline from the llama-cpp-python sdist (about 8 minutes on 2 cores)",
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="directory for results.json, report.md and plots (default: results)")
     p.set_defaults(func=cmd_bench)
@@ -70,6 +82,7 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         dtype=args.dtype,
         chat=args.chat,
+        llama_cpp_bin=args.llama_cpp_bin,
     )
     bars = []  # the bar starts once the inputs are checked and the models loaded
 

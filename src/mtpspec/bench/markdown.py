@@ -14,7 +14,10 @@ ALIGN = "|---|---|--:|--:|--:|---|---|--:|--:|---|"
 
 def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summaries: list[Summary],
            by_category: list[Summary], found: list[Mismatch], plots: list[str]) -> str:
-    lines = [f"# mtpspec bench: {model}", "", _setup_line(settings, env, datasets), "", HEADER, ALIGN]
+    lines = [f"# mtpspec bench: {model}", "", _setup_line(settings, env, datasets), ""]
+    if env.get("llama_cpp_native"):
+        lines += [_native_line(env["llama_cpp_native"]), ""]
+    lines += [HEADER, ALIGN]
     lines += [_row(s) for s in summaries]
     lines += _category_table(by_category)
     lines += ["", _lossless_line(settings, summaries, found), ""]
@@ -22,7 +25,8 @@ def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summa
         "- **decode tok/s**: tokens after the first one / time after the first one, per generation; "
         "**speedup**: all decode tokens / all decode time, over `none`'s on the same prompts in the same run.",
         "- **τ**: tokens per target forward after the prefill (1.00 for plain decoding); for transformers rows "
-        "counted with a forward hook. **acceptance by draft position**: share of drafts at depth 1, 2, ... accepted.",
+        "counted with a forward hook, for native llama.cpp rows from the counts they print (one forward per round). "
+        "**acceptance by draft position**: share of drafts at depth 1, 2, ... accepted.",
         "- **TTFT**: prompt in to first token out (prefill). **peak RSS**: the whole bench process during the runs, "
         "every loaded model included; (+run) is the most a single generation added.",
         "- Reference rows (transformers, llama.cpp) run their own kernels, which round bf16 differently from mtpspec's "
@@ -65,6 +69,21 @@ def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
         f"{mode}; at most {settings['max_new_tokens']} new tokens; {settings['repeats']} repeat(s) after a warm-up; {sets}. "
         f"{env['dtype']}, {env['threads']} thread{'s' if env['threads'] != 1 else ''} on {env['cpu']} ({env['logical_cpus']} logical CPUs){kernel}; "
         f"torch {env['torch']}, transformers {env['transformers']}; commit {commit}."
+    )
+
+
+def _native_line(build: dict) -> str:
+    """How the native llama.cpp rows were built and timed (their labels carry the flags and threads)."""
+    version = build["llama_cpp"].removeprefix("version: ") + " " if build.get("llama_cpp") else ""
+    source = f"llama.cpp {version}from the llama-cpp-python {build['llama_cpp_python']} sdist" if build.get("llama_cpp_python") else ""
+    flags = " ".join(build.get("cmake_flags", []))
+    made = "; ".join(x for x in (source, f"cmake `{flags}`" if flags else "build flags unknown", build.get("compiler"), build.get("cpu")) if x)
+    threads = build["threads"]
+    return (
+        f"Native llama.cpp rows: binaries in `{build['dir']}` ({made}), {threads} thread{'s' if threads != 1 else ''}. "
+        "Their times are llama.cpp's own timing lines: process start and model load are not counted; peak RSS is the "
+        "llama.cpp process's. They get the prompt as text and tokenize it themselves (results.json: each run's "
+        "prompt_tokens), so their output ids are their text re-encoded."
     )
 
 

@@ -11,7 +11,8 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .methods import Decoding, Row, Runner, RunResult
+from .methods import Row
+from .runners import Decoding, Runner, RunResult
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Record:
     repeat: int
     row: str  # Row.label
     result: RunResult
-    peak_rss_mb: float  # whole process during the run (every loaded model included)
+    peak_rss_mb: float  # whole process during the run (every loaded model included; a native run: its subprocess)
     run_rss_mb: float  # the part the run itself added on top of what was resident before it
 
 
@@ -69,6 +70,8 @@ def _measure(dataset: str, i: int, repeat: int, row: Row, runner: Runner, ids, d
     before = rss_mb()
     reset_peak_rss()
     result = runner.run(ids, decoding, row.k, seed)
+    if result.process_rss_mb is not None:  # generated in a subprocess: all of its memory is the run's
+        return Record(dataset, i, repeat, row.label, result, result.process_rss_mb, result.process_rss_mb)
     peak = peak_rss_mb()
     return Record(dataset, i, repeat, row.label, result, peak, max(peak - before, 0.0))
 

@@ -3,20 +3,23 @@
 mtpspec methods are drafter specs (`none`, `ngram`, `draft:PATH`, `mtp[:PATH]`, ...) run through
 the engine; reference methods run other implementations on the same model: transformers
 `generate` (`hf`), its prompt-lookup decoding (`hf-pld`), its assisted generation
-(`hf-assisted:PATH`) and llama.cpp (`llama.cpp`, same GGUF).
+(`hf-assisted:PATH`), llama-cpp-python (`llama.cpp`, same GGUF) and native llama.cpp binaries
+(`llama.cpp-native`, `llama.cpp-lookup`, `llama.cpp-ngram[:TYPE]`, same GGUF; see `llamacpp`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from ..drafters import REGISTRY
 from ..errors import MtpspecError
+from . import llamacpp
+from .reference import HFRunner, LlamaCppRunner, gguf_path, load_reference_model
+from .runners import Runner, RunResult
 
-REFERENCE_KINDS = ("hf", "hf-pld", "hf-assisted", "llama.cpp")
-UNDRAFTED_KINDS = ("none", "hf", "llama.cpp")  # methods for which a draft length means nothing
+REFERENCE_KINDS = ("hf", "hf-pld", "hf-assisted", "llama.cpp", *llamacpp.BINARIES)
+UNDRAFTED_KINDS = ("none", "hf", "llama.cpp", "llama.cpp-native", "llama.cpp-ngram")  # methods for which a draft length means nothing
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Method:
     kind: str  # before the colon
     arg: str  # after the colon ("" if none)
     name: str = ""  # for tables and plots: the spec with a model path shortened to its last part
+    note: str = ""  # after the row label: a native llama.cpp build's flags and thread count
 
     def __post_init__(self):
         if not self.name:
@@ -40,6 +44,11 @@ class Method:
     def drafts(self) -> bool:
         return self.kind not in UNDRAFTED_KINDS
 
+    @property
+    def native(self) -> bool:
+        """Runs a llama.cpp binary from --llama-cpp-bin."""
+        return self.kind in llamacpp.BINARIES
+
 
 @dataclass(frozen=True)
 class Row:
@@ -50,7 +59,8 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"{self.method.name} k={self.k}" if self.method.drafts else self.method.name
+        label = f"{self.method.name} k={self.k}" if self.method.drafts else self.method.name
+        return f"{label} ({self.method.note})" if self.method.note else label
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -65,6 +75,10 @@ def parse_methods(text: str) -> list[Method]:
             raise MtpspecError(f"unknown method {spec!r}: use one of {known} (draft, hf-assisted: add :MODEL)")
         if kind == "hf-assisted" and not arg:
             raise MtpspecError("hf-assisted needs a draft model, e.g. hf-assisted:/path/to/model")
+        if kind == "llama.cpp-ngram" and arg not in ("", *llamacpp.NGRAM_TYPES):
+            raise MtpspecError(f"llama.cpp-ngram takes one of {', '.join(llamacpp.NGRAM_TYPES)}, not {arg!r}")
+        if kind in ("llama.cpp-native", "llama.cpp-lookup") and arg:
+            raise MtpspecError(f"{kind} takes no argument, got {spec!r}")
         if spec not in [m.spec for m in methods]:
             methods.append(Method(spec, kind, arg))
     if len({m.name for m in methods}) < len(methods):  # two models with the same last path part
@@ -84,35 +98,6 @@ def parse_draft_lengths(text: str) -> list[int]:
 
 def make_rows(methods: list[Method], draft_lengths: list[int]) -> list[Row]:
     return [Row(m, k) for m in methods for k in (draft_lengths if m.drafts else [0])]
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """The generation settings shared by every method in a run."""
-
-    max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass
-class RunResult:
-    token_ids: list[int]
-    ttft_s: float  # prompt in → first generated token out
-    decode_s: float  # first token → last token
-    decode_tokens: int  # tokens produced after the first one
-    target_forwards: int | None = None  # target forwards after the first token's (None: not measured)
-    stats: dict | None = None  # the engine's Stats.to_dict() for mtpspec methods
-
-
-class Runner(Protocol):
-    def run(self, ids: list[int], decoding: Decoding, k: int, seed: int) -> RunResult:
-        """Generate from prompt ids with draft length k (ignored by undrafted methods)."""
 
 
 class MtpspecRunner:
@@ -135,8 +120,9 @@ class MtpspecRunner:
         return RunResult(result.token_ids, s.prefill_s, s.decode_s, s.round_tokens, s.target_forwards, s.to_dict())
 
 
-def build_runners(rows: list[Row], model: str, dtype: str, threads: int) -> dict[Method, Runner]:
-    """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need."""
+def build_runners(rows: list[Row], model: str, dtype: str, threads: int, build: llamacpp.NativeBuild | None = None) -> dict[Method, Runner]:
+    """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need.
+    `build` is required where rows run native llama.cpp binaries."""
     from ..api import Pipeline, load
 
     methods = list(dict.fromkeys(r.method for r in rows))
@@ -147,12 +133,10 @@ def build_runners(rows: list[Row], model: str, dtype: str, threads: int) -> dict
         if not m.reference:
             runners[m] = MtpspecRunner(base if m.kind == "none" else Pipeline(base.target, m.spec, model))
         elif m.kind == "llama.cpp":
-            from .reference import LlamaCppRunner
-
             runners[m] = LlamaCppRunner(model, threads, base.target.eos_token_ids)
+        elif m.native:
+            runners[m] = llamacpp.NativeRunner(build, m.kind, m.arg, gguf_path(model), threads, base.tokenizer)
         else:
-            from .reference import HFRunner, load_reference_model
-
             hf_model = hf_model or load_reference_model(model, dtype)
             assistant = load_reference_model(m.arg, dtype) if m.kind == "hf-assisted" else None
             runners[m] = HFRunner(hf_model, m.kind, base.target.eos_token_ids, base.tokenizer, assistant)

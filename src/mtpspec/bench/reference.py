@@ -14,7 +14,7 @@ import torch
 
 from ..errors import MtpspecError
 from ..models import BUNDLED, parse_dtype, resolve_model
-from .methods import Decoding, RunResult
+from .runners import Decoding, RunResult
 
 
 def load_reference_model(model: str, dtype: str):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,15 +16,10 @@ from ..prompts import Dataset, load_dataset
 from ..sampling import SamplingParams
 from ..text import ships_chat_template
 from . import markdown, plots, report
+from .llamacpp import NativeBuild, load_build
 from .measure import Encoded, run_bench
-from .methods import (
-    Decoding,
-    Row,
-    build_runners,
-    make_rows,
-    parse_draft_lengths,
-    parse_methods,
-)
+from .methods import Row, build_runners, make_rows, parse_draft_lengths, parse_methods
+from .runners import Decoding
 
 
 @dataclass(frozen=True)
@@ -43,6 +38,7 @@ class BenchConfig:
     threads: int = 1
     dtype: str = DEFAULT_DTYPE
     chat: bool | None = None  # None: the chat template for chat-style datasets on models that ship one
+    llama_cpp_bin: Path | None = None  # native llama.cpp binaries, for the llama.cpp-native/-lookup/-ngram rows
 
 
 @dataclass
@@ -55,9 +51,9 @@ class Outcome:
 
 def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], None]] = lambda total: lambda label: None) -> Outcome:
     """Run the benchmark `config` describes. `progress(total)` returns the per-run callback."""
-    rows, datasets = _validate(config)
+    rows, datasets, build = _validate(config)
     torch.set_num_threads(config.threads)
-    runners = build_runners(rows, config.model, config.dtype, config.threads)
+    runners = build_runners(rows, config.model, config.dtype, config.threads, build)
     pipeline = runners[rows[0].method].pipeline  # `none`: its tokenizer encodes the prompts for everyone
     encoded = [_encode(ds, pipeline, config.chat) for ds in datasets]
     decoding = Decoding(config.max_new_tokens, config.temperature, config.top_p, config.seed)
@@ -68,7 +64,10 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     by_category = report.summarize_categories(records, rows, encoded, decoding.greedy)
     found = report.mismatches(records, rows, encoded) if decoding.greedy else []
     settings = {**asdict(config), "out": str(config.out), "greedy": decoding.greedy, "rows": [r.label for r in rows]}
+    settings["llama_cpp_bin"] = str(config.llama_cpp_bin) if config.llama_cpp_bin else None
     env = report.environment(config.threads, config.dtype)
+    if build:
+        env["llama_cpp_native"] = {"dir": str(build.dir), "flags": build.flags, "threads": config.threads, **build.info}
     report.write_results(config.out / "results.json", settings, env, encoded, summaries, by_category, found, records)
     pngs = plots.write_plots(config.out, summaries)
     text = markdown.render(config.model, settings, env, encoded, summaries, by_category, found, pngs)
@@ -77,14 +76,20 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     return Outcome(summaries, found, text, files)
 
 
-def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
-    """Every user mistake we can see before loading a model."""
+def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset], NativeBuild | None]:
+    """Every user mistake we can see before loading a model; native llama.cpp methods get their label."""
     generation_config(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p)
     if config.repeats < 1:
         raise MtpspecError(f"--repeats must be at least 1, got {config.repeats}")
     if config.threads < 1:
         raise MtpspecError(f"--threads must be at least 1, got {config.threads}")
-    rows = make_rows(parse_methods(config.methods), parse_draft_lengths(config.num_draft_tokens))
+    methods = parse_methods(config.methods)
+    native = {m.kind for m in methods if m.native}
+    build = load_build(config.llama_cpp_bin, native) if native else None
+    if build:
+        note = f"{build.flags}, {config.threads} thread{'s' if config.threads != 1 else ''}"
+        methods = [replace(m, note=note) if m.native else m for m in methods]
+    rows = make_rows(methods, parse_draft_lengths(config.num_draft_tokens))
     specs = [s.strip() for s in config.datasets.split(",") if s.strip()]
     if not specs:
         raise MtpspecError("--dataset needs at least one dataset")
@@ -96,7 +101,7 @@ def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset]]:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MtpspecError(f"cannot create the output directory {config.out}: {e.strerror}") from e
-    return rows, datasets
+    return rows, datasets, build
 
 
 def _encode(ds: Dataset, pipeline, chat: bool | None) -> Encoded:
