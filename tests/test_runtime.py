@@ -176,3 +176,15 @@ def test_cli_runs_both_weight_paths_on_a_gguf_file(tiny_llama_gguf, capsys):  # 
         args = ["generate", "the cat", "--model", str(tiny_llama_gguf), "--weights", weights, "--max-new-tokens", "4", "--drafter", "ngram", "--json"]
         assert main(args) == 0, weights
         assert '"token_ids"' in capsys.readouterr().out
+
+
+def test_bench_profile_reports_where_a_step_goes(tiny_llama_gguf, tmp_path):  # noqa: F811
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(tiny_llama_gguf), "--methods", "none,ngram", "--dataset", "mt-bench", "--limit", "1"]
+    assert main([*args, "--max-new-tokens", "8", "--threads", "1", "--profile", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "Where a decode step's time goes" in report and "| linear layers |" in report
+    import json
+
+    profile = json.loads((out / "profile.json").read_text())
+    assert profile["none"]["forwards"] > 0 and profile["none"]["linear layers"] > 0

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import DEFAULT_MODEL, MODEL_HELP
+from ..engine import GenerationConfig
+from ..models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_NAMES, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
 
 EXIT_NOT_LOSSLESS = 1
 
@@ -33,14 +34,16 @@ def register(subparsers) -> None:
     )
     p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns, one category after another, so a --limit samples every category), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field and optional 'chat' (default: mt-bench)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each dataset (default: all; gsm: 100)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated per prompt (default: 128)")
-    p.add_argument("--num-draft-tokens", default="4", metavar="K[,K...]", help="draft tokens per round; a comma list sweeps them (default: 4)")
+    p.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens, help=f"most tokens generated per prompt (default: {GenerationConfig.max_new_tokens})")
+    p.add_argument("--num-draft-tokens", default=str(GenerationConfig.num_draft_tokens), metavar="K[,K...]", help=f"draft tokens per round; a comma list sweeps them (default: {GenerationConfig.num_draft_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, with the losslessness check (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses SEED+i for every method (default: 0)")
     p.add_argument("--repeats", type=int, default=1, help="measure every prompt this many times, interleaving methods (default: 1)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help=f"CPU threads for every method, fixed for the run (default: {torch.get_num_threads()})")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="weights and activations dtype (default: bf16)")
+    p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help=f"compute dtype of a transformers model and of the hf rows (auto: bf16); the GGUF runtime computes in fp32 (default: {DEFAULT_DTYPE})")
+    p.add_argument("--profile", action="store_true", help="also report where each decode step's time goes on the GGUF runtime (linear layers, head, attention, rest of the forward, drafter, engine), in report.md and profile.json; the timers cost about 1%% of a step")
     p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
@@ -83,6 +86,8 @@ def cmd_bench(args) -> int:
         dtype=args.dtype,
         chat=args.chat,
         llama_cpp_bin=args.llama_cpp_bin,
+        weights=args.weights,
+        profile=args.profile,
     )
     bars = []  # the bar starts once the inputs are checked and the models loaded
 

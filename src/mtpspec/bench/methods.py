@@ -9,11 +9,14 @@ the engine; reference methods run other implementations on the same model: trans
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..drafters import REGISTRY
 from ..errors import MtpspecError
+from ..runtime import GgufTarget
+from ..runtime.profile import StepProfile, profiled
 from . import llamacpp
 from .reference import HFRunner, LlamaCppRunner, gguf_path, load_reference_model
 from .runners import Runner, RunResult
@@ -101,10 +104,12 @@ def make_rows(methods: list[Method], draft_lengths: list[int]) -> list[Row]:
 
 
 class MtpspecRunner:
-    """An mtpspec drafter through the engine; every runner shares the one loaded target."""
+    """An mtpspec drafter through the engine; every runner shares the one loaded target. With a
+    `profile`, runs on the GGUF runtime also record where each decode step's time goes."""
 
-    def __init__(self, pipeline):
+    def __init__(self, pipeline, profile: bool = False):
         self.pipeline = pipeline
+        self.profile = StepProfile() if profile and isinstance(pipeline.target, GgufTarget) else None
 
     def run(self, ids, decoding, k, seed) -> RunResult:
         from ..api import generation_config
@@ -114,24 +119,29 @@ class MtpspecRunner:
             max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature, top_p=decoding.top_p, seed=seed, num_draft_tokens=k
         )
         result = GenerationResult(list(ids))
-        for _ in self.pipeline.engine.stream(ids, config, result):
-            pass
+        with profiled(self.pipeline.target, self.profile) if self.profile else contextlib.nullcontext():
+            for _ in self.pipeline.engine.stream(ids, config, result):
+                pass
         s = result.stats
+        if self.profile:
+            self.profile.add_run(s.decode_s, s.draft_s)
         return RunResult(result.token_ids, s.prefill_s, s.decode_s, s.round_tokens, s.target_forwards, s.to_dict())
 
 
-def build_runners(rows: list[Row], model: str, dtype: str, threads: int, build: llamacpp.NativeBuild | None = None) -> dict[Method, Runner]:
+def build_runners(
+    rows: list[Row], model: str, dtype: str, threads: int, build: llamacpp.NativeBuild | None = None, weights: str = "auto", profile: bool = False
+) -> dict[Method, Runner]:
     """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need.
     `build` is required where rows run native llama.cpp binaries."""
     from ..api import Pipeline, load
 
     methods = list(dict.fromkeys(r.method for r in rows))
-    base = load(model, "none", dtype)
+    base = load(model, "none", dtype, weights=weights)
     runners: dict[Method, Runner] = {}
     hf_model = None
     for m in methods:
         if not m.reference:
-            runners[m] = MtpspecRunner(base if m.kind == "none" else Pipeline(base.target, m.spec, model))
+            runners[m] = MtpspecRunner(base if m.kind == "none" else Pipeline(base.target, m.spec, model), profile)
         elif m.kind == "llama.cpp":
             runners[m] = LlamaCppRunner(model, threads, base.target.eos_token_ids)
         elif m.native:

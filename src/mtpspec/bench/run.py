@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,6 +40,8 @@ class BenchConfig:
     dtype: str = DEFAULT_DTYPE
     chat: bool | None = None  # None: the chat template for chat-style datasets on models that ship one
     llama_cpp_bin: Path | None = None  # native llama.cpp binaries, for the llama.cpp-native/-lookup/-ngram rows
+    weights: str = "auto"  # see models.WEIGHTS: the GGUF runtime for GGUF models, or `dequant`
+    profile: bool = False  # time the parts of each decode step (GGUF runtime methods)
 
 
 @dataclass
@@ -53,7 +56,7 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     """Run the benchmark `config` describes. `progress(total)` returns the per-run callback."""
     rows, datasets, build = _validate(config)
     torch.set_num_threads(config.threads)
-    runners = build_runners(rows, config.model, config.dtype, config.threads, build)
+    runners = build_runners(rows, config.model, config.dtype, config.threads, build, config.weights, config.profile)
     pipeline = runners[rows[0].method].pipeline  # `none`: its tokenizer encodes the prompts for everyone
     encoded = [_encode(ds, pipeline, config.chat) for ds in datasets]
     decoding = Decoding(config.max_new_tokens, config.temperature, config.top_p, config.seed)
@@ -71,9 +74,24 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     report.write_results(config.out / "results.json", settings, env, encoded, summaries, by_category, found, records)
     pngs = plots.write_plots(config.out, summaries)
     text = markdown.render(config.model, settings, env, encoded, summaries, by_category, found, pngs)
+    profiles = {m.name: r.profile for m, r in runners.items() if getattr(r, "profile", None) and r.profile.forwards}
+    if profiles:
+        text += _profile_section(profiles)
+        (config.out / "profile.json").write_text(json.dumps({name: dict(p.seconds, forwards=p.forwards) for name, p in profiles.items()}, indent=1))
     (config.out / "report.md").write_text(text)
-    files = [config.out / name for name in ["results.json", "report.md", *pngs]]
+    files = [config.out / name for name in ["results.json", "report.md", *pngs, *(["profile.json"] if profiles else [])]]
     return Outcome(summaries, found, text, files)
+
+
+def _profile_section(profiles: dict) -> str:
+    """Where a decode step's time went, per mtpspec method (`--profile`)."""
+    parts = ["", "## Where a decode step's time goes (`--profile`)", ""]
+    parts.append("Per target forward (one verification block), averaged over every run of the method and every draft length. "
+                 "Linear layers, head, attention and the rest of the forward are timed inside the runtime; the drafter's and "
+                 "the engine's shares come from the engine's statistics.")
+    for name, p in profiles.items():
+        parts += ["", f"### {name} ({p.forwards} forwards)", "", p.table()]
+    return "\n".join(parts) + "\n"
 
 
 def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset], NativeBuild | None]:

@@ -46,8 +46,9 @@ class StepProfile:
 
 
 @contextlib.contextmanager
-def profiled(target: GgufTarget) -> Iterator[StepProfile]:
-    profile = StepProfile()
+def profiled(target: GgufTarget, profile: StepProfile | None = None) -> Iterator[StepProfile]:
+    """Time `target`'s forwards into `profile` (a new one by default) until the block exits."""
+    profile = profile if profile is not None else StepProfile()
     stack: list[list] = []  # [part, seconds of timed calls inside] per timed call in progress
 
     def timed(fn, part):
