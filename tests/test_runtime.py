@@ -70,6 +70,14 @@ def test_unquantized_rows_of_any_length(qtype):
     assert ((alone.double() - x.double() @ w.T).abs() <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30).all()
 
 
+def test_several_matrices_in_one_call_give_the_same_bits():
+    ms = [matrix(Q.Q5_0, 96, 512, seed=6), matrix(Q.Q8_0, 40, 512, seed=7), matrix(Q.Q4_K, 70, 512, seed=8)]
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))
+    for rows in (1, 5, 9):
+        together = QMatrix.linear_many(x[:rows], ms)
+        assert all(torch.equal(a, m.linear(x[:rows])) for a, m in zip(together, ms, strict=True))
+
+
 def test_products_are_invariant_to_the_thread_count():
     m = matrix(Q.Q8_0, 20000, 256, seed=4)  # enough features that two threads split them
     x = torch.randn(9, 256, generator=torch.Generator().manual_seed(2))

@@ -1,4 +1,4 @@
-"""Build (once, on first use) and load the runtime's C++ kernels (`quant.cpp`, shipped beside this file).
+"""Build (once, on first use) and load the runtime's C++ kernels (`quant.cpp`, `rowops.cpp`, shipped beside this file).
 
 The build goes to `$MTPSPEC_CACHE/kernels/<name>`, where `<name>` hashes the source, the flags, the
 torch version and the CPU's instruction-set flags (`-march=native` compiles for this CPU), so a
@@ -18,7 +18,8 @@ import torch
 from ..errors import MtpspecError
 from ..paths import kernels_dir
 
-SOURCE = Path(__file__).with_name("quant.cpp")
+# The products on the block formats, and the per-row ops between them (norms, RoPE).
+SOURCES = [Path(__file__).with_name(name) for name in ("quant.cpp", "rowops.cpp")]
 # No -ffast-math, and no contraction of a product into a sum unless the source asks (std::fma or an
 # FMA intrinsic): each value is rounded exactly where the source says, so dequantised weights equal
 # the reference's bits, and every output element's arithmetic is fixed (see quant.cpp).
@@ -34,13 +35,13 @@ def _cpu_flags() -> str:
 
 
 def build_name() -> str:
-    text = "\n".join([SOURCE.read_text(), *FLAGS, torch.__version__, platform.machine(), _cpu_flags()])
+    text = "\n".join([*(s.read_text() for s in SOURCES), *FLAGS, torch.__version__, platform.machine(), _cpu_flags()])
     return f"mtpspec_runtime_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 @lru_cache(maxsize=1)
 def ops():
-    """The op namespace: `qlinear`, `qargmax`, `dequantize`, `vector_path`. Raises MtpspecError where
+    """The op namespace: `qlinear`, `qargmax`, `dequantize`, `rms_norm`, `rope`, `vector_path`. Raises MtpspecError where
     the kernels cannot be built (no C++ compiler, or ninja missing)."""
     from torch.utils.cpp_extension import is_ninja_available, load_inline
 
@@ -54,7 +55,7 @@ def ops():
     try:
         load_inline(
             name=name,
-            cpp_sources=[SOURCE.read_text()],
+            cpp_sources=[s.read_text() for s in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),

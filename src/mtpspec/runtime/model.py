@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import MtpspecError
 from ..families import SLIDING, family_for
 from ..kernels.attention import exact_attention
+from .build import ops
 from .weights import GgufWeights, QMatrix
 
 ARCHS = ("gemma3", "llama")
@@ -106,9 +107,9 @@ class GgufModel:
             layer.post_attn_norm, layer.post_ffn_norm = vec("post_attention_norm.weight"), vec("post_ffw_norm.weight")
         return layer
 
-    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed * w if self.gemma else w * normed
+    def norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+        """RMS norm over the last axis (one C++ call; `x * rsqrt(mean(x²) + eps) * w`)."""
+        return ops().rms_norm(x, w, self.eps)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
         x = self.embedding.rows(ids)
@@ -128,9 +129,9 @@ class GgufModel:
         x = self.embed(ids)
         for layer, (keys, values) in zip(self.layers, cache, strict=True):
             h = self.norm(x, layer.attn_norm)
-            q = layer.q.linear(h).view(t, self.heads, self.head_dim)
-            k = layer.k.linear(h).view(t, self.kv_heads, self.head_dim)
-            v = layer.v.linear(h).view(t, self.kv_heads, self.head_dim)
+            q, k, v = QMatrix.linear_many(h, [layer.q, layer.k, layer.v])
+            q = q.view(t, self.heads, self.head_dim)
+            k, v = k.view(t, self.kv_heads, self.head_dim), v.view(t, self.kv_heads, self.head_dim)
             if self.gemma:
                 q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
             cos, sin = tables[layer.kind]
@@ -143,7 +144,8 @@ class GgufModel:
                 a = self.norm(a, layer.post_attn_norm)
             x = x + a
             h = self.norm(x, layer.ffn_norm)
-            m = layer.down.linear(self._act(layer.gate.linear(h)) * layer.up.linear(h))
+            gate, up = QMatrix.linear_many(h, [layer.gate, layer.up])
+            m = layer.down.linear(self._act(gate) * up)
             if self.gemma:
                 m = self.norm(m, layer.post_ffn_norm)
             x = x + m
@@ -177,10 +179,8 @@ class GgufModel:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `[T, heads, D]` with cos, sin `[1, T, D]` (transformers' rotate_half form)."""
-    cos, sin = cos[0, :, None], sin[0, :, None]
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """RoPE on `[T, heads, D]` with cos, sin `[1, T, D]` (transformers' rotate_half form, one C++ call)."""
+    return ops().rope(x, cos[0], sin[0])
 
 
 def is_sliding(kind: str) -> bool:

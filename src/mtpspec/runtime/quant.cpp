@@ -585,6 +585,38 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
   return y;
 }
 
+// x @ w_i.T for several matrices that read the same x (a layer's q, k, v; gate, up), in one parallel
+// region: one thread wake-up instead of one per matrix, which on small layers costs as much as the
+// products. Every element is computed exactly as qlinear computes it (same tiles, same sequence).
+std::vector<at::Tensor> qlinear_many(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types, int64_t K) {
+  TORCH_CHECK(ws.size() == types.size() && !ws.empty(), "qlinear_many: one type per matrix");
+  std::vector<std::vector<float>> xpads(ws.size());
+  std::vector<Problem> ps;
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    ps.push_back(problem(x, ws[i], types[i], K, xpads[i]));
+    ys.push_back(at::empty({ps[i].M, ps[i].N}, x.options()));
+  }
+  with_shape(ps[0].M, [&](auto s_) {
+    constexpr Shape S = *decltype(s_)::value;
+    std::vector<int64_t> first{0};  // first[i]: index of matrix i's first tile in the joint range
+    for (const Problem& p : ps) first.push_back(first.back() + (p.N + S.nb - 1) / S.nb);
+    at::parallel_for(0, first.back(), grain_for(ps[0], S.nb), [&](int64_t begin, int64_t end) {
+      Scratch s(ps[0].M, S.nb);
+      for (int64_t t = begin; t < end; ++t) {
+        const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+        const Problem& p = ps[i];
+        float* out = ys[i].data_ptr<float>();
+        const int64_t n0 = (t - first[i]) * S.nb;
+        dispatch(p.type, [&](auto t_) { features<decltype(t_)::value, S.nb, S.rmax>(p, n0, s); });
+        for (int64_t m = 0; m < p.M; ++m)
+          for (int64_t j = 0; j < std::min<int64_t>(S.nb, p.N - n0); ++j) out[m * p.N + n0 + j] = s.out[m * S.nb + j];
+      }
+    });
+  });
+  return ys;
+}
+
 // Whether (v, i) beats the best so far (bv, bi), scanning i upwards: the first maximum wins, and NaN
 // ranks above every number (as torch.argmax does).
 inline bool beats(float v, float bv) { return !std::isnan(bv) && (std::isnan(v) || v > bv); }
@@ -668,6 +700,7 @@ std::string vector_path() { return kPath; }
 TORCH_LIBRARY(mtpspec_runtime, m) {
   m.def("qlinear(Tensor x, Tensor w, int type, int K) -> Tensor");
   m.def("qargmax(Tensor x, Tensor w, int type, int K) -> Tensor");
+  m.def("qlinear_many(Tensor x, Tensor[] ws, int[] types, int K) -> Tensor[]");
   m.def("dequantize(Tensor w, Tensor ids, int type, int K) -> Tensor");
   m.def("vector_path() -> str", &vector_path);
 }
@@ -675,5 +708,6 @@ TORCH_LIBRARY(mtpspec_runtime, m) {
 TORCH_LIBRARY_IMPL(mtpspec_runtime, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("qargmax", &qargmax);
+  m.impl("qlinear_many", &qlinear_many);
   m.impl("dequantize", &dequantize);
 }

@@ -46,6 +46,13 @@ class QMatrix:
         flat = x.reshape(-1, self.cols).float()
         return ops().qlinear(flat, self.raw, int(self.qtype), self.cols).view(*x.shape[:-1], self.raw.shape[0])
 
+    @staticmethod
+    def linear_many(x: torch.Tensor, matrices: list[QMatrix]) -> list[torch.Tensor]:  # [T, K] -> [T, N_i] each
+        """`[m.linear(x) for m in matrices]`, the same bits, in one call (one thread wake-up)."""
+        cols = matrices[0].cols
+        raws, types = [m.raw for m in matrices], [int(m.qtype) for m in matrices]
+        return ops().qlinear_many(x.reshape(-1, cols).float(), raws, types, cols)
+
     def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
         """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index."""
         return torch.cat([ops().qargmax(x[i : i + 16].float(), self.raw, int(self.qtype), self.cols) for i in range(0, x.shape[0], 16)])
