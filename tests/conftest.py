@@ -8,6 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny random GGUF files (tests/gguf_tiny.py), for every test module.
+from gguf_tiny import (  # noqa: F401
+    tiny_gemma3_gguf,
+    tiny_gemma3_gguf_full_vocab,
+    tiny_llama_gguf,
+    tiny_llama_gguf_full_vocab,
+)
+
 # Tiny models run fastest on one thread (and the machine may be shared); real-model tests raise it.
 torch.set_num_threads(1)
 
@@ -37,14 +45,25 @@ def tiny_config(family: str, **overrides):
     from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     common = dict(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
     )
     common.update(overrides)
     if family == "gemma3":
         layers = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
-        return Gemma3TextConfig(sliding_window=8, layer_types=layers[: common["num_hidden_layers"]], query_pre_attn_scalar=16, **common)
+        return Gemma3TextConfig(
+            sliding_window=8, layer_types=layers[: common["num_hidden_layers"]], query_pre_attn_scalar=16, **common
+        )
     if family == "llama":
         return LlamaConfig(**common)
     if family == "qwen2":
@@ -116,21 +135,47 @@ def tiny_gemma4_config(shape: str = "e2b", **overrides):
 
     sliding, full = "sliding_attention", "full_attention"
     common = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, global_head_dim=32, sliding_window=8, max_position_embeddings=512, final_logit_softcapping=30.0,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        max_position_embeddings=512,
+        final_logit_softcapping=30.0,
         rope_parameters={
             sliding: {"rope_type": "default", "rope_theta": 10_000.0},
             full: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
         },
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True,
-        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
     )
     shapes = {
-        "e2b": dict(num_hidden_layers=6, layer_types=[sliding, sliding, full, sliding, sliding, full], num_kv_shared_layers=3,
-                    hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, use_double_wide_mlp=True),
-        "31b": dict(num_hidden_layers=4, layer_types=[sliding] * 3 + [full], attention_k_eq_v=True, num_global_key_value_heads=1),
-        "moe": dict(num_hidden_layers=4, layer_types=[sliding] * 3 + [full], enable_moe_block=True, num_experts=4,
-                    top_k_experts=2, moe_intermediate_size=32),
+        "e2b": dict(
+            num_hidden_layers=6,
+            layer_types=[sliding, sliding, full, sliding, sliding, full],
+            num_kv_shared_layers=3,
+            hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=512,
+            use_double_wide_mlp=True,
+        ),
+        "31b": dict(
+            num_hidden_layers=4, layer_types=[sliding] * 3 + [full], attention_k_eq_v=True, num_global_key_value_heads=1
+        ),
+        "moe": dict(
+            num_hidden_layers=4,
+            layer_types=[sliding] * 3 + [full],
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=32,
+        ),
     }
     return Gemma4TextConfig(**{**common, **shapes[shape], **overrides})
 

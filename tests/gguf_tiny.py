@@ -228,7 +228,7 @@ def with_scales(data: np.ndarray, qtype: Q, d: float, dmin: float = 0.0) -> np.n
     lay = LAYOUTS[Q(qtype)]
     size = gguf.GGML_QUANT_SIZES[Q(qtype)][1]
     blocks = np.array(data, np.uint8).reshape(-1, size)
-    for offset, value in zip(lay.f16, (d, dmin)):
+    for offset, value in zip(lay.f16, (d, dmin), strict=False):  # Q8_0 etc. have no dmin
         blocks[:, offset : offset + 2] = np.full((len(blocks), 1), value, np.float16).view(np.uint8)
     return blocks.reshape(np.shape(data))
 
@@ -236,15 +236,33 @@ def with_scales(data: np.ndarray, qtype: Q, d: float, dmin: float = 0.0) -> np.n
 # ---------------------------------------------------------------------------------------------- models
 
 DEFAULT_SIZES = {
-    "llama": dict(n_layers=2, hidden=64, ffn=256, n_head=4, n_kv_head=2, head_dim=16, context_length=512,
-                  vocab_size=None),
-    "gemma3": dict(n_layers=6, hidden=64, ffn=256, n_head=4, n_kv_head=1, head_dim=256, sliding_window=8,
-                   context_length=512, vocab_size=None),
+    "llama": dict(
+        n_layers=2, hidden=64, ffn=256, n_head=4, n_kv_head=2, head_dim=16, context_length=512, vocab_size=None
+    ),
+    "gemma3": dict(
+        n_layers=6,
+        hidden=64,
+        ffn=256,
+        n_head=4,
+        n_kv_head=1,
+        head_dim=256,
+        sliding_window=8,
+        context_length=512,
+        vocab_size=None,
+    ),
 }
 DEFAULT_TYPES = {
     "llama": {"token_embd": Q.Q8_0, "": Q.Q4_1},
-    "gemma3": {"token_embd": Q.Q8_0, "attn_q": Q.Q5_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0, "attn_output": Q.Q4_K,
-               "ffn_gate": Q.Q5_0, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K},
+    "gemma3": {
+        "token_embd": Q.Q8_0,
+        "attn_q": Q.Q5_0,
+        "attn_k": Q.Q5_0,
+        "attn_v": Q.Q8_0,
+        "attn_output": Q.Q4_K,
+        "ffn_gate": Q.Q5_0,
+        "ffn_up": Q.Q5_0,
+        "ffn_down": Q.Q6_K,
+    },
 }
 MIN_VOCAB = 1024  # room for the specials and 256 byte tokens (the first 494 in both sources) and the chars kept
 
@@ -272,15 +290,21 @@ def tensor_shapes(arch: str, vocab: int, **sizes) -> dict[str, tuple[int, ...]]:
         p = f"blk.{i}."
         shapes |= {
             p + "attn_norm.weight": (h,),
-            p + "attn_q.weight": (q, h), p + "attn_k.weight": (kv, h), p + "attn_v.weight": (kv, h),
+            p + "attn_q.weight": (q, h),
+            p + "attn_k.weight": (kv, h),
+            p + "attn_v.weight": (kv, h),
             p + "attn_output.weight": (h, q),
             p + "ffn_norm.weight": (h,),
-            p + "ffn_gate.weight": (f, h), p + "ffn_up.weight": (f, h), p + "ffn_down.weight": (h, f),
+            p + "ffn_gate.weight": (f, h),
+            p + "ffn_up.weight": (f, h),
+            p + "ffn_down.weight": (h, f),
         }
         if arch == "gemma3":
             shapes |= {
-                p + "attn_q_norm.weight": (hd,), p + "attn_k_norm.weight": (hd,),
-                p + "post_attention_norm.weight": (h,), p + "post_ffw_norm.weight": (h,),
+                p + "attn_q_norm.weight": (hd,),
+                p + "attn_k_norm.weight": (hd,),
+                p + "post_attention_norm.weight": (h,),
+                p + "post_ffw_norm.weight": (h,),
             }
     shapes["output_norm.weight"] = (h,)
     return shapes
@@ -384,7 +408,7 @@ def _arch_kv(arch: str, s: dict, vocab: int) -> list[tuple[str, object, gguf.GGU
     ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_tokenizer_kv(arch: str) -> dict:
     return {k: v for k, v in read_gguf_kv(source_gguf(arch)).items() if k.startswith("tokenizer.")}
 
@@ -401,7 +425,8 @@ def _tokenizer_kv(arch: str, vocab_size: int | None) -> dict:
     # rebuilt from pieces that must exist: keep the ASCII ones and "\u2581" (the space), 109 tokens, so words
     # still merge.
     chars = [
-        i for i in range(vocab_size, len(tokens))
+        i
+        for i in range(vocab_size, len(tokens))
         if tokens[i] == "\u2581" or len(tokens[i]) == 1 and ord(tokens[i]) < 0x80
     ]
     keep = list(range(vocab_size - len(chars))) + chars

@@ -23,14 +23,28 @@ CATEGORIES = ["letters", "words"]
 @pytest.fixture
 def prompts_file(tmp_path):
     path = tmp_path / "tiny.jsonl"
-    path.write_text("\n".join(json.dumps({"prompt": p, "category": c}) for p, c in zip(PROMPTS, CATEGORIES, strict=True)) + "\n")
+    path.write_text(
+        "\n".join(json.dumps({"prompt": p, "category": c}) for p, c in zip(PROMPTS, CATEGORIES, strict=True)) + "\n"
+    )
     return path
 
 
 def bench(tiny_dirs, prompts_file, out, methods, *extra):
     # One thread: on a shared, busy machine tiny models run several times faster than with more.
     argv = ["bench", "--model", str(tiny_dirs["llama"]), "--methods", methods, "--dataset", str(prompts_file)]
-    argv += ["--max-new-tokens", "8", "--num-draft-tokens", "2", "--threads", "1", "--dtype", "fp32", "--out", str(out), *extra]
+    argv += [
+        "--max-new-tokens",
+        "8",
+        "--num-draft-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--dtype",
+        "fp32",
+        "--out",
+        str(out),
+        *extra,
+    ]
     return main(argv)
 
 
@@ -59,11 +73,15 @@ def test_end_to_end_writes_report_and_is_lossless(tiny_dirs, prompts_file, tmp_p
     assert set(by_category) == {(f"tiny/{c}", r) for c in CATEGORIES for r in rows}
     for c, prompt in zip(CATEGORIES, range(len(PROMPTS)), strict=True):
         run = next(r for r in results["runs"] if r["prompt"] == prompt and r["row"] == "ngram k=2")
-        assert by_category[(f"tiny/{c}", "ngram k=2")]["tau"] == pytest.approx(run["decode_tokens"] / run["target_forwards"])
+        assert by_category[(f"tiny/{c}", "ngram k=2")]["tau"] == pytest.approx(
+            run["decode_tokens"] / run["target_forwards"]
+        )
 
     report = (out / "report.md").read_text()
     assert "| tiny | none |" in report and "1.00×" in report and "Losslessness**: every mtpspec method" in report
-    assert "| dataset / category | ngram k=2 |" in report and "| tiny/letters | " in report and "| tiny/words | " in report
+    assert (
+        "| dataset / category | ngram k=2 |" in report and "| tiny/letters | " in report and "| tiny/words | " in report
+    )
     assert "| tiny | none |" in capsys.readouterr().out
 
 
@@ -87,7 +105,10 @@ def test_mismatch_is_loud_and_exits_nonzero(tiny_dirs, prompts_file, tmp_path, m
 
 def test_sampled_run_skips_the_check(tiny_dirs, prompts_file, tmp_path):
     out = tmp_path / "out"
-    assert bench(tiny_dirs, prompts_file, out, "ngram", "--limit", "1", "--max-new-tokens", "4", "--temperature", "0.8") == 0
+    assert (
+        bench(tiny_dirs, prompts_file, out, "ngram", "--limit", "1", "--max-new-tokens", "4", "--temperature", "0.8")
+        == 0
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["lossless"] is None and all(s["agreement"] is None for s in results["summary"])
 
@@ -113,7 +134,9 @@ def test_dataset_sizes():
     assert len(load_dataset("mt-bench").prompts) == 80
     assert len(load_dataset("humaneval").prompts) == 164
     assert len(load_dataset("humaneval", limit=3).prompts) == 3
-    assert all(p.chat for p in load_dataset("mt-bench").prompts) and not any(p.chat for p in load_dataset("humaneval").prompts)
+    assert all(p.chat for p in load_dataset("mt-bench").prompts) and not any(
+        p.chat for p in load_dataset("humaneval").prompts
+    )
     assert EVAL_DATASETS >= {"mt-bench", "humaneval", "gsm"}
 
 
@@ -122,7 +145,9 @@ def test_mt_bench_limit_samples_every_category():
     ids = [p.id for p in load_dataset("mt-bench").prompts]
     assert sorted(ids, key=lambda i: int(i.split("/")[1])) == [f"mt-bench/{n}" for n in range(81, 161)]  # all 80, once
     # question ids 81-90 are writing, 91-100 roleplay, ... 151-160 humanities
-    assert [p.id for p in load_dataset("mt-bench", limit=9).prompts] == [f"mt-bench/{n}" for n in range(81, 161, 10)] + ["mt-bench/82"]
+    assert [p.id for p in load_dataset("mt-bench", limit=9).prompts] == [
+        f"mt-bench/{n}" for n in range(81, 161, 10)
+    ] + ["mt-bench/82"]
 
 
 def test_gsm_is_deterministic_for_a_seed():
@@ -150,8 +175,11 @@ def test_jsonl_rows_choose_the_chat_template_one_by_one(tmp_path, tokenizer):
     ds = load_dataset(str(path))
     assert [p.chat for p in ds.prompts] == [True, False]
     calls = []
-    pipe = types.SimpleNamespace(tokenizer=tokenizer, target=types.SimpleNamespace(context_window=100),
-                                 encode=lambda text, chat: calls.append(chat) or [1, 2])
+    pipe = types.SimpleNamespace(
+        tokenizer=tokenizer,
+        target=types.SimpleNamespace(context_window=100),
+        encode=lambda text, chat: calls.append(chat) or [1, 2],
+    )
     encoded = _encode(ds, pipe, None)
     assert calls == [True, False] and encoded.chat_prompts == 1 and _template_use(encoded) == "chat template for 1"
     calls.clear()

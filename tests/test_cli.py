@@ -16,11 +16,38 @@ def cli(*args):
 
 
 def test_generate_json_fields(tiny_dirs, capsys):
-    assert main(["generate", "Hello", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "12", "--drafter", "ngram"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "Hello",
+                "--model",
+                str(tiny_dirs["llama"]),
+                "--json",
+                "--max-new-tokens",
+                "12",
+                "--drafter",
+                "ngram",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "Hello" and isinstance(out["text"], str)
     assert len(out["token_ids"]) == 12 and out["finish_reason"] == "length"
-    for key in ("prefill_s", "decode_s", "generated_tokens", "tokens_per_s", "target_forwards", "drafted_tokens", "accepted_tokens", "tau", "acceptance_per_position", "draft_s", "verify_s"):
+    for key in (
+        "prefill_s",
+        "decode_s",
+        "generated_tokens",
+        "tokens_per_s",
+        "target_forwards",
+        "drafted_tokens",
+        "accepted_tokens",
+        "tau",
+        "acceptance_per_position",
+        "draft_s",
+        "verify_s",
+    ):
         assert key in out["stats"], key
     assert out["stats"]["generated_tokens"] == 12
 
@@ -44,14 +71,32 @@ def test_generate_ignore_eos_runs_to_the_budget(tiny_dirs, capsys, monkeypatch):
 
 
 def test_generate_streams_prompt_and_text(tiny_dirs, capsys):
-    assert main(["generate", "Hi there", "--model", str(tiny_dirs["gemma3"]), "--max-new-tokens", "8", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "Hi there",
+                "--model",
+                str(tiny_dirs["gemma3"]),
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.7",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert captured.out.startswith("Hi there")
     assert "tok/s" in captured.err
 
 
 def test_generate_chat_uses_the_template(tiny_dirs, capsys):
-    assert main(["generate", "Hi", "--chat", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(["generate", "Hi", "--chat", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "4"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["stats"]["generated_tokens"] == 4
 
 
@@ -79,7 +124,9 @@ def test_mtp_without_a_path_is_the_shipped_drafter(tiny_dirs, capsys):
         make_drafter("auto", None)
     assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--json", "--max-new-tokens", "4"]) == 0
     assert json.loads(capsys.readouterr().out)["drafter"] == "ngram"  # the default where nothing ships
-    assert main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--drafter", "mtp"]) == 2  # nothing ships for it
+    assert (
+        main(["generate", "abc", "--model", str(tiny_dirs["llama"]), "--drafter", "mtp"]) == 2
+    )  # nothing ships for it
     assert "needs a drafter directory" in capsys.readouterr().err
 
 
@@ -148,5 +195,17 @@ def test_truncated_real_gguf(tmp_path, monkeypatch):
 def test_help_explains_every_flag():
     r = cli("generate", "--help")
     assert r.returncode == 0
-    for flag in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--stop", "--dtype", "--json", "--drafter", "--num-draft-tokens", "--chat"):
+    for flag in (
+        "--max-new-tokens",
+        "--temperature",
+        "--top-k",
+        "--top-p",
+        "--seed",
+        "--stop",
+        "--dtype",
+        "--json",
+        "--drafter",
+        "--num-draft-tokens",
+        "--chat",
+    ):
         assert flag in r.stdout

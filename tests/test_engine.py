@@ -21,7 +21,9 @@ FAMILIES = ["gemma3", "llama"]
 
 def random_prompts(n=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 300, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    prompts = [
+        torch.randint(3, 300, (int(torch.randint(1, 24, (1,), generator=g)),), generator=g).tolist() for _ in range(n)
+    ]
     prompts.append([65, 66, 67, 65, 66, 67, 65, 66])  # repetitive: n-gram drafts get accepted
     return prompts
 
@@ -76,7 +78,11 @@ class OracleDrafter:
         pass
 
 
-@pytest.fixture(scope="module", params=[(f, d) for f in FAMILIES for d in (torch.float32, torch.bfloat16)], ids=lambda p: f"{p[0]}-{str(p[1])[6:]}")
+@pytest.fixture(
+    scope="module",
+    params=[(f, d) for f in FAMILIES for d in (torch.float32, torch.bfloat16)],
+    ids=lambda p: f"{p[0]}-{str(p[1])[6:]}",
+)
 def model(request):
     family, dtype = request.param
     return build_tiny(family, dtype=dtype)
@@ -90,7 +96,12 @@ def tok():
 def drafters_for(model, tok):
     yield "ngram", lambda: __import__("mtpspec.drafters.ngram", fromlist=["x"]).NgramDrafter()
     yield "random", lambda: RandomDrafter(model.config.vocab_size)
-    yield "draft-model", lambda: DraftModelDrafter(build_tiny("llama", seed=1, dtype=next(model.parameters()).dtype, num_hidden_layers=1), tok)
+    yield (
+        "draft-model",
+        lambda: DraftModelDrafter(
+            build_tiny("llama", seed=1, dtype=next(model.parameters()).dtype, num_hidden_layers=1), tok
+        ),
+    )
     yield "self-draft", lambda: DraftModelDrafter(model, tok)
 
 
@@ -133,7 +144,9 @@ def test_adaptive_draft_length_is_exact(model, tok):
     target = Target(model, tok)
     for prompt in random_prompts():
         plain = run(target, NoDrafter(), prompt, max_new_tokens=40).token_ids
-        assert run(target, NgramDrafter(), prompt, max_new_tokens=40, num_draft_tokens=6, adaptive=True).token_ids == plain
+        assert (
+            run(target, NgramDrafter(), prompt, max_new_tokens=40, num_draft_tokens=6, adaptive=True).token_ids == plain
+        )
 
 
 def test_sampling_is_seeded_and_reproducible(model, tok):

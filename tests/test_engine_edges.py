@@ -50,7 +50,9 @@ def test_ignore_eos_runs_to_the_budget_past_an_eos(target, plain):
     saved = target.eos_token_ids
     target.eos_token_ids = frozenset({plain.token_ids[7]})
     try:
-        res = run(target, OracleDrafter(plain.token_ids), PROMPT, max_new_tokens=40, num_draft_tokens=4, ignore_eos=True)
+        res = run(
+            target, OracleDrafter(plain.token_ids), PROMPT, max_new_tokens=40, num_draft_tokens=4, ignore_eos=True
+        )
         ref = run(target, NoDrafter(), PROMPT, max_new_tokens=40, ignore_eos=True)
     finally:
         target.eos_token_ids = saved

@@ -31,14 +31,34 @@ def tiny_multimodal(seed: int = 0):
     )
 
     vision = Gemma4VisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-        head_dim=16, position_embedding_size=64, patch_size=4, pooling_kernel_size=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        position_embedding_size=64,
+        patch_size=4,
+        pooling_kernel_size=2,
     )
-    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=[8, 4], output_proj_dims=32)
+    audio = Gemma4AudioConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        subsampling_conv_channels=[8, 4],
+        output_proj_dims=32,
+    )
     config = Gemma4Config(
-        text_config=tiny_gemma4_config("e2b").to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict(),
-        image_token_id=500, video_token_id=501, audio_token_id=502, boi_token_id=503, eoi_token_id=504,
-        boa_token_id=505, eoa_token_index=506,
+        text_config=tiny_gemma4_config("e2b").to_dict(),
+        vision_config=vision.to_dict(),
+        audio_config=audio.to_dict(),
+        image_token_id=500,
+        video_token_id=501,
+        audio_token_id=502,
+        boi_token_id=503,
+        eoi_token_id=504,
+        boa_token_id=505,
+        eoa_token_index=506,
     )
     torch.manual_seed(seed)
     model = Gemma4ForConditionalGeneration(config)
@@ -64,7 +84,10 @@ def reference(model, ids: list[int]) -> list[int]:
     input_ids = torch.tensor([ids])
     with torch.no_grad():
         out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False, max_new_tokens=NEW_TOKENS,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
             pad_token_id=0,
         )
     return out[0, len(ids) :].tolist()
@@ -108,8 +131,11 @@ def test_language_model_under_another_prefix_is_refused(multimodal, tmp_path):
         if f.suffix != ".safetensors":
             (moved / f.name).write_bytes(f.read_bytes())
     tensors = load_file(str(path / "model.safetensors"))
-    save_file({k.replace("model.language_model.", "model.text_model."): v for k, v in tensors.items()},
-              str(moved / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k.replace("model.language_model.", "model.text_model."): v for k, v in tensors.items()},
+        str(moved / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     with pytest.raises(MtpspecError, match="language-model weights"):
         mtpspec.models.load_hf(str(moved), dtype="fp32")
 
@@ -125,10 +151,16 @@ def test_gemma3_multimodal_checkpoint_loads_its_language_model(tmp_path):
 
     from conftest import tiny_config
 
-    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4)
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4
+    )
     config = Gemma3Config(
-        text_config=tiny_config("gemma3").to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
-        image_token_index=300, boi_token_index=301, eoi_token_index=302,
+        text_config=tiny_config("gemma3").to_dict(),
+        vision_config=vision.to_dict(),
+        mm_tokens_per_image=4,
+        image_token_index=300,
+        boi_token_index=301,
+        eoi_token_index=302,
     )
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config)

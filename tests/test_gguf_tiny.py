@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+
 from gguf_tiny import (  # noqa: F401  (fixtures are used by name)
     ALL_TYPES,
     BLOCK_TYPES,
@@ -21,10 +22,6 @@ from gguf_tiny import (  # noqa: F401  (fixtures are used by name)
     random_blocks,
     tensor_shapes,
     tensor_type,
-    tiny_gemma3_gguf,
-    tiny_gemma3_gguf_full_vocab,
-    tiny_llama_gguf,
-    tiny_llama_gguf_full_vocab,
     with_scales,
     write_tiny_gguf,
 )
@@ -80,8 +77,14 @@ def test_scales_finite_and_extremes_present(qtype):
 
 # What a block decodes to with d = 1 (and dmin / m = 0): the quants, times the sub-scales for K-quants.
 QUANT_RANGE = {
-    Q.Q4_0: (-8, 7), Q.Q4_1: (0, 15), Q.Q5_0: (-16, 15), Q.Q5_1: (0, 31), Q.Q8_0: (-128, 127),
-    Q.Q2_K: (0, 15 * 3), Q.Q4_K: (0, 63 * 15), Q.Q5_K: (0, 63 * 31),
+    Q.Q4_0: (-8, 7),
+    Q.Q4_1: (0, 15),
+    Q.Q5_0: (-16, 15),
+    Q.Q5_1: (0, 31),
+    Q.Q8_0: (-128, 127),
+    Q.Q2_K: (0, 15 * 3),
+    Q.Q4_K: (0, 63 * 15),
+    Q.Q5_K: (0, 63 * 31),
     Q.Q6_K: (127 * -32, -128 * -32),  # int8 scales times quants in [-32, 31]
 }
 MIN_RANGE = {Q.Q2_K: -15, Q.Q4_K: -63, Q.Q5_K: -63}  # d = 0, dmin = 1: -m over 4- or 6-bit mins
@@ -192,10 +195,12 @@ def test_gemma3_norms_are_stored_plus_one(tiny_gemma3_gguf):
     tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(tiny_gemma3_gguf).tensors}
     layer = model.model.layers[5]
     pairs = {
-        "blk.5.attn_norm.weight": layer.input_layernorm, "blk.5.ffn_norm.weight": layer.pre_feedforward_layernorm,
+        "blk.5.attn_norm.weight": layer.input_layernorm,
+        "blk.5.ffn_norm.weight": layer.pre_feedforward_layernorm,
         "blk.5.post_attention_norm.weight": layer.post_attention_layernorm,
         "blk.5.post_ffw_norm.weight": layer.post_feedforward_layernorm,
-        "blk.5.attn_q_norm.weight": layer.self_attn.q_norm, "blk.5.attn_k_norm.weight": layer.self_attn.k_norm,
+        "blk.5.attn_q_norm.weight": layer.self_attn.q_norm,
+        "blk.5.attn_k_norm.weight": layer.self_attn.k_norm,
         "output_norm.weight": model.model.norm,
     }
     for name, norm in pairs.items():

@@ -63,9 +63,7 @@ def test_matches_torch(m, n, k, dtype, bias):
     rtol = 2**-8 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(y.double(), ref, rtol=rtol, atol=1e-4 * k**0.5)
     # PyTorch's own result is within the same tolerance: the two differ by rounding only.
-    torch.testing.assert_close(
-        y.double(), F.linear(x, w, b).double(), rtol=2 * rtol, atol=2e-4 * k**0.5
-    )
+    torch.testing.assert_close(y.double(), F.linear(x, w, b).double(), rtol=2 * rtol, atol=2e-4 * k**0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,9 +75,7 @@ def test_batched_input_is_flattened(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "n,k,bias", [(37, 70, True), (64, 640, False), (5, 9, True), (1031, 256, False)]
-)
+@pytest.mark.parametrize("n,k,bias", [(37, 70, True), (64, 640, False), (5, 9, True), (1031, 256, False)])
 def test_rows_are_bitwise_invariant(n, k, bias, dtype):
     """Row i of any block equals that row computed alone, for every block size and position."""
     x, w, b = _data(32, n, k, dtype, seed=n)
@@ -114,9 +110,7 @@ def test_bf16_path_matches_the_cpu():
 
 def test_thread_count_does_not_change_bits():
     """Threads split the output features; each element's arithmetic stays the same."""
-    x, w, b = _data(
-        5, 4099, 640, torch.bfloat16
-    )  # large enough to be split across threads
+    x, w, b = _data(5, 4099, 640, torch.bfloat16)  # large enough to be split across threads
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -153,9 +147,7 @@ def test_falls_back_where_the_kernel_does_not_apply():
     assert torch.equal(kernels.linear(x, w, b), F.linear(x, w, b))
     x = x.bfloat16()
     w = w.bfloat16()
-    assert not kernels.kernel_applies(
-        x[:2].half(), w.half()
-    )  # a dtype the kernel lacks
+    assert not kernels.kernel_applies(x[:2].half(), w.half())  # a dtype the kernel lacks
     assert not kernels.kernel_applies(x[:2], w.t().contiguous().t())  # a strided weight
     wg = w.float().requires_grad_()
     assert not kernels.kernel_applies(x[:2].float(), wg)  # training needs autograd
@@ -184,9 +176,7 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
     return target.forward(torch.tensor(ids[4:])).logits  # [T, V], one 5-row block
 
 
-@pytest.mark.parametrize(
-    "family", ["gemma3", "qwen2"]
-)  # qwen2: linear layers with biases
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])  # qwen2: linear layers with biases
 def test_accelerate_keeps_weights_and_logits(family):
     model = build_tiny(family, dtype=torch.bfloat16)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -217,13 +207,9 @@ def test_speculative_greedy_equals_plain_greedy_in_bf16(family):
     model = build_tiny(family, dtype=torch.bfloat16)
     assert kernels.accelerate(model) > 0
     spec_target = Target(model, tokenizer)
-    assert spec_target.rows_invariant(
-        5
-    )  # blocks run batched: the kernel, not the row-by-row fallback
+    assert spec_target.rows_invariant(5)  # blocks run batched: the kernel, not the row-by-row fallback
     prompt = "abcabcabc abcabc xyz abc"
-    plain = Pipeline(Target(model, tokenizer), "none").generate(
-        prompt, max_new_tokens=40
-    )
+    plain = Pipeline(Target(model, tokenizer), "none").generate(prompt, max_new_tokens=40)
     spec = Pipeline(spec_target, "ngram").generate(prompt, max_new_tokens=40)
     assert spec.stats.drafted_tokens > 0 and spec.token_ids == plain.token_ids
     # Whether this random model's text repeats (so that ngram drafts are accepted) depends on the
@@ -255,7 +241,10 @@ def test_block_attention_is_row_invariant_and_correct(dtype, window, softcap):
         assert torch.equal(alone[0, 0], block[0, t])
         p = int(positions[t])
         lo = max(0, p + 1 - window) if window else 0
-        kk, vv = k[0, :, lo : p + 1].double().repeat_interleave(hq // hkv, 0), v[0, :, lo : p + 1].double().repeat_interleave(hq // hkv, 0)
+        kk, vv = (
+            k[0, :, lo : p + 1].double().repeat_interleave(hq // hkv, 0),
+            v[0, :, lo : p + 1].double().repeat_interleave(hq // hkv, 0),
+        )
         scores = q[0, :, t].double()[:, None] @ kk.transpose(1, 2) * d**-0.5  # [Hq, 1, S]
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap

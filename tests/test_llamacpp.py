@@ -77,7 +77,13 @@ def test_native_method_names_and_labels():
     methods = parse_methods(f"{ALL},llama.cpp-ngram:ngram-map-k")
     assert all(m.native and m.reference for m in methods[1:])
     labels = [r.label for r in make_rows(methods, [4])]
-    assert labels == ["none", "llama.cpp-native", "llama.cpp-lookup k=4", "llama.cpp-ngram", "llama.cpp-ngram:ngram-map-k"]
+    assert labels == [
+        "none",
+        "llama.cpp-native",
+        "llama.cpp-lookup k=4",
+        "llama.cpp-ngram",
+        "llama.cpp-ngram:ngram-map-k",
+    ]
     noted = replace(methods[2], note="GGML_NATIVE=ON, 2 threads")
     assert make_rows([noted], [8])[0].label == "llama.cpp-lookup k=8 (GGML_NATIVE=ON, 2 threads)"
 
@@ -110,7 +116,9 @@ def test_missing_binary_and_build_flags(tmp_path):
         load_build(tmp_path / "bin", {"llama.cpp-native", "llama.cpp-lookup"})
     assert load_build(tmp_path / "bin", {"llama.cpp-native"}).flags == "build flags unknown"
     # A build directory of one's own: binaries in build/bin, its cache one level up.
-    (tmp_path / "CMakeCache.txt").write_text("GGML_NATIVE:BOOL=OFF\nGGML_AVX2:BOOL=ON\nGGML_CUDA:BOOL=OFF\nGGML_LSX:BOOL=ON\n")
+    (tmp_path / "CMakeCache.txt").write_text(
+        "GGML_NATIVE:BOOL=OFF\nGGML_AVX2:BOOL=ON\nGGML_CUDA:BOOL=OFF\nGGML_LSX:BOOL=ON\n"
+    )
     assert load_build(tmp_path / "bin", {"llama.cpp-native"}).flags == "GGML_NATIVE=OFF, GGML_AVX2=ON"
     info = {"llama_cpp_python": "0.3.36", "cmake_flags": ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON"]}
     (tmp_path / "bin" / "build-info.json").write_text(json.dumps(info))
@@ -149,7 +157,9 @@ def test_runner_against_a_stand_in_binary(tmp_path, tokenizer):
 def test_tokens_past_the_limit_are_not_counted(tmp_path, tokenizer):
     """speculative-simple made 60 tokens for -n 47: the row counts 48, over the whole decode time."""
     prompt = "x" * 45
-    result, args, _ = replay(tmp_path, tokenizer, "gemma3-270m", "llama-speculative-simple", "llama.cpp-ngram", prompt, 48)
+    result, args, _ = replay(
+        tmp_path, tokenizer, "gemma3-270m", "llama-speculative-simple", "llama.cpp-ngram", prompt, 48
+    )
     assert args[args.index("-n") + 1] == "47" and args[args.index("--spec-type") + 1] == "ngram-simple"
     assert result.decode_tokens == 48 and result.decode_s == pytest.approx(4.792) and result.target_forwards == 21
     assert len(result.token_ids) == 48
@@ -166,11 +176,31 @@ BIN = os.environ.get("MTPSPEC_LLAMA_CPP_BIN")
 
 
 @pytest.mark.real
-@pytest.mark.skipif(not BIN, reason="set MTPSPEC_LLAMA_CPP_BIN to a llama.cpp build (scripts/build-llama-cpp.sh DIR) to run the real binaries")
+@pytest.mark.skipif(
+    not BIN,
+    reason="set MTPSPEC_LLAMA_CPP_BIN to a llama.cpp build (scripts/build-llama-cpp.sh DIR) to run the real binaries",
+)
 def test_real_binaries_end_to_end(tmp_path):
     out = tmp_path / "out"
-    argv = ["bench", "--model", "smollm2-135m", "--methods", ALL, "--dataset", "mt-bench", "--limit", "1",
-            "--max-new-tokens", "8", "--threads", "2", "--llama-cpp-bin", BIN, "--out", str(out)]
+    argv = [
+        "bench",
+        "--model",
+        "smollm2-135m",
+        "--methods",
+        ALL,
+        "--dataset",
+        "mt-bench",
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--threads",
+        "2",
+        "--llama-cpp-bin",
+        BIN,
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     native = results["environment"]["llama_cpp_native"]

@@ -58,14 +58,37 @@ def test_bad_paths(tmp_path):
 
 def test_cli_reports_a_mismatch(tmp_path, tiny_dirs, capsys):
     path = saved(tmp_path, "llama", hidden_size=128)
-    code = main(["generate", "hello", "--model", str(tiny_dirs["llama"]), "--drafter", f"mtp:{path}", "--dtype", "fp32", "--max-new-tokens", "4"])
+    code = main(
+        [
+            "generate",
+            "hello",
+            "--model",
+            str(tiny_dirs["llama"]),
+            "--drafter",
+            f"mtp:{path}",
+            "--dtype",
+            "fp32",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     assert code == 2
     assert "target hidden size 128, the target's is 64" in capsys.readouterr().err
 
 
 def test_cli_generates_with_an_mtp_drafter(tmp_path, tiny_dirs, capsys):
     path = saved(tmp_path, "gemma3")
-    args = ["generate", "hello world", "--model", str(tiny_dirs["gemma3"]), "--dtype", "fp32", "--max-new-tokens", "8", "--json"]
+    args = [
+        "generate",
+        "hello world",
+        "--model",
+        str(tiny_dirs["gemma3"]),
+        "--dtype",
+        "fp32",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
     assert main(args + ["--drafter", "none"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert main(args + ["--drafter", f"mtp:{path}", "--num-draft-tokens", "3"]) == 0

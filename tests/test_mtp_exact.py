@@ -30,7 +30,11 @@ HEADS = {  # drafter head variants, cycled over the families
 
 
 def tiny_target(family: str, dtype):
-    model = build_tiny_gemma4("e2b", vocab_size=384, vocab_size_per_layer_input=384) if family == "gemma4" else build_tiny(family)
+    model = (
+        build_tiny_gemma4("e2b", vocab_size=384, vocab_size_per_layer_input=384)
+        if family == "gemma4"
+        else build_tiny(family)
+    )
     return Target(model.to(dtype), byte_tokenizer())
 
 
@@ -159,7 +163,12 @@ def test_batched_forward_matches_single_rows():
     batched = model(embeds, hidden, batched_inputs, weight)
     for t, p in enumerate(positions):
         with torch.no_grad():
-            single = model(embeds[:, t : t + 1], hidden[:, t : t + 1], layer_inputs(target, model.config.kv_layers, p, CommittedKeys()), weight)
+            single = model(
+                embeds[:, t : t + 1],
+                hidden[:, t : t + 1],
+                layer_inputs(target, model.config.kv_layers, p, CommittedKeys()),
+                weight,
+            )
         torch.testing.assert_close(batched.state[:, t : t + 1], single.state, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batched.logits[:, t : t + 1], single.logits, atol=1e-5, rtol=1e-5)
     batched.logits[batched.logits.isfinite()].sum().backward()  # trainable end to end...
@@ -167,7 +176,11 @@ def test_batched_forward_matches_single_rows():
     assert model.masked_embedding.centroids.weight.grad is None  # ...but cluster choice is top-k: fit centroids apart
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.05)], ids=["plain", "filtered"])
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=0.7), SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.05)],
+    ids=["plain", "filtered"],
+)
 def test_sampling_over_candidates_is_the_full_vocabulary_distribution(params):
     """With a centroid head `draw` filters and samples over the candidates only; q must equal the vocabulary-wide one."""
     gen = torch.Generator().manual_seed(0)
@@ -191,8 +204,12 @@ def test_confidence_threshold_shortens_rounds_and_stays_exact(monkeypatch):
     model = init_drafter(target.model, **HEADS["target-centroids"])
     seen = []
     measure = mtp_module.top_probability
-    monkeypatch.setattr(mtp_module, "top_probability", lambda out, params: seen.append(measure(out, params)) or seen[-1])
-    model.config = dataclasses.replace(model.config, min_confidence=1e-9)  # gated, but never stops: records every position
+    monkeypatch.setattr(
+        mtp_module, "top_probability", lambda out, params: seen.append(measure(out, params)) or seen[-1]
+    )
+    model.config = dataclasses.replace(
+        model.config, min_confidence=1e-9
+    )  # gated, but never stops: records every position
     always = run(target, MtpDrafter(model, target), 4)
     assert always.token_ids == plain.token_ids
     model.config = dataclasses.replace(model.config, min_confidence=float(torch.tensor(seen).median()))
@@ -271,7 +288,9 @@ def test_hybrid_drafter_is_exact_and_uses_both_drafters(dtype, monkeypatch):
             assert target.tokenizer.decode(draft.tokens) == "own "
 
 
-@pytest.mark.parametrize("dtype, width", [(torch.bfloat16, 640), (torch.float32, 6), (torch.bfloat16, 6), (torch.bfloat16, 3)])
+@pytest.mark.parametrize(
+    "dtype, width", [(torch.bfloat16, 640), (torch.float32, 6), (torch.bfloat16, 6), (torch.bfloat16, 3)]
+)
 def test_gather_rows_is_indexing(dtype, width):
     """The 8-byte-word gather gives `weight[ids]` bit for bit (widths of 8-byte rows and others,
     which take PyTorch's path), and leaves a weight that needs gradients to F.embedding."""
@@ -283,4 +302,6 @@ def test_gather_rows_is_indexing(dtype, width):
     assert torch.equal(gather_rows(weight, ids), weight[ids])
     trained = weight.float().requires_grad_()
     gather_rows(trained, ids).sum().backward()
-    assert torch.equal(trained.grad.sum(-1), torch.zeros(500).index_add_(0, ids.flatten(), torch.full((240,), float(width))))
+    assert torch.equal(
+        trained.grad.sum(-1), torch.zeros(500).index_add_(0, ids.flatten(), torch.full((240,), float(width)))
+    )

@@ -42,16 +42,33 @@ def reference_assistant(target_config, basis: torch.Tensor, seed: int = 0):
 
     tc = target_config
     text = Gemma4TextConfig(
-        vocab_size=tc.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=tc.per_layer_config[0].num_key_value_heads, head_dim=16, global_head_dim=32,
-        attention_k_eq_v=tc.attention_k_eq_v, num_global_key_value_heads=tc.per_layer_config[tc.num_hidden_layers - 1].num_key_value_heads,
-        sliding_window=tc.sliding_window, rope_parameters=tc.rope_parameters, max_position_embeddings=tc.max_position_embeddings,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-        num_kv_shared_layers=4, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=tc.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=tc.per_layer_config[0].num_key_value_heads,
+        head_dim=16,
+        global_head_dim=32,
+        attention_k_eq_v=tc.attention_k_eq_v,
+        num_global_key_value_heads=tc.per_layer_config[tc.num_hidden_layers - 1].num_key_value_heads,
+        sliding_window=tc.sliding_window,
+        rope_parameters=tc.rope_parameters,
+        max_position_embeddings=tc.max_position_embeddings,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        num_kv_shared_layers=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     config = Gemma4AssistantConfig(
-        text_config=text, backbone_hidden_size=tc.hidden_size, use_ordered_embeddings=True,
-        num_centroids=16, centroid_intermediate_top_k=4,
+        text_config=text,
+        backbone_hidden_size=tc.hidden_size,
+        use_ordered_embeddings=True,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
     )
     assistant = Gemma4AssistantForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -111,7 +128,9 @@ def hf_generate(target, ids, assistant=None):
         if assistant is not None:
             assistant.generation_config.num_assistant_tokens = K
         x = torch.tensor([ids])
-        out = target.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+        out = target.generate(
+            x, attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs
+        )
     finally:
         target.config._attn_implementation = impl
         if hook is not None:
@@ -194,7 +213,9 @@ def test_draft_steps_match_transformers_generate(pair, monkeypatch):
     shape, target, assistant, path = pair
     rounds = []
     original = Generator.get_candidates
-    monkeypatch.setattr(Generator, "get_candidates", lambda self, *a, **kw: rounds.append(1) or original(self, *a, **kw))
+    monkeypatch.setattr(
+        Generator, "get_candidates", lambda self, *a, **kw: rounds.append(1) or original(self, *a, **kw)
+    )
     ids = prompt()
     ref_tokens, ref_steps = hf_generate(target, ids, assistant)
     steps = None

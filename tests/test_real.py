@@ -37,7 +37,9 @@ def test_fp32_greedy_equals_transformers_generate(gemma_fp32):
 
     from mtpspec.models import resolve_model
 
-    reference = AutoModelForCausalLM.from_pretrained(resolve_model("gemma3-270m"), dtype=torch.float32, attn_implementation="sdpa")
+    reference = AutoModelForCausalLM.from_pretrained(
+        resolve_model("gemma3-270m"), dtype=torch.float32, attn_implementation="sdpa"
+    )
     tok = gemma_fp32.tokenizer
     for prompt in PROMPTS[:3]:
         ids = tok(prompt, return_tensors="pt").input_ids
@@ -66,8 +68,19 @@ def test_cli_json_is_well_formed():
     from mtpspec.drafters import shipped
 
     r = subprocess.run(
-        [sys.executable, "-m", "mtpspec.cli", "generate", "The capital of France is", "--json", "--max-new-tokens", "16"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mtpspec.cli",
+            "generate",
+            "The capital of France is",
+            "--json",
+            "--max-new-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -81,7 +94,9 @@ def test_smollm2_chat():
     pipe = mtpspec.load("smollm2-135m", drafter="ngram")
     res = pipe.generate([{"role": "user", "content": "What is 2 + 2?"}], max_new_tokens=24)
     assert res.token_ids and res.text.strip()
-    plain = mtpspec.Pipeline(pipe.target, "none", "smollm2-135m").generate([{"role": "user", "content": "What is 2 + 2?"}], max_new_tokens=24)
+    plain = mtpspec.Pipeline(pipe.target, "none", "smollm2-135m").generate(
+        [{"role": "user", "content": "What is 2 + 2?"}], max_new_tokens=24
+    )
     assert plain.token_ids == res.token_ids
 
 
@@ -110,7 +125,11 @@ def test_shipped_drafter_is_exact(model, dtype, gemma_bf16, gemma_fp32):
     """`--drafter mtp` loads the shipped MTP drafter; greedy output stays plain decoding's, token for token."""
     from mtpspec.drafters import shipped
 
-    plain = (gemma_bf16 if dtype == "bf16" else gemma_fp32) if model == "gemma3-270m" else mtpspec.load(model, drafter="none", dtype=dtype, weights="dequant")
+    plain = (
+        (gemma_bf16 if dtype == "bf16" else gemma_fp32)
+        if model == "gemma3-270m"
+        else mtpspec.load(model, drafter="none", dtype=dtype, weights="dequant")
+    )
     shipped_mtp = mtpspec.Pipeline(plain.target, "mtp", model)
     assert shipped_mtp.drafter_spec == f"mtp:{shipped()[model]}"
     accepted = drafted = 0

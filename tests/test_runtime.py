@@ -9,11 +9,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
-from gguf_tiny import load_transformers, random_blocks, tiny_gemma3_gguf, tiny_llama_gguf, write_tiny_gguf  # noqa: F401
 
 import mtpspec
-from mtpspec.cli import main
+from gguf_tiny import load_transformers, random_blocks, write_tiny_gguf
 from mtpspec.api import load_gguf
+from mtpspec.cli import main
 from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops
@@ -159,36 +159,68 @@ def test_speculative_output_equals_plain_for_every_drafter(tiny_gguf, tmp_path, 
     plain = mtpspec.Pipeline(target, "none").generate(prompt, max_new_tokens=24, ignore_eos=True)
     save_drafter(init_drafter(target, num_layers=2, num_centroids=64, centroid_top_k=4), tmp_path / "centroid")
     save_drafter(init_drafter(target, num_layers=1), tmp_path / "full")
-    for spec in ("ngram", f"mtp:{tmp_path / 'full'}", f"mtp:{tmp_path / 'centroid'}", f"hybrid:{tmp_path / 'centroid'}"):
+    for spec in (
+        "ngram",
+        f"mtp:{tmp_path / 'full'}",
+        f"mtp:{tmp_path / 'centroid'}",
+        f"hybrid:{tmp_path / 'centroid'}",
+    ):
         got = mtpspec.Pipeline(target, spec).generate(prompt, max_new_tokens=24, num_draft_tokens=k, ignore_eos=True)
         assert got.token_ids == plain.token_ids, spec
         assert got.stats.drafted_tokens > 0, spec
 
 
-def test_sampled_output_is_reproducible_with_a_seed(tiny_llama_gguf, tmp_path):  # noqa: F811
+def test_sampled_output_is_reproducible_with_a_seed(tiny_llama_gguf, tmp_path):
     target = load_gguf(tiny_llama_gguf)
     pipe = mtpspec.Pipeline(target, "ngram")
-    runs = [pipe.generate("abc abc abc abc", max_new_tokens=16, temperature=0.8, seed=7, ignore_eos=True).token_ids for _ in range(2)]
+    runs = [
+        pipe.generate("abc abc abc abc", max_new_tokens=16, temperature=0.8, seed=7, ignore_eos=True).token_ids
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
 
 
-def test_cli_weights_errors(tiny_dirs, tiny_llama_gguf, capsys):  # noqa: F811
-    assert main(["generate", "hi", "--model", str(tiny_dirs["llama"]), "--weights", "gguf", "--max-new-tokens", "2"]) == 2
+def test_cli_weights_errors(tiny_dirs, tiny_llama_gguf, capsys):
+    assert (
+        main(["generate", "hi", "--model", str(tiny_dirs["llama"]), "--weights", "gguf", "--max-new-tokens", "2"]) == 2
+    )
     assert "--weights gguf needs a GGUF model" in capsys.readouterr().err
     assert main(["generate", "hi", "--model", str(tiny_llama_gguf), "--dtype", "bf16", "--max-new-tokens", "2"]) == 2
     assert "computes in fp32" in capsys.readouterr().err
 
 
-def test_cli_runs_both_weight_paths_on_a_gguf_file(tiny_llama_gguf, capsys):  # noqa: F811
+def test_cli_runs_both_weight_paths_on_a_gguf_file(tiny_llama_gguf, capsys):
     for weights in ("auto", "dequant"):
-        args = ["generate", "the cat", "--model", str(tiny_llama_gguf), "--weights", weights, "--max-new-tokens", "4", "--drafter", "ngram", "--json"]
+        args = [
+            "generate",
+            "the cat",
+            "--model",
+            str(tiny_llama_gguf),
+            "--weights",
+            weights,
+            "--max-new-tokens",
+            "4",
+            "--drafter",
+            "ngram",
+            "--json",
+        ]
         assert main(args) == 0, weights
         assert '"token_ids"' in capsys.readouterr().out
 
 
-def test_bench_profile_reports_where_a_step_goes(tiny_llama_gguf, tmp_path):  # noqa: F811
+def test_bench_profile_reports_where_a_step_goes(tiny_llama_gguf, tmp_path):
     out = tmp_path / "bench"
-    args = ["bench", "--model", str(tiny_llama_gguf), "--methods", "none,ngram", "--dataset", "mt-bench", "--limit", "1"]
+    args = [
+        "bench",
+        "--model",
+        str(tiny_llama_gguf),
+        "--methods",
+        "none,ngram",
+        "--dataset",
+        "mt-bench",
+        "--limit",
+        "1",
+    ]
     assert main([*args, "--max-new-tokens", "8", "--threads", "1", "--profile", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "Where a decode step's time goes" in report and "| linear layers |" in report

@@ -19,7 +19,9 @@ def test_temperature_sharpens_and_flattens():
     cold = probabilities(LOGITS, SamplingParams(temperature=0.5))
     hot = probabilities(LOGITS, SamplingParams(temperature=2.0))
     assert cold[0] > 0.5 > hot[0]
-    assert close(cold, (torch.tensor([0.5, 0.25, 0.15, 0.1]) ** 2 / (torch.tensor([0.5, 0.25, 0.15, 0.1]) ** 2).sum()).tolist())
+    assert close(
+        cold, (torch.tensor([0.5, 0.25, 0.15, 0.1]) ** 2 / (torch.tensor([0.5, 0.25, 0.15, 0.1]) ** 2).sum()).tolist()
+    )
 
 
 @pytest.mark.parametrize(
@@ -44,7 +46,9 @@ def test_batched_rows_are_filtered_independently():
     assert p.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1]]
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2)]
+)
 def test_bad_params_are_user_errors(kwargs):
     with pytest.raises(MtpspecError):
         SamplingParams(**kwargs)

@@ -111,7 +111,11 @@ def test_completion_equals_library(client, ref, prompt):
 
 def test_streaming_completion_equals_library(client, url, ref):
     want = ref.generate("a", max_new_tokens=24)
-    chunks = list(client.completions.create(model=MODEL, prompt="a", max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="a", max_tokens=24, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
     finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finish) == 1 and finish[0].choices[0].finish_reason == want.finish_reason
@@ -132,7 +136,9 @@ def test_chat_equals_library(client, ref):
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == want.text
     assert r.usage.prompt_tokens == len(want.prompt_ids)
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=20, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=20, temperature=0, stream=True
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want.text
@@ -147,7 +153,11 @@ def test_stop_and_seeded_sampling(client, ref):
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == "stop"
     assert stop not in r.choices[0].text
     sampled = [
-        client.completions.create(model=MODEL, prompt="a", max_tokens=16, temperature=0.9, top_p=0.95, seed=7, extra_body={"top_k": 50}).choices[0].text
+        client.completions.create(
+            model=MODEL, prompt="a", max_tokens=16, temperature=0.9, top_p=0.95, seed=7, extra_body={"top_k": 50}
+        )
+        .choices[0]
+        .text
         for _ in range(2)
     ]
     assert sampled[0] == sampled[1]
@@ -155,14 +165,29 @@ def test_stop_and_seeded_sampling(client, ref):
 
 def test_ignore_eos_extension(client, ref):
     want = ref.generate("a", max_new_tokens=48, ignore_eos=True)
-    r = client.completions.create(model=MODEL, prompt="a", max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt="a", max_tokens=48, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert r.choices[0].text == want.text and r.choices[0].finish_reason == want.finish_reason == "length"
     assert r.usage.completion_tokens == 48
 
 
 def test_greedy_equals_generate_cli(client, tiny_dirs):
-    cmd = [sys.executable, "-m", "mtpspec.cli", "generate", "a", "--model", str(tiny_dirs["llama"]), "--max-new-tokens", "24", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mtpspec.cli",
+        "generate",
+        "a",
+        "--model",
+        str(tiny_dirs["llama"]),
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True
+    )
     cli = json.loads(out.stdout.strip().splitlines()[-1])
     r = client.completions.create(model=MODEL, prompt="a", max_tokens=24, temperature=0)
     assert r.choices[0].text == cli["text"]
@@ -193,8 +218,20 @@ BAD = [
     ("/v1/completions", {"prompt": "a"}, 400, "model", "missing"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", None),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content[0].type", None),
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "x" * 600}]}, 400, "messages", "context_length_exceeded"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+        "messages[0].content[0].type",
+        None,
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": "x" * 600}]},
+        400,
+        "messages",
+        "context_length_exceeded",
+    ),
     ("/v1/nowhere", COMPLETION, 404, None, "not_found"),
 ]
 
@@ -258,7 +295,14 @@ def test_disconnect_mid_stream_cancels_generation(client, served, ref, monkeypat
 
     monkeypatch.setattr(pipe.engine, "stream", slow)
     before = scrape(url)
-    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": LONG_PROMPT,
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
@@ -272,7 +316,9 @@ def test_disconnect_mid_stream_cancels_generation(client, served, ref, monkeypat
         pytest.fail(f"a generation paced to take >= 2 s answered within 0.5 s: {r.status_code} {r.text[:500]}")
 
     def cancelled():
-        return metric(scrape(url), "mtpspec_generations_total", endpoint="completions", outcome="cancelled") - metric(before, "mtpspec_generations_total", endpoint="completions", outcome="cancelled")
+        return metric(scrape(url), "mtpspec_generations_total", endpoint="completions", outcome="cancelled") - metric(
+            before, "mtpspec_generations_total", endpoint="completions", outcome="cancelled"
+        )
 
     wait_until(lambda: cancelled() == 2 and idle(url))
     after = scrape(url)
@@ -285,7 +331,14 @@ def test_queued_stream_is_kept_alive_and_dropped_on_disconnect(url, monkeypatch)
     import mtpspec.server.app as app_module
 
     monkeypatch.setattr(app_module, "KEEPALIVE_S", 0.1)
-    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": LONG_PROMPT,
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=30) as h, h.stream("POST", url + "/v1/completions", json=body) as running:
         running_lines = running.iter_lines()  # held: dropping a half-read iterator closes the connection
         next(line for line in running_lines if line.startswith("data: "))
@@ -328,8 +381,14 @@ def test_metrics_count_what_requests_did(client, url):
     assert delta("mtpspec_drafted_tokens_total") == spec["drafted_tokens"]
     assert delta("mtpspec_accepted_tokens_total") == spec["accepted_tokens"]
     positions = range(1, len(spec["acceptance_per_position"]) + 1)
-    assert sum(delta("mtpspec_drafted_tokens_by_position_total", position=str(p)) for p in positions) == spec["drafted_tokens"]
-    assert sum(delta("mtpspec_accepted_tokens_by_position_total", position=str(p)) for p in positions) == spec["accepted_tokens"]
+    assert (
+        sum(delta("mtpspec_drafted_tokens_by_position_total", position=str(p)) for p in positions)
+        == spec["drafted_tokens"]
+    )
+    assert (
+        sum(delta("mtpspec_accepted_tokens_by_position_total", position=str(p)) for p in positions)
+        == spec["accepted_tokens"]
+    )
     assert delta("mtpspec_request_latency_seconds_count", endpoint="completions") == 1
     assert delta("mtpspec_time_to_first_token_seconds_count", endpoint="completions") == 1
     assert metric(after, "mtpspec_queue_depth") == 0
@@ -352,7 +411,14 @@ def test_api_key_required(guarded):
 
 def test_full_queue_answers_503_with_retry_after(guarded):
     auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"model": MODEL, "prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "stream": True, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "prompt": LONG_PROMPT,
+        "max_tokens": LONG,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(timeout=30, headers=auth) as h:
         with h.stream("POST", guarded + "/v1/completions", json=body) as running:
             running_lines = running.iter_lines()  # held: dropping a half-read iterator closes the connection
@@ -361,7 +427,9 @@ def test_full_queue_answers_503_with_retry_after(guarded):
             assert r.status_code == 503, r.text
             assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full"
     wait_until(lambda: idle(guarded))
-    r = httpx.post(guarded + "/v1/completions", json={**body, "max_tokens": 2, "stream": False}, headers=auth, timeout=30)
+    r = httpx.post(
+        guarded + "/v1/completions", json={**body, "max_tokens": 2, "stream": False}, headers=auth, timeout=30
+    )
     assert r.status_code == 200
 
 
@@ -378,6 +446,8 @@ def test_serves_gemma3_270m(gemma3_270m_dir):
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
         r = client.completions.create(model="gemma3-270m", prompt=prompt, max_tokens=12, temperature=0)
         assert r.choices[0].text == want
-        chat = client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0)
+        chat = client.chat.completions.create(
+            model="gemma3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=12, temperature=0
+        )
         assert chat.choices[0].message.content.strip()
         assert chat.model_extra["mtpspec"]["target_forwards"] >= 1

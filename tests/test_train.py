@@ -52,7 +52,9 @@ def _cli(*args: str) -> list[str]:
 def _teacher_setup(tiny_dir, centroids: int = 0, seq_len: int = 32):
     hf, tok = load_hf(str(tiny_dir), "fp32")
     target = Target(hf, tok, exact=False)
-    drafter = init_drafter(hf, num_layers=2, lm_head="target", num_centroids=centroids, centroid_top_k=2).float().train()
+    drafter = (
+        init_drafter(hf, num_layers=2, lm_head="target", num_centroids=centroids, centroid_top_k=2).float().train()
+    )
     if centroids:
         init_centroid_head(drafter, hf.get_output_embeddings().weight)
     teacher = Teacher(target, check_fits(drafter.config, target), top_k=16)
@@ -135,10 +137,32 @@ def test_the_split_is_explicit_and_disjoint(corpus, tokenizer):
 def resumed(tiny_dirs, corpus, tmp_path_factory):
     """Train in a subprocess, SIGKILL it after a checkpoint, resume it; return what was seen."""
     out = tmp_path_factory.mktemp("run") / "drafter"
-    common = ["--target", str(tiny_dirs["llama"]), "--data", str(corpus), "--out", str(out), "--dtype", "fp32",
-              "--seq-len", "48", "--num-layers", "1", "--checkpoint-every", "3", "--warmup", "1", "--lr", "3e-3"]
-    proc = subprocess.Popen(_cli(*common, "--max-steps", "100000", "--eval-prompts", "0"), env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common = [
+        "--target",
+        str(tiny_dirs["llama"]),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--seq-len",
+        "48",
+        "--num-layers",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--warmup",
+        "1",
+        "--lr",
+        "3e-3",
+    ]
+    proc = subprocess.Popen(
+        _cli(*common, "--max-steps", "100000", "--eval-prompts", "0"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     while latest_checkpoint(out) is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -151,12 +175,27 @@ def resumed(tiny_dirs, corpus, tmp_path_factory):
     from mtpspec.training import build_options
     from mtpspec.training.trainer import Trainer
 
-    opts = build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(out), dtype="fp32", seq_len=48,
-                         num_layers=1, resume=True, max_steps=ckpt.step + 4, eval_prompts=0)
+    opts = build_options(
+        None,
+        target=str(tiny_dirs["llama"]),
+        data=str(corpus),
+        out=str(out),
+        dtype="fp32",
+        seq_len=48,
+        num_layers=1,
+        resume=True,
+        max_steps=ckpt.step + 4,
+        eval_prompts=0,
+    )
     trainer = Trainer(opts, log=lambda *a: None)
     restored = dict(step=trainer.step, position=trainer.position, weights=trainer.drafter.state_dict())
-    done = subprocess.run(_cli(*common, "--resume", "--max-steps", str(ckpt.step + 4), "--eval-prompts", "2", "--eval-tokens", "8"),
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        _cli(*common, "--resume", "--max-steps", str(ckpt.step + 4), "--eval-prompts", "2", "--eval-tokens", "8"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return dict(out=out, ckpt=ckpt, restored=restored, done=done)
 
 
@@ -187,11 +226,48 @@ def test_saved_drafter_loads_and_is_lossless(resumed, tiny_dirs):
 @pytest.mark.slow
 def test_ddp_two_ranks_end_with_identical_weights(tiny_dirs, corpus, tmp_path):
     out, digests = tmp_path / "drafter", tmp_path / "digests"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-           "-m", "mtpspec.cli", "train-drafter", "--target", str(tiny_dirs["gemma3"]), "--data", str(corpus), "--out", str(out),
-           "--dtype", "fp32", "--seq-len", "32", "--num-layers", "1", "--max-steps", "3", "--warmup", "1", "--eval-prompts", "0",
-           "--checkpoint-every", "0", "--centroids", "8", "--centroid-top-k", "2", "--rank-digest", str(digests),
-           "--teacher-cache", str(tmp_path / "cache"), "--epoch-chunks", "4"]  # the ranks share one cache
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "mtpspec.cli",
+        "train-drafter",
+        "--target",
+        str(tiny_dirs["gemma3"]),
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--seq-len",
+        "32",
+        "--num-layers",
+        "1",
+        "--max-steps",
+        "3",
+        "--warmup",
+        "1",
+        "--eval-prompts",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--centroids",
+        "8",
+        "--centroid-top-k",
+        "2",
+        "--rank-digest",
+        str(digests),
+        "--teacher-cache",
+        str(tmp_path / "cache"),
+        "--epoch-chunks",
+        "4",
+    ]  # the ranks share one cache
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list((tmp_path / "cache" / "chunks").glob("*.safetensors"))) == 4  # 6 chunks trained, 4 computed
@@ -210,9 +286,25 @@ def test_a_training_step_creates_its_tensors_on_its_inputs_device(tiny_dirs, cor
     from mtpspec.training import build_options
     from mtpspec.training.trainer import Trainer, start_as_copy
 
-    trainer = Trainer(build_options(None, target=str(tiny_dirs["gemma3"]), data=str(corpus), dtype="fp32", seq_len=32, num_layers=1,
-                                    centroids=8, centroid_top_k=2, negatives=16, anchors=8, eval_prompts=0, checkpoint_every=0,
-                                    teacher_cache=str(tmp_path / "cache"), out=str(tmp_path / "out")), log=lambda *a: None)
+    trainer = Trainer(
+        build_options(
+            None,
+            target=str(tiny_dirs["gemma3"]),
+            data=str(corpus),
+            dtype="fp32",
+            seq_len=32,
+            num_layers=1,
+            centroids=8,
+            centroid_top_k=2,
+            negatives=16,
+            anchors=8,
+            eval_prompts=0,
+            checkpoint_every=0,
+            teacher_cache=str(tmp_path / "cache"),
+            out=str(tmp_path / "out"),
+        ),
+        log=lambda *a: None,
+    )
     assert trainer.device == torch.device("cpu")  # auto, without a GPU
     with torch.device("meta"):
         start_as_copy(trainer.drafter, trainer.teacher, trainer.source)
@@ -295,8 +387,21 @@ def test_self_distill_writes_training_rows_and_resumes(tiny_dirs, tmp_path, toke
     from mtpspec.cli import main
 
     out = tmp_path / "self.jsonl"
-    args = ["self-distill", "--target", str(tiny_dirs["gemma3"]), "--prompts", "instructions,code", "--per-source", "2",
-            "--max-new-tokens", "6", "--batch-size", "3", "--out", str(out)]
+    args = [
+        "self-distill",
+        "--target",
+        str(tiny_dirs["gemma3"]),
+        "--prompts",
+        "instructions,code",
+        "--per-source",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and {r["id"].split("/")[0] for r in rows} == {"instructions", "code"}
@@ -321,16 +426,27 @@ def test_self_distill_greedy_loop_equals_generate(tiny_dirs, family):
 
     from mtpspec.training.selfgen import greedy_batch
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs[family], dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dirs[family], dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 200, (4, 12), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :5] = mask[3, :9] = 0
     ids[mask == 0] = 0
     with torch.inference_mode():
-        free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=[2], pad_token_id=0)[:, 12:]
+        free = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=[2], pad_token_id=0
+        )[:, 12:]
         stop = int(free[2, 6])  # a token row 2 generates: every row that generates it stops there
-        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=[2, stop], pad_token_id=0)[:, 12:]
+        want = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=20,
+            do_sample=False,
+            eos_token_id=[2, stop],
+            pad_token_id=0,
+        )[:, 12:]
         got = greedy_batch(model, ids, mask, 20, [2, stop], 0)
     assert got.shape[1] <= 20 and (got[2] == 0).any()  # row 2 stopped early and was padded
     assert torch.equal(got, want[:, : got.shape[1]]) and (want[:, got.shape[1] :] == 0).all()
@@ -346,9 +462,20 @@ def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     hf, _ = load_hf(str(tiny_dirs["llama"]), "fp32")
     start = init_drafter(hf, num_layers=2, lm_head="target", seed=3)
     save_drafter(start, tmp_path / "start")
-    opts = build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "tuned"), dtype="fp32",
-                         seq_len=32, init=str(tmp_path / "start"), max_steps=2, eval_prompts=0, checkpoint_every=0,
-                         min_confidence=0.25, train_dtype="bf16")
+    opts = build_options(
+        None,
+        target=str(tiny_dirs["llama"]),
+        data=str(corpus),
+        out=str(tmp_path / "tuned"),
+        dtype="fp32",
+        seq_len=32,
+        init=str(tmp_path / "start"),
+        max_steps=2,
+        eval_prompts=0,
+        checkpoint_every=0,
+        min_confidence=0.25,
+        train_dtype="bf16",
+    )
     trainer = Trainer(opts, log=lambda *a: None)
     assert trainer.drafter.config.num_layers == 2  # the drafter's own shape, not the default 1 layer
     for name, t in start.state_dict().items():
@@ -356,10 +483,16 @@ def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     assert trainer.autocast and trainer.lm_weight.dtype == torch.bfloat16  # --train-dtype bf16, on any CPU
     trainer.train()
     assert all(t.dtype == torch.float32 for t in trainer.drafter.state_dict().values())  # mixed precision: fp32 weights
-    assert not any(torch.equal(trainer.drafter.state_dict()[n], t.float()) for n, t in start.state_dict().items() if t.dim() == 2)
+    assert not any(
+        torch.equal(trainer.drafter.state_dict()[n], t.float()) for n, t in start.state_dict().items() if t.dim() == 2
+    )
     assert load_drafter(tmp_path / "tuned").config == dataclasses.replace(start.config, min_confidence=0.25)
     with pytest.raises(MtpspecError, match="no drafter there"):
-        Trainer(build_options(None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "x"), init=str(tmp_path)))
+        Trainer(
+            build_options(
+                None, target=str(tiny_dirs["llama"]), data=str(corpus), out=str(tmp_path / "x"), init=str(tmp_path)
+            )
+        )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -394,10 +527,12 @@ def test_a_bf16_teacher_is_the_fp32_one_within_bf16_rounding(tiny_dirs):
     target = Target(hf, tok, exact=False)
     layers = check_fits(init_drafter(hf, num_layers=1, lm_head="target").config, target)
     ids = torch.tensor(tok(" ".join(random.Random(2).choice(WORDS) for _ in range(40))).input_ids[:32])
-    wide, narrow = (Teacher(target, layers, top_k=8, logits_dtype=dt).signal(ids) for dt in (torch.float32, torch.bfloat16))
+    wide, narrow = (
+        Teacher(target, layers, top_k=8, logits_dtype=dt).signal(ids) for dt in (torch.float32, torch.bfloat16)
+    )
     assert Teacher(target, layers, logits_dtype=torch.bfloat16).lm_weight.dtype == torch.bfloat16
     assert torch.equal(wide.hidden, narrow.hidden)  # the same forward; only the head's product differs
-    logits = (wide.hidden @ target.model.get_output_embeddings().weight.float().T)
+    logits = wide.hidden @ target.model.get_output_embeddings().weight.float().T
     top2 = logits.topk(2, -1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.02 * top2[:, 0].abs() + 1e-3  # rows whose best token bf16 cannot swap
     assert clear.sum() > 10 and torch.equal(wide.top_ids[clear, 0], narrow.top_ids[clear, 0])
@@ -428,7 +563,9 @@ def test_chunk_order_with_epochs(corpus, tokenizer):
     assert sorted(epochs[1]) == sorted(epochs[2]) == list(range(7)) and epochs[1] != epochs[2]
     source = TextSource([str(corpus)], tokenizer, seq_len=16)
     stream = [ids.tolist() for _, ids in islice(source.chunks(), 8)]
-    assert [source.chunk(i).tolist() for i in (2, 3, 7, 1, 5)] == [stream[i] for i in (2, 3, 7, 1, 5)]  # forward and back
+    assert [source.chunk(i).tolist() for i in (2, 3, 7, 1, 5)] == [
+        stream[i] for i in (2, 3, 7, 1, 5)
+    ]  # forward and back
 
 
 def test_epochs_after_the_first_read_the_teacher_from_disk(tiny_dirs, corpus, tmp_path, monkeypatch):
@@ -437,9 +574,20 @@ def test_epochs_after_the_first_read_the_teacher_from_disk(tiny_dirs, corpus, tm
 
     computed = []
     signal = Teacher.signal
-    monkeypatch.setattr(Teacher, "signal", lambda self, ids, taught=None: computed.append(ids) or signal(self, ids, taught))
-    common = dict(target=str(tiny_dirs["llama"]), data=str(corpus), dtype="fp32", seq_len=32, num_layers=1, eval_prompts=0,
-                  checkpoint_every=0, teacher_cache=str(tmp_path / "cache"), epoch_chunks=3)
+    monkeypatch.setattr(
+        Teacher, "signal", lambda self, ids, taught=None: computed.append(ids) or signal(self, ids, taught)
+    )
+    common = dict(
+        target=str(tiny_dirs["llama"]),
+        data=str(corpus),
+        dtype="fp32",
+        seq_len=32,
+        num_layers=1,
+        eval_prompts=0,
+        checkpoint_every=0,
+        teacher_cache=str(tmp_path / "cache"),
+        epoch_chunks=3,
+    )
     first = Trainer(build_options(None, **common, out=str(tmp_path / "a"), max_steps=7), log=lambda *a: None)
     computed.clear()  # start_as_copy's forward
     first.train()

@@ -10,7 +10,17 @@ from pathlib import Path
 from .drafters import DEFAULT, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
-from .models import BUNDLED, DEFAULT_DTYPE, DEFAULT_MODEL, RUNTIME_DTYPES, WEIGHTS, gguf_file, gguf_metadata, load_hf, quiet_transformers
+from .models import (
+    BUNDLED,
+    DEFAULT_DTYPE,
+    DEFAULT_MODEL,
+    RUNTIME_DTYPES,
+    WEIGHTS,
+    gguf_file,
+    gguf_metadata,
+    load_hf,
+    quiet_transformers,
+)
 from .runtime import ARCHS, GgufModel, GgufTarget, GgufWeights
 from .sampling import SamplingParams
 from .target import Target
@@ -64,7 +74,9 @@ class Pipeline:
         if not ids:
             raise MtpspecError("the prompt is empty")
         if len(ids) >= self.target.context_window:
-            raise MtpspecError(f"the prompt has {len(ids)} tokens; the model's context window is {self.target.context_window}")
+            raise MtpspecError(
+                f"the prompt has {len(ids)} tokens; the model's context window is {self.target.context_window}"
+            )
 
 
 SAMPLING_OPTIONS = frozenset(f.name for f in fields(SamplingParams))
@@ -80,7 +92,13 @@ def generation_config(**options) -> GenerationConfig:
     return GenerationConfig(sampling=SamplingParams(**sampling), **options)
 
 
-def load(model: str = DEFAULT_MODEL, drafter: str = DEFAULT, dtype: str = DEFAULT_DTYPE, exact: bool = True, weights: str = "auto") -> Pipeline:
+def load(
+    model: str = DEFAULT_MODEL,
+    drafter: str = DEFAULT,
+    dtype: str = DEFAULT_DTYPE,
+    exact: bool = True,
+    weights: str = "auto",
+) -> Pipeline:
     """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `auto` (the default:
     `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target.
 
@@ -103,11 +121,15 @@ def load_target(model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weig
         arch = weights_.architecture
         if arch in ARCHS:
             if dtype not in RUNTIME_DTYPES:
-                raise MtpspecError(f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant")
+                raise MtpspecError(
+                    f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant"
+                )
             return load_gguf(weights_, model if model in BUNDLED else None)
         if weights == "gguf":
             raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
-        print(f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr)
+        print(
+            f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr
+        )
     hf, tokenizer = load_hf(model, dtype)
     return Target(hf, tokenizer, exact=exact)
 

@@ -83,7 +83,10 @@ def per_row_attention(
 ) -> torch.Tensor:  # [B, T, Hq, Dv]
     """Each query row through its own products over exactly the keys it may see (the portable path)."""
     groups = query.shape[1] // key.shape[1]
-    rows = [_one_row(query[:, :, i], key, value, p, sliding_window, scaling, softcap, groups) for i, p in enumerate(positions.tolist())]
+    rows = [
+        _one_row(query[:, :, i], key, value, p, sliding_window, scaling, softcap, groups)
+        for i, p in enumerate(positions.tolist())
+    ]
     return torch.stack(rows, dim=1)
 
 

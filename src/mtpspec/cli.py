@@ -21,15 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mtpspec", description="Lossless speculative decoding with MTP drafters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate a completion for one prompt", description="Stream a completion of PROMPT to the terminal.")
+    g = sub.add_parser(
+        "generate",
+        help="generate a completion for one prompt",
+        description="Stream a completion of PROMPT to the terminal.",
+    )
     g.add_argument("prompt", help="the prompt text ('-' reads standard input)")
     add_model_args(g)
     add_decoding_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
-    g.add_argument("--json", action="store_true", help="print one JSON object (prompt, text, token_ids, finish_reason, stats) instead of streaming")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (prompt, text, token_ids, finish_reason, stats) instead of streaming",
+    )
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="interactive multi-turn chat", description="Chat with the model; an empty line or Ctrl-D ends.")
+    c = sub.add_parser(
+        "chat", help="interactive multi-turn chat", description="Chat with the model; an empty line or Ctrl-D ends."
+    )
     add_model_args(c)
     add_decoding_args(c)
     c.add_argument("--system", default=None, help="a system message to start the conversation")
@@ -63,7 +73,19 @@ def cmd_generate(args) -> int:
         for _ in stream.chunks:
             pass
         r = stream.result
-        print(json.dumps({"prompt": prompt, "model": args.model, "drafter": pipe.drafter_spec, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason, "stats": r.stats.to_dict()}))
+        print(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    "model": args.model,
+                    "drafter": pipe.drafter_spec,
+                    "text": r.text,
+                    "token_ids": r.token_ids,
+                    "finish_reason": r.finish_reason,
+                    "stats": r.stats.to_dict(),
+                }
+            )
+        )
         return 0
     if not args.chat:
         sys.stdout.write(prompt)

@@ -25,8 +25,10 @@ def pick_device(choice: str) -> torch.device:
     if choice == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise MtpspecError(f"--device {choice}: PyTorch sees no CUDA GPU here (torch {torch.__version__}, "
-                           f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")
+        raise MtpspecError(
+            f"--device {choice}: PyTorch sees no CUDA GPU here (torch {torch.__version__}, "
+            f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu"
+        )
     count = torch.cuda.device_count()
     _, _, named = choice.partition(":")
     index = int(named) if named else int(os.environ.get("LOCAL_RANK", "0")) % count

@@ -58,7 +58,9 @@ class Engine:
         self.target = target
         self.drafter = drafter
 
-    def stream(self, prompt_ids: list[int], config: GenerationConfig, result: GenerationResult | None = None) -> Iterator[Chunk]:
+    def stream(
+        self, prompt_ids: list[int], config: GenerationConfig, result: GenerationResult | None = None
+    ) -> Iterator[Chunk]:
         """Yield chunks as tokens are accepted; `result` (if given) is filled in as it goes."""
         res = result if result is not None else GenerationResult(list(prompt_ids))
         target, drafter, stats = self.target, self.drafter, res.stats

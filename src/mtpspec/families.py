@@ -46,7 +46,9 @@ class Family:
 
     def kv_producer(self, kind: str) -> int:
         """The last layer of attention type `kind` that computes its own K/V (what an MTP layer of that type reads)."""
-        own = [i for i in range(self.config.num_hidden_layers) if self.layer_type(i) == kind and self.cache_index(i) == i]
+        own = [
+            i for i in range(self.config.num_hidden_layers) if self.layer_type(i) == kind and self.cache_index(i) == i
+        ]
         if not own:
             raise ValueError(f"the target has no {kind} layer")
         return own[-1]

@@ -26,7 +26,13 @@ from .paths import models_dir
 from .text import GEMMA_CHAT_TEMPLATE
 
 # `auto`: bf16 for a transformers model; the GGUF runtime always computes in fp32 (see `api.load_target`).
-DTYPES = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+DTYPES = {
+    "auto": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
 DTYPE_NAMES = ("auto", "bf16", "fp32")  # what the command line offers; DTYPES also takes torch's names
 DEFAULT_DTYPE = "auto"
 RUNTIME_DTYPES = ("auto", "fp32", "float32")  # the GGUF runtime's activations are fp32
@@ -100,7 +106,9 @@ def convert_gguf(gguf: Path, name: str | None = None) -> Path:
     _check_gguf_header(gguf)
     from transformers import AutoModelForCausalLM
 
-    print(f"mtpspec: converting {gguf.name} to a bf16 model in {out} (once; later runs load it directly)", file=sys.stderr)
+    print(
+        f"mtpspec: converting {gguf.name} to a bf16 model in {out} (once; later runs load it directly)", file=sys.stderr
+    )
     with _gguf_errors(gguf):
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         tokenizer = _gguf_tokenizer(gguf, model.config)
@@ -129,7 +137,11 @@ def gguf_metadata(gguf: Path, name: str | None = None) -> Path:
         if hasattr(config, attr):
             delattr(config, attr)
     generation = GenerationConfig.from_model_config(config)
-    return _write_once(out, gguf, lambda tmp: (config.save_pretrained(tmp), generation.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return _write_once(
+        out,
+        gguf,
+        lambda tmp: (config.save_pretrained(tmp), generation.save_pretrained(tmp), tokenizer.save_pretrained(tmp)),
+    )
 
 
 @contextlib.contextmanager

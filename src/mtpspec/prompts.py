@@ -76,8 +76,12 @@ def mt_bench() -> tuple[Prompt, ...]:
     for r in rows:
         rank.append(seen[r["category"]])
         seen[r["category"]] += 1
-    ordered = [r for _, r in sorted(zip(rank, rows, strict=True), key=lambda pair: pair[0])]  # stable: file order within a rank
-    return tuple(Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"]) for r in ordered)
+    ordered = [
+        r for _, r in sorted(zip(rank, rows, strict=True), key=lambda pair: pair[0])
+    ]  # stable: file order within a rank
+    return tuple(
+        Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"]) for r in ordered
+    )
 
 
 def humaneval() -> tuple[Prompt, ...]:
@@ -93,7 +97,10 @@ GSM_INSTRUCTION = " Give the result as your final answer. Do not include units."
 
 def gsm(size: int, seed: int = GSM_SEED) -> tuple[Prompt, ...]:
     """GSM8K-style word problems from reasoning-gym's `gsm_symbolic` generators (questions only)."""
-    return tuple(Prompt(f"gsm/{seed}/{i}", ex["question"] + GSM_INSTRUCTION, chat=True) for i, ex in enumerate(gsm_examples(size, seed)))
+    return tuple(
+        Prompt(f"gsm/{seed}/{i}", ex["question"] + GSM_INSTRUCTION, chat=True)
+        for i, ex in enumerate(gsm_examples(size, seed))
+    )
 
 
 def gsm_examples(size: int, seed: int, start: int = 0) -> Iterator[dict]:
@@ -109,7 +116,9 @@ def gsm_examples(size: int, seed: int, start: int = 0) -> Iterator[dict]:
     with _bare_package("reasoning_gym", root.parent.parent):
         for name in ("generators_00_49", "generators_50_99"):
             module = _load_file(f"_mtpspec_gsm_{name}", root / f"{name}.py")
-            generators.update({int(n[len("generate_") :]): getattr(module, n) for n in dir(module) if n.startswith("generate_")})
+            generators.update(
+                {int(n[len("generate_") :]): getattr(module, n) for n in dir(module) if n.startswith("generate_")}
+            )
     task_of = Random(seed).choices(tasks, k=start + size)
     for i in range(start, start + size):
         yield generators[task_of[i]](Random(seed + i), 1.0)
@@ -134,7 +143,14 @@ def jsonl(path: Path) -> tuple[Prompt, ...]:
             raise MtpspecError(f"{path}:{n}: 'chat' must be true or false")
         if not isinstance(row.get("category", ""), str):
             raise MtpspecError(f"{path}:{n}: 'category' must be a string")
-        prompts.append(Prompt(str(row.get("id", f"{path.stem}/{len(prompts)}")), row["prompt"], row.get("chat", False), row.get("category", "")))
+        prompts.append(
+            Prompt(
+                str(row.get("id", f"{path.stem}/{len(prompts)}")),
+                row["prompt"],
+                row.get("chat", False),
+                row.get("category", ""),
+            )
+        )
     if not prompts:
         raise MtpspecError(f"{path} has no prompts")
     return tuple(prompts)
@@ -142,7 +158,10 @@ def jsonl(path: Path) -> tuple[Prompt, ...]:
 
 def write_jsonl(prompts: list[Prompt], path: Path) -> None:
     """`prompts` as rows that `jsonl` reads back the same: {"id", "prompt", "chat"} (+ "category" where set)."""
-    rows = [{"id": p.id, "prompt": p.text, "chat": p.chat, **({"category": p.category} if p.category else {})} for p in prompts]
+    rows = [
+        {"id": p.id, "prompt": p.text, "chat": p.chat, **({"category": p.category} if p.category else {})}
+        for p in prompts
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -171,7 +190,9 @@ class _bare_package:
     def __enter__(self):
         self.saved = {k: v for k, v in sys.modules.items() if k == self.name or k.startswith(self.name + ".")}
         if self.name not in sys.modules:
-            package = importlib.util.module_from_spec(importlib.util.spec_from_loader(self.name, loader=None, is_package=True))
+            package = importlib.util.module_from_spec(
+                importlib.util.spec_from_loader(self.name, loader=None, is_package=True)
+            )
             package.__path__ = [str(self.directory)]
             sys.modules[self.name] = package
 

@@ -142,7 +142,11 @@ def _linear_shapes(model) -> list[tuple[int, int, bool]]:
     """(in, out, runs through `kernels.linear`) of every linear layer: the probe tests what runs."""
     from .kernels import FastLinear
 
-    layers = {(m.in_features, m.out_features, isinstance(m, FastLinear)) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    layers = {
+        (m.in_features, m.out_features, isinstance(m, FastLinear))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    }
     return sorted(layers)
 
 

@@ -32,24 +32,64 @@ def register(subparsers) -> None:
         "llama.cpp-native: plain llama-completion, llama.cpp-lookup: llama-lookup drafting k tokens, llama.cpp-ngram[:TYPE]: "
         "llama-speculative-simple --spec-type TYPE, ngram-simple by default, with its own draft sizes). `none` is always included (default: none,ngram)",
     )
-    p.add_argument("--dataset", default="mt-bench", help="comma list of mt-bench (80 first turns, one category after another, so a --limit samples every category), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field and optional 'chat' (default: mt-bench)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="use the first N prompts of each dataset (default: all; gsm: 100)")
-    p.add_argument("--max-new-tokens", type=int, default=GenerationConfig.max_new_tokens, help=f"most tokens generated per prompt (default: {GenerationConfig.max_new_tokens})")
-    p.add_argument("--num-draft-tokens", default=str(GenerationConfig.num_draft_tokens), metavar="K[,K...]", help=f"draft tokens per round; a comma list sweeps them (default: {GenerationConfig.num_draft_tokens})")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, with the losslessness check (default); > 0 samples")
+    p.add_argument(
+        "--dataset",
+        default="mt-bench",
+        help="comma list of mt-bench (80 first turns, one category after another, so a --limit samples every category), humaneval (164), gsm (generated, fixed seed) or .jsonl files with a 'prompt' field and optional 'chat' (default: mt-bench)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use the first N prompts of each dataset (default: all; gsm: 100)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=GenerationConfig.max_new_tokens,
+        help=f"most tokens generated per prompt (default: {GenerationConfig.max_new_tokens})",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        default=str(GenerationConfig.num_draft_tokens),
+        metavar="K[,K...]",
+        help=f"draft tokens per round; a comma list sweeps them (default: {GenerationConfig.num_draft_tokens})",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy, with the losslessness check (default); > 0 samples"
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; prompt i uses SEED+i for every method (default: 0)")
-    p.add_argument("--repeats", type=int, default=1, help="measure every prompt this many times, interleaving methods (default: 1)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help=f"CPU threads for every method, fixed for the run (default: {torch.get_num_threads()})")
+    p.add_argument(
+        "--seed", type=int, default=0, help="sampling seed; prompt i uses SEED+i for every method (default: 0)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="measure every prompt this many times, interleaving methods (default: 1)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help=f"CPU threads for every method, fixed for the run (default: {torch.get_num_threads()})",
+    )
     p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
-    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=DTYPE_NAMES, help=f"compute dtype of a transformers model and of the hf rows (auto: bf16); the GGUF runtime computes in fp32 (default: {DEFAULT_DTYPE})")
-    p.add_argument("--profile", action="store_true", help="also report where each decode step's time goes on the GGUF runtime (linear layers, head, attention, rest of the forward, drafter, engine), in report.md and profile.json; the timers cost about 1%% of a step")
+    p.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=DTYPE_NAMES,
+        help=f"compute dtype of a transformers model and of the hf rows (auto: bf16); the GGUF runtime computes in fp32 (default: {DEFAULT_DTYPE})",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also report where each decode step's time goes on the GGUF runtime (linear layers, head, attention, rest of the forward, drafter, engine), in report.md and profile.json; the timers cost about 1%% of a step",
+    )
     p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="wrap prompts in the model's chat template (--chat) or not (--no-chat); default: only requests to an assistant "
-        "(mt-bench, gsm, and .jsonl rows with \"chat\": true) on models that ship a chat template (base Gemma 3 270M gets plain prompts)",
+        '(mt-bench, gsm, and .jsonl rows with "chat": true) on models that ship a chat template (base Gemma 3 270M gets plain prompts)',
     )
     p.add_argument(
         "--llama-cpp-bin",
@@ -61,7 +101,12 @@ def register(subparsers) -> None:
         "and report llama.cpp's own timings, labelled with the build's flags; scripts/build-llama-cpp.sh [DIR] builds one "
         "offline from the llama-cpp-python sdist (about 8 minutes on 2 cores)",
     )
-    p.add_argument("--out", type=Path, default=Path("results"), help="directory for results.json, report.md and plots (default: results)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results"),
+        help="directory for results.json, report.md and plots (default: results)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -103,7 +148,10 @@ def cmd_bench(args) -> int:
     print(outcome.report_md)
     print("wrote " + ", ".join(str(f) for f in outcome.files), file=sys.stderr)
     if outcome.mismatches:
-        print(f"mtpspec: LOSSLESSNESS CHECK FAILED: {len(outcome.mismatches)} greedy generation(s) differ from plain decoding:", file=sys.stderr)
+        print(
+            f"mtpspec: LOSSLESSNESS CHECK FAILED: {len(outcome.mismatches)} greedy generation(s) differ from plain decoding:",
+            file=sys.stderr,
+        )
         for m in outcome.mismatches:
             print(f"  {m.line()}", file=sys.stderr)
         return EXIT_NOT_LOSSLESS

@@ -20,14 +20,17 @@ import torch
 from tqdm import tqdm
 
 from ..api import generation_config, load_target
-from ..engine import Engine, GenerationResult
 from ..drafters import NoDrafter
+from ..engine import Engine, GenerationResult
 from ..errors import MtpspecError
 from ..models import gguf_file
 from ..prompts import load_dataset
 from ..text import encode_prompt, ships_chat_template
 
-PATHS = {"gguf runtime (fp32)": dict(weights="gguf", dtype="auto"), "dequant (bf16)": dict(weights="dequant", dtype="bf16")}
+PATHS = {
+    "gguf runtime (fp32)": dict(weights="gguf", dtype="auto"),
+    "dequant (bf16)": dict(weights="dequant", dtype="bf16"),
+}
 
 
 @dataclass
@@ -43,8 +46,14 @@ class Split:
 def reference_run(model, ids: list[int], max_new: int, eos: list[int]) -> tuple[list[int], torch.Tensor]:
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_new,
-            do_sample=False, eos_token_id=eos, pad_token_id=eos[0], output_scores=True, return_dict_in_generate=True,
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+            output_scores=True,
+            return_dict_in_generate=True,
         )
     return out.sequences[0, len(ids) :].tolist(), torch.stack([s[0] for s in out.scores]).float()
 
@@ -57,7 +66,7 @@ def compare(name, path, target, ids, max_new, ref_tokens, ref_scores) -> Split:
     ours = result.token_ids
     first = target.start(torch.tensor(ids), len(ids) + 1)
     diff = float((first.logits[-1].float() - ref_scores[0]).abs().max())
-    split = next((i for i, (a, b) in enumerate(zip(ours, ref_tokens)) if a != b), None)
+    split = next((i for i, (a, b) in enumerate(zip(ours, ref_tokens, strict=False)) if a != b), None)
     if split is None and len(ours) != len(ref_tokens):
         split = min(len(ours), len(ref_tokens))
     margin = None
@@ -90,20 +99,31 @@ def run(model: str, datasets: list[str], limit: int, max_new: int) -> list[Split
 
 def report(rows: list[Split], model: str, max_new: int) -> str:
     lines = [f"# Fidelity: {model}, greedy, {max_new} new tokens, against transformers fp32 on the same GGUF", ""]
-    lines += ["| path | prompts equal to the reference | splits (token: reference margin) | median max \\|Δ logit\\| at token 1 |", "|---|--:|---|--:|"]
+    lines += [
+        "| path | prompts equal to the reference | splits (token: reference margin) | median max \\|Δ logit\\| at token 1 |",
+        "|---|--:|---|--:|",
+    ]
     for path in dict.fromkeys(r.path for r in rows):
         mine = [r for r in rows if r.path == path]
         agree = sum(r.agree for r in mine)
-        splits = ", ".join(f"{r.split_at}: {r.margin:.3f}" if r.margin is not None else f"{r.split_at}: end" for r in mine if not r.agree)
+        splits = ", ".join(
+            f"{r.split_at}: {r.margin:.3f}" if r.margin is not None else f"{r.split_at}: end"
+            for r in mine
+            if not r.agree
+        )
         diffs = sorted(r.max_first_logit_diff for r in mine)
-        lines.append(f"| {path} | {agree}/{len(mine)} ({agree / len(mine):.0%}) | {splits or 'none'} | {diffs[len(diffs) // 2]:.2e} |")
+        lines.append(
+            f"| {path} | {agree}/{len(mine)} ({agree / len(mine):.0%}) | {splits or 'none'} | {diffs[len(diffs) // 2]:.2e} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtpspec.bench.fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gemma3-270m", help="a bundled name or a .gguf file (default: gemma3-270m)")
-    p.add_argument("--dataset", default="mt-bench,humaneval", help="comma-separated datasets (default: mt-bench,humaneval)")
+    p.add_argument(
+        "--dataset", default="mt-bench,humaneval", help="comma-separated datasets (default: mt-bench,humaneval)"
+    )
     p.add_argument("--limit", type=int, default=8, help="prompts per dataset (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per continuation (default: 64)")
     p.add_argument("--out", type=Path, default=None, help="write the report (markdown) and rows (json) under this stem")

@@ -25,8 +25,18 @@ from pathlib import Path
 from ..errors import MtpspecError
 from .runners import Decoding, RunResult
 
-BINARIES = {"llama.cpp-native": "llama-completion", "llama.cpp-lookup": "llama-lookup", "llama.cpp-ngram": "llama-speculative-simple"}
-NGRAM_TYPES = ("ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")  # its model-free --spec-type values
+BINARIES = {
+    "llama.cpp-native": "llama-completion",
+    "llama.cpp-lookup": "llama-lookup",
+    "llama.cpp-ngram": "llama-speculative-simple",
+}
+NGRAM_TYPES = (
+    "ngram-simple",
+    "ngram-map-k",
+    "ngram-map-k4v",
+    "ngram-mod",
+    "ngram-cache",
+)  # its model-free --spec-type values
 BUILD_SCRIPT = "scripts/build-llama-cpp.sh"
 
 
@@ -58,7 +68,9 @@ def load_build(path: Path | None, kinds: set[str]) -> NativeBuild:
     for kind in sorted(kinds):
         exe = build.binary(kind)
         if not (exe.is_file() and os.access(exe, os.X_OK)):
-            raise MtpspecError(f"{kind} needs {exe.name}, which is not an executable in {path} ({BUILD_SCRIPT} builds it)")
+            raise MtpspecError(
+                f"{kind} needs {exe.name}, which is not an executable in {path} ({BUILD_SCRIPT} builds it)"
+            )
     return build
 
 
@@ -72,7 +84,11 @@ def _build_info(path: Path) -> dict:
         if cache.is_file():
             pattern = r"^(GGML_(?:NATIVE|BLAS|AVX\w*|AMX\w*|FMA|F16C|BMI2|SSE42)):BOOL=(ON|OFF)$"
             options = re.findall(pattern, cache.read_text(), re.MULTILINE)
-            return {"cmake_flags": [f"-D{name}={value}" for name, value in options if name == "GGML_NATIVE" or value == "ON"]}
+            return {
+                "cmake_flags": [
+                    f"-D{name}={value}" for name, value in options if name == "GGML_NATIVE" or value == "ON"
+                ]
+            }
     return {}
 
 
@@ -123,7 +139,9 @@ def parse_output(kind: str, stdout: str, stderr: str, prompt: str) -> NativeOutp
 def _find(pattern: str, text: str, kind: str) -> tuple[str, ...]:
     match = re.search(pattern, text)
     if match is None:
-        raise MtpspecError(f"{kind}: cannot find /{pattern}/ in its output (a llama.cpp version {BUILD_SCRIPT} was not tested with?)")
+        raise MtpspecError(
+            f"{kind}: cannot find /{pattern}/ in its output (a llama.cpp version {BUILD_SCRIPT} was not tested with?)"
+        )
     return match.groups()
 
 
@@ -172,20 +190,56 @@ class NativeRunner:
         # forward's time too much, where counting them would credit tokens the other rows never make.
         limit = decoding.max_new_tokens - (0 if self.kind == "llama.cpp-ngram" else 1)
         decode_tokens = min(out.decode_tokens, limit)
-        return RunResult(tokens, out.ttft_s, out.decode_s, decode_tokens, out.forwards, process_rss_mb=rss_mb, prompt_tokens=out.prompt_tokens)
+        return RunResult(
+            tokens,
+            out.ttft_s,
+            out.decode_s,
+            decode_tokens,
+            out.forwards,
+            process_rss_mb=rss_mb,
+            prompt_tokens=out.prompt_tokens,
+        )
 
     def _args(self, prompt_file: Path, n_prompt: int, decoding: Decoding, k: int, seed: int) -> list[str]:
         slack = n_prompt // 10 + max(k, 64) + 16  # its own tokens for the prompt, and drafts past the limit
-        args = ["-m", str(self.gguf), "-f", str(prompt_file), "-t", str(self.threads), "-tb", str(self.threads),
-                "-c", str(n_prompt + decoding.max_new_tokens + slack), "--seed", str(seed),
-                "--no-escape"]  # the prompt is text as it is: a backslash in code stays a backslash
+        args = [
+            "-m",
+            str(self.gguf),
+            "-f",
+            str(prompt_file),
+            "-t",
+            str(self.threads),
+            "-tb",
+            str(self.threads),
+            "-c",
+            str(n_prompt + decoding.max_new_tokens + slack),
+            "--seed",
+            str(seed),
+            "--no-escape",
+        ]  # the prompt is text as it is: a backslash in code stays a backslash
         if decoding.greedy:
             args += ["--temp", "0"]
         else:  # the bench's sampler: temperature and top-p alone
-            args += ["--temp", str(decoding.temperature), "--top-p", str(decoding.top_p), "--top-k", "0", "--min-p", "0"]
+            args += [
+                "--temp",
+                str(decoding.temperature),
+                "--top-p",
+                str(decoding.top_p),
+                "--top-k",
+                "0",
+                "--min-p",
+                "0",
+            ]
         if self.kind == "llama.cpp-native":
             # --special prints the end-of-generation token, so the re-encoded ids end as `none`'s do.
-            return args + ["-n", str(decoding.max_new_tokens), "-no-cnv", "--no-display-prompt", "--special", "--verbose-prompt"]
+            return args + [
+                "-n",
+                str(decoding.max_new_tokens),
+                "-no-cnv",
+                "--no-display-prompt",
+                "--special",
+                "--verbose-prompt",
+            ]
         # These stop once they have more than -n tokens, past it by the last round's accepted drafts.
         args += ["-n", str(max(decoding.max_new_tokens - 1, 1))]
         if self.kind == "llama.cpp-lookup":

@@ -12,8 +12,16 @@ HEADER = (
 ALIGN = "|---|---|--:|--:|--:|---|---|--:|--:|---|"
 
 
-def render(model: str, settings: dict, env: dict, datasets: list[Encoded], summaries: list[Summary],
-           by_category: list[Summary], found: list[Mismatch], plots: list[str]) -> str:
+def render(
+    model: str,
+    settings: dict,
+    env: dict,
+    datasets: list[Encoded],
+    summaries: list[Summary],
+    by_category: list[Summary],
+    found: list[Mismatch],
+    plots: list[str],
+) -> str:
     lines = [f"# mtpspec bench: {model}", "", _setup_line(settings, env, datasets), ""]
     if env.get("llama_cpp_native"):
         lines += [_native_line(env["llama_cpp_native"]), ""]
@@ -48,9 +56,16 @@ def _category_table(by_category: list[Summary]) -> list[str]:
         if s.row != "none":
             tau = f" (τ {s.tau:.2f})" if s.tau is not None else ""
             cells.setdefault(s.dataset, {})[s.row] = (f"{s.speedup:.2f}×" if s.speedup else "–") + tau
-    lines = ["", "By category (speedup over `none` on that category's prompts, τ):", "",
-             "| dataset / category | " + " | ".join(labels) + " |", "|---|" + "--:|" * len(labels)]
-    return lines + [f"| {name} | " + " | ".join(row.get(label, "–") for label in labels) + " |" for name, row in cells.items()]
+    lines = [
+        "",
+        "By category (speedup over `none` on that category's prompts, τ):",
+        "",
+        "| dataset / category | " + " | ".join(labels) + " |",
+        "|---|" + "--:|" * len(labels),
+    ]
+    return lines + [
+        f"| {name} | " + " | ".join(row.get(label, "–") for label in labels) + " |" for name, row in cells.items()
+    ]
 
 
 def _template_use(d: Encoded) -> str:
@@ -60,7 +75,11 @@ def _template_use(d: Encoded) -> str:
 
 
 def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
-    mode = "greedy" if settings["greedy"] else f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, seed {settings['seed']}"
+    mode = (
+        "greedy"
+        if settings["greedy"]
+        else f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, seed {settings['seed']}"
+    )
     sets = ", ".join(f"{d.name} ({len(d.prompt_ids)} prompts, {_template_use(d)})" for d in datasets)
     sha, _, dirty = (env["git_commit"] or "unknown").partition("+")
     commit = sha[:12] + (f"+{dirty} (uncommitted changes)" if dirty else "")
@@ -75,9 +94,22 @@ def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
 def _native_line(build: dict) -> str:
     """How the native llama.cpp rows were built and timed (their labels carry the flags and threads)."""
     version = build["llama_cpp"].removeprefix("version: ") + " " if build.get("llama_cpp") else ""
-    source = f"llama.cpp {version}from the llama-cpp-python {build['llama_cpp_python']} sdist" if build.get("llama_cpp_python") else ""
+    source = (
+        f"llama.cpp {version}from the llama-cpp-python {build['llama_cpp_python']} sdist"
+        if build.get("llama_cpp_python")
+        else ""
+    )
     flags = " ".join(build.get("cmake_flags", []))
-    made = "; ".join(x for x in (source, f"cmake `{flags}`" if flags else "build flags unknown", build.get("compiler"), build.get("cpu")) if x)
+    made = "; ".join(
+        x
+        for x in (
+            source,
+            f"cmake `{flags}`" if flags else "build flags unknown",
+            build.get("compiler"),
+            build.get("cpu"),
+        )
+        if x
+    )
     threads = build["threads"]
     return (
         f"Native llama.cpp rows: binaries in `{build['dir']}` ({made}), {threads} thread{'s' if threads != 1 else ''}. "
@@ -109,7 +141,9 @@ def _agreement(s: Summary) -> str:
 
 def _lossless_line(settings: dict, summaries: list[Summary], found: list[Mismatch]) -> str:
     if not settings["greedy"]:
-        return "**Losslessness**: not checked (sampled run; outputs are random, only their distribution is the target's)."
+        return (
+            "**Losslessness**: not checked (sampled run; outputs are random, only their distribution is the target's)."
+        )
     if not found:
         checked = sum(s.runs for s in summaries if not s.reference and s.row != "none")
         return f"**Losslessness**: every mtpspec method produced exactly `none`'s tokens ({checked} greedy generations checked)."

@@ -22,7 +22,13 @@ from .reference import HFRunner, LlamaCppRunner, gguf_path, load_reference_model
 from .runners import Runner, RunResult
 
 REFERENCE_KINDS = ("hf", "hf-pld", "hf-assisted", "llama.cpp", *llamacpp.BINARIES)
-UNDRAFTED_KINDS = ("none", "hf", "llama.cpp", "llama.cpp-native", "llama.cpp-ngram")  # methods for which a draft length means nothing
+UNDRAFTED_KINDS = (
+    "none",
+    "hf",
+    "llama.cpp",
+    "llama.cpp-native",
+    "llama.cpp-ngram",
+)  # methods for which a draft length means nothing
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,11 @@ class MtpspecRunner:
         from ..engine import GenerationResult
 
         config = generation_config(
-            max_new_tokens=decoding.max_new_tokens, temperature=decoding.temperature, top_p=decoding.top_p, seed=seed, num_draft_tokens=k
+            max_new_tokens=decoding.max_new_tokens,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            seed=seed,
+            num_draft_tokens=k,
         )
         result = GenerationResult(list(ids))
         with profiled(self.pipeline.target, self.profile) if self.profile else contextlib.nullcontext():
@@ -129,7 +139,13 @@ class MtpspecRunner:
 
 
 def build_runners(
-    rows: list[Row], model: str, dtype: str, threads: int, build: llamacpp.NativeBuild | None = None, weights: str = "auto", profile: bool = False
+    rows: list[Row],
+    model: str,
+    dtype: str,
+    threads: int,
+    build: llamacpp.NativeBuild | None = None,
+    weights: str = "auto",
+    profile: bool = False,
 ) -> dict[Method, Runner]:
     """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need.
     `build` is required where rows run native llama.cpp binaries."""

@@ -118,8 +118,12 @@ class LlamaCppRunner:
         try:
             import llama_cpp
         except ImportError as e:
-            raise MtpspecError("the llama.cpp method needs `pip install llama-cpp-python` (it compiles from source)") from e
-        self.llm = llama_cpp.Llama(model_path=str(gguf_path(model)), n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False)
+            raise MtpspecError(
+                "the llama.cpp method needs `pip install llama-cpp-python` (it compiles from source)"
+            ) from e
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf_path(model)), n_ctx=0, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
         self.eos = set(eos_token_ids) | {self.llm.token_eos()}
 
     def run(self, ids, decoding: Decoding, k, seed) -> RunResult:
@@ -128,7 +132,9 @@ class LlamaCppRunner:
         tokens: list[int] = []
         start = time.perf_counter()
         first_at = None
-        for tok in self.llm.generate(ids, temp=decoding.temperature, top_k=0, top_p=decoding.top_p, min_p=0.0, reset=True):
+        for tok in self.llm.generate(
+            ids, temp=decoding.temperature, top_k=0, top_p=decoding.top_p, min_p=0.0, reset=True
+        ):
             tokens.append(int(tok))
             first_at = first_at or time.perf_counter()
             if tok in self.eos or len(tokens) >= decoding.max_new_tokens:

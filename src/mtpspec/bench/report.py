@@ -73,16 +73,24 @@ def mismatches(records: list[Record], rows: list[Row], datasets: list[Encoded]) 
         if r.row in reference or r.result.token_ids == expected:
             continue
         got = r.result.token_ids
-        position = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected)))
-        found.append(Mismatch(r.dataset, names[r.dataset][r.prompt], r.repeat, r.row, position, len(expected), len(got)))
+        position = next(
+            (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), min(len(got), len(expected))
+        )
+        found.append(
+            Mismatch(r.dataset, names[r.dataset][r.prompt], r.repeat, r.row, position, len(expected), len(got))
+        )
     return found
 
 
 def summarize(records: list[Record], rows: list[Row], datasets: list[Encoded], greedy: bool) -> list[Summary]:
-    return [s for ds in datasets for s in _summaries(ds.name, [r for r in records if r.dataset == ds.name], rows, greedy)]
+    return [
+        s for ds in datasets for s in _summaries(ds.name, [r for r in records if r.dataset == ds.name], rows, greedy)
+    ]
 
 
-def summarize_categories(records: list[Record], rows: list[Row], datasets: list[Encoded], greedy: bool) -> list[Summary]:
+def summarize_categories(
+    records: list[Record], rows: list[Row], datasets: list[Encoded], greedy: bool
+) -> list[Summary]:
     """The same summaries for each category of a dataset whose prompts have one, named
     "DATASET/CATEGORY" (speedups over `none` on that category's prompts)."""
     out = []
@@ -207,7 +215,9 @@ def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if head.returncode:
@@ -215,7 +225,9 @@ def _git_commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def write_results(path: Path, settings: dict, env: dict, datasets: list[Encoded], summaries, by_category, found, records) -> None:
+def write_results(
+    path: Path, settings: dict, env: dict, datasets: list[Encoded], summaries, by_category, found, records
+) -> None:
     runs = [
         {
             "dataset": r.dataset,
@@ -232,7 +244,10 @@ def write_results(path: Path, settings: dict, env: dict, datasets: list[Encoded]
     data = {
         "settings": settings,
         "environment": env,
-        "datasets": [{"name": d.name, "prompts": len(d.prompt_ids), "chat_prompts": d.chat_prompts, "categories": d.categories} for d in datasets],
+        "datasets": [
+            {"name": d.name, "prompts": len(d.prompt_ids), "chat_prompts": d.chat_prompts, "categories": d.categories}
+            for d in datasets
+        ],
         "summary": [asdict(s) for s in summaries],
         "by_category": [asdict(s) for s in by_category],
         "lossless": not found if settings["greedy"] else None,

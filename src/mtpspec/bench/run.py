@@ -52,7 +52,9 @@ class Outcome:
     files: list[Path]
 
 
-def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], None]] = lambda total: lambda label: None) -> Outcome:
+def benchmark(
+    config: BenchConfig, progress: Callable[[int], Callable[[str], None]] = lambda total: lambda label: None
+) -> Outcome:
     """Run the benchmark `config` describes. `progress(total)` returns the per-run callback."""
     rows, datasets, build = _validate(config)
     torch.set_num_threads(config.threads)
@@ -77,18 +79,24 @@ def benchmark(config: BenchConfig, progress: Callable[[int], Callable[[str], Non
     profiles = {m.name: r.profile for m, r in runners.items() if getattr(r, "profile", None) and r.profile.forwards}
     if profiles:
         text += _profile_section(profiles)
-        (config.out / "profile.json").write_text(json.dumps({name: dict(p.seconds, forwards=p.forwards) for name, p in profiles.items()}, indent=1))
+        (config.out / "profile.json").write_text(
+            json.dumps({name: dict(p.seconds, forwards=p.forwards) for name, p in profiles.items()}, indent=1)
+        )
     (config.out / "report.md").write_text(text)
-    files = [config.out / name for name in ["results.json", "report.md", *pngs, *(["profile.json"] if profiles else [])]]
+    files = [
+        config.out / name for name in ["results.json", "report.md", *pngs, *(["profile.json"] if profiles else [])]
+    ]
     return Outcome(summaries, found, text, files)
 
 
 def _profile_section(profiles: dict) -> str:
     """Where a decode step's time went, per mtpspec method (`--profile`)."""
     parts = ["", "## Where a decode step's time goes (`--profile`)", ""]
-    parts.append("Per target forward (one verification block), averaged over every run of the method and every draft length. "
-                 "Linear layers, head, attention and the rest of the forward are timed inside the runtime; the drafter's and "
-                 "the engine's shares come from the engine's statistics.")
+    parts.append(
+        "Per target forward (one verification block), averaged over every run of the method and every draft length. "
+        "Linear layers, head, attention and the rest of the forward are timed inside the runtime; the drafter's and "
+        "the engine's shares come from the engine's statistics."
+    )
     for name, p in profiles.items():
         parts += ["", f"### {name} ({p.forwards} forwards)", "", p.table()]
     return "\n".join(parts) + "\n"

@@ -37,7 +37,9 @@ def _mtp(arg: str, target) -> Drafter:
     from .mtp import MtpDrafter
 
     if not arg:
-        raise MtpspecError(f"--drafter mtp: needs a drafter directory, e.g. mtp:drafters/my-drafter (shipped ones: {', '.join(shipped()) or 'none'})")
+        raise MtpspecError(
+            f"--drafter mtp: needs a drafter directory, e.g. mtp:drafters/my-drafter (shipped ones: {', '.join(shipped()) or 'none'})"
+        )
     return MtpDrafter(load_drafter(arg, dtype=target.dtype), target)
 
 
@@ -45,12 +47,17 @@ def _hybrid(arg: str, target) -> Drafter:
     from .hybrid import HybridDrafter
 
     if not arg:
-        raise MtpspecError(f"--drafter hybrid: needs an MTP drafter directory, e.g. hybrid:drafters/my-drafter (shipped ones: {', '.join(shipped()) or 'none'})")
+        raise MtpspecError(
+            f"--drafter hybrid: needs an MTP drafter directory, e.g. hybrid:drafters/my-drafter (shipped ones: {', '.join(shipped()) or 'none'})"
+        )
     return HybridDrafter(_mtp(arg, target))
 
 
 REGISTRY: dict[str, Factory] = {"none": _none, "ngram": _ngram, "draft": _draft_model, "mtp": _mtp, "hybrid": _hybrid}
-MTP_KINDS = ("mtp", "hybrid")  # kinds that take an MTP drafter directory; without one, the drafter shipped for the model
+MTP_KINDS = (
+    "mtp",
+    "hybrid",
+)  # kinds that take an MTP drafter directory; without one, the drafter shipped for the model
 AUTO = "auto"  # `hybrid` with the MTP drafter shipped for the model, `ngram` for a model without one
 DEFAULT = AUTO  # the fastest measured for the bundled targets on CPUs (docs/benchmarks.md)
 SHIPPED = Path(__file__).parent / "shipped"  # MTP drafters trained by mtpspec for the bundled targets
@@ -88,8 +95,21 @@ def make_drafter(spec: str, target) -> Drafter:
     """Build the drafter that `spec` ("none", "ngram", "draft:PATH", ...) names, for `target`."""
     kind, arg = parse_spec(spec)
     if kind == AUTO:
-        raise MtpspecError("the drafter `auto` depends on the model's name: resolve it with resolve_spec(spec, model) first")
+        raise MtpspecError(
+            "the drafter `auto` depends on the model's name: resolve it with resolve_spec(spec, model) first"
+        )
     return REGISTRY[kind](arg, target)
 
 
-__all__ = ["AUTO", "DEFAULT", "REGISTRY", "DecodeState", "Draft", "Drafter", "make_drafter", "parse_spec", "resolve_spec", "shipped"]
+__all__ = [
+    "AUTO",
+    "DEFAULT",
+    "REGISTRY",
+    "DecodeState",
+    "Draft",
+    "Drafter",
+    "make_drafter",
+    "parse_spec",
+    "resolve_spec",
+    "shipped",
+]

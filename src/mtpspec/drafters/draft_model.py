@@ -23,7 +23,9 @@ class DraftModelDrafter:
 
     def check_compatible(self, target: Target) -> None:
         ours, theirs = self.lm.tokenizer, target.tokenizer
-        if len(ours) != len(theirs) or ours.convert_ids_to_tokens(list(range(min(len(ours), 1000)))) != theirs.convert_ids_to_tokens(list(range(min(len(theirs), 1000)))):
+        if len(ours) != len(theirs) or ours.convert_ids_to_tokens(
+            list(range(min(len(ours), 1000)))
+        ) != theirs.convert_ids_to_tokens(list(range(min(len(theirs), 1000)))):
             raise MtpspecError(
                 f"the draft model's tokenizer ({len(ours)} tokens) differs from the target's ({len(theirs)} tokens); "
                 "a draft model must share the target's tokenizer"

@@ -75,7 +75,9 @@ def top_probability(out: MtpOutput, params: SamplingParams) -> float:
     return float(probs.max())
 
 
-def draw(out: MtpOutput, params: SamplingParams, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw(
+    out: MtpOutput, params: SamplingParams, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample the next draft token; return it `[1]` with the distribution it came from, q `[V]`.
 
     With a centroid head only the candidates have finite logits and every other token has

@@ -30,5 +30,13 @@ def exact_attention(
     if ext is None:
         return None
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
-    out = ext.attention(q, key[0].contiguous(), value[0].contiguous(), positions.contiguous(), sliding_window or 0, float(scaling), float(softcap or 0.0))
+    out = ext.attention(
+        q,
+        key[0].contiguous(),
+        value[0].contiguous(),
+        positions.contiguous(),
+        sliding_window or 0,
+        float(scaling),
+        float(softcap or 0.0),
+    )
     return out[None]

@@ -65,10 +65,13 @@ def main() -> None:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--rows", type=int, nargs="*", default=ROWS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+        "--baseline",
+        default="torch",
+        choices=["torch", "avx2"],
+        help="what the kernel is timed against: PyTorch's linear, or the kernel's own AVX2 path",
     )
-    p.add_argument("--baseline", default="torch", choices=["torch", "avx2"], help="what the kernel is timed against: PyTorch's linear, or the kernel's own AVX2 path")
     args = p.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.threads:
@@ -76,7 +79,9 @@ def main() -> None:
     if extension() is None:
         raise SystemExit("the kernel is unavailable on this machine")
     path = bf16_path() if dtype == torch.bfloat16 else "avx2"
-    print(f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more); kernel path {path}")
+    print(
+        f"{args.dtype}, {torch.get_num_threads()} threads, {args.reps} calls each (small layers 20x more); kernel path {path}"
+    )
     print(f"shape [N, K]     M | {args.baseline:>5} wall    cpu | kernel wall    cpu | speedup wall   cpu")
     for n, k in GEMMA3_270M_SHAPES:
         # Small layers take microseconds: repeat them more for a stable median.

@@ -22,11 +22,7 @@ class FastLinear(torch.nn.Linear):
 def _linears(model: torch.nn.Module) -> list[torch.nn.Module]:
     # Only exact nn.Linear: subclasses (quantized, LoRA, ...) have forwards of their own.
     found = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    head = (
-        model.get_output_embeddings()
-        if hasattr(model, "get_output_embeddings")
-        else None
-    )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if type(head) is torch.nn.Linear and all(head is not m for m in found):
         found.append(head)
     return found

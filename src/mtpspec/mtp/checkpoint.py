@@ -46,7 +46,9 @@ def init_drafter(
     """
     tc = target_model.config
     if not is_supported(tc):
-        raise MtpspecError(f"no MTP adapter for {tc.model_type!r} targets (supported: gemma3, gemma4, llama, qwen2, qwen3)")
+        raise MtpspecError(
+            f"no MTP adapter for {tc.model_type!r} targets (supported: gemma3, gemma4, llama, qwen2, qwen3)"
+        )
     family = family_for(tc)
     has_sliding = SLIDING in family.attention_types()
     types = tuple([SLIDING] * (num_layers - 1) + [FULL] if has_sliding else [FULL] * num_layers)
@@ -109,7 +111,9 @@ def load_drafter(path: str | Path, dtype: torch.dtype | None = None) -> MtpModel
     model = MtpModel(config)
     missing, unexpected = model.load_state_dict({k: v for k, v in tensors.items() if v is not None}, strict=False)
     if missing or unexpected:
-        raise MtpspecError(f"{path}: weights do not match its config (missing: {missing[:5]}, unexpected: {unexpected[:5]})")
+        raise MtpspecError(
+            f"{path}: weights do not match its config (missing: {missing[:5]}, unexpected: {unexpected[:5]})"
+        )
     stored = next(t.dtype for t in tensors.values() if t is not None and t.is_floating_point())
     return model.to(dtype or stored).eval()
 
@@ -118,13 +122,19 @@ def check_fits(config: MtpConfig, target) -> tuple[int, ...]:
     """Raise MtpspecError unless the drafter fits `target` (a `Target`); return the target layer each layer reads."""
     tc = target.config
     if not is_supported(tc):
-        raise MtpspecError(f"no MTP adapter for {tc.model_type!r} targets (supported: gemma3, gemma4, llama, qwen2, qwen3)")
+        raise MtpspecError(
+            f"no MTP adapter for {tc.model_type!r} targets (supported: gemma3, gemma4, llama, qwen2, qwen3)"
+        )
     if config.target_family and config.target_family != tc.model_type:
         raise MtpspecError(f"the drafter was built for a {config.target_family} target, the target is {tc.model_type}")
     if config.backbone_hidden_size != target.hidden_size:
-        raise MtpspecError(f"the drafter expects target hidden size {config.backbone_hidden_size}, the target's is {target.hidden_size}")
+        raise MtpspecError(
+            f"the drafter expects target hidden size {config.backbone_hidden_size}, the target's is {target.hidden_size}"
+        )
     if config.vocab_size != target.vocab_size:
-        raise MtpspecError(f"the drafter's vocabulary has {config.vocab_size} tokens, the target's has {target.vocab_size}")
+        raise MtpspecError(
+            f"the drafter's vocabulary has {config.vocab_size} tokens, the target's has {target.vocab_size}"
+        )
     family = target.family
     kinds = family.attention_types()
     kv_layers = config.kv_layers
@@ -135,7 +145,9 @@ def check_fits(config: MtpConfig, target) -> tuple[int, ...]:
         kv_layers = tuple(family.kv_producer(t) for t in config.layer_types)
     for i, layer in enumerate(kv_layers):
         if not 0 <= layer < tc.num_hidden_layers:
-            raise MtpspecError(f"drafter layer {i} reads target layer {layer}; the target has {tc.num_hidden_layers} layers")
+            raise MtpspecError(
+                f"drafter layer {i} reads target layer {layer}; the target has {tc.num_hidden_layers} layers"
+            )
         checks = (
             ("attention type", config.layer_types[i], family.layer_type(layer)),
             ("head size", config.head_dims[i], family.head_dim(layer)),
@@ -145,7 +157,9 @@ def check_fits(config: MtpConfig, target) -> tuple[int, ...]:
             if ours != theirs:
                 raise MtpspecError(f"drafter layer {i} has {what} {ours}, target layer {layer} it reads has {theirs}")
         if config.num_attention_heads % config.num_key_value_heads[i]:
-            raise MtpspecError(f"drafter layer {i}: {config.num_attention_heads} query heads are not a multiple of {config.num_key_value_heads[i]} KV heads")
+            raise MtpspecError(
+                f"drafter layer {i}: {config.num_attention_heads} query heads are not a multiple of {config.num_key_value_heads[i]} KV heads"
+            )
     if SLIDING in config.layer_types:
         window = family.sliding_window(kv_layers[config.layer_types.index(SLIDING)])
         if config.sliding_window != window:

@@ -19,7 +19,9 @@ LM_HEADS = ("drafter", "target")
 
 @dataclass(frozen=True)
 class MtpConfig:
-    backbone_hidden_size: int  # H_t: width of the target's embeddings and last hidden state (the drafter's input and output)
+    backbone_hidden_size: (
+        int  # H_t: width of the target's embeddings and last hidden state (the drafter's input and output)
+    )
     hidden_size: int  # H_d: the drafter's own width
     intermediate_size: int  # MLP width
     vocab_size: int  # must equal the target's
@@ -45,10 +47,16 @@ class MtpConfig:
 
     def __post_init__(self):
         n = len(self.layer_types)
-        if not (len(self.head_dims) == len(self.num_key_value_heads) == n) or (self.kv_layers is not None and len(self.kv_layers) != n):
-            raise MtpspecError(f"MTP config: layer_types, head_dims, num_key_value_heads and kv_layers need {n} entries each")
+        if not (len(self.head_dims) == len(self.num_key_value_heads) == n) or (
+            self.kv_layers is not None and len(self.kv_layers) != n
+        ):
+            raise MtpspecError(
+                f"MTP config: layer_types, head_dims, num_key_value_heads and kv_layers need {n} entries each"
+            )
         if any(t not in (SLIDING, FULL) for t in self.layer_types) or self.layer_types[-1] != FULL:
-            raise MtpspecError(f"MTP config: layer_types must be {SLIDING}/{FULL} and end with {FULL}, got {list(self.layer_types)}")
+            raise MtpspecError(
+                f"MTP config: layer_types must be {SLIDING}/{FULL} and end with {FULL}, got {list(self.layer_types)}"
+            )
         if SLIDING in self.layer_types and not self.sliding_window:
             raise MtpspecError("MTP config: sliding layers need a sliding_window")
         if not 0.0 <= self.min_confidence < 1.0:
@@ -82,17 +90,27 @@ class MtpConfig:
             if (self.head_dims[i], self.num_key_value_heads[i]) != (self.head_dims[0], self.num_key_value_heads[0])
         }
         text = Gemma4TextConfig(
-            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-            num_hidden_layers=n, num_attention_heads=self.num_attention_heads,
-            num_key_value_heads=self.num_key_value_heads[0], head_dim=self.head_dims[0],
-            layer_types=list(self.layer_types), sliding_window=self.sliding_window or 512,
-            rms_norm_eps=self.rms_norm_eps, hidden_activation=self.hidden_activation,
-            hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=n,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=n,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads[0],
+            head_dim=self.head_dims[0],
+            layer_types=list(self.layer_types),
+            sliding_window=self.sliding_window or 512,
+            rms_norm_eps=self.rms_norm_eps,
+            hidden_activation=self.hidden_activation,
+            hidden_size_per_layer_input=0,
+            vocab_size_per_layer_input=0,
+            num_kv_shared_layers=n,
             per_layer_config=overrides,
         )
         hf = Gemma4AssistantConfig(
-            text_config=text, backbone_hidden_size=self.backbone_hidden_size,
-            use_ordered_embeddings=bool(self.num_centroids), num_centroids=self.num_centroids or 2048,
+            text_config=text,
+            backbone_hidden_size=self.backbone_hidden_size,
+            use_ordered_embeddings=bool(self.num_centroids),
+            num_centroids=self.num_centroids or 2048,
             centroid_intermediate_top_k=self.centroid_top_k,
         )
         out = hf.to_dict()
@@ -114,7 +132,9 @@ class MtpConfig:
         raw = dict(raw)
         ours = raw.pop("mtpspec", None) or {}
         if raw.get("model_type") != "gemma4_assistant":
-            raise MtpspecError(f"not an MTP drafter config: model_type is {raw.get('model_type')!r}, expected 'gemma4_assistant'")
+            raise MtpspecError(
+                f"not an MTP drafter config: model_type is {raw.get('model_type')!r}, expected 'gemma4_assistant'"
+            )
         hf = Gemma4AssistantConfig.from_dict(raw)
         text = hf.get_text_config()
         n = text.num_hidden_layers

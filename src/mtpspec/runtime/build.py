@@ -46,7 +46,9 @@ def ops():
     from torch.utils.cpp_extension import is_ninja_available, load_inline
 
     if not is_ninja_available():
-        raise MtpspecError("the GGUF runtime builds its kernels with ninja: pip install ninja (or use --weights dequant)")
+        raise MtpspecError(
+            "the GGUF runtime builds its kernels with ninja: pip install ninja (or use --weights dequant)"
+        )
     name = build_name()
     build_dir = kernels_dir() / name
     if not (build_dir / f"{name}.so").is_file():

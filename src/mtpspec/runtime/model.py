@@ -62,7 +62,9 @@ class GgufModel:
     def __init__(self, weights: GgufWeights, config, rotary):
         self.arch = weights.architecture
         if self.arch not in ARCHS:
-            raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {self.arch!r}; use --weights dequant")
+            raise MtpspecError(
+                f"the GGUF runtime runs {', '.join(ARCHS)} models, not {self.arch!r}; use --weights dequant"
+            )
         self.config = config
         self.family = family_for(config)
         self.rotary = rotary  # transformers' rotary embedding module for this config

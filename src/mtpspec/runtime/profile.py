@@ -12,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from .model import GgufModel
 from .target import GgufTarget

@@ -55,7 +55,12 @@ class QMatrix:
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
         """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index."""
-        return torch.cat([ops().qargmax(x[i : i + 16].float(), self.raw, int(self.qtype), self.cols) for i in range(0, x.shape[0], 16)])
+        return torch.cat(
+            [
+                ops().qargmax(x[i : i + 16].float(), self.raw, int(self.qtype), self.cols)
+                for i in range(0, x.shape[0], 16)
+            ]
+        )
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, K] float32
         """Rows `ids`, dequantised (embedding lookups)."""
@@ -64,7 +69,6 @@ class QMatrix:
     def take(self, ids: torch.Tensor) -> QMatrix:
         """The matrix of rows `ids` `[R]` (their blocks copied, still quantized)."""
         return QMatrix(self.raw.index_select(0, ids), self.qtype, self.cols)
-
 
 
 def _as_qmatrix(raw: np.ndarray, qtype: GGMLQuantizationType, cols: int) -> QMatrix:

@@ -57,7 +57,13 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "drafter": settings.drafter, "queue_depth": scheduler.waiting, "running": int(scheduler.running is not None)}
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "drafter": settings.drafter,
+            "queue_depth": scheduler.waiting,
+            "running": int(scheduler.running is not None),
+        }
 
     @app.get("/metrics")
     async def prometheus():
@@ -70,8 +76,15 @@ def _v1(pipeline: Pipeline, settings: ServerSettings, scheduler: Scheduler) -> A
     """The OpenAI routes, behind the API key when there is one."""
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(settings.api_key))])
     card = {
-        "id": settings.model_name, "object": "model", "created": int(time.time()), "owned_by": "mtpspec",
-        "mtpspec": {"drafter": settings.drafter, "num_draft_tokens": settings.num_draft_tokens, "context_window": pipeline.target.context_window},
+        "id": settings.model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "mtpspec",
+        "mtpspec": {
+            "drafter": settings.drafter,
+            "num_draft_tokens": settings.num_draft_tokens,
+            "context_window": pipeline.target.context_window,
+        },
     }
 
     @v1.get("/models")
@@ -90,7 +103,9 @@ def _v1(pipeline: Pipeline, settings: ServerSettings, scheduler: Scheduler) -> A
         try:
             job = scheduler.submit(ids, config, endpoint)
         except QueueFull as e:
-            raise ApiError(503, str(e), type="server_overloaded", code="queue_full", headers={"Retry-After": str(e.retry_after_s)}) from e
+            raise ApiError(
+                503, str(e), type="server_overloaded", code="queue_full", headers={"Retry-After": str(e.retry_after_s)}
+            ) from e
         reply = fmt.reply_for(req, settings)
         if req.stream:
             return JobStream(_sse(job, reply, req.include_usage), job)
@@ -116,14 +131,24 @@ def _key_checker(api_key: str | None):
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            raise ApiError(
+                401,
+                "missing or incorrect API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     return check_key
 
 
 def _check_model(name: str, settings: ServerSettings) -> None:
     if name != settings.model_name:
-        raise ApiError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r}", param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist; this server serves {settings.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 async def _parse(request: Request, model: type[CompletionRequest | ChatCompletionRequest]):
@@ -197,7 +222,9 @@ class JobStream(StreamingResponse):
     gone (Starlette stops the body on disconnect), or the server stopping."""
 
     def __init__(self, events: AsyncIterator[str], job: Job):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
@@ -212,7 +239,9 @@ def _failure(e: BaseException) -> ApiError:
         return e
     if isinstance(e, MtpspecError):
         return ApiError(400, str(e))
-    return ApiError(500, "the server failed to generate a reply; see its log", type="server_error", code="internal_error")
+    return ApiError(
+        500, "the server failed to generate a reply; see its log", type="server_error", code="internal_error"
+    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -231,7 +260,9 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
-        return JSONResponse(error_body(message, code=code), status_code=e.status_code, headers=getattr(e, "headers", None))
+        return JSONResponse(
+            error_body(message, code=code), status_code=e.status_code, headers=getattr(e, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):

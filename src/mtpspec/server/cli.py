@@ -21,14 +21,50 @@ def register(subparsers) -> None:
         "(OpenAI-compatible, with streaming), plus /health and Prometheus /metrics.",
     )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the server to the network)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 exposes the server to the network)",
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 requests (default: ${API_KEY_ENV} if set, else no key)")
-    p.add_argument("--served-model-name", default=None, metavar="NAME", help="the model id clients send and /v1/models lists (default: the --model value)")
-    p.add_argument("--max-queue", type=int, default=64, metavar="N", help="requests that may wait behind the running one; more get 503 with Retry-After (default: 64)")
-    p.add_argument("--default-max-tokens", type=int, default=256, metavar="N", help="completion length for requests without max_tokens (default: 256, capped by the context window)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads for generation (default: torch's choice, usually one per core; fewer can be faster on a busy machine)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log verbosity (default: info)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 requests (default: ${API_KEY_ENV} if set, else no key)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model id clients send and /v1/models lists (default: the --model value)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests that may wait behind the running one; more get 503 with Retry-After (default: 64)",
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help="completion length for requests without max_tokens (default: 256, capped by the context window)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads for generation (default: torch's choice, usually one per core; fewer can be faster on a busy machine)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="server log verbosity (default: info)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -53,7 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     sock = bind(args.host, args.port)  # fail on a taken port before the model loads
     if not api_key and not _is_loopback(args.host):
-        print(f"mtpspec: warning: listening on {args.host} without an API key; anyone who can reach it can use it", file=sys.stderr)
+        print(
+            f"mtpspec: warning: listening on {args.host} without an API key; anyone who can reach it can use it",
+            file=sys.stderr,
+        )
     pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
@@ -66,7 +105,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
-    print(f"mtpspec: serving {settings.model_name!r} (drafter {pipe.drafter_spec}) at http://{where}:{port}/v1", file=sys.stderr)
+    print(
+        f"mtpspec: serving {settings.model_name!r} (drafter {pipe.drafter_spec}) at http://{where}:{port}/v1",
+        file=sys.stderr,
+    )
     run(create_app(pipe, settings), sock, args.log_level)
     return 0
 

@@ -11,7 +11,9 @@ from ..engine import GenerationConfig
 class ServerSettings:
     model_name: str  # the id clients send as `model` and /v1/models lists
     drafter: str = "none"
-    num_draft_tokens: int = GenerationConfig.num_draft_tokens  # k per round, for every request (a property of the server, not of a request)
+    num_draft_tokens: int = (
+        GenerationConfig.num_draft_tokens
+    )  # k per round, for every request (a property of the server, not of a request)
     adaptive: bool = False
     api_key: str | None = None  # None: /v1 is open; else requests need `Authorization: Bearer <key>`
     max_queue: int = 64  # requests that may wait behind the running one before a 503

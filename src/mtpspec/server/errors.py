@@ -12,7 +12,15 @@ _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 class ApiError(Exception):
     """A request the server refuses; becomes a JSON error body with `status`."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -25,7 +33,9 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -33,7 +43,11 @@ def from_validation(e: ValidationError) -> ApiError:
     """The one most specific problem of a rejected body, named by its JSON path (`messages[0].role`)."""
     errors = e.errors(include_url=False)
     if errors[0]["type"] == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON ({errors[0]['msg'].removeprefix('Invalid JSON: ')})", code="invalid_json")
+        return ApiError(
+            400,
+            f"the request body is not valid JSON ({errors[0]['msg'].removeprefix('Invalid JSON: ')})",
+            code="invalid_json",
+        )
     # Within a union every member reports; the deepest, most specific report says the most.
     err = max(errors, key=lambda x: (len(x["loc"]), x["type"] not in ("missing", "extra_forbidden")))
     param = _json_path(err["loc"])

@@ -25,7 +25,7 @@ import httpx
 
 PROMPTS = [
     "The history of the printing press begins",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "Here is a list of the planets in order from the sun: Mercury, Venus,",
     "The recipe for a simple bread needs flour, water, salt and",
     "Q: What is the capital of Italy?\nA:",
@@ -44,7 +44,14 @@ class Sample:
 
 
 def one_request(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> Sample:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft, tokens, tau = None, 0, 0.0
     with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -104,7 +111,21 @@ class SpawnedServer:
     """`mtpspec serve` in a child process on a free loopback port, stopped on exit."""
 
     def __init__(self, model: str, drafter: str, extra: list[str], start_timeout_s: float = 600.0):
-        cmd = [sys.executable, "-m", "mtpspec.cli", "serve", "--model", model, "--drafter", drafter, "--port", "0", "--log-level", "warning", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mtpspec.cli",
+            "serve",
+            "--model",
+            model,
+            "--drafter",
+            drafter,
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
         self.timeout_s = start_timeout_s
 
@@ -141,24 +162,42 @@ class SpawnedServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mtpspec.server.loadtest", description="Burst of concurrent streaming clients against mtpspec serve.")
-    p.add_argument("--model", default="gemma3-270m", help="model to serve (and the model id to request) (default: gemma3-270m)")
-    p.add_argument("--drafter", action="append", default=None, help="drafter to serve; repeat to compare several (default: none)")
+    p = argparse.ArgumentParser(
+        prog="python -m mtpspec.server.loadtest",
+        description="Burst of concurrent streaming clients against mtpspec serve.",
+    )
+    p.add_argument(
+        "--model", default="gemma3-270m", help="model to serve (and the model id to request) (default: gemma3-270m)"
+    )
+    p.add_argument(
+        "--drafter", action="append", default=None, help="drafter to serve; repeat to compare several (default: none)"
+    )
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (default: 16)")
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request (default: 32)")
-    p.add_argument("--serve-args", default="", help="extra flags for mtpspec serve, e.g. '--threads 1 --num-draft-tokens 4'")
-    p.add_argument("--url", default=None, help="measure this running server (e.g. http://127.0.0.1:8000) instead of starting one")
+    p.add_argument(
+        "--serve-args", default="", help="extra flags for mtpspec serve, e.g. '--threads 1 --num-draft-tokens 4'"
+    )
+    p.add_argument(
+        "--url", default=None, help="measure this running server (e.g. http://127.0.0.1:8000) instead of starting one"
+    )
     p.add_argument("--api-key", default=None, help="API key for --url servers that require one")
     args = p.parse_args(argv)
     if args.clients < 1 or args.max_tokens < 1:
         p.error("--clients and --max-tokens must be >= 1")
     if args.url:
-        model = httpx.get(args.url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}).json()["data"][0]["id"]
+        model = httpx.get(
+            args.url + "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        ).json()["data"][0]["id"]
         print(json.dumps({"url": args.url, **burst(args.url, model, args.clients, args.max_tokens, args.api_key)}))
         return 0
     for drafter in args.drafter or ["none"]:
         with SpawnedServer(args.model, drafter, args.serve_args.split()) as url:
-            print(json.dumps({"model": args.model, "drafter": drafter, **burst(url, args.model, args.clients, args.max_tokens)}), flush=True)
+            print(
+                json.dumps(
+                    {"model": args.model, "drafter": drafter, **burst(url, args.model, args.clients, args.max_tokens)}
+                ),
+                flush=True,
+            )
     return 0
 
 

@@ -37,12 +37,19 @@ def prompt_ids(pipeline: api.Pipeline, req: OpenAIRequest) -> list[int]:
     return list(ids)
 
 
-def generation_config(req: OpenAIRequest, n_prompt: int, context_window: int, settings: ServerSettings) -> GenerationConfig:
+def generation_config(
+    req: OpenAIRequest, n_prompt: int, context_window: int, settings: ServerSettings
+) -> GenerationConfig:
     """Engine options for `req`; the prompt and the completion must fit the context window together."""
     room = context_window - n_prompt
     if room < 1:
         param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-        raise ApiError(400, f"the prompt has {n_prompt} tokens; the model's context window is {context_window}", param=param, code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has {n_prompt} tokens; the model's context window is {context_window}",
+            param=param,
+            code="context_length_exceeded",
+        )
     max_tokens = req.completion_limit
     if max_tokens is None:
         max_tokens = min(settings.default_max_tokens, room)
@@ -105,10 +112,19 @@ class Reply:
         self.settings = settings
 
     def _envelope(self, object: str, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
 
     def body(self, result: GenerationResult) -> dict:
-        return self._envelope(self.object, [self._full_choice(result)], usage=usage(result), mtpspec=spec_stats(result, self.settings))
+        return self._envelope(
+            self.object, [self._full_choice(result)], usage=usage(result), mtpspec=spec_stats(result, self.settings)
+        )
 
     def opening(self) -> list[dict]:
         """Chunks sent before any text."""
@@ -119,7 +135,13 @@ class Reply:
 
     def closing(self, result: GenerationResult, include_usage: bool) -> list[dict]:
         """The chunk with the finish reason (and the statistics), then usage if asked for."""
-        chunks = [self._envelope(self.chunk_object, [self._chunk_choice(None, result.finish_reason)], mtpspec=spec_stats(result, self.settings))]
+        chunks = [
+            self._envelope(
+                self.chunk_object,
+                [self._chunk_choice(None, result.finish_reason)],
+                mtpspec=spec_stats(result, self.settings),
+            )
+        ]
         if include_usage:
             chunks.append(self._envelope(self.chunk_object, [], usage=usage(result)))
         return chunks
@@ -148,13 +170,28 @@ class ChatReply(Reply):
     id_prefix = "chatcmpl"
 
     def opening(self):
-        return [self._envelope(self.chunk_object, [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])]
+        return [
+            self._envelope(
+                self.chunk_object,
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+            )
+        ]
 
     def _full_choice(self, result):
-        return {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None, "finish_reason": result.finish_reason}
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": result.finish_reason,
+        }
 
     def _chunk_choice(self, text, finish_reason):
-        return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "index": 0,
+            "delta": {} if text is None else {"content": text},
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
 
 
 def reply_for(req: OpenAIRequest, settings: ServerSettings) -> Reply:

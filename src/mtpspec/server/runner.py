@@ -41,11 +41,15 @@ def run(app, sock: socket.socket, log_level: str = "info") -> None:
 class BackgroundServer:
     """`with BackgroundServer(app) as url:` serves `app` on a free loopback port meanwhile."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", start_timeout_s: float = 30.0):
+    def __init__(
+        self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", start_timeout_s: float = 30.0
+    ):
         self.sock = bind(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
         self.server = _server(app, log_level)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="mtpspec-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="mtpspec-http", daemon=True
+        )
         self.start_timeout_s = start_timeout_s
 
     def __enter__(self) -> str:

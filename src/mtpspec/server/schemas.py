@@ -68,7 +68,9 @@ class GenerationRequest(Strict):
     @classmethod
     def _one_choice(cls, n: int) -> int:
         if n != 1:
-            raise ValueError(f"n is {n}, but this server returns exactly one choice per request: send n = 1 (or omit it)")
+            raise ValueError(
+                f"n is {n}, but this server returns exactly one choice per request: send n = 1 (or omit it)"
+            )
         return n
 
     @field_validator("stop")
@@ -82,7 +84,9 @@ class GenerationRequest(Strict):
     @classmethod
     def _neutral(cls, value, info: ValidationInfo):
         if value not in NEUTRAL[info.field_name]:
-            raise ValueError(f"{info.field_name} is not supported by this server; omit it or send {json.dumps(NEUTRAL[info.field_name][0])}")
+            raise ValueError(
+                f"{info.field_name} is not supported by this server; omit it or send {json.dumps(NEUTRAL[info.field_name][0])}"
+            )
         return value
 
     @model_validator(mode="after")

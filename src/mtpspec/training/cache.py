@@ -47,8 +47,10 @@ class TeacherCache:
             differ = sorted(k for k in {*found, *self.meta} if found.get(k) != self.meta.get(k))
             if differ:
                 detail = ", ".join(f"{k}: cached {found.get(k)!r}, this run {self.meta.get(k)!r}" for k in differ)
-                raise MtpspecError(f"--teacher-cache {self.root} was captured with other settings ({detail}); "
-                                   "use another directory for these settings")
+                raise MtpspecError(
+                    f"--teacher-cache {self.root} was captured with other settings ({detail}); "
+                    "use another directory for these settings"
+                )
             return
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"meta.json.{os.getpid()}.tmp")
@@ -71,8 +73,12 @@ class TeacherCache:
 
     def save(self, index: int, signal: ChunkSignal, dtype: torch.dtype) -> None:
         """Store `signal` (hidden states and K/V as `dtype`, the target's, so nothing is rounded)."""
-        tensors = {"tokens": signal.tokens.int(), "hidden": signal.hidden.to(dtype), "top_ids": signal.top_ids.int(),
-                   "top_probs": signal.top_probs}
+        tensors = {
+            "tokens": signal.tokens.int(),
+            "hidden": signal.hidden.to(dtype),
+            "top_ids": signal.top_ids.int(),
+            "top_probs": signal.top_probs,
+        }
         for layer, (k, v) in signal.kv.items():
             tensors[f"k{layer}"], tensors[f"v{layer}"] = k.to(dtype), v.to(dtype)
         path = self._path(index)

@@ -17,39 +17,154 @@ def register(subparsers) -> None:
         "model.safetensors for `--drafter mtp:OUT`. Runs data-parallel under `torchrun --nproc-per-node N`.",
     )
     p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
-    p.add_argument("--data", default=None, help=f"comma list of sources: stdlib (CPython's .py files), pydocs (apt-get install python3.11-doc), fortune (apt-get install fortunes), gsm-train (reasoning-gym word problems with worked answers, seeds disjoint from the bench's gsm), .txt/.jsonl files or folders; benchmark sets are refused (default: {D.data})")
-    p.add_argument("--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="cpu-1h: sized for about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)")
-    p.add_argument("--init", default=None, metavar="DRAFTER", help="fine-tune this drafter instead of starting from scratch: a saved drafter directory, or `mtp` for the one shipped for --target; its architecture flags (layers, width, head) win over these (default: from scratch)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help=f"the frozen target's dtype; the drafter's weights and optimizer state stay fp32 (default: {D.dtype})")
-    p.add_argument("--train-dtype", choices=["auto", "bf16", "fp32"], default=None, help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is faster, else fp32 (default: auto)")
-    p.add_argument("--device", default=None, metavar="DEVICE", help="where the target and the drafter train: cpu, cuda (under torchrun: each rank's GPU, LOCAL_RANK; DDP over NCCL), cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu. Held-out evaluation always drafts on the CPU (default: auto; the gpu preset: cuda)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help=f"comma list of sources: stdlib (CPython's .py files), pydocs (apt-get install python3.11-doc), fortune (apt-get install fortunes), gsm-train (reasoning-gym word problems with worked answers, seeds disjoint from the bench's gsm), .txt/.jsonl files or folders; benchmark sets are refused (default: {D.data})",
+    )
+    p.add_argument(
+        "--out", default=None, help=f"output directory for the drafter and its checkpoints (default: {D.out})"
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="cpu-1h: sized for about an hour on a 2-core CPU (2000 steps of 128 tokens, 1-layer drafter); gpu: on the GPU (--device cuda, one GPU per rank under torchrun), 20000 steps of 8 chunks of 1024 tokens, 4-layer drafter. Flags given override it",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue from the last checkpoint in OUT/checkpoints (same flags as the interrupted run)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        metavar="DRAFTER",
+        help="fine-tune this drafter instead of starting from scratch: a saved drafter directory, or `mtp` for the one shipped for --target; its architecture flags (layers, width, head) win over these (default: from scratch)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help=f"the frozen target's dtype; the drafter's weights and optimizer state stay fp32 (default: {D.dtype})",
+    )
+    p.add_argument(
+        "--train-dtype",
+        choices=["auto", "bf16", "fp32"],
+        default=None,
+        help="dtype of the drafter's matrix products in training (bf16: mixed precision with torch.autocast, weights and AdamW state in fp32); auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is faster, else fp32 (default: auto)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="where the target and the drafter train: cpu, cuda (under torchrun: each rank's GPU, LOCAL_RANK; DDP over NCCL), cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu. Held-out evaluation always drafts on the CPU (default: auto; the gpu preset: cuda)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default: {D.max_steps})")
     p.add_argument("--seq-len", type=int, default=None, help=f"tokens per training chunk (default: {D.seq_len})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"chunks per step on each rank (default: {D.batch_size})")
-    p.add_argument("--anchors", type=int, default=None, help="drafting rounds sampled per chunk; 0 = every position (default: 0)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"chunks per step on each rank (default: {D.batch_size})"
+    )
+    p.add_argument(
+        "--anchors", type=int, default=None, help="drafting rounds sampled per chunk; 0 = every position (default: 0)"
+    )
     p.add_argument("--depth", type=int, default=None, help=f"unrolled draft steps trained (default: {D.depth})")
     p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default: {D.lr})")
     p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {D.weight_decay})")
-    p.add_argument("--warmup", type=int, default=None, help=f"linear warm-up steps before cosine decay (default: {D.warmup})")
+    p.add_argument(
+        "--warmup", type=int, default=None, help=f"linear warm-up steps before cosine decay (default: {D.warmup})"
+    )
     p.add_argument("--num-layers", type=int, default=None, help=f"drafter decoder layers (default: {D.num_layers})")
     p.add_argument("--hidden-size", type=int, default=None, help="drafter width (default: the target's)")
-    p.add_argument("--centroids", type=int, default=None, help="centroid-head clusters; 0 = full-vocabulary head (default: 2048 for vocabularies over 65,536 tokens, else 0)")
-    p.add_argument("--centroid-top-k", type=int, default=None, help=f"clusters whose tokens get exact logits when drafting, saved in the drafter's config.json (centroid_intermediate_top_k, editable later); fewer make each draft step cheaper and, since the drafter's confidence is taken over those tokens, let it draft more often (default: {D.centroid_top_k})")
-    p.add_argument("--negatives", type=int, default=None, help=f"with a centroid head, random tokens the draft distribution is normalised over besides the target's top-K and its top token's cluster; 0 = the full vocabulary (default: {D.negatives})")
-    p.add_argument("--feature-weight", type=float, default=None, help=f"weight of the EAGLE-style loss pulling each draft step's state onto the target's hidden state; 0 = distribution loss only (default: {D.feature_weight})")
-    p.add_argument("--min-confidence", type=float, default=None, help=f"saved with the drafter: a drafting round stops before a position whose most likely token the drafter gives less than this probability, so a weak drafter drafts only where it is sure; 0 = always draft k (default: {D.min_confidence})")
-    p.add_argument("--teacher-top-k", type=int, default=None, help=f"target probabilities kept per position for distillation (default: {D.teacher_top_k})")
-    p.add_argument("--teacher-cache", default=None, metavar="DIR", help="write the frozen target's signal for every chunk to DIR and read it back wherever it is there, so later epochs and later runs with the same target, data, seed, --seq-len, --teacher-top-k and drafter K/V layers skip the target, most of a CPU step; a few kB per token (default: computed online, nothing stored)")
-    p.add_argument("--epoch-chunks", type=int, default=None, metavar="N", help="train on the first N chunks of the data only, repeated in reshuffled epochs (with --teacher-cache only the first epoch runs the target); 0 = the endless stream (default: 0)")
-    p.add_argument("--eval-every", type=int, default=None, help=f"steps between held-out evaluations; 0 = only at the end (default: {D.eval_every})")
-    p.add_argument("--eval-prompts", type=int, default=None, help=f"held-out prompts per evaluation; 0 = no evaluation (default: {D.eval_prompts})")
-    p.add_argument("--eval-tokens", type=int, default=None, help=f"tokens generated per evaluation prompt (default: {D.eval_tokens})")
-    p.add_argument("--checkpoint-every", type=int, default=None, help=f"steps between checkpoints; 0 = none (default: {D.checkpoint_every})")
-    p.add_argument("--keep-checkpoints", type=int, default=None, help=f"checkpoints kept (default: {D.keep_checkpoints})")
-    p.add_argument("--seed", type=int, default=None, help=f"seed for initialisation, data order and anchor sampling (default: {D.seed})")
-    p.add_argument("--rank-digest", default=None, metavar="DIR", help="testing: each rank writes a digest of its final weights to DIR/rankN.txt")
+    p.add_argument(
+        "--centroids",
+        type=int,
+        default=None,
+        help="centroid-head clusters; 0 = full-vocabulary head (default: 2048 for vocabularies over 65,536 tokens, else 0)",
+    )
+    p.add_argument(
+        "--centroid-top-k",
+        type=int,
+        default=None,
+        help=f"clusters whose tokens get exact logits when drafting, saved in the drafter's config.json (centroid_intermediate_top_k, editable later); fewer make each draft step cheaper and, since the drafter's confidence is taken over those tokens, let it draft more often (default: {D.centroid_top_k})",
+    )
+    p.add_argument(
+        "--negatives",
+        type=int,
+        default=None,
+        help=f"with a centroid head, random tokens the draft distribution is normalised over besides the target's top-K and its top token's cluster; 0 = the full vocabulary (default: {D.negatives})",
+    )
+    p.add_argument(
+        "--feature-weight",
+        type=float,
+        default=None,
+        help=f"weight of the EAGLE-style loss pulling each draft step's state onto the target's hidden state; 0 = distribution loss only (default: {D.feature_weight})",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help=f"saved with the drafter: a drafting round stops before a position whose most likely token the drafter gives less than this probability, so a weak drafter drafts only where it is sure; 0 = always draft k (default: {D.min_confidence})",
+    )
+    p.add_argument(
+        "--teacher-top-k",
+        type=int,
+        default=None,
+        help=f"target probabilities kept per position for distillation (default: {D.teacher_top_k})",
+    )
+    p.add_argument(
+        "--teacher-cache",
+        default=None,
+        metavar="DIR",
+        help="write the frozen target's signal for every chunk to DIR and read it back wherever it is there, so later epochs and later runs with the same target, data, seed, --seq-len, --teacher-top-k and drafter K/V layers skip the target, most of a CPU step; a few kB per token (default: computed online, nothing stored)",
+    )
+    p.add_argument(
+        "--epoch-chunks",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the first N chunks of the data only, repeated in reshuffled epochs (with --teacher-cache only the first epoch runs the target); 0 = the endless stream (default: 0)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help=f"steps between held-out evaluations; 0 = only at the end (default: {D.eval_every})",
+    )
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=None,
+        help=f"held-out prompts per evaluation; 0 = no evaluation (default: {D.eval_prompts})",
+    )
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=None,
+        help=f"tokens generated per evaluation prompt (default: {D.eval_tokens})",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help=f"steps between checkpoints; 0 = none (default: {D.checkpoint_every})",
+    )
+    p.add_argument(
+        "--keep-checkpoints", type=int, default=None, help=f"checkpoints kept (default: {D.keep_checkpoints})"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help=f"seed for initialisation, data order and anchor sampling (default: {D.seed})",
+    )
+    p.add_argument(
+        "--rank-digest",
+        default=None,
+        metavar="DIR",
+        help="testing: each rank writes a digest of its final weights to DIR/rankN.txt",
+    )
     p.set_defaults(func=cmd_train_drafter)
     _register_self_distill(subparsers)
 
@@ -65,15 +180,38 @@ def _register_self_distill(subparsers) -> None:
         "training text. Rerunning with the same --out resumes where it stopped.",
     )
     p.add_argument("--target", default=D.target, help=f"target: {MODEL_HELP} (default: {D.target})")
-    p.add_argument("--prompts", default=",".join(PROMPT_SOURCES), help="comma list of prompt sources: instructions (assistant requests from 20 templates x 60 topics), tasks (a second set, 30 x 60: role-play, reasoning, extraction from a given text, rewriting, STEM and humanities), mixed (each set's requests over the other's subjects, 3,000 prompts neither draws), code (documented standard-library functions to complete), gsm-train (word problems, seeds disjoint from the bench's gsm) (default: all)")
+    p.add_argument(
+        "--prompts",
+        default=",".join(PROMPT_SOURCES),
+        help="comma list of prompt sources: instructions (assistant requests from 20 templates x 60 topics), tasks (a second set, 30 x 60: role-play, reasoning, extraction from a given text, rewriting, STEM and humanities), mixed (each set's requests over the other's subjects, 3,000 prompts neither draws), code (documented standard-library functions to complete), gsm-train (word problems, seeds disjoint from the bench's gsm) (default: all)",
+    )
     p.add_argument("--per-source", type=int, default=200, help="prompts drawn from each source (default: 200)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help="the dtype the target generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32 (default: auto)")
-    p.add_argument("--device", default="auto", help="where the target generates: cpu, cuda, cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu (default: auto)")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="the dtype the target generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32 (default: auto)",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the target generates: cpu, cuda, cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu (default: auto)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default: 0)")
-    p.add_argument("--skip", type=int, default=0, metavar="N", help="leave out the first N prompts of each source's draw: N = a training run's --per-source (same --seed) draws prompts it never saw (default: 0)")
-    p.add_argument("--prompts-only", action="store_true", help="write the drawn prompts as {\"id\", \"prompt\", \"chat\"} rows, a held-out set for `mtpspec bench --dataset` (which wraps requests in the chat template as this command would), instead of generating answers")
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        metavar="N",
+        help="leave out the first N prompts of each source's draw: N = a training run's --per-source (same --seed) draws prompts it never saw (default: 0)",
+    )
+    p.add_argument(
+        "--prompts-only",
+        action="store_true",
+        help='write the drawn prompts as {"id", "prompt", "chat"} rows, a held-out set for `mtpspec bench --dataset` (which wraps requests in the chat template as this command would), instead of generating answers',
+    )
     p.add_argument("--out", required=True, help="the .jsonl file to append to (with --prompts-only: to write)")
     p.set_defaults(func=cmd_self_distill)
 
@@ -99,7 +237,18 @@ def cmd_self_distill(args) -> int:
         write_jsonl(prompts, out)  # each row says whether it is a request, as self-distill would encode it
         print(f"mtpspec: wrote {len(prompts)} prompts to {out}; measure with mtpspec bench --dataset {out}")
         return 0
-    self_distill(args.target, sources, args.per_source, args.max_new_tokens, args.batch_size, out, args.seed, args.skip, args.dtype, args.device)
+    self_distill(
+        args.target,
+        sources,
+        args.per_source,
+        args.max_new_tokens,
+        args.batch_size,
+        out,
+        args.seed,
+        args.skip,
+        args.dtype,
+        args.device,
+    )
     return 0
 
 

@@ -15,14 +15,20 @@ PROJECTED = 128  # clustering dimension
 
 
 @torch.no_grad()
-def balanced_kmeans(weight: torch.Tensor, clusters: int, iters: int = 2, seed: int = 0, block: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def balanced_kmeans(
+    weight: torch.Tensor, clusters: int, iters: int = 2, seed: int = 0, block: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
     """weight `[V, H]` → (token_ordering `[V]`: cluster c is ordering[c·V/C : (c+1)·V/C], centroids `[C, H]`)."""
     v = weight.shape[0]
     size = v // clusters
     x = torch.nn.functional.normalize(weight.float(), dim=-1)
     gen = torch.Generator().manual_seed(seed)
     # Cluster in a random 128-d projection (Johnson–Lindenstrauss): 5x cheaper for Gemma's 640-d embeddings.
-    z = x if x.shape[1] <= PROJECTED else torch.nn.functional.normalize(x @ torch.randn(x.shape[1], PROJECTED, generator=gen), dim=-1)
+    z = (
+        x
+        if x.shape[1] <= PROJECTED
+        else torch.nn.functional.normalize(x @ torch.randn(x.shape[1], PROJECTED, generator=gen), dim=-1)
+    )
     centroids = z[torch.randperm(v, generator=gen)[:clusters]].clone()
     m = min(clusters, 8)
     for it in range(iters + 1):

@@ -66,7 +66,11 @@ def _files(spec: str) -> list[Path]:
     """The files of one source, sorted (the order is shuffled later with a fixed seed)."""
     if spec == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts)
+        return sorted(
+            p
+            for p in root.rglob("*.py")
+            if "site-packages" not in p.parts and "test" not in p.parts and "tests" not in p.parts
+        )
     if spec == "pydocs":
         if not PYDOCS.is_dir():
             raise MtpspecError(f"--data pydocs needs {PYDOCS} (apt-get install python3.11-doc)")
@@ -81,7 +85,9 @@ def _files(spec: str) -> list[Path]:
         return [path]
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-    raise MtpspecError(f"unknown data source {spec!r}: use stdlib, pydocs, fortune, {GSM_TRAIN} or .txt/.jsonl files or folders")
+    raise MtpspecError(
+        f"unknown data source {spec!r}: use stdlib, pydocs, fortune, {GSM_TRAIN} or .txt/.jsonl files or folders"
+    )
 
 
 def _read(path: Path) -> str:
@@ -131,7 +137,11 @@ class TextSource:
         self._next = 0  # the index of the chunk `_reader` yields next
 
     def _documents(self, spec: str, files: list[Path], held_out: bool) -> Iterator[Document]:
-        docs = _gsm_documents(self.tokenizer) if spec == GSM_TRAIN else (d for f in files for d in _documents(f, self.tokenizer))
+        docs = (
+            _gsm_documents(self.tokenizer)
+            if spec == GSM_TRAIN
+            else (d for f in files for d in _documents(f, self.tokenizer))
+        )
         return (d for d in docs if is_held_out(d.id) == held_out)
 
     def documents(self, held_out: bool) -> Iterator[Document]:
@@ -216,7 +226,9 @@ def _gsm_documents(tokenizer) -> Iterator[Document]:
     for i, ex in enumerate(gsm_examples(GSM_TRAIN_SIZE, GSM_TRAIN_SEED)):
         question, answer = ex["question"] + GSM_INSTRUCTION, ex["metadata"]["answer_cot"]
         if tokenizer.chat_template:
-            text = _chat_text(tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+            text = _chat_text(
+                tokenizer, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            )
         else:
             text = f"Question: {question}\nAnswer: {answer}\n"
         yield Document(f"{GSM_TRAIN}/{i}", text)

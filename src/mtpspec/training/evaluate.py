@@ -30,7 +30,9 @@ class EvalResult:
         return f"tau {self.tau:.2f}  acceptance/depth [{depths}]  speedup {self.speedup:.2f}x{check}"
 
 
-def evaluate(drafter: MtpModel, target_model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, k: int = 4) -> EvalResult:
+def evaluate(
+    drafter: MtpModel, target_model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 48, k: int = 4
+) -> EvalResult:
     target = Target(target_model, tokenizer, exact=True)  # its own cache: the teacher's stays untouched
     # The drafter converts and accelerates its copy, on the target's device (the CPU: the engine runs there).
     mtp = Engine(target, MtpDrafter(copy.deepcopy(drafter).to(target_model.device), target))

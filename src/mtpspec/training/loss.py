@@ -62,12 +62,21 @@ class UnrolledLoss(nn.Module):
     full-vocabulary softmax for Gemma's 262k tokens.
     """
 
-    def __init__(self, drafter: MtpModel, lm_weight: torch.Tensor | None, depth: int, negatives: int = 0,
-                 cluster_weight: float = 1.0, feature_weight: float = 1.0):
+    def __init__(
+        self,
+        drafter: MtpModel,
+        lm_weight: torch.Tensor | None,
+        depth: int,
+        negatives: int = 0,
+        cluster_weight: float = 1.0,
+        feature_weight: float = 1.0,
+    ):
         super().__init__()
         self.feature_weight = feature_weight
         self.drafter = drafter
-        self.lm_weight = lm_weight  # [V, H_t] frozen target embedding; a plain attribute, not a buffer DDP would broadcast
+        self.lm_weight = (
+            lm_weight  # [V, H_t] frozen target embedding; a plain attribute, not a buffer DDP would broadcast
+        )
         self.depth = depth
         self.negatives = negatives
         self.cluster_weight = cluster_weight
@@ -82,13 +91,19 @@ class UnrolledLoss(nn.Module):
         if head is not None:
             order = head.token_ordering.long()
             cluster_of = torch.empty_like(order)
-            cluster_of[order] = torch.arange(order.numel(), device=order.device) // (order.numel() // head.num_centroids)
+            cluster_of[order] = torch.arange(order.numel(), device=order.device) // (
+                order.numel() // head.num_centroids
+            )
         weight, cap = self.weight(), self.drafter.config.final_logit_softcapping
         scale = batch.hidden.pow(2).mean().sqrt()  # the target's hidden-state RMS
         total, kls, agree = 0.0, [], []
         for rec in unroll(self.drafter, batch, self.depth):
-            if self.feature_weight:  # step j stands for the target's row p + j − 1, whose hidden state predicts the same token
-                total = total + self.feature_weight * F.smooth_l1_loss(rec.state / scale, batch.hidden[:, rec.token_rows] / scale)
+            if (
+                self.feature_weight
+            ):  # step j stands for the target's row p + j − 1, whose hidden state predicts the same token
+                total = total + self.feature_weight * F.smooth_l1_loss(
+                    rec.state / scale, batch.hidden[:, rec.token_rows] / scale
+                )
             ids, p = batch.top_ids[:, rec.token_rows], batch.top_probs[:, rec.token_rows]  # [B, T, K]
             if self.negatives and head is not None:
                 logits = self._sampled_logits(rec.head_in, weight, ids, head.clusters()[cluster_of[ids[..., 0]]], cap)
@@ -103,7 +118,9 @@ class UnrolledLoss(nn.Module):
             kls.append(kl.detach())
             agree.append(best.float().mean())
             if head is not None:  # the cluster scores: cross-entropy to the target's mass per cluster
-                mass = torch.zeros(*ids.shape[:-1], head.num_centroids, device=p.device).scatter_add_(-1, cluster_of[ids], p)
+                mass = torch.zeros(*ids.shape[:-1], head.num_centroids, device=p.device).scatter_add_(
+                    -1, cluster_of[ids], p
+                )
                 scores = head.centroids(rec.head_in)
                 total = total + self.cluster_weight * -(mass * F.log_softmax(scores.float(), -1)).sum(-1).mean()
         return total / self.depth, torch.stack(kls), torch.stack(agree)
@@ -113,7 +130,9 @@ class UnrolledLoss(nn.Module):
 
         Cluster tokens already in the top-K are -inf so that no token counts twice.
         """
-        negatives = torch.randint(weight.shape[0], (self.negatives,), device="cpu").to(weight.device)  # the CPU generator, which checkpoints keep
+        negatives = torch.randint(weight.shape[0], (self.negatives,), device="cpu").to(
+            weight.device
+        )  # the CPU generator, which checkpoints keep
         h = head_in.unsqueeze(-1)  # [B, T, H, 1]
         top = softcap((gather_rows(weight, ids) @ h).squeeze(-1), cap)  # [B, T, K]
         repeat = (cluster_ids.unsqueeze(-1) == ids.unsqueeze(-2)).any(-1)  # [B, T, S]

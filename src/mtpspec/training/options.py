@@ -35,10 +35,14 @@ class TrainOptions:
     centroid_top_k: int = 4  # clusters whose tokens get exact logits when drafting (written into the saved drafter)
     negatives: int = 1024  # with a centroid head: random tokens q is normalised over besides top-K and a cluster (0: full vocabulary)
     feature_weight: float = 1.0  # weight of the hidden-state regression next to the distribution loss (0: none)
-    min_confidence: float = 0.0  # written into the saved drafter: drafting stops below this top probability (see drafters/mtp.py)
+    min_confidence: float = (
+        0.0  # written into the saved drafter: drafting stops below this top probability (see drafters/mtp.py)
+    )
     teacher_top_k: int = 32  # target probabilities kept per position for the distillation loss
     teacher_cache: str = ""  # directory the teacher's signal is written to and read back from (see cache.py)
-    epoch_chunks: int = 0  # train on the first N chunks of the data stream, in reshuffled epochs (0: the endless stream)
+    epoch_chunks: int = (
+        0  # train on the first N chunks of the data stream, in reshuffled epochs (0: the endless stream)
+    )
     eval_every: int = 100  # steps between held-out evaluations (0: only at the end)
     eval_prompts: int = 4  # held-out prompts per evaluation (0: no evaluation)
     eval_tokens: int = 48  # tokens generated per evaluation prompt
@@ -46,7 +50,9 @@ class TrainOptions:
     keep_checkpoints: int = 2
     seed: int = 0
     resume: bool = False  # continue from the last checkpoint in OUT/checkpoints
-    init: str = ""  # start from this drafter (a directory, or `mtp` for the one shipped for the target) instead of from scratch
+    init: str = (
+        ""  # start from this drafter (a directory, or `mtp` for the one shipped for the target) instead of from scratch
+    )
     rank_digest: str = ""  # testing: each rank writes a digest of its final weights here
 
     def __post_init__(self):
@@ -67,8 +73,28 @@ class TrainOptions:
 PRESETS: dict[str, dict] = {
     # cpu-1h: one 128-token chunk per step, where the teacher (target forward + 262k-way top-K for
     # Gemma 3) costs more than the drafter's step; its step count is what fits an hour on 2 cores.
-    "cpu-1h": dict(max_steps=2000, seq_len=128, batch_size=1, anchors=0, num_layers=1, warmup=50, eval_every=500, checkpoint_every=100),
-    "gpu": dict(device="cuda", max_steps=20000, seq_len=1024, batch_size=8, anchors=256, num_layers=4, lr=5e-4, warmup=500, eval_every=1000, checkpoint_every=500),
+    "cpu-1h": dict(
+        max_steps=2000,
+        seq_len=128,
+        batch_size=1,
+        anchors=0,
+        num_layers=1,
+        warmup=50,
+        eval_every=500,
+        checkpoint_every=100,
+    ),
+    "gpu": dict(
+        device="cuda",
+        max_steps=20000,
+        seq_len=1024,
+        batch_size=8,
+        anchors=256,
+        num_layers=4,
+        lr=5e-4,
+        warmup=500,
+        eval_every=1000,
+        checkpoint_every=500,
+    ),
 }
 
 

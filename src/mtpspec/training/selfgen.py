@@ -44,16 +44,66 @@ from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
 TOPICS = (
-    "the water cycle", "public libraries", "remote work", "electric cars", "the history of printing", "bees",
-    "volcanoes", "learning a second language", "compound interest", "sleep", "chess", "urban gardening",
-    "the Roman Empire", "climate change", "vaccines", "photosynthesis", "the stock market", "recycling",
-    "social media", "video games", "the moon landing", "coffee", "marathon training", "jazz", "time management",
-    "renewable energy", "black holes", "the immune system", "small businesses", "public speaking", "friendship",
-    "the ocean", "artificial intelligence", "bread baking", "mountain hiking", "museums", "rainforests",
-    "the French Revolution", "budgeting", "earthquakes", "dogs as pets", "online privacy", "the printing press",
-    "classical music", "the Olympic Games", "desert animals", "healthy breakfasts", "traffic in big cities",
-    "space telescopes", "board games", "minimalism", "the Industrial Revolution", "honey", "street food",
-    "open source software", "teamwork", "glaciers", "handwriting", "trains", "photography",
+    "the water cycle",
+    "public libraries",
+    "remote work",
+    "electric cars",
+    "the history of printing",
+    "bees",
+    "volcanoes",
+    "learning a second language",
+    "compound interest",
+    "sleep",
+    "chess",
+    "urban gardening",
+    "the Roman Empire",
+    "climate change",
+    "vaccines",
+    "photosynthesis",
+    "the stock market",
+    "recycling",
+    "social media",
+    "video games",
+    "the moon landing",
+    "coffee",
+    "marathon training",
+    "jazz",
+    "time management",
+    "renewable energy",
+    "black holes",
+    "the immune system",
+    "small businesses",
+    "public speaking",
+    "friendship",
+    "the ocean",
+    "artificial intelligence",
+    "bread baking",
+    "mountain hiking",
+    "museums",
+    "rainforests",
+    "the French Revolution",
+    "budgeting",
+    "earthquakes",
+    "dogs as pets",
+    "online privacy",
+    "the printing press",
+    "classical music",
+    "the Olympic Games",
+    "desert animals",
+    "healthy breakfasts",
+    "traffic in big cities",
+    "space telescopes",
+    "board games",
+    "minimalism",
+    "the Industrial Revolution",
+    "honey",
+    "street food",
+    "open source software",
+    "teamwork",
+    "glaciers",
+    "handwriting",
+    "trains",
+    "photography",
 )
 
 TEMPLATES = (
@@ -83,28 +133,76 @@ TEMPLATES = (
 # A second, disjoint set for `tasks`: other kinds of request (role-play, reasoning, extraction from a
 # given text, rewriting, STEM and humanities questions, planning) over other subjects.
 SUBJECTS = (
-    "a lighthouse keeper", "the periodic table", "a city council meeting", "medieval castles", "tea ceremonies",
-    "a lost wallet", "the speed of light", "a school science fair", "ancient Egypt", "a rainy weekend",
-    "solar panels", "a job interview", "the human heart", "a village bakery", "the Silk Road", "migrating birds",
-    "a broken laptop", "prime numbers", "a family reunion", "the Renaissance", "coral reefs", "a train delay",
-    "democracy", "a new smartphone", "the Great Wall of China", "a neighborhood library", "gravity",
-    "a birthday party", "the Cold War", "a camping trip", "inflation", "a hospital night shift", "DNA",
-    "a football match", "Shakespeare's plays", "a power outage", "the metric system", "a farmers' market",
-    "the Byzantine Empire", "a music festival", "probability", "a first day at school", "hurricanes",
-    "a bicycle repair shop", "the printing of money", "a wedding speech", "antibiotics", "a chess club",
-    "the Amazon river", "a startup company", "magnetism", "a road trip", "ancient Greek philosophy",
-    "a museum robbery", "wind turbines", "a student loan", "the Moon's phases", "a cooking competition",
-    "the Internet's history", "a mountain village",
+    "a lighthouse keeper",
+    "the periodic table",
+    "a city council meeting",
+    "medieval castles",
+    "tea ceremonies",
+    "a lost wallet",
+    "the speed of light",
+    "a school science fair",
+    "ancient Egypt",
+    "a rainy weekend",
+    "solar panels",
+    "a job interview",
+    "the human heart",
+    "a village bakery",
+    "the Silk Road",
+    "migrating birds",
+    "a broken laptop",
+    "prime numbers",
+    "a family reunion",
+    "the Renaissance",
+    "coral reefs",
+    "a train delay",
+    "democracy",
+    "a new smartphone",
+    "the Great Wall of China",
+    "a neighborhood library",
+    "gravity",
+    "a birthday party",
+    "the Cold War",
+    "a camping trip",
+    "inflation",
+    "a hospital night shift",
+    "DNA",
+    "a football match",
+    "Shakespeare's plays",
+    "a power outage",
+    "the metric system",
+    "a farmers' market",
+    "the Byzantine Empire",
+    "a music festival",
+    "probability",
+    "a first day at school",
+    "hurricanes",
+    "a bicycle repair shop",
+    "the printing of money",
+    "a wedding speech",
+    "antibiotics",
+    "a chess club",
+    "the Amazon river",
+    "a startup company",
+    "magnetism",
+    "a road trip",
+    "ancient Greek philosophy",
+    "a museum robbery",
+    "wind turbines",
+    "a student loan",
+    "the Moon's phases",
+    "a cooking competition",
+    "the Internet's history",
+    "a mountain village",
 )
 
 TASKS = (
     "Pretend you are {t}. Introduce yourself and describe your day.",
     "You are a detective investigating {t}. Explain your reasoning step by step.",
     "Write a short speech for an event about {t}.",
-    "Rewrite this sentence in a more formal tone: \"I think {t} is pretty cool and everyone should check it out.\"",
-    "Extract the key facts from this text and list them: \"Last year our town started a project about {t}. "
-    "About 300 people joined, the budget was 12,000 dollars, and the results will be shared in May.\"",
-    "Here is a claim: \"{t} has no effect on everyday life.\" Is it true? Argue both sides and conclude.",
+    'Rewrite this sentence in a more formal tone: "I think {t} is pretty cool and everyone should check it out."',
+    'Extract the key facts from this text and list them: "Last year our town started a project about {t}. '
+    'About 300 people joined, the budget was 12,000 dollars, and the results will be shared in May."',
+    'Here is a claim: "{t} has no effect on everyday life." Is it true? Argue both sides and conclude.',
     "Explain the science behind {t} in simple terms.",
     "What role did {t} play in history? Give three examples.",
     "Write a haiku and a limerick about {t}.",
@@ -180,8 +278,13 @@ def gsm_prompts() -> Iterator[Prompt]:
 
 
 # name -> prompt generator, in the order the default draw interleaves them
-PROMPT_MAKERS = {"instructions": instruction_prompts, "code": code_prompts, "gsm-train": gsm_prompts,
-                 "tasks": task_prompts, "mixed": mixed_prompts}
+PROMPT_MAKERS = {
+    "instructions": instruction_prompts,
+    "code": code_prompts,
+    "gsm-train": gsm_prompts,
+    "tasks": task_prompts,
+    "mixed": mixed_prompts,
+}
 PROMPT_SOURCES = tuple(PROMPT_MAKERS)
 
 
@@ -195,7 +298,9 @@ def self_prompts(sources: list[str], per_source: int, seed: int = 0, skip: int =
         pool = list(PROMPT_MAKERS[name]())
         Random(seed).shuffle(pool)
         picked.append(pool[skip : skip + per_source])
-    return [p for group in zip(*picked, strict=False) for p in group] + [p for group in picked for p in group[min(map(len, picked)) :]]
+    return [p for group in zip(*picked, strict=False) for p in group] + [
+        p for group in picked for p in group[min(map(len, picked)) :]
+    ]
 
 
 def done_ids(out: Path) -> set[str]:
@@ -211,8 +316,19 @@ def done_ids(out: Path) -> set[str]:
     return ids
 
 
-def self_distill(target: str, sources: list[str], per_source: int, max_new_tokens: int, batch_size: int, out: Path,
-                 seed: int = 0, skip: int = 0, dtype: str = "auto", device: str = "auto", log=print) -> int:
+def self_distill(
+    target: str,
+    sources: list[str],
+    per_source: int,
+    max_new_tokens: int,
+    batch_size: int,
+    out: Path,
+    seed: int = 0,
+    skip: int = 0,
+    dtype: str = "auto",
+    device: str = "auto",
+    log=print,
+) -> int:
     """Generate and append rows to `out`; return how many were written."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,7 +380,9 @@ def self_distill(target: str, sources: list[str], per_source: int, max_new_token
     return written
 
 
-def greedy_batch(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int) -> torch.Tensor:
+def greedy_batch(
+    model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int
+) -> torch.Tensor:
     """Greedy continuations `[B, ≤ max_new_tokens]` of left-padded prompts, `pad` after a row's stop token.
 
     The same tokens as transformers' `generate(do_sample=False)` (a test compares them): positions

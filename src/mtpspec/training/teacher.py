@@ -59,8 +59,14 @@ def anchor_mask(anchors: torch.Tensor, length: int, window: int | None) -> torch
 
 
 class Teacher:
-    def __init__(self, target: Target, kv_layers: tuple[int, ...], top_k: int = 32, row_block: int = 128,
-                 logits_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        target: Target,
+        kv_layers: tuple[int, ...],
+        top_k: int = 32,
+        row_block: int = 128,
+        logits_dtype: torch.dtype = torch.float32,
+    ):
         """`logits_dtype`: the vocabulary-wide product's dtype. float32 by default, since bf16 matrix
         products are slow on CPUs without bf16 instructions; bf16 where they are fast (a bf16 target
         computes its own logits in bf16 when it serves, so the top-K is then the served one)."""
@@ -80,7 +86,9 @@ class Teacher:
 
     def batch(self, signals: list[ChunkSignal], anchors: torch.Tensor) -> TeacherBatch:
         """The training batch of equally long chunks' signals, with the drafter's attention inputs at `anchors`."""
-        kv = {layer: tuple(torch.cat([s.kv[layer][i] for s in signals]) for i in (0, 1)) for layer in set(self.kv_layers)}
+        kv = {
+            layer: tuple(torch.cat([s.kv[layer][i] for s in signals]) for i in (0, 1)) for layer in set(self.kv_layers)
+        }
         tokens = torch.stack([s.tokens for s in signals])
         family, model = self.target.family, self.target.model
         made: dict[int, LayerInputs] = {}
@@ -92,7 +100,9 @@ class Teacher:
                 cos, sin = family.rope(model, layer, anchors[None])
             b = len(signals)
             mask = anchor_mask(anchors, tokens.shape[1], window)[None, None].expand(b, 1, -1, -1)
-            made[layer] = LayerInputs(*kv[layer], cos.float().clone().expand(b, -1, -1), sin.float().clone().expand(b, -1, -1), mask)
+            made[layer] = LayerInputs(
+                *kv[layer], cos.float().clone().expand(b, -1, -1), sin.float().clone().expand(b, -1, -1), mask
+            )
         with torch.no_grad():
             embeds = torch.stack([self.target.embed(ids).float() for ids in tokens])
         return TeacherBatch(

@@ -56,13 +56,19 @@ class Trainer:
         self.cache_hits = self.cache_reads = 0  # chunks found in the teacher cache, chunks looked up (this run)
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().to(self.device).train()
-        self.drafter.config = replace(self.drafter.config, min_confidence=opts.min_confidence)  # evaluated and saved with it
-        self.autocast = wants_bf16(opts.train_dtype, self.device)  # the drafter's matrix products in bf16 (torch.autocast)
+        self.drafter.config = replace(
+            self.drafter.config, min_confidence=opts.min_confidence
+        )  # evaluated and saved with it
+        self.autocast = wants_bf16(
+            opts.train_dtype, self.device
+        )  # the drafter's matrix products in bf16 (torch.autocast)
         if self.autocast:
             self.log("mtpspec: training with bf16 matrix products (fp32 weights and optimizer state)")
         # With bf16 products and a bf16 target, the teacher's top-K logits are bf16 too, as the target serves them.
         logits_dtype = torch.bfloat16 if self.autocast and hf.dtype == torch.bfloat16 else torch.float32
-        self.teacher = Teacher(target, check_fits(self.drafter.config, target), opts.teacher_top_k, logits_dtype=logits_dtype)
+        self.teacher = Teacher(
+            target, check_fits(self.drafter.config, target), opts.teacher_top_k, logits_dtype=logits_dtype
+        )
         self.lm_weight = None
         if self.drafter.config.lm_head == "target":  # bf16 under autocast: the loss gathers rows of it, half the bytes
             self.lm_weight = self.teacher.lm_weight.bfloat16() if self.autocast else self.teacher.lm_weight
@@ -70,7 +76,9 @@ class Trainer:
         self.cache = self._open_cache()
         if ckpt is None and not opts.init:
             start_as_copy(self.drafter, self.teacher, self.source)
-        loss = UnrolledLoss(self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight)
+        loss = UnrolledLoss(
+            self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight
+        )
         if self.world > 1:
             loss = DistributedDataParallel(loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.loss = loss
@@ -85,9 +93,18 @@ class Trainer:
         o = self.opts
         if not o.teacher_cache:
             return None
-        meta = dict(target=o.target, dtype=o.dtype, data=o.data, seed=o.seed, seq_len=o.seq_len, top_k=o.teacher_top_k,
-                    kv_layers=sorted(set(self.teacher.kv_layers)))
-        if self.teacher.lm_weight.dtype != torch.float32:  # absent: float32 top-K logits, as in caches made before the choice
+        meta = dict(
+            target=o.target,
+            dtype=o.dtype,
+            data=o.data,
+            seed=o.seed,
+            seq_len=o.seq_len,
+            top_k=o.teacher_top_k,
+            kv_layers=sorted(set(self.teacher.kv_layers)),
+        )
+        if (
+            self.teacher.lm_weight.dtype != torch.float32
+        ):  # absent: float32 top-K logits, as in caches made before the choice
             meta["top_k_logits"] = str(self.teacher.lm_weight.dtype).removeprefix("torch.")
         cache = TeacherCache(o.teacher_cache, meta)
         self.log(f"mtpspec: teacher cache {o.teacher_cache}: {len(cache)} chunks there already")
@@ -113,9 +130,20 @@ class Trainer:
             self.log(f"mtpspec: fine-tuning the drafter in {path}")
             return load_drafter(path, torch.float32)
         vocab = hf.get_output_embeddings().weight.shape[0]
-        centroids = o.centroids if o.centroids >= 0 else (AUTO_CENTROIDS if vocab > 65536 and vocab % AUTO_CENTROIDS == 0 else 0)
-        drafter = init_drafter(hf, num_layers=o.num_layers, hidden_size=o.hidden_size or hf.config.hidden_size, lm_head="target",
-                               num_centroids=centroids, centroid_top_k=min(o.centroid_top_k, centroids or o.centroid_top_k), seed=o.seed).float()
+        centroids = (
+            o.centroids
+            if o.centroids >= 0
+            else (AUTO_CENTROIDS if vocab > 65536 and vocab % AUTO_CENTROIDS == 0 else 0)
+        )
+        drafter = init_drafter(
+            hf,
+            num_layers=o.num_layers,
+            hidden_size=o.hidden_size or hf.config.hidden_size,
+            lm_head="target",
+            num_centroids=centroids,
+            centroid_top_k=min(o.centroid_top_k, centroids or o.centroid_top_k),
+            seed=o.seed,
+        ).float()
         if centroids:
             self.log(f"mtpspec: clustering {vocab} output embeddings into {centroids} clusters")
             init_centroid_head(drafter, hf.get_output_embeddings().weight.detach().cpu(), seed=o.seed)
@@ -143,7 +171,12 @@ class Trainer:
             rate = tokens / (time.perf_counter() - started)
             if bar is not None:
                 cached = {} if self.cache is None else dict(cached=f"{self.cache_hits / self.cache_reads:.0%}")
-                bar.set_postfix(loss=f"{loss.item():.3f}", top1=" ".join(f"{a:.2f}" for a in agree.tolist()), tok_s=f"{rate:.0f}", **cached)
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    top1=" ".join(f"{a:.2f}" for a in agree.tolist()),
+                    tok_s=f"{rate:.0f}",
+                    **cached,
+                )
                 bar.update(1)
             if o.checkpoint_every and self.step % o.checkpoint_every == 0 and self.step < o.max_steps:
                 self._checkpoint()
@@ -202,8 +235,14 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         if self.main:
-            ckpt = Checkpoint(self.step, self.position, self.drafter.config.to_json_dict(), self.drafter.state_dict(),
-                              self.optimizer.state_dict(), torch.get_rng_state())
+            ckpt = Checkpoint(
+                self.step,
+                self.position,
+                self.drafter.config.to_json_dict(),
+                self.drafter.state_dict(),
+                self.optimizer.state_dict(),
+                torch.get_rng_state(),
+            )
             save_checkpoint(self.opts.out, ckpt, self.opts.keep_checkpoints)
 
     def _evaluate(self, prompts, bar) -> None:
@@ -266,7 +305,9 @@ def start_as_copy(drafter: MtpModel, teacher: Teacher, source: TextSource) -> No
         return
     _, ids = next(source.chunks())
     device = drafter.post_projection.weight.device
-    hidden = teacher.run([ids.to(device)], torch.arange(1, 2, device=device), 1).hidden  # one teacher forward; one taught row
+    hidden = teacher.run(
+        [ids.to(device)], torch.arange(1, 2, device=device), 1
+    ).hidden  # one teacher forward; one taught row
     rms = hidden.pow(2).mean(-1).sqrt().mean()
     eye = torch.eye(c.hidden_size, device=device)
     with torch.no_grad():
@@ -287,7 +328,9 @@ def _init_distributed(device: torch.device) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return dist.get_rank(), dist.get_world_size()
 
 
