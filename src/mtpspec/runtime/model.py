@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MtpspecError
-from ..families import SLIDING, family_for
+from ..families import family_for
 from ..kernels.attention import exact_attention
 from .build import ops
 from .weights import GgufWeights, QMatrix
@@ -183,7 +183,3 @@ class GgufModel:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on `[T, heads, D]` with cos, sin `[1, T, D]` (transformers' rotate_half form, one C++ call)."""
     return ops().rope(x, cos[0], sin[0])
-
-
-def is_sliding(kind: str) -> bool:
-    return kind == SLIDING
