@@ -117,14 +117,14 @@ def load_target(model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weig
     if weights == "gguf" and gguf is None:
         raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
     if gguf is not None:
-        weights_ = GgufWeights(gguf)  # a corrupt or truncated file fails here, with one clear line
-        arch = weights_.architecture
+        tensors = GgufWeights(gguf)  # a corrupt or truncated file fails here, with one clear line
+        arch = tensors.architecture
         if arch in ARCHS:
             if dtype not in RUNTIME_DTYPES:
                 raise MtpspecError(
                     f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant"
                 )
-            return load_gguf(weights_, model if model in BUNDLED else None)
+            return load_gguf(tensors, model if model in BUNDLED else None)
         if weights == "gguf":
             raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
         print(

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MtpspecError
-from ..models import BUNDLED, parse_dtype, resolve_model
+from ..models import gguf_file, parse_dtype, resolve_model
 from .runners import Decoding, RunResult
 
 
@@ -100,10 +100,8 @@ class HFRunner:
 
 def gguf_path(model: str) -> Path:
     """The GGUF file behind a `--model` value (llama.cpp reads GGUF only)."""
-    if model in BUNDLED:
-        return BUNDLED[model].gguf()
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf" and path.is_file():
+    path = gguf_file(model)
+    if path is not None:
         return path
     raise MtpspecError(f"llama.cpp needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
 
