@@ -17,6 +17,7 @@ from mtpspec.cli import main
 from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops
+from mtpspec.runtime.target import GgufTarget
 from mtpspec.runtime.weights import NATIVE
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
@@ -228,3 +229,29 @@ def test_bench_profile_reports_where_a_step_goes(tiny_llama_gguf, tmp_path):
 
     profile = json.loads((out / "profile.json").read_text())
     assert profile["none"]["forwards"] > 0 and profile["none"]["linear layers"] > 0
+
+
+def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf):
+    """`forward_many`: rows of several sequences (different lengths, positions, prefill chunks, greedy
+    and full-logits calls) in one pass equal each sequence's own forwards, bit for bit."""
+    solo = load_gguf(tiny_gguf)
+    prompts = [torch.arange(3, 3 + n) % solo.vocab_size for n in (5, 11, 2)]
+    blocks = [torch.tensor([7, 8, 9]), torch.tensor([4]), torch.tensor([1, 2, 3, 4, 5, 6])]
+    expected = []
+    for prompt, block in zip(prompts, blocks, strict=True):
+        solo.reset(32)
+        solo.forward(prompt[:-1], logits=False)  # a prefill in two chunks
+        last = solo.forward(prompt[-1:])
+        expected.append((last.logits.clone(), solo.forward(block, logits=False).best.clone()))
+    seqs = [solo.fork() for _ in prompts]
+    for s in seqs:
+        s.reset(32)
+    GgufTarget.forward_many([(s, p[:-1], False) for s, p in zip(seqs, prompts, strict=True)])
+    lasts = GgufTarget.forward_many([(s, p[-1:], True) for s, p in zip(seqs, prompts, strict=True)])
+    steps = GgufTarget.forward_many([(s, b, i == 1) for i, (s, b) in enumerate(zip(seqs, blocks, strict=True))])
+    for i, ((logits, best), last, step) in enumerate(zip(expected, lasts, steps, strict=True)):
+        assert torch.equal(last.logits, logits)
+        assert torch.equal(step.greedy(), best), i
+        assert seqs[i].length == prompts[i].shape[0] + blocks[i].shape[0]
+    with pytest.raises(ValueError, match="one model"):
+        GgufTarget.forward_many([(seqs[0], blocks[0], False), (load_gguf(tiny_gguf), blocks[0], False)])

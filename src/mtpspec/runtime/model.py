@@ -30,6 +30,16 @@ ARCHS = ("gemma3", "llama")
 
 
 @dataclass
+class Segment:
+    """Consecutive rows of a forward that continue one sequence: its cache (one (keys, values)
+    `[1, Hkv, capacity, D]` pair per layer) and the position of its first row."""
+
+    cache: list[tuple[torch.Tensor, torch.Tensor]]
+    start: int
+    rows: int
+
+
+@dataclass
 class Layer:
     kind: str  # "sliding_attention" or "full_attention"
     window: int | None
@@ -125,11 +135,25 @@ class GgufModel:
     def forward(self, ids: torch.Tensor, start: int, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states `[T, H]` (after the final norm) of tokens `ids` `[T]` at positions start.., writing
         their K/V into `cache` (one (keys, values) `[1, Hkv, capacity, D]` pair per layer)."""
+        return self.forward_segments(ids, [Segment(cache, start, ids.shape[0])])
+
+    def forward_segments(self, ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+        """`forward` for several sequences in one pass: `segments` cover `ids` `[T]` in order, each
+        segment's rows continuing its own sequence in its own cache. The projections read each weight
+        once for all T rows; attention runs per segment over that segment's cache. Every row's result
+        is the one it would have alone (row invariance), whoever shares the pass."""
         t = ids.shape[0]
-        positions = torch.arange(start, start + t)
+        if sum(s.rows for s in segments) != t:
+            raise ValueError(f"segments cover {sum(s.rows for s in segments)} rows, not {t}")
+        spans = []  # (row offset, positions) per segment
+        offset = 0
+        for s in segments:
+            spans.append((offset, torch.arange(s.start, s.start + s.rows)))
+            offset += s.rows
+        positions = torch.cat([p for _, p in spans])
         tables = {kind: self.rope(kind, positions[None]) for kind in self.family.attention_types()}
         x = self.embed(ids)
-        for layer, (keys, values) in zip(self.layers, cache, strict=True):
+        for i, layer in enumerate(self.layers):
             h = self.norm(x, layer.attn_norm)
             q, k, v = QMatrix.linear_many(h, [layer.q, layer.k, layer.v])
             q = q.view(t, self.heads, self.head_dim)
@@ -138,9 +162,14 @@ class GgufModel:
                 q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
             cos, sin = tables[layer.kind]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            keys[0, :, start : start + t] = k.transpose(0, 1)
-            values[0, :, start : start + t] = v.transpose(0, 1)
-            a = self._attend(q, keys, values, positions, layer.window)
+            parts = []
+            for s, (first, pos) in zip(segments, spans, strict=True):
+                keys, values = s.cache[i]
+                rows = slice(first, first + s.rows)
+                keys[0, :, s.start : s.start + s.rows] = k[rows].transpose(0, 1)
+                values[0, :, s.start : s.start + s.rows] = v[rows].transpose(0, 1)
+                parts.append(self._attend(q[rows], keys, values, pos, layer.window))
+            a = parts[0] if len(parts) == 1 else torch.cat(parts)
             a = layer.o.linear(a.reshape(t, -1))
             if self.gemma:
                 a = self.norm(a, layer.post_attn_norm)

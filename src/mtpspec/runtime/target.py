@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MtpspecError
-from .model import GgufModel
+from .model import GgufModel, Segment
 from .weights import QMatrix
 
 
@@ -78,25 +78,58 @@ class GgufTarget:
         """The output head `[V, H]` (tied to the input embedding where the model ties them)."""
         return self.gguf.head
 
-    def start(self, prompt_ids: torch.Tensor, capacity: int) -> TargetStep:
-        """Reset the cache to hold `capacity` positions and prefill the prompt `[n]`; returns its last row."""
-        check_prompt(prompt_ids.shape[0], self.context_window)
+    def fork(self) -> GgufTarget:
+        """Another sequence over the same weights, with its own (empty) cache: sequences of one
+        model can share a pass (`forward_many`)."""
+        other = GgufTarget(self.gguf, self.tokenizer)
+        other.eos_token_ids = self.eos_token_ids
+        return other
+
+    def reset(self, capacity: int) -> None:
+        """Empty the cache and make room for `capacity` positions."""
         # A cache far larger than this request (left by an outsized one) is given back.
         if self.capacity < capacity or self.capacity > 4 * capacity + 4096:
             self._allocate(capacity)
         self._length = 0
+
+    def start(self, prompt_ids: torch.Tensor, capacity: int) -> TargetStep:
+        """Reset the cache to hold `capacity` positions and prefill the prompt `[n]`; returns its last row."""
+        check_prompt(prompt_ids.shape[0], self.context_window)
+        self.reset(capacity)
         hidden = self._body(prompt_ids)[-1:]
         return TargetStep(hidden, logits=self.gguf.logits(hidden))
 
     def forward(self, ids: torch.Tensor, logits: bool = True) -> TargetStep:
         """Run `ids` `[T]` at the next T positions; their K/V stay cached until rolled back. With
         `logits=False` only each row's argmax is computed, fused with the head."""
-        if self._length + ids.shape[0] > self.capacity:
-            raise RuntimeError(f"cache overflow: {self._length} + {ids.shape[0]} > {self.capacity}")
-        hidden = self._body(ids)
-        if logits:
-            return TargetStep(hidden, logits=self.gguf.logits(hidden))
-        return TargetStep(hidden, best=self.gguf.greedy(hidden))
+        return GgufTarget.forward_many([(self, ids, logits)])[0]
+
+    @staticmethod
+    @torch.inference_mode()
+    def forward_many(calls: list[tuple[GgufTarget, torch.Tensor, bool]]) -> list[TargetStep]:
+        """`target.forward(ids, logits)` for each (target, ids, logits) call, in one pass over the
+        weights: the targets are sequences of one model (see `fork`). Each step equals the one the
+        call would give alone, bit for bit."""
+        model = calls[0][0].gguf
+        segments = []
+        for target, ids, _ in calls:
+            if target.gguf is not model:
+                raise ValueError("forward_many runs sequences of one model")
+            if target._length + ids.shape[0] > target.capacity:
+                raise RuntimeError(f"cache overflow: {target._length} + {ids.shape[0]} > {target.capacity}")
+            segments.append(Segment(target.cache, target._length, ids.shape[0]))
+        hidden = model.forward_segments(torch.cat([ids for _, ids, _ in calls]), segments)
+        steps = [TargetStep(rows) for rows in hidden.split([ids.shape[0] for _, ids, _ in calls])]
+        for target, ids, _ in calls:
+            target._length += ids.shape[0]
+        # One pass over the head for all calls that want logits, one for all that want argmaxes.
+        for want, head, field in ((True, model.logits, "logits"), (False, model.greedy, "best")):
+            group = [step for step, (_, _, logits) in zip(steps, calls, strict=True) if bool(logits) is want]
+            if group:
+                out = head(group[0].hidden if len(group) == 1 else torch.cat([g.hidden for g in group]))
+                for step, part in zip(group, out.split([g.hidden.shape[0] for g in group]), strict=True):
+                    setattr(step, field, part)
+        return steps
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states `[T, H]` of `ids` at the next T positions, without the head."""
