@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("target", "mtp"),  # the target wrapper every drafter reads; the MTP drafter model
     ("drafters",),
     ("engine",),
+    ("batch",),  # continuous batching: many engine generations, one pass per step
     ("api",),
     ("cli_args",),  # the flags that `generate`, `chat` and `serve` share
     ("training", "bench", "server"),  # applications of the library, independent of each other

@@ -53,6 +53,127 @@ class GenerationResult:
     stats: Stats = field(default_factory=Stats)
 
 
+class Generation:
+    """One request's decoding, step by step: `need()` gives the ids the target must run next (the
+    prompt, then each round's last committed token and drafts), `advance(step)` takes that forward's
+    result and returns the chunk it decided. `Engine.stream` runs one generation alone; the batcher
+    runs several, their forwards sharing passes over the weights. Either way the same code decides."""
+
+    def __init__(self, target: Target, drafter: Drafter, prompt_ids: list[int], config: GenerationConfig, result=None):
+        self.target, self.drafter, self.config = target, drafter, config
+        self.result = res = result if result is not None else GenerationResult(list(prompt_ids))
+        self.params = config.sampling
+        self.generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
+        self.n_prompt = n = len(prompt_ids)
+        self.max_new = min(config.max_new_tokens, target.context_window - n)
+        self.k = config.num_draft_tokens
+        self.capacity = n + self.max_new + self.k + 1  # cache positions the target needs
+        self.tracker = TextTracker(target.tokenizer, config.stop)
+        self.eos = frozenset() if config.ignore_eos else target.eos_token_ids
+        self.tokens = torch.zeros(n + self.max_new + 1, dtype=torch.long)
+        self.tokens[:n] = torch.tensor(prompt_ids, dtype=torch.long)
+        self.state: DecodeState | None = None  # set once the prompt is prefilled
+        self.done = False
+        self._draft = None
+        self._t_start = self._t_step = time.perf_counter()
+        self._t_decode = 0.0
+        res.stats.generated_tokens = 0
+
+    @property
+    def prefilled(self) -> bool:
+        return self.state is not None
+
+    @property
+    def wants_logits(self) -> bool:
+        """Whether a round's forward must give full logits (sampling), or only each row's argmax."""
+        return not self.params.greedy
+
+    def need(self) -> torch.Tensor:
+        """The ids the target runs next: the whole prompt (prefill), then `[last committed, drafts...]`."""
+        if self.state is None:
+            return self.tokens[: self.n_prompt]
+        state, stats = self.state, self.result.stats
+        budget = self.max_new - len(self.result.token_ids)
+        self._draft = Engine._timed(
+            stats, "draft_s", self.drafter.propose, state, min(self.k, budget - 1), self.params, self.generator
+        )
+        self._t_step = time.perf_counter()
+        return torch.cat([state.tokens[state.length - 1 : state.length], self._draft.tokens])
+
+    def advance(self, step) -> Chunk:
+        """Take the target's step for the ids `need()` gave (the prefill's: its last row only)."""
+        if self.state is None:
+            return self._first(step)
+        state, draft, stats = self.state, self._draft, self.result.stats
+        block = 1 + draft.tokens.shape[0]
+        kept = 0
+        try:
+            if self.params.greedy:
+                verdict = accept_greedy(draft.tokens, step.greedy())
+            else:
+                verdict = verify(draft.tokens, draft.q, step.logits, self.params, self.generator)
+            kept = 1 + verdict.accepted
+        finally:
+            self.target.rollback(block - kept)  # keep [last, accepted drafts]
+        stats.verify_s += time.perf_counter() - self._t_step
+
+        state.last_hidden = step.hidden[verdict.accepted]
+        pending = draft.tokens[: verdict.accepted].tolist() + [verdict.next_token]
+        # Commit token by token: EOS, stop strings and the budget can end a generation mid-block.
+        self.done = self._commit(pending)
+        stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending))
+        if not self.done:
+            Engine._timed(stats, "draft_s", self.drafter.commit, state, draft, verdict.accepted)
+        if self.config.adaptive:
+            self.k = _adapt(self.k, draft.tokens.shape[0], verdict.accepted, self.config.num_draft_tokens)
+        return self._chunk(pending)
+
+    def _first(self, step) -> Chunk:
+        res = self.result
+        self.state = DecodeState(self.target, self.tokens, self.n_prompt, step.hidden[-1])
+        if self.params.greedy:
+            token = int(argmax(step.logits[-1]))
+        else:
+            token = int(sample(probabilities(step.logits[-1], self.params), self.generator))
+        res.stats.prefill_s = time.perf_counter() - self._t_start
+        self._t_decode = time.perf_counter()
+        pending = [token]
+        self.done = self._commit(pending)
+        if not self.done:
+            Engine._timed(res.stats, "draft_s", self.drafter.begin, self.state)
+        return self._chunk(pending)
+
+    def _chunk(self, pending: list[int]) -> Chunk:
+        stats = self.result.stats
+        stats.decode_s = time.perf_counter() - self._t_decode
+        stats.generated_tokens = len(self.result.token_ids)
+        self.result.text = self.tracker.text
+        return Chunk(self.tracker.delta(final=self.done), pending)
+
+    def _commit(self, pending: list[int]) -> bool:
+        """Append `pending` to the state and result; True once the generation is finished.
+        Tokens after the finishing one are dropped from `pending`."""
+        state, res, tracker = self.state, self.result, self.tracker
+        for i, tok in enumerate(pending):
+            state.tokens[state.length] = tok
+            state.length += 1
+            res.token_ids.append(tok)
+            if tracker.stop or i == len(pending) - 1:
+                tracker.update(res.token_ids)
+            reason = None
+            if tracker.stopped or tok in self.eos:
+                reason = "stop"
+            elif len(res.token_ids) >= self.max_new:
+                reason = "length"
+            if reason:
+                if i < len(pending) - 1:
+                    tracker.update(res.token_ids)
+                del pending[i + 1 :]
+                res.finish_reason = reason
+                return True
+        return False
+
+
 class Engine:
     def __init__(self, target: Target, drafter: Drafter):
         self.target = target
@@ -62,64 +183,13 @@ class Engine:
         self, prompt_ids: list[int], config: GenerationConfig, result: GenerationResult | None = None
     ) -> Iterator[Chunk]:
         """Yield chunks as tokens are accepted; `result` (if given) is filled in as it goes."""
-        res = result if result is not None else GenerationResult(list(prompt_ids))
-        target, drafter, stats = self.target, self.drafter, res.stats
-        params = config.sampling
-        gen = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
-        n_prompt = len(prompt_ids)
-        max_new = min(config.max_new_tokens, target.context_window - n_prompt)
-        k_max = config.num_draft_tokens
-        tracker = TextTracker(target.tokenizer, config.stop)
-        eos = frozenset() if config.ignore_eos else target.eos_token_ids
-
-        t0 = time.perf_counter()
-        tokens = torch.zeros(n_prompt + max_new + 1, dtype=torch.long)
-        tokens[:n_prompt] = torch.tensor(prompt_ids, dtype=torch.long)
-        first = target.start(tokens[:n_prompt], capacity=n_prompt + max_new + k_max + 1)
-        state = DecodeState(target, tokens, n_prompt, first.hidden[-1])
-        next_token = self._pick(first.logits[-1], params, gen)
-        stats.prefill_s = time.perf_counter() - t0
-        t_decode = time.perf_counter()
-
-        try:
-            k = k_max
-            pending = [next_token]
-            done = self._commit(pending, state, res, tracker, eos, max_new)
-            yield Chunk(tracker.delta(final=done), pending)
-            if not done:
-                self._timed(stats, "draft_s", drafter.begin, state)
-            while not done:
-                budget = max_new - len(res.token_ids)
-                draft = self._timed(stats, "draft_s", drafter.propose, state, min(k, budget - 1), params, gen)
-
-                t_verify = time.perf_counter()
-                block = torch.cat([state.tokens[state.length - 1 : state.length], draft.tokens])
-                kept = 0
-                try:
-                    step = target.forward(block, logits=not params.greedy)
-                    if params.greedy:
-                        verdict = accept_greedy(draft.tokens, step.greedy())
-                    else:
-                        verdict = verify(draft.tokens, draft.q, step.logits, params, gen)
-                    kept = 1 + verdict.accepted
-                finally:
-                    target.rollback(block.shape[0] - kept)  # keep [last, accepted drafts]
-                stats.verify_s += time.perf_counter() - t_verify
-
-                state.last_hidden = step.hidden[verdict.accepted]
-                pending = draft.tokens[: verdict.accepted].tolist() + [verdict.next_token]
-                # Commit token by token: EOS, stop strings and the budget can end a generation mid-block.
-                done = self._commit(pending, state, res, tracker, eos, max_new)
-                stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending))
-                if not done:
-                    self._timed(stats, "draft_s", drafter.commit, state, draft, verdict.accepted)
-                if config.adaptive:
-                    k = _adapt(k, draft.tokens.shape[0], verdict.accepted, k_max)
-                yield Chunk(tracker.delta(final=done), pending)
-        finally:
-            stats.decode_s = time.perf_counter() - t_decode
-            stats.generated_tokens = len(res.token_ids)
-            res.text = tracker.text
+        target = self.target
+        gen = Generation(target, self.drafter, prompt_ids, config, result)
+        step = target.start(gen.need(), capacity=gen.capacity)
+        yield gen.advance(step)
+        while not gen.done:
+            ids = gen.need()
+            yield gen.advance(target.forward(ids, logits=gen.wants_logits))
 
     @staticmethod
     def _timed(stats: Stats, field_name: str, fn, *args):
@@ -128,35 +198,6 @@ class Engine:
             return fn(*args)
         finally:
             setattr(stats, field_name, getattr(stats, field_name) + time.perf_counter() - t)
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, params: SamplingParams, gen) -> int:
-        if params.greedy:
-            return int(argmax(logits))
-        return int(sample(probabilities(logits, params), gen))
-
-    @staticmethod
-    def _commit(pending, state, res, tracker, eos, max_new) -> bool:
-        """Append `pending` to the state and result; True once the generation is finished.
-        Tokens after the finishing one are dropped from `pending`."""
-        for i, tok in enumerate(pending):
-            state.tokens[state.length] = tok
-            state.length += 1
-            res.token_ids.append(tok)
-            if tracker.stop or i == len(pending) - 1:
-                tracker.update(res.token_ids)
-            reason = None
-            if tracker.stopped or tok in eos:
-                reason = "stop"
-            elif len(res.token_ids) >= max_new:
-                reason = "length"
-            if reason:
-                if i < len(pending) - 1:
-                    tracker.update(res.token_ids)
-                del pending[i + 1 :]
-                res.finish_reason = reason
-                return True
-        return False
 
 
 def _adapt(k: int, drafted: int, accepted: int, k_max: int) -> int:

@@ -43,6 +43,7 @@ EMPTY = torch.empty(0, dtype=torch.long)
 
 class Drafter(Protocol):
     name: str
+    concurrent: bool  # one instance may serve several generations at once (no per-generation state)
 
     def begin(self, state: DecodeState) -> None:
         """A new generation: the prompt is prefilled and one token committed."""
@@ -58,6 +59,7 @@ class NoDrafter:
     """Plain autoregressive decoding: every round verifies the empty draft."""
 
     name = "none"
+    concurrent = True
 
     def begin(self, state: DecodeState) -> None:
         pass

@@ -15,6 +15,7 @@ class DraftModelDrafter:
     back to the drafts that were accepted and, next round, feeds the tokens it has not seen."""
 
     name = "draft"
+    concurrent = False  # its own cache follows one generation
 
     def __init__(self, model, tokenizer):
         # Same arithmetic as a target: a model drafting for itself then agrees with every verification.

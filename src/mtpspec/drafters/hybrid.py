@@ -21,6 +21,10 @@ class HybridDrafter:
     def __init__(self, mtp: MtpDrafter, min_match: int = 2, max_n: int = 3):
         self.mtp, self.min_match, self.max_n = mtp, min_match, max_n
 
+    @property
+    def concurrent(self) -> bool:
+        return self.mtp.concurrent
+
     def begin(self, state: DecodeState) -> None:
         self.mtp.begin(state)
 

@@ -36,6 +36,10 @@ class MtpDrafter:
         self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
         self.lm_weight = target.output_embedding if model.config.lm_head == "target" else None
 
+    @property
+    def concurrent(self) -> bool:
+        return isinstance(self.keys, CommittedKeys)  # stateless; the parity tests' reader tracks one generation
+
     def begin(self, state: DecodeState) -> None:
         self.keys.begin(state)
 

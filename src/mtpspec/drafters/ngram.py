@@ -12,6 +12,7 @@ class NgramDrafter:
     proposes the tokens that followed its most recent occurrence. No model, no state."""
 
     name = "ngram"
+    concurrent = True
 
     def __init__(self, max_n: int = 3, min_n: int = 1):
         self.max_n, self.min_n = max_n, min_n
