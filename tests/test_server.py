@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mtpspec import api
+from mtpspec.engine import Generation
 from mtpspec.server.app import create_app
 from mtpspec.server.config import ServerSettings
 from mtpspec.server.runner import BackgroundServer
@@ -257,24 +258,22 @@ def test_client_sees_errors_and_server_survives(client, url):
     assert client.completions.create(model=MODEL, prompt="a", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
-def test_engine_failure_is_a_500_not_a_crash(client, served):
+def test_engine_failure_is_a_500_not_a_crash(client, served, monkeypatch):
     url, pipe = served
-    original = pipe.engine.stream
+    original = Generation.advance
 
-    def failing(ids, config, result=None):
-        chunks = original(ids, config, result)
-        yield next(chunks)
-        chunks.close()
-        raise RuntimeError("boom")
+    def failing(self, step):
+        """The first token comes out, the first round fails."""
+        if self.prefilled:
+            raise RuntimeError("boom")
+        return original(self, step)
 
-    pipe.engine.stream = failing
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(Generation, "advance", failing)
         with pytest.raises(openai.InternalServerError):
             client.completions.create(model=MODEL, prompt="a", max_tokens=4, temperature=0)
         with pytest.raises(openai.APIError, match="failed to generate"):
             list(client.completions.create(model=MODEL, prompt="a", max_tokens=4, temperature=0, stream=True))
-    finally:
-        del pipe.engine.stream
     assert metric(scrape(url), "mtpspec_generations_total", endpoint="completions", outcome="error") == 2
     assert client.completions.create(model=MODEL, prompt="a", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
@@ -284,16 +283,16 @@ def test_engine_failure_is_a_500_not_a_crash(client, served):
 
 def test_disconnect_mid_stream_cancels_generation(client, served, ref, monkeypatch):
     url, pipe = served
-    original = pipe.engine.stream
+    original = Generation.advance
 
-    def slow(ids, config, result=None):
+    def slow(self, step):
         """Paced per token (a chunk can carry several accepted drafts), so that a 400-token generation takes
         at least 2 s and reliably outlasts the client's 0.5 s timeout, however fast the machine."""
-        for chunk in original(ids, config, result):
-            time.sleep(0.005 * max(1, len(chunk.token_ids)))
-            yield chunk
+        chunk = original(self, step)
+        time.sleep(0.005 * max(1, len(chunk.token_ids)))
+        return chunk
 
-    monkeypatch.setattr(pipe.engine, "stream", slow)
+    monkeypatch.setattr(Generation, "advance", slow)
     before = scrape(url)
     body = {
         "model": MODEL,
@@ -431,6 +430,48 @@ def test_full_queue_answers_503_with_retry_after(guarded):
         guarded + "/v1/completions", json={**body, "max_tokens": 2, "stream": False}, headers=auth, timeout=30
     )
     assert r.status_code == 200
+
+
+def test_batched_server_gives_each_client_its_solo_output(tiny_llama_gguf):
+    """A GGUF target batches: 10 concurrent clients (different prompts, lengths, stop strings, a seeded
+    sampled one) through 4 slots, each getting exactly its solo output, while several ran at once."""
+    pipe = api.Pipeline(api.load_gguf(tiny_llama_gguf), "ngram")
+    app = create_app(pipe, ServerSettings(model_name=MODEL, drafter="ngram", max_batch=4))
+    prompts = [f"client {i}: " + "ab " * (3 * i) for i in range(10)]
+    options = [
+        dict(max_tokens=6 + 3 * i, temperature=0.8 if i == 3 else 0, seed=5, stop=["b a"] if i % 4 == 1 else None)
+        for i in range(10)
+    ]
+    want = [
+        pipe.generate(
+            p,
+            max_new_tokens=o["max_tokens"],
+            temperature=o["temperature"],
+            seed=5,
+            stop=o["stop"] or (),
+            ignore_eos=True,
+        ).text
+        for p, o in zip(prompts, options, strict=True)
+    ]
+    peak = []
+    with BackgroundServer(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+        def run(i):
+            stream = client.completions.create(
+                model=MODEL, prompt=prompts[i], stream=True, extra_body={"ignore_eos": True}, **options[i]
+            )
+            text = ""
+            for c in stream:
+                peak.append(metric(scrape(url), "mtpspec_running_requests"))
+                text += c.choices[0].text if c.choices else ""
+            return text
+
+        with ThreadPoolExecutor(10) as pool:
+            got = list(pool.map(run, range(10), timeout=120))
+        assert httpx.get(url + "/health").json()["max_batch"] == 4
+    assert got == want
+    assert max(peak) > 1
 
 
 # --- the real model ------------------------------------------------------------------------------

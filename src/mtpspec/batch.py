@@ -23,7 +23,7 @@ from .target import check_prompt
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
 
 
-@dataclass
+@dataclass(eq=False)  # a slot is itself: hashed by identity
 class Slot:
     """One generation in the batch and the target sequence it runs on."""
 

@@ -39,7 +39,7 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = Metrics(settings.model_name, settings.drafter, settings.num_draft_tokens)
-    scheduler = Scheduler(pipeline.engine, settings.max_queue, metrics)
+    scheduler = Scheduler(pipeline.engine, settings.max_queue, metrics, settings.max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -62,7 +62,8 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
             "model": settings.model_name,
             "drafter": settings.drafter,
             "queue_depth": scheduler.waiting,
-            "running": int(scheduler.running is not None),
+            "running": len(scheduler.running),
+            "max_batch": scheduler.max_batch,
         }
 
     @app.get("/metrics")

@@ -43,7 +43,16 @@ def register(subparsers) -> None:
         type=int,
         default=64,
         metavar="N",
-        help="requests that may wait behind the running one; more get 503 with Retry-After (default: 64)",
+        help="requests that may wait while every batch slot is busy; more get 503 with Retry-After (default: 64)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        metavar="N",
+        help="generations that run at once, sharing each pass over the weights (continuous batching; each "
+        "output is still the one the request gets alone). Transformers targets (--weights dequant, Hugging "
+        "Face directories) and draft: drafters run one at a time (default: 8)",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -73,6 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queue < 0:
         raise MtpspecError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_batch < 1:
+        raise MtpspecError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.default_max_tokens < 1:
         raise MtpspecError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     api.generation_config(num_draft_tokens=args.num_draft_tokens)  # reject a bad K before the model loads
@@ -101,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adaptive=args.adaptive,
         api_key=api_key,
         max_queue=args.max_queue,
+        max_batch=args.max_batch,
         default_max_tokens=args.default_max_tokens,
     )
     host, port = sock.getsockname()[:2]

@@ -16,5 +16,6 @@ class ServerSettings:
     )  # k per round, for every request (a property of the server, not of a request)
     adaptive: bool = False
     api_key: str | None = None  # None: /v1 is open; else requests need `Authorization: Bearer <key>`
-    max_queue: int = 64  # requests that may wait behind the running one before a 503
+    max_queue: int = 64  # requests that may wait while every slot is busy, before a 503
+    max_batch: int = 8  # generations that share each target pass (1 where the target cannot batch)
     default_max_tokens: int = 256  # for requests that omit max_tokens (capped by the context window)

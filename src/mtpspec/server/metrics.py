@@ -71,7 +71,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("mtpspec_queue_depth", "Requests waiting for the engine", registry=r)
-        self.running = Gauge("mtpspec_running_requests", "Requests the engine is generating (0 or 1)", registry=r)
+        self.running = Gauge(
+            "mtpspec_running_requests", "Requests the engine is generating (at most --max-batch)", registry=r
+        )
 
     def record_generation(
         self, endpoint: str, outcome: str, prompt_tokens: int, stats: Stats, latency_s: float

@@ -1,10 +1,12 @@
-"""One worker thread runs generations one at a time; requests wait their turn in a bounded FIFO.
+"""One worker thread runs a continuous batch of generations; requests wait in a bounded FIFO.
 
-The engine owns one KV cache and is not reentrant, so exactly one thread ever touches it. A
-request becomes a `Job`: the HTTP side submits it and reads its events (text deltas, then one
-`Finished` or one exception) from an asyncio queue; the worker fills that queue from its thread.
-Cancelling a job (its client went away) drops it from the queue, or stops its generation after
-the current verification round by closing the engine's generator, which rolls the cache back.
+Only the worker touches the model and the caches. A request becomes a `Job`: the HTTP side
+submits it and reads its events (text deltas, then one `Finished` or one exception) from an
+asyncio queue; the worker fills that queue from its thread. Between steps the worker admits
+waiting jobs into free slots of the batch (`mtpspec.batch`), and every step advances all running
+generations in one target pass (a long prompt by one prefill chunk). Cancelling a job (its client
+went away) drops it from the queue, or drops its generation from the batch after the current step,
+prefill included. Targets that cannot share a pass run one generation at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..batch import Batch, Slot
 from ..engine import Engine, GenerationConfig, GenerationResult
 from ..errors import MtpspecError
 from .metrics import Metrics
@@ -43,7 +46,8 @@ class Job:
         self.prompt_ids = prompt_ids
         self.config = config
         self.endpoint = endpoint
-        self.received = time.perf_counter()
+        self.received = self.started = time.perf_counter()
+        self.first_token_s: float | None = None
         self.state = "queued"  # guarded by the scheduler's lock
         self.events: asyncio.Queue = asyncio.Queue()  # str deltas, then a Finished or an exception
         self._loop = asyncio.get_running_loop()
@@ -77,16 +81,20 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics):
-        self.engine = engine
-        self.max_queue = max_queue  # requests that may wait behind the running one
+    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, max_batch: int = 8):
+        self.batch = Batch(engine.target, engine.drafter, max_batch)
+        self.max_queue = max_queue  # requests that may wait while every slot is busy
         self.metrics = metrics
         self.waiting = 0
-        self.running: Job | None = None
+        self.running: dict[Slot, Job] = {}  # written by the worker only
         self._lock = threading.Lock()
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._mean_job_s = 1.0  # moving average of a generation's duration, for Retry-After
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch.max_batch
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="mtpspec-engine", daemon=True)
@@ -95,7 +103,7 @@ class Scheduler:
     def stop(self, timeout_s: float = 30.0) -> None:
         """Cancel what runs and waits, then end the worker."""
         with self._lock, self._jobs.mutex:
-            jobs = [j for j in (self.running, *self._jobs.queue) if j is not None]
+            jobs = [j for j in (*self.running.values(), *self._jobs.queue) if j is not None]
         for job in jobs:
             job.cancel()
         self._jobs.put(None)
@@ -105,8 +113,9 @@ class Scheduler:
     def submit(self, prompt_ids: list[int], config: GenerationConfig, endpoint: str) -> Job:
         """Queue a generation (call on the event loop); `QueueFull` when max_queue already wait."""
         with self._lock:
-            if self.waiting + (self.running is not None) > self.max_queue:
-                raise QueueFull(max(1, math.ceil(self._mean_job_s * (self.waiting + 1))))
+            if self.waiting + len(self.running) >= self.max_queue + self.max_batch:
+                waves = (self.waiting + 1) / self.max_batch  # batches that run before this one starts
+                raise QueueFull(max(1, math.ceil(self._mean_job_s * waves)))
             job = Job(self, prompt_ids, config, endpoint)
             self.waiting += 1
             self._jobs.put(job)
@@ -122,54 +131,69 @@ class Scheduler:
         self.metrics.generations.labels(job.endpoint, "cancelled").inc()  # it never reached the engine
         self._gauges()
 
-    def _take(self, job: Job) -> bool:
-        with self._lock:
-            if job.state != "queued":
-                return False
-            job.state = "running"
-            self.waiting -= 1
-            self.running = job
-        self._gauges()
-        return True
-
     def _gauges(self) -> None:
         self.metrics.queue_depth.set(self.waiting)
-        self.metrics.running.set(self.running is not None)
+        self.metrics.running.set(len(self.running))
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if not self._take(job):
-                continue
-            t0 = time.perf_counter()
+        while self._admit():
             try:
-                self._generate(job)
-            finally:
-                with self._lock:
-                    job.state = "done"
-                    self.running = None
-                self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (time.perf_counter() - t0)
-                self._gauges()
-
-    def _generate(self, job: Job) -> None:
-        result = GenerationResult(list(job.prompt_ids))
-        chunks = self.engine.stream(job.prompt_ids, job.config, result)
-        outcome = "error"
-        try:
-            for i, chunk in enumerate(chunks):
-                if i == 0:
-                    self.metrics.ttft.labels(job.endpoint).observe(time.perf_counter() - job.received)
+                events = self.batch.step()
+            except Exception as e:  # noqa: BLE001 - a failing step must not take the worker down
+                log.exception("generation failed")
+                for slot in list(self.running):
+                    self._finish(slot, "error", e)
+                continue
+            now = time.perf_counter()
+            for slot, chunk in events:
+                job = self.running[slot]
+                if job.first_token_s is None:
+                    job.first_token_s = now
+                    self.metrics.ttft.labels(job.endpoint).observe(now - job.received)
                 if chunk.text:
                     job.emit(chunk.text)
+            for slot, job in list(self.running.items()):
                 if job.cancelled:
-                    break
-            outcome = "cancelled" if job.cancelled else "ok"
-            job.emit(Finished(result, outcome))
-        except MtpspecError as e:
-            job.emit(e)
-        except Exception as e:  # noqa: BLE001 - one failing request must not take the worker down
-            log.exception("generation failed")
-            job.emit(e)
-        finally:
-            chunks.close()  # stops decoding if it was cut short; the engine rolls back in `finally`
-            latency = time.perf_counter() - job.received
-            self.metrics.record_generation(job.endpoint, outcome, len(job.prompt_ids), result.stats, latency)
+                    self._finish(slot, "cancelled")
+                elif slot.done:
+                    self._finish(slot, "ok")
+
+    def _admit(self) -> bool:
+        """Move waiting jobs into free slots (waiting for one when nothing runs); False on stop."""
+        while not self.batch.full:
+            try:
+                job = self._jobs.get(block=not self.running)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            with self._lock:
+                if job.state != "queued":
+                    continue
+                job.state = "running"
+                self.waiting -= 1
+            try:
+                slot = self.batch.add(job.prompt_ids, job.config)
+            except MtpspecError as e:
+                job.state = "done"
+                job.emit(e)
+                continue
+            with self._lock:
+                self.running[slot] = job
+            job.started = time.perf_counter()
+            self._gauges()
+        return True
+
+    def _finish(self, slot: Slot, outcome: str, error: BaseException | None = None) -> None:
+        job = self.running[slot]
+        self.batch.remove(slot)
+        with self._lock:
+            del self.running[slot]
+            job.state = "done"
+        job.emit(error if error is not None else Finished(slot.result, outcome))
+        now = time.perf_counter()
+        self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * (now - job.started)
+        self.metrics.record_generation(
+            job.endpoint, outcome, len(job.prompt_ids), slot.result.stats, now - job.received
+        )
+        self._gauges()
