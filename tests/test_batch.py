@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 import mtpspec
 from mtpspec.api import load_gguf
-from mtpspec.batch import Batch
+from mtpspec.batch import Batch, StepCosts, draft_limits
 from mtpspec.engine import GenerationConfig
 from mtpspec.mtp import init_drafter, save_drafter
+from mtpspec.stats import Stats
 
 PROMPTS = [
     "abc abc abc abc, the cat sat on the mat; the cat sat on the",
@@ -90,3 +93,44 @@ def test_batch_refuses_bad_input(tiny_llama_gguf):
     batch.add([1, 2], GenerationConfig(max_new_tokens=2))
     with pytest.raises(RuntimeError, match="full"):
         batch.add([1, 2], GenerationConfig(max_new_tokens=2))
+
+
+def _generation(acceptance: list[tuple[int, int]], k: int = 4, greedy: bool = True):
+    """A stand-in with what `draft_limits` reads: (drafted, accepted) counts per depth."""
+    stats = Stats(drafted_per_position=[d for d, _ in acceptance], accepted_per_position=[a for _, a in acceptance])
+    return SimpleNamespace(result=SimpleNamespace(stats=stats), params=SimpleNamespace(greedy=greedy), k=k)
+
+
+def _costs(fixed: float, per_row: float, per_draft: float = 0.0) -> StepCosts:
+    costs = StepCosts()
+    for rows in (4, 8, 12, 16):
+        costs.add_pass(rows, fixed + per_row * rows)
+    costs.add_drafts(10, 10 * per_draft)
+    return costs
+
+
+def test_step_costs_fit_a_line():
+    costs = _costs(0.010, 0.003)
+    fixed, per_row = costs.fit()
+    assert fixed == pytest.approx(0.010) and per_row == pytest.approx(0.003)
+    assert StepCosts().fit() is None
+
+
+def test_draft_lengths_follow_costs_and_acceptance():
+    good = [(100, 90), (90, 80), (80, 70), (70, 60)]
+    poor = [(100, 10), (10, 1)]
+    # Weights dominate (a row is cheap): drafts that are usually accepted are worth their rows.
+    assert draft_limits([_generation(good), _generation(good)], _costs(0.030, 0.0005), 0) == [4, 4]
+    fair = [(100, 50), (50, 20)]
+    # Rows are expensive: a draft accepted half the time does not raise tokens per second, so plain
+    # batched decoding; one accepted 90% of the time still does.
+    assert draft_limits([_generation(fair)] * 8, _costs(0.005, 0.004), 0) == [0] * 8
+    assert draft_limits([_generation(good)] * 8, _costs(0.005, 0.004), 0)[0] >= 1
+    # The cheap-row batch drafts for the generation that is accepted, not for the one that is not.
+    limits = draft_limits([_generation(good), _generation(poor)], _costs(0.030, 0.002), 0)
+    assert limits[0] > limits[1] == 0
+    # Sampled generations keep their k (their draws depend on it); a lone generation keeps its k.
+    assert draft_limits([_generation(fair, greedy=False), _generation(fair)], _costs(0.005, 0.004), 0) == [None, 0]
+    assert draft_limits([_generation(good)], _costs(0.005, 0.004), 0) == [None]
+    # Before passes of two sizes were measured there is nothing to decide from.
+    assert draft_limits([_generation(good)] * 2, StepCosts(), 0) == [None, None]

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .batch import generate_batch
+from .batch import SPECULATION, generate_batch
 from .drafters import DEFAULT, make_drafter, resolve_spec
 from .engine import Engine, GenerationConfig, GenerationResult
 from .errors import MtpspecError
@@ -72,18 +72,28 @@ class Pipeline:
         return stream.result
 
     def generate_batch(
-        self, prompts: Sequence[str | Messages], chat: bool = False, max_batch: int = 8, **options
+        self,
+        prompts: Sequence[str | Messages],
+        chat: bool = False,
+        max_batch: int = 8,
+        speculation: str = "auto",
+        **options,
     ) -> list[GenerationResult]:
         """Generate for every prompt, up to `max_batch` at once sharing each target pass (continuous
         batching: the next prompt joins as one finishes). Each result is the one `generate` gives for
-        that prompt alone, token for token (with a `seed`, sampled ones too). Targets that cannot
-        share a pass (transformers models) run the prompts one after another."""
+        that prompt alone, token for token (with a `seed`, sampled ones too). `speculation`: "auto"
+        picks greedy generations' draft lengths each step from measured costs (see `mtpspec.batch`),
+        "fixed" drafts `num_draft_tokens` always. Targets that cannot share a pass (transformers
+        models) run the prompts one after another."""
         if max_batch < 1:
             raise MtpspecError(f"max_batch must be at least 1, got {max_batch}")
+        if speculation not in SPECULATION:
+            raise MtpspecError(f"speculation must be one of {', '.join(SPECULATION)}, not {speculation!r}")
         ids = [self.encode(p, chat) for p in prompts]
         for one in ids:
             self._check_prompt(one)
-        return generate_batch(self.target, self.engine.drafter, ids, generation_config(**options), max_batch)
+        config = generation_config(**options)
+        return generate_batch(self.target, self.engine.drafter, ids, config, max_batch, speculation)
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:

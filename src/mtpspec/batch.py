@@ -8,12 +8,25 @@ read once for all rows, and every row's arithmetic is the one it has alone, so e
 output is its solo output bit for bit, whoever shares its steps. Generations join and leave between
 steps; a long prompt is prefilled a chunk per step, so it never stalls the others.
 
+Speculation under load: drafts that pay for themselves alone may not in a batch, where every
+drafted row adds per-row work to a pass that already yields a token for each generation. With
+`speculation="auto"`, whenever two or more generations decode in a step, each greedy generation's
+draft length is chosen from measured costs (`StepCosts`: a pass over R rows takes a + b·R seconds,
+a draft d seconds) and its own acceptance so far, to maximise the step's expected tokens per
+second (`draft_limits`); with no drafts at all that is plain batched decoding, so the rule never
+chooses less than it. Sampled generations keep their configured k, since their random draws
+depend on it (a seeded request reproduces its solo output). Draft lengths never change a greedy
+output, only its speed.
+
 Targets that cannot share a pass (transformers models) and drafters that keep per-generation
 state (`draft:`) run one generation at a time through the same loop.
 """
 
 from __future__ import annotations
 
+import heapq
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from .drafters import Drafter
@@ -21,6 +34,7 @@ from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .target import check_prompt
 
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
+SPECULATION = ("auto", "fixed")  # draft lengths under load: chosen from measured costs, or always k
 
 
 @dataclass(eq=False)  # a slot is itself: hashed by identity
@@ -40,17 +54,97 @@ class Slot:
         return self.generation.result
 
 
+class StepCosts:
+    """What steps cost, measured as the batch runs: a pass over R rows takes about `fixed + per_row·R`
+    seconds (least squares over the recent passes), a drafted token `per_draft` seconds."""
+
+    def __init__(self, window: int = 64):
+        self.passes: deque[tuple[int, float]] = deque(maxlen=window)  # (rows, seconds)
+        self.per_draft = 0.0  # moving average
+        self._drafts_seen = False
+
+    def add_pass(self, rows: int, seconds: float) -> None:
+        self.passes.append((rows, seconds))
+
+    def add_drafts(self, drafted: int, seconds: float) -> None:
+        if drafted:
+            each = seconds / drafted
+            self.per_draft = each if not self._drafts_seen else 0.9 * self.per_draft + 0.1 * each
+            self._drafts_seen = True
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed, per_row) seconds, once passes of at least two sizes were seen."""
+        if len(self.passes) < 4 or len({r for r, _ in self.passes}) < 2:
+            return None
+        n = len(self.passes)
+        mr = sum(r for r, _ in self.passes) / n
+        ms = sum(s for _, s in self.passes) / n
+        var = sum((r - mr) ** 2 for r, _ in self.passes)
+        per_row = max(sum((r - mr) * (s - ms) for r, s in self.passes) / var, 1e-6)
+        return max(ms - per_row * mr, 0.0), per_row
+
+
+def draft_gain(generation: Generation, depth: int) -> float:
+    """Expected tokens a draft at `depth` (1-based) adds: the chance the drafts up to it are all
+    accepted, from this generation's acceptance so far (smoothed towards a prior that decays with
+    depth, so depths it has not tried yet stay worth trying)."""
+    stats = generation.result.stats
+    gain = 1.0
+    for j in range(depth):
+        drafted = stats.drafted_per_position[j] if j < len(stats.drafted_per_position) else 0
+        accepted = stats.accepted_per_position[j] if j < len(stats.accepted_per_position) else 0
+        prior = 0.6 * gain
+        gain = min(gain, (accepted + 2 * prior) / (drafted + 2))
+    return gain
+
+
+def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: int) -> list[int | None]:
+    """Drafts per decoding generation this step (None: its configured k), chosen greedily while a
+    draft's expected tokens raise the step's tokens per second; `other_rows` (prefill chunks) share
+    the pass."""
+    fit = costs.fit()
+    if fit is None or len(generations) < 2:
+        return [None] * len(generations)
+    fixed, per_row = fit
+    unit = per_row + costs.per_draft  # what one more draft costs the step
+    tokens, seconds = float(len(generations)), fixed + per_row * (len(generations) + other_rows)
+    limits: list[int | None] = [None if not g.params.greedy else 0 for g in generations]
+    heap = [(-draft_gain(g, 1), i) for i, g in enumerate(generations) if limits[i] == 0 and g.k > 0]
+    heapq.heapify(heap)
+    while heap:
+        gain, i = heapq.heappop(heap)
+        gain = -gain
+        if gain * seconds <= unit * tokens:  # tokens/seconds would not rise: no draft is worth more
+            break
+        limits[i] += 1
+        tokens, seconds = tokens + gain, seconds + unit
+        if limits[i] < generations[i].k:
+            heapq.heappush(heap, (-draft_gain(generations[i], limits[i] + 1), i))
+    return limits
+
+
 def batchable(target, drafter: Drafter) -> bool:
     """Whether generations on `target` with `drafter` can share passes."""
     return hasattr(target, "forward_many") and getattr(drafter, "concurrent", False)
 
 
 class Batch:
-    def __init__(self, target, drafter: Drafter, max_batch: int = 8, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self,
+        target,
+        drafter: Drafter,
+        max_batch: int = 8,
+        prefill_chunk: int = PREFILL_CHUNK,
+        speculation: str = "auto",
+    ):
+        if speculation not in SPECULATION:
+            raise ValueError(f"speculation must be one of {SPECULATION}, not {speculation!r}")
         self.target, self.drafter = target, drafter
         self.batched = batchable(target, drafter)
         self.max_batch = max_batch if self.batched else 1
         self.prefill_chunk = prefill_chunk
+        self.speculation = speculation
+        self.costs = StepCosts()
         self.active: list[Slot] = []
         self._spare: list = []  # forks whose caches wait for the next generation
 
@@ -78,28 +172,38 @@ class Batch:
             self._spare.append(slot.target)
 
     def step(self) -> list[tuple[Slot, Chunk]]:
-        """One pass for every active generation; the chunks decided, in slot order. Finished
-        generations stay in `active` until removed."""
+        """One pass for every active generation; the chunks it decided. Finished generations stay
+        in `active` until removed."""
         if not self.batched:
             return [(slot, self._solo(slot)) for slot in self.active if not slot.done]
         calls, owners = [], []
         budget = self.prefill_chunk
         for slot in self.active:
             g = slot.generation
-            if slot.done:
+            if slot.done or g.prefilled:
                 continue
-            if g.prefilled:
-                calls.append((slot.target, g.need(), g.wants_logits))
-            elif budget > 0:
+            if budget > 0:
                 n = min(budget, g.n_prompt - slot.prefilled)
                 calls.append((slot.target, g.tokens[slot.prefilled : slot.prefilled + n], None))
+                owners.append(slot)
                 budget -= n
-            else:
-                continue
+        decoding = [slot for slot in self.active if not slot.done and slot.generation.prefilled]
+        limits = [None] * len(decoding)
+        if self.speculation == "auto":
+            limits = draft_limits([s.generation for s in decoding], self.costs, sum(c[1].shape[0] for c in calls))
+        t = time.perf_counter()
+        for slot, limit in zip(decoding, limits, strict=True):
+            calls.append((slot.target, slot.generation.need(limit), slot.generation.wants_logits))
             owners.append(slot)
+        self.costs.add_drafts(
+            sum(c[1].shape[0] - 1 for c in calls[len(calls) - len(decoding) :]), time.perf_counter() - t
+        )
         if not calls:
             return []
+        t = time.perf_counter()
         steps = type(self.target).forward_many(calls)
+        if len(decoding) == len(calls):  # decoding rows only (prefill rows skip the head: another cost)
+            self.costs.add_pass(len(calls) + sum(c[1].shape[0] - 1 for c in calls), time.perf_counter() - t)
         out = []
         for slot, (_, ids, _), step in zip(owners, calls, steps, strict=True):
             if not slot.generation.prefilled:
@@ -119,10 +223,15 @@ class Batch:
 
 
 def generate_batch(
-    target, drafter: Drafter, prompts: list[list[int]], config: GenerationConfig, max_batch: int = 8
+    target,
+    drafter: Drafter,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    max_batch: int = 8,
+    speculation: str = "auto",
 ) -> list[GenerationResult]:
     """Generate for every prompt, `max_batch` at a time, admitting the next as one finishes."""
-    batch = Batch(target, drafter, max_batch)
+    batch = Batch(target, drafter, max_batch, speculation=speculation)
     results = [GenerationResult(list(p)) for p in prompts]
     waiting = list(range(len(prompts)))[::-1]
     while waiting or batch.active:

@@ -88,15 +88,14 @@ class Generation:
         """Whether a round's forward must give full logits (sampling), or only each row's argmax."""
         return not self.params.greedy
 
-    def need(self) -> torch.Tensor:
-        """The ids the target runs next: the whole prompt (prefill), then `[last committed, drafts...]`."""
+    def need(self, limit: int | None = None) -> torch.Tensor:
+        """The ids the target runs next: the whole prompt (prefill), then `[last committed, drafts...]`,
+        at most `limit` drafts this round if given (the batcher's choice under load)."""
         if self.state is None:
             return self.tokens[: self.n_prompt]
         state, stats = self.state, self.result.stats
-        budget = self.max_new - len(self.result.token_ids)
-        self._draft = Engine._timed(
-            stats, "draft_s", self.drafter.propose, state, min(self.k, budget - 1), self.params, self.generator
-        )
+        k = min(self.k, self.max_new - len(self.result.token_ids) - 1, self.k if limit is None else limit)
+        self._draft = Engine._timed(stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator)
         self._t_step = time.perf_counter()
         return torch.cat([state.tokens[state.length - 1 : state.length], self._draft.tokens])
 

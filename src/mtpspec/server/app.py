@@ -39,7 +39,7 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     metrics = Metrics(settings.model_name, settings.drafter, settings.num_draft_tokens)
-    scheduler = Scheduler(pipeline.engine, settings.max_queue, metrics, settings.max_batch)
+    scheduler = Scheduler(pipeline.engine, settings.max_queue, metrics, settings.max_batch, settings.batch_speculation)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

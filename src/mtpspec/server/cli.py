@@ -7,6 +7,7 @@ import ipaddress
 import os
 import sys
 
+from ..batch import SPECULATION
 from ..cli_args import add_model_args
 from ..errors import MtpspecError
 
@@ -53,6 +54,16 @@ def register(subparsers) -> None:
         help="generations that run at once, sharing each pass over the weights (continuous batching; each "
         "output is still the one the request gets alone). Transformers targets (--weights dequant, Hugging "
         "Face directories) and draft: drafters run one at a time (default: 8)",
+    )
+    p.add_argument(
+        "--batch-speculation",
+        choices=SPECULATION,
+        default="auto",
+        help="draft lengths when several requests decode at once. auto: each step, greedy requests' draft "
+        "lengths are chosen from the measured cost of a pass, of a row and of a draft, and each request's "
+        "acceptance so far, to maximise the batch's tokens per second (no drafts at all is plain batched "
+        "decoding, so speculation never lowers throughput); a lone request and sampled requests keep "
+        "--num-draft-tokens. fixed: every request drafts --num-draft-tokens (default: auto)",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -113,6 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        batch_speculation=args.batch_speculation,
         default_max_tokens=args.default_max_tokens,
     )
     host, port = sock.getsockname()[:2]

@@ -81,8 +81,8 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, max_batch: int = 8):
-        self.batch = Batch(engine.target, engine.drafter, max_batch)
+    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, max_batch: int = 8, speculation: str = "auto"):
+        self.batch = Batch(engine.target, engine.drafter, max_batch, speculation=speculation)
         self.max_queue = max_queue  # requests that may wait while every slot is busy
         self.metrics = metrics
         self.waiting = 0
