@@ -71,6 +71,18 @@ def test_unquantized_rows_of_any_length(qtype):
     assert ((alone.double() - x.double() @ w.T).abs() <= 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30).all()
 
 
+@pytest.mark.parametrize("cols", [512, 2048])
+def test_many_rows_go_in_blocks_with_the_same_bits(cols):
+    """A prefill's rows are computed in L2-sized blocks (128 rows at 512 columns, 32 at 2048): each row
+    is still the row computed alone, in one matrix or several."""
+    ms = [matrix(Q.Q8_0, 24, cols, seed=9), matrix(Q.Q4_K, 20, cols, seed=10)]
+    x = torch.randn(300, cols, generator=torch.Generator().manual_seed(5))
+    together = QMatrix.linear_many(x, ms)
+    for m, y in zip(ms, together, strict=True):
+        alone = torch.cat([m.linear(x[i : i + 1]) for i in range(300)])
+        assert torch.equal(m.linear(x), alone) and torch.equal(y, alone)
+
+
 def test_several_matrices_in_one_call_give_the_same_bits():
     ms = [matrix(Q.Q5_0, 96, 512, seed=6), matrix(Q.Q8_0, 40, 512, seed=7), matrix(Q.Q4_K, 70, 512, seed=8)]
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))

@@ -561,11 +561,30 @@ Problem problem(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t 
 // Tiles of nb features per parallel task: grain keeps a task's weights worth a thread wake-up.
 int64_t grain_for(const Problem& p, int nb) { return std::max<int64_t>(1, (1 << 18) / (nb * std::max<int64_t>(1, p.K))); }
 
+// Many rows (a prefill) go in blocks whose activations stay in L2 (~256 KB) while every weight tile
+// passes over them; otherwise each tile would stream all M rows from memory again, and the cost
+// per row would grow with M. A block is a Problem of its own: every element's arithmetic is the
+// same, so the bits are too.
+int64_t block_rows(const Problem& p) { return std::max<int64_t>(16, (1 << 16) / p.Kp); }
+
+// fn(block, first row) for the row blocks of p.
+template <class Fn>
+void row_blocks(const Problem& p, Fn&& fn) {
+  const int64_t mb = block_rows(p);
+  for (int64_t m0 = 0; m0 < p.M; m0 += mb) {
+    Problem b = p;
+    b.M = std::min(mb, p.M - m0);
+    b.x = p.x + m0 * p.Kp;
+    fn(b, m0);
+  }
+}
+
 at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t K) {
   std::vector<float> xpad;
-  const Problem p = problem(x, w, type, K, xpad);
-  at::Tensor y = at::empty({p.M, p.N}, x.options());
-  float* out = y.data_ptr<float>();
+  const Problem whole = problem(x, w, type, K, xpad);
+  at::Tensor y = at::empty({whole.M, whole.N}, x.options());
+  row_blocks(whole, [&](const Problem& p, int64_t m0) {
+  float* out = y.data_ptr<float>() + m0 * p.N;
   dispatch(type, [&](auto t_) {
   with_shape(p.M, [&](auto s_) {
     constexpr int64_t T = decltype(t_)::value;
@@ -582,6 +601,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
     });
   });
   });
+  });
   return y;
 }
 
@@ -591,11 +611,18 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
 std::vector<at::Tensor> qlinear_many(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types, int64_t K) {
   TORCH_CHECK(ws.size() == types.size() && !ws.empty(), "qlinear_many: one type per matrix");
   std::vector<std::vector<float>> xpads(ws.size());
-  std::vector<Problem> ps;
+  std::vector<Problem> wholes;
   std::vector<at::Tensor> ys;
   for (size_t i = 0; i < ws.size(); ++i) {
-    ps.push_back(problem(x, ws[i], types[i], K, xpads[i]));
-    ys.push_back(at::empty({ps[i].M, ps[i].N}, x.options()));
+    wholes.push_back(problem(x, ws[i], types[i], K, xpads[i]));
+    ys.push_back(at::empty({wholes[i].M, wholes[i].N}, x.options()));
+  }
+  row_blocks(wholes[0], [&](const Problem& b, int64_t m0) {
+  std::vector<Problem> ps;
+  for (const Problem& p : wholes) {
+    ps.push_back(p);
+    ps.back().M = b.M;
+    ps.back().x = p.x + m0 * p.Kp;
   }
   with_shape(ps[0].M, [&](auto s_) {
     constexpr Shape S = *decltype(s_)::value;
@@ -606,13 +633,14 @@ std::vector<at::Tensor> qlinear_many(const at::Tensor& x, at::TensorList ws, at:
       for (int64_t t = begin; t < end; ++t) {
         const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
         const Problem& p = ps[i];
-        float* out = ys[i].data_ptr<float>();
+        float* out = ys[i].data_ptr<float>() + m0 * p.N;
         const int64_t n0 = (t - first[i]) * S.nb;
         dispatch(p.type, [&](auto t_) { features<decltype(t_)::value, S.nb, S.rmax>(p, n0, s); });
         for (int64_t m = 0; m < p.M; ++m)
           for (int64_t j = 0; j < std::min<int64_t>(S.nb, p.N - n0); ++j) out[m * p.N + n0 + j] = s.out[m * S.nb + j];
       }
     });
+  });
   });
   return ys;
 }
