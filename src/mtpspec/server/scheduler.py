@@ -4,7 +4,8 @@ The engine owns one KV cache and is not reentrant, so exactly one thread ever to
 request becomes a `Job`: the HTTP side submits it and reads its events (text deltas, then one
 `Finished` or one exception) from an asyncio queue; the worker fills that queue from its thread.
 Cancelling a job (its client went away) drops it from the queue, or stops its generation after
-the current verification round by closing the engine's generator, which rolls the cache back.
+the current verification round by closing the engine's generator, which rolls the cache back. A job
+still queued after `queue_timeout_s` expires: it leaves the queue and its request gets `QueueTimeout`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class QueueTimeout(Exception):
+    def __init__(self, waited_s: float, retry_after_s: int):
+        super().__init__(
+            f"the request waited {waited_s:.0f} s in the queue without reaching the engine; retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
 @dataclass
 class Finished:
     result: GenerationResult
@@ -37,7 +46,7 @@ class Finished:
 
 
 class Job:
-    """One request's generation. States: queued → running → done, or queued → dropped."""
+    """One request's generation. States: queued → running → done, or queued → dropped / expired."""
 
     def __init__(self, scheduler: Scheduler, prompt_ids: list[int], config: GenerationConfig, endpoint: str):
         self.prompt_ids = prompt_ids
@@ -77,9 +86,10 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics):
+    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, queue_timeout_s: float | None = None):
         self.engine = engine
         self.max_queue = max_queue  # requests that may wait behind the running one
+        self.queue_timeout_s = queue_timeout_s  # longest wait in the queue; None: no limit
         self.metrics = metrics
         self.waiting = 0
         self.running: Job | None = None
@@ -87,6 +97,11 @@ class Scheduler:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._mean_job_s = 1.0  # moving average of a generation's duration, for Retry-After
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it never ends before `stop` unless something killed it)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="mtpspec-engine", daemon=True)
@@ -106,12 +121,30 @@ class Scheduler:
         """Queue a generation (call on the event loop); `QueueFull` when max_queue already wait."""
         with self._lock:
             if self.waiting + (self.running is not None) > self.max_queue:
-                raise QueueFull(max(1, math.ceil(self._mean_job_s * (self.waiting + 1))))
+                raise QueueFull(self._retry_after_s())
             job = Job(self, prompt_ids, config, endpoint)
             self.waiting += 1
             self._jobs.put(job)
+        if self.queue_timeout_s is not None:
+            job._loop.call_later(self.queue_timeout_s, self._expire, job)
         self._gauges()
         return job
+
+    def _retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained, from recent generations' durations."""
+        return max(1, math.ceil(self._mean_job_s * (self.waiting + 1)))
+
+    def _expire(self, job: Job) -> None:
+        """Take `job` out of the queue if it is still there (on the event loop, `queue_timeout_s` after submit)."""
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "expired"
+            self.waiting -= 1
+            error = QueueTimeout(time.perf_counter() - job.received, self._retry_after_s())
+        self.metrics.generations.labels(job.endpoint, "queue_timeout").inc()
+        self._gauges()
+        job.events.put_nowait(error)
 
     def _drop(self, job: Job) -> None:
         with self._lock:
