@@ -139,3 +139,22 @@ def test_exact_mode_block_rows_match_single_rows_bf16(tok):
     target.rollback(len(ids))
     singles = torch.cat([target.forward(ids[i : i + 1]).logits for i in range(len(ids))])
     assert torch.equal(block.logits, singles)
+
+
+def test_an_outsized_cache_is_given_back(tok, plain):
+    """A request that needed a large cache leaves no large cache behind for the small ones after it."""
+    target = Target(build_tiny("llama"), tok)
+    target.start(torch.tensor(PROMPT), capacity=5000)
+    assert target.cache.layers[0].keys.shape[2] == 5000
+    target.start(torch.tensor(PROMPT), capacity=64)
+    assert target.capacity == 64 and target.cache.layers[0].keys.shape[2] == 64
+    target.start(torch.tensor(PROMPT), capacity=48)  # a little smaller: the cache is kept, not reallocated
+    assert target.capacity == 64
+    assert run(target, NgramDrafter(), PROMPT, max_new_tokens=40).token_ids == plain.token_ids
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens(target, plain):
+    """1e-38 used to overflow the logits to inf: NaN probabilities, then a token id outside the vocabulary."""
+    for temperature in (1e-38, 5e-324):
+        res = run(target, NgramDrafter(), PROMPT, max_new_tokens=40, temperature=temperature, seed=0)
+        assert res.token_ids == plain.token_ids

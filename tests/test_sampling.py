@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mtpspec.errors import MtpspecError
-from mtpspec.sampling import ARGMAX_BLOCK, SamplingParams, argmax, probabilities
+from mtpspec.sampling import ARGMAX_BLOCK, SamplingParams, argmax, probabilities, sample
 
 LOGITS = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.1]))
 
@@ -74,3 +74,22 @@ def test_argmax_is_torch_argmax(vocab, dtype):
     assert torch.equal(argmax(logits[3]), logits[3].argmax(-1))  # 1-D
     cube = logits[7:].reshape(2, 2, vocab)  # 3-D: the tie, NaN and -inf rows
     assert torch.equal(argmax(cube), cube.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45, 5e-324])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tiny_temperature_is_the_top_token_not_nan(temperature, dtype):
+    """Dividing logits by a temperature near float32's limits overflowed to inf (softmax NaN, then a
+    sampled id outside the vocabulary); the distribution is the limit's: the top token, ties shared."""
+    logits = torch.tensor([[3.0, 7.5, -2.0, 7.0], [1.0, 4.0, 4.0, float("-inf")]], dtype=dtype) * 10
+    p = probabilities(logits, SamplingParams(temperature=temperature, top_p=0.9, top_k=3))
+    assert p.tolist() == [[0, 1, 0, 0], [0, 0.5, 0.5, 0]]
+    gen = torch.Generator().manual_seed(0)
+    assert all(sample(p[0], gen) == 1 for _ in range(20))
+    assert all(sample(p[1], gen) in (1, 2) for _ in range(20))
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan")])
+def test_temperature_must_be_finite(temperature):
+    with pytest.raises(MtpspecError, match="temperature"):
+        SamplingParams(temperature=temperature)

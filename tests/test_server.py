@@ -24,6 +24,7 @@ from mtpspec.server.runner import BackgroundServer
 MODEL = "tiny"
 KEY = "test-key"
 LONG, LONG_PROMPT = 400, "Once upon a time"  # with ignore_eos: a generation that outlasts the checks made while it runs
+CAP = 450  # the served server's --max-tokens-cap: below the tiny models' context window (512), above LONG
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,7 +41,7 @@ def ref(tiny_dirs):
 @pytest.fixture(scope="module")
 def served(tiny_dirs):
     pipe = api.load(str(tiny_dirs["llama"]), "ngram")
-    app = create_app(pipe, ServerSettings(model_name=MODEL, drafter="ngram", max_queue=32))
+    app = create_app(pipe, ServerSettings(model_name=MODEL, drafter="ngram", max_queue=32, max_tokens_cap=CAP))
     with BackgroundServer(app) as url:
         yield url, pipe
 
@@ -204,7 +205,13 @@ BAD = [
     ("/v1/completions", b"[1, 2]", 400, None, None),
     ("/v1/completions", {**COMPLETION, "max_tokens": "4"}, 400, "max_tokens", None),
     ("/v1/completions", {**COMPLETION, "max_tokens": -1}, 400, "max_tokens", None),
-    ("/v1/completions", {**COMPLETION, "max_tokens": 10**12}, 400, "max_tokens", "context_length_exceeded"),
+    (  # the context window binds before the cap: the prompt leaves room for fewer than CAP tokens
+        "/v1/completions",
+        {**COMPLETION, "prompt": "x" * 100, "max_tokens": 10**12},
+        400,
+        "max_tokens",
+        "context_length_exceeded",
+    ),
     ("/v1/completions", {**COMPLETION, "temperature": 2.5}, 400, "temperature", None),
     ("/v1/completions", {**COMPLETION, "top_p": 0}, 400, "top_p", None),
     ("/v1/completions", {**COMPLETION, "stream": "yes"}, 400, "stream", None),
@@ -214,10 +221,29 @@ BAD = [
     ("/v1/completions", {**COMPLETION, "prompt": ["a", "b"]}, 400, "prompt", None),
     ("/v1/completions", {**COMPLETION, "prompt": [1, 99999]}, 400, "prompt", None),
     ("/v1/completions", {**COMPLETION, "prompt": ""}, 400, "prompt", None),
+    ("/v1/completions", {**COMPLETION, "prompt": []}, 400, "prompt", None),
+    ("/v1/completions", {**COMPLETION, "prompt": [""]}, 400, "prompt", None),
     ("/v1/completions", {**COMPLETION, "prompt": "x" * 600}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {**COMPLETION, "prompt": "x" * 10**6}, 400, "prompt", "context_length_exceeded"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": CAP + 1}, 400, "max_tokens", "max_tokens_exceeded"),
     ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ("/v1/completions", {"prompt": "a"}, 400, "model", "missing"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages", None),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": ""}]}, 400, "messages", None),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "system", "content": ""}, {"role": "user", "content": []}]},
+        400,
+        "messages",
+        None,
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "max_tokens": None, "max_completion_tokens": CAP + 1},
+        400,
+        "max_completion_tokens",
+        "max_tokens_exceeded",
+    ),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", None),
     (
         "/v1/chat/completions",

@@ -6,6 +6,7 @@ speculative sampling reproduces the filtered target distribution exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,8 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens whose probability is below min_p × the top probability
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise MtpspecError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise MtpspecError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise MtpspecError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -34,6 +35,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+
+# The smallest temperature divided by: float32's smallest normal number, so that the divisor never
+# rounds to 0 when it meets float32 logits. At it, every token whose logit is below the maximum
+# already gets probability 0 (ties for the maximum share it), so the floor changes nothing.
+MIN_DIVISOR = torch.finfo(torch.float32).tiny
 
 ARGMAX_BLOCK = 512  # tokens per block of `argmax`'s first pass
 
@@ -69,8 +75,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Filtered, normalised probabilities `[..., V]` (float32) for sampling with `params`."""
-    logits = logits.float() / params.temperature
+    """Filtered, normalised probabilities `[..., V]` (float32) for sampling with `params`.
+
+    Logits are shifted so that each row's maximum is 0 before they are divided by the temperature:
+    the same distribution, but a tiny temperature sends the others to -inf instead of overflowing
+    the maximum to +inf, whose softmax would be NaN.
+    """
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(params.temperature, MIN_DIVISOR)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from .attention import positions_mask
 from .families import family_for
 from .paths import row_invariance_store
-from .runtime.target import TargetStep, check_prompt, stop_token_ids
+from .runtime.target import TargetStep, check_prompt, needs_new_cache, stop_token_ids
 
 PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the probe checks
 
@@ -55,7 +55,7 @@ class Target:
         Returns the last prompt row only (the only one generation needs).
         """
         check_prompt(prompt_ids.shape[0], self.context_window)
-        if self.cache is None or self.capacity < capacity:
+        if self.cache is None or needs_new_cache(self.capacity, capacity):
             self.capacity = capacity
             self.cache = Cache(layers=[StaticLayer(capacity) for _ in range(self.family.num_cache_layers())])
         else:

@@ -50,6 +50,12 @@ def check_prompt(n: int, context_window: int) -> None:
         raise MtpspecError(f"the prompt has {n} tokens; the model's context window is {context_window}")
 
 
+def needs_new_cache(capacity: int, wanted: int) -> bool:
+    """Whether a cache of `capacity` positions is replaced for a request that needs `wanted`: it is
+    too small, or far larger (left by an outsized request, and its memory is given back)."""
+    return capacity < wanted or capacity > 4 * wanted + 4096
+
+
 class GgufTarget:
     exact = True  # by construction; there is no inexact mode
     dtype = torch.float32  # activations, K/V and logits
@@ -87,8 +93,7 @@ class GgufTarget:
 
     def reset(self, capacity: int) -> None:
         """Empty the cache and make room for `capacity` positions."""
-        # A cache far larger than this request (left by an outsized one) is given back.
-        if self.capacity < capacity or self.capacity > 4 * capacity + 4096:
+        if needs_new_cache(self.capacity, capacity):
             self._allocate(capacity)
         self._length = 0
 

@@ -7,6 +7,7 @@ unexpected one becomes a 500, and neither stops the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,10 +26,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..api import Pipeline
 from ..errors import MtpspecError
 from . import openai_format as fmt
-from .config import ServerSettings
+from .config import ServerSettings, drafter_name
 from .errors import ApiError, error_body, from_validation
+from .guard import OriginGuard, host_names
 from .metrics import Metrics
-from .scheduler import Finished, Job, QueueFull, Scheduler
+from .scheduler import Finished, Job, QueueFull, QueueTimeout, Scheduler
 from .schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("mtpspec.server")
@@ -38,8 +41,16 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
+    settings = dataclasses.replace(settings, drafter=drafter_name(settings.drafter))
     metrics = Metrics(settings.model_name, settings.drafter, settings.num_draft_tokens)
-    scheduler = Scheduler(pipeline.engine, settings.max_queue, metrics, settings.max_batch, settings.batch_speculation)
+    scheduler = Scheduler(
+        pipeline.engine,
+        settings.max_queue,
+        metrics,
+        settings.max_batch,
+        settings.batch_speculation,
+        settings.queue_timeout_s,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -51,20 +62,31 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="mtpspec", summary="OpenAI-compatible speculative decoding server", lifespan=lifespan)
     app.state.scheduler, app.state.metrics = scheduler, metrics
+    # The last added runs first: count every response, then refuse foreign pages, then answer CORS.
+    if settings.allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    hosts = None if settings.allow_hosts is None else host_names(settings.allow_hosts)
+    app.add_middleware(OriginGuard, origins=settings.allow_origins, hosts=hosts)
     app.add_middleware(CountRequests, metrics=metrics)
     _add_error_handlers(app)
     app.include_router(_v1(pipeline, settings, scheduler))
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
+        body = {
+            "status": "ok" if scheduler.alive else "engine_stopped",
             "model": settings.model_name,
             "drafter": settings.drafter,
             "queue_depth": scheduler.waiting,
             "running": len(scheduler.running),
             "max_batch": scheduler.max_batch,
         }
+        return JSONResponse(body, status_code=200 if scheduler.alive else 503)
 
     @app.get("/metrics")
     async def prometheus():
@@ -76,6 +98,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
 def _v1(pipeline: Pipeline, settings: ServerSettings, scheduler: Scheduler) -> APIRouter:
     """The OpenAI routes, behind the API key when there is one."""
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(_key_checker(settings.api_key))])
+    chars_per_token = fmt.longest_token_chars(pipeline.tokenizer)
     card = {
         "id": settings.model_name,
         "object": "model",
@@ -99,14 +122,18 @@ def _v1(pipeline: Pipeline, settings: ServerSettings, scheduler: Scheduler) -> A
 
     async def generate(request: Request, req: fmt.OpenAIRequest, endpoint: str) -> Response:
         _check_model(req.model, settings)
-        ids = fmt.prompt_ids(pipeline, req)
+        if not scheduler.alive:
+            raise ApiError(
+                503, "the engine has stopped; see the server's log", type="server_error", code="engine_stopped"
+            )
+        fmt.check_prompt_length(req, pipeline.target.context_window, chars_per_token)
+        # Tokenizing and templating take seconds for long prompts; the event loop serves every stream meanwhile.
+        ids = await anyio.to_thread.run_sync(fmt.prompt_ids, pipeline, req)
         config = fmt.generation_config(req, len(ids), pipeline.target.context_window, settings)
         try:
             job = scheduler.submit(ids, config, endpoint)
         except QueueFull as e:
-            raise ApiError(
-                503, str(e), type="server_overloaded", code="queue_full", headers={"Retry-After": str(e.retry_after_s)}
-            ) from e
+            raise _overloaded(e, "queue_full") from e
         reply = fmt.reply_for(req, settings)
         if req.stream:
             return JobStream(_sse(job, reply, req.include_usage), job)
@@ -153,6 +180,14 @@ def _check_model(name: str, settings: ServerSettings) -> None:
 
 
 async def _parse(request: Request, model: type[CompletionRequest | ChatCompletionRequest]):
+    # A web page may POST text/plain or a form anywhere without asking first; JSON needs the server's consent (CORS).
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(
+            415,
+            f"the request body must be sent as Content-Type: application/json, not {media_type or 'no type'!r}",
+            code="unsupported_media_type",
+        )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB", code="body_too_large")
@@ -235,9 +270,15 @@ class JobStream(StreamingResponse):
             self.job.cancel()
 
 
+def _overloaded(e: QueueFull | QueueTimeout, code: str) -> ApiError:
+    return ApiError(503, str(e), type="server_overloaded", code=code, headers={"Retry-After": str(e.retry_after_s)})
+
+
 def _failure(e: BaseException) -> ApiError:
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, QueueTimeout):
+        return _overloaded(e, "queue_timeout")
     if isinstance(e, MtpspecError):
         return ApiError(400, str(e))
     return ApiError(

@@ -10,6 +10,7 @@ import sys
 from ..batch import SPECULATION
 from ..cli_args import add_model_args
 from ..errors import MtpspecError
+from .config import SHUTDOWN_TIMEOUT_S, ServerSettings
 
 API_KEY_ENV = "MTPSPEC_API_KEY"
 
@@ -68,9 +69,53 @@ def register(subparsers) -> None:
     p.add_argument(
         "--default-max-tokens",
         type=int,
-        default=256,
+        default=ServerSettings.default_max_tokens,
         metavar="N",
-        help="completion length for requests without max_tokens (default: 256, capped by the context window)",
+        help=f"completion length for requests without max_tokens (default: {ServerSettings.default_max_tokens}, "
+        "capped by the context window)",
+    )
+    p.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        default=ServerSettings.max_tokens_cap,
+        metavar="N",
+        help="the most tokens one request may ask for (max_tokens); more get 400. It bounds how long one request "
+        f"holds the engine while others wait (default: {ServerSettings.max_tokens_cap})",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=ServerSettings.queue_timeout_s,
+        metavar="SECONDS",
+        help="a request still waiting for the engine after this long leaves the queue with 503 and Retry-After "
+        "(a stream, already answered 200, gets the error as its last event); 0: no limit "
+        f"(default: {ServerSettings.queue_timeout_s:g})",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=SHUTDOWN_TIMEOUT_S,
+        metavar="SECONDS",
+        help="on Ctrl-C or SIGTERM, how long running responses may finish before they are cut "
+        f"(default: {SHUTDOWN_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a web origin (e.g. https://app.example.com; * for any) whose pages may call the server, with CORS "
+        "headers; repeat for several. Requests from other pages (an Origin header that is not the server's own) "
+        "get 403 (default: none)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host name to accept on a loopback server besides IP literals, localhost and this machine's name "
+        "(a reverse proxy that forwards its own name); repeat for several. Other names get 403, which stops "
+        "DNS-rebinding pages (default: none)",
     )
     p.add_argument(
         "--threads",
@@ -97,9 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise MtpspecError(f"--max-batch must be >= 1, got {args.max_batch}")
     if args.default_max_tokens < 1:
         raise MtpspecError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
+    if args.max_tokens_cap < args.default_max_tokens:
+        raise MtpspecError(
+            f"--max-tokens-cap ({args.max_tokens_cap}) must be at least --default-max-tokens ({args.default_max_tokens})"
+        )
+    for flag in ("queue_timeout", "shutdown_timeout"):
+        if not getattr(args, flag) >= 0:
+            raise MtpspecError(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag)}")
     api.generation_config(num_draft_tokens=args.num_draft_tokens)  # reject a bad K before the model loads
     from .app import create_app
-    from .config import ServerSettings
     from .runner import bind, run
 
     if args.threads is not None:
@@ -126,6 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_speculation=args.batch_speculation,
         default_max_tokens=args.default_max_tokens,
+        max_tokens_cap=args.max_tokens_cap,
+        queue_timeout_s=args.queue_timeout or None,
+        allow_origins=tuple(args.allow_origin),
+        allow_hosts=(args.host, *args.allow_host) if _is_loopback(args.host) else None,
     )
     host, port = sock.getsockname()[:2]
     where = f"[{host}]" if ":" in host else host
@@ -133,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"mtpspec: serving {settings.model_name!r} (drafter {pipe.drafter_spec}) at http://{where}:{port}/v1",
         file=sys.stderr,
     )
-    run(create_app(pipe, settings), sock, args.log_level)
+    run(create_app(pipe, settings), sock, args.log_level, args.shutdown_timeout)
     return 0
 
 

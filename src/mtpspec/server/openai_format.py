@@ -17,6 +17,33 @@ from .schemas import ChatCompletionRequest, CompletionRequest
 OpenAIRequest = CompletionRequest | ChatCompletionRequest
 
 
+def longest_token_chars(tokenizer) -> int:
+    """The most characters of a prompt that one token can stand for: its vocabulary entry's length
+    bounds it (byte-level entries spend a character per byte, SentencePiece entries one per character)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def check_prompt_length(req: OpenAIRequest, context_window: int, chars_per_token: int) -> None:
+    """Refuse a prompt too long for the context window however it tokenizes, before tokenizing it
+    (which takes seconds for megabytes of text): no token covers more than `chars_per_token` characters."""
+    if isinstance(req, ChatCompletionRequest):
+        param, chars = "messages", sum(len(m.text) for m in req.messages)
+    else:
+        param, chars = "prompt", len(req.prompt) if isinstance(req.prompt, str) else sum(map(_text_len, req.prompt))
+    if chars > context_window * chars_per_token:
+        raise ApiError(
+            400,
+            f"the prompt has {chars} characters, more than the model's context window of {context_window} tokens "
+            f"can hold (a token of this model covers at most {chars_per_token} characters)",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _text_len(part: str | int) -> int:
+    return len(part) if isinstance(part, str) else 0  # token ids are counted once tokenizing is cheap
+
+
 def prompt_ids(pipeline: api.Pipeline, req: OpenAIRequest) -> list[int]:
     """Token ids of the prompt: chat messages through the chat template, text, or ids as given."""
     param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -51,14 +78,22 @@ def generation_config(
             code="context_length_exceeded",
         )
     max_tokens = req.completion_limit
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
     if max_tokens is None:
-        max_tokens = min(settings.default_max_tokens, room)
-    elif max_tokens > room:
+        max_tokens = min(settings.default_max_tokens, settings.max_tokens_cap, room)
+    elif max_tokens > min(room, settings.max_tokens_cap):
+        if settings.max_tokens_cap < room:  # name the limit that binds
+            raise ApiError(
+                400,
+                f"{param} is {max_tokens}; this server generates at most {settings.max_tokens_cap} tokens per request",
+                param=param,
+                code="max_tokens_exceeded",
+            )
         raise ApiError(
             400,
-            f"max_tokens is {max_tokens}, but the prompt has {n_prompt} tokens and the model's context window is {context_window}: "
+            f"{param} is {max_tokens}, but the prompt has {n_prompt} tokens and the model's context window is {context_window}: "
             f"at most {room} tokens can be generated",
-            param="max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens",
+            param=param,
             code="context_length_exceeded",
         )
     return api.generation_config(

@@ -11,6 +11,7 @@ import time
 import uvicorn
 
 from ..errors import MtpspecError
+from .config import SHUTDOWN_TIMEOUT_S
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -28,25 +29,34 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _server(app, log_level: str) -> uvicorn.Server:
+def _server(app, log_level: str, shutdown_timeout_s: float) -> uvicorn.Server:
     # The default keep-alive (5 s) is short for clients that pause between requests of a session.
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30, lifespan="on"))
+    config = uvicorn.Config(
+        app, log_level=log_level, timeout_keep_alive=30, timeout_graceful_shutdown=shutdown_timeout_s, lifespan="on"
+    )
+    return uvicorn.Server(config)
 
 
-def run(app, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve until interrupted (Ctrl-C / SIGTERM)."""
-    _server(app, log_level).run(sockets=[sock])
+def run(app, sock: socket.socket, log_level: str = "info", shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Serve until interrupted (Ctrl-C / SIGTERM); then wait up to `shutdown_timeout_s` for running responses."""
+    _server(app, log_level, shutdown_timeout_s).run(sockets=[sock])
 
 
 class BackgroundServer:
     """`with BackgroundServer(app) as url:` serves `app` on a free loopback port meanwhile."""
 
     def __init__(
-        self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", start_timeout_s: float = 30.0
+        self,
+        app,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        start_timeout_s: float = 30.0,
+        shutdown_timeout_s: float = SHUTDOWN_TIMEOUT_S,
     ):
         self.sock = bind(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = _server(app, log_level)
+        self.server = _server(app, log_level, shutdown_timeout_s)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, name="mtpspec-http", daemon=True
         )

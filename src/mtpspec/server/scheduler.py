@@ -6,7 +6,8 @@ asyncio queue; the worker fills that queue from its thread. Between steps the wo
 waiting jobs into free slots of the batch (`mtpspec.batch`), and every step advances all running
 generations in one target pass (a long prompt by one prefill chunk). Cancelling a job (its client
 went away) drops it from the queue, or drops its generation from the batch after the current step,
-prefill included. Targets that cannot share a pass run one generation at a time.
+prefill included. Targets that cannot share a pass run one generation at a time. A job
+still queued after `queue_timeout_s` expires: it leaves the queue and its request gets `QueueTimeout`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class QueueTimeout(Exception):
+    def __init__(self, waited_s: float, retry_after_s: int):
+        super().__init__(
+            f"the request waited {waited_s:.0f} s in the queue without reaching the engine; retry in {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
 @dataclass
 class Finished:
     result: GenerationResult
@@ -40,7 +49,7 @@ class Finished:
 
 
 class Job:
-    """One request's generation. States: queued → running → done, or queued → dropped."""
+    """One request's generation. States: queued → running → done, or queued → dropped / expired."""
 
     def __init__(self, scheduler: Scheduler, prompt_ids: list[int], config: GenerationConfig, endpoint: str):
         self.prompt_ids = prompt_ids
@@ -81,9 +90,18 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, max_batch: int = 8, speculation: str = "auto"):
+    def __init__(
+        self,
+        engine: Engine,
+        max_queue: int,
+        metrics: Metrics,
+        max_batch: int = 8,
+        speculation: str = "auto",
+        queue_timeout_s: float | None = None,
+    ):
         self.batch = Batch(engine.target, engine.drafter, max_batch, speculation=speculation)
         self.max_queue = max_queue  # requests that may wait while every slot is busy
+        self.queue_timeout_s = queue_timeout_s  # longest wait in the queue; None: no limit
         self.metrics = metrics
         self.waiting = 0
         self.running: dict[Slot, Job] = {}  # written by the worker only
@@ -95,6 +113,11 @@ class Scheduler:
     @property
     def max_batch(self) -> int:
         return self.batch.max_batch
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (it never ends before `stop` unless something killed it)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="mtpspec-engine", daemon=True)
@@ -114,13 +137,31 @@ class Scheduler:
         """Queue a generation (call on the event loop); `QueueFull` when max_queue already wait."""
         with self._lock:
             if self.waiting + len(self.running) >= self.max_queue + self.max_batch:
-                waves = (self.waiting + 1) / self.max_batch  # batches that run before this one starts
-                raise QueueFull(max(1, math.ceil(self._mean_job_s * waves)))
+                raise QueueFull(self._retry_after_s())
             job = Job(self, prompt_ids, config, endpoint)
             self.waiting += 1
             self._jobs.put(job)
+        if self.queue_timeout_s is not None:
+            job._loop.call_later(self.queue_timeout_s, self._expire, job)
         self._gauges()
         return job
+
+    def _retry_after_s(self) -> int:
+        """Seconds until the queue has likely drained, from recent generations' durations."""
+        waves = (self.waiting + 1) / self.max_batch  # batches that run before a new job starts
+        return max(1, math.ceil(self._mean_job_s * waves))
+
+    def _expire(self, job: Job) -> None:
+        """Take `job` out of the queue if it is still there (on the event loop, `queue_timeout_s` after submit)."""
+        with self._lock:
+            if job.state != "queued":
+                return
+            job.state = "expired"
+            self.waiting -= 1
+            error = QueueTimeout(time.perf_counter() - job.received, self._retry_after_s())
+        self.metrics.generations.labels(job.endpoint, "queue_timeout").inc()
+        self._gauges()
+        job.events.put_nowait(error)
 
     def _drop(self, job: Job) -> None:
         with self._lock:

@@ -123,6 +123,9 @@ class CompletionRequest(GenerationRequest):
     def _one_prompt(cls, prompt):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
             raise ValueError(f"a list of {len(prompt)} prompts; this server takes one prompt per request")
+        # Checked before tokenizing: a tokenizer that adds BOS would turn "" into a one-token prompt.
+        if prompt in ("", [], [""]):
+            raise ValueError("the prompt is empty")
         return prompt
 
 
@@ -146,6 +149,13 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = None
+
+    @field_validator("messages")
+    @classmethod
+    def _some_content(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.text for m in messages):
+            raise ValueError("every message is empty")
+        return messages
 
     @property
     def completion_limit(self) -> int | None:
