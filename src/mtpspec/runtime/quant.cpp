@@ -4,8 +4,8 @@
 // n's K input weights as consecutive blocks. A weight's value is exactly what the format's reference
 // dequantiser gives (ggml / gguf-py, in fp32, with multiplications and additions rounded one at a
 // time: this file is compiled with -ffp-contract=off, so no product is fused into a sum unasked).
-// Values are decoded 16 at a time straight into registers (AVX-512), or by the scalar reference
-// decoder into a small buffer (other paths); either way each value takes the reference's operations.
+// Values are decoded 16 at a time straight into registers (AVX-512, AVX2), or by the scalar reference
+// decoder into a small buffer (portable path); either way each value takes the reference's operations.
 //
 // Row and thread invariance by construction: output element (m, n) is always
 //     acc = 0 (16 fp32 lanes)
@@ -28,7 +28,7 @@
 #include <string>
 #include <type_traits>
 #include <vector>
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -226,9 +226,20 @@ auto dispatch(int64_t type, Fn&& fn) {
   TORCH_CHECK(false, "mtpspec runtime: unsupported GGML type ", type);
 }
 
-// ---- 16-lane fp32 vectors: one AVX-512 register, two AVX2 registers, or 16 floats ----
+// ---- 16-lane vectors: one AVX-512 register, two AVX2 registers, or 16 floats ----
+// V holds 16 fp32 lanes. The vector paths also have I, 16 int32 lanes, and the few lane operations that
+// decode the block formats in registers (below); the portable path decodes with the scalar reference.
+// u8 / s8 / u16: 16 consecutive uint8 / int8 / uint16 widened to int32; halves: 16 fp16 to fp32 (exact);
+// or_where(a, mask, v): a | v in the lanes i where bit i of mask is set, a elsewhere.
 #if defined(__AVX512F__)
+#define MTPSPEC_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MTPSPEC_AVX2 1
+#endif
+
+#if MTPSPEC_AVX512
 struct V { __m512 v; };
+struct I { __m512i v; };
 inline V vzero() { return {_mm512_setzero_ps()}; }
 inline V vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline V vfma(V a, V b, V c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
@@ -237,14 +248,59 @@ const char* kPath = "avx512";
 // A value the compiler must keep in a register: without this, GCC re-loads a tile's weight and
 // activation chunks for every FMA that uses them (two loads per FMA: load-bound, not FMA-bound).
 inline V pin(V a) { asm("" : "+v"(a.v)); return a; }
-#elif defined(__AVX2__) && defined(__FMA__)
+
+inline V splat(float f) { return {_mm512_set1_ps(f)}; }
+inline V vmul(V a, V b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline V vadd(V a, V b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline V vsub(V a, V b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline V cvt(I a) { return {_mm512_cvtepi32_ps(a.v)}; }
+inline V as_float(I a) { return {_mm512_castsi512_ps(a.v)}; }  // the same bits
+inline V halves(const uint8_t* p) { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+inline I isplat(int v) { return {_mm512_set1_epi32(v)}; }
+inline I u8(const uint8_t* p) { return {_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+inline I s8(const uint8_t* p) { return {_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+inline I u16(const uint8_t* p) { return {_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+inline I iand(I a, I b) { return {_mm512_and_si512(a.v, b.v)}; }
+inline I ior(I a, I b) { return {_mm512_or_si512(a.v, b.v)}; }
+inline I isub(I a, I b) { return {_mm512_sub_epi32(a.v, b.v)}; }
+inline I shr(I a, int n) { return {_mm512_srli_epi32(a.v, n)}; }
+inline I shl(I a, int n) { return {_mm512_slli_epi32(a.v, n)}; }
+inline I or_where(I a, uint32_t mask, int v) { return {_mm512_mask_or_epi32(a.v, __mmask16(mask), a.v, _mm512_set1_epi32(v))}; }
+#elif MTPSPEC_AVX2
 struct V { __m256 lo, hi; };
+struct I { __m256i lo, hi; };
 inline V vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
 inline V vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 inline V vfma(V a, V b, V c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a.lo); _mm256_storeu_ps(p + 8, a.hi); }
 const char* kPath = "avx2";
 inline V pin(V a) { asm("" : "+x"(a.lo), "+x"(a.hi)); return a; }
+
+inline __m128i load8(const uint8_t* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline V splat(float f) { const __m256 s = _mm256_set1_ps(f); return {s, s}; }
+inline V vmul(V a, V b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+inline V vadd(V a, V b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+inline V vsub(V a, V b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+inline V cvt(I a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
+inline V as_float(I a) { return {_mm256_castsi256_ps(a.lo), _mm256_castsi256_ps(a.hi)}; }
+inline V halves(const uint8_t* p) { return {_mm256_cvtph_ps(load16(p)), _mm256_cvtph_ps(load16(p + 16))}; }
+inline I isplat(int v) { const __m256i s = _mm256_set1_epi32(v); return {s, s}; }
+inline I u8(const uint8_t* p) { return {_mm256_cvtepu8_epi32(load8(p)), _mm256_cvtepu8_epi32(load8(p + 8))}; }
+inline I s8(const uint8_t* p) { return {_mm256_cvtepi8_epi32(load8(p)), _mm256_cvtepi8_epi32(load8(p + 8))}; }
+inline I u16(const uint8_t* p) { return {_mm256_cvtepu16_epi32(load16(p)), _mm256_cvtepu16_epi32(load16(p + 16))}; }
+inline I iand(I a, I b) { return {_mm256_and_si256(a.lo, b.lo), _mm256_and_si256(a.hi, b.hi)}; }
+inline I ior(I a, I b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
+inline I isub(I a, I b) { return {_mm256_sub_epi32(a.lo, b.lo), _mm256_sub_epi32(a.hi, b.hi)}; }
+inline I shr(I a, int n) { return {_mm256_srli_epi32(a.lo, n), _mm256_srli_epi32(a.hi, n)}; }
+inline I shl(I a, int n) { return {_mm256_slli_epi32(a.lo, n), _mm256_slli_epi32(a.hi, n)}; }
+inline I or_where(I a, uint32_t mask, int v) {  // lane i's mask bit as all ones or zeros: (mask & bit i) == bit i
+  const __m256i m = _mm256_set1_epi32(int(mask)), val = _mm256_set1_epi32(v);
+  const __m256i lo = _mm256_setr_epi32(1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7);
+  const __m256i hi = _mm256_setr_epi32(1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15);
+  return {_mm256_or_si256(a.lo, _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(m, lo), lo), val)),
+          _mm256_or_si256(a.hi, _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_and_si256(m, hi), hi), val))};
+}
 #else
 struct V { float f[16]; };
 inline V vzero() { V r; for (float& x : r.f) x = 0.0f; return r; }
@@ -257,7 +313,7 @@ inline V pin(V a) { return a; }
 
 // ---- Decoders: Dec<type>.load(unit bytes), then chunk(c) = values [16c, 16c + 16) of the unit ----
 
-// Any path: the unit through the scalar reference decoder into a buffer.
+// The portable path: the unit through the scalar reference decoder into a buffer.
 template <int64_t type>
 struct Dec {
   alignas(64) float v[kUnit<type>];
@@ -267,47 +323,42 @@ struct Dec {
   V chunk(int c) const { return vload(v + 16 * c); }
 };
 
-#if defined(__AVX512F__)
-// AVX-512 decoders, in registers: each value takes the scalar decoder's operations (a multiply, then
-// an add or subtract, each rounded), so both give the same bits.
-inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
-inline __m512 splat(float f) { return _mm512_set1_ps(f); }
-inline __m512i i32(int v) { return _mm512_set1_epi32(v); }
-inline __m512i bytes16(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m512i nibble(__m512i q, bool high) { return high ? _mm512_srli_epi32(q, 4) : _mm512_and_si512(q, i32(0xF)); }
+#if MTPSPEC_AVX512 || MTPSPEC_AVX2
+// The vector paths' decoders, in registers, written once over the lane operations: each value takes
+// the scalar decoder's operations (a multiply, then an add or subtract, each rounded), so every path
+// gives the same bits.
+inline I nibble(I q, bool high) { return high ? shr(q, 4) : iand(q, isplat(0xF)); }
 
 template <> struct Dec<F32> {
   const uint8_t* p;
   void load(const uint8_t* u) { p = u; }
-  V chunk(int) const { return {_mm512_loadu_ps(p)}; }
+  V chunk(int) const { return vload(reinterpret_cast<const float*>(p)); }
 };
 template <> struct Dec<F16> {
   const uint8_t* p;
   void load(const uint8_t* u) { p = u; }
-  V chunk(int) const { return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))}; }
+  V chunk(int) const { return halves(p); }
 };
 template <> struct Dec<BF16> {
   const uint8_t* p;
   void load(const uint8_t* u) { p = u; }
-  V chunk(int) const {
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16))};
-  }
+  V chunk(int) const { return as_float(shl(u16(p), 16)); }
 };
 template <> struct Dec<Q8_0> {  // d * q
-  __m512 d;
+  V d;
   const uint8_t* q;
   void load(const uint8_t* b) { d = splat(fp16(b)); q = b + 2; }
-  V chunk(int c) const { return {_mm512_mul_ps(d, cvt(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * c)))))}; }
+  V chunk(int c) const { return vmul(d, cvt(s8(q + 16 * c))); }
 };
 template <int64_t type>  // Q4_0: d * (q - 8); Q4_1: d * q + m. Chunk 0: low nibbles, chunk 1: high.
 struct DecQ4 {
   static constexpr bool one = type == Q4_1;
-  __m512 d, m;
-  __m512i q;
-  void load(const uint8_t* b) { d = splat(fp16(b)); m = splat(one ? fp16(b + 2) : 0.0f); q = bytes16(b + (one ? 4 : 2)); }
+  V d, m;
+  I q;
+  void load(const uint8_t* b) { d = splat(fp16(b)); m = splat(one ? fp16(b + 2) : 0.0f); q = u8(b + (one ? 4 : 2)); }
   V chunk(int c) const {
-    const __m512i v = nibble(q, c);
-    return {one ? _mm512_add_ps(_mm512_mul_ps(d, cvt(v)), m) : _mm512_mul_ps(d, cvt(_mm512_sub_epi32(v, i32(8))))};
+    const I v = nibble(q, c);
+    return one ? vadd(vmul(d, cvt(v)), m) : vmul(d, cvt(isub(v, isplat(8))));
   }
 };
 template <> struct Dec<Q4_0> : DecQ4<Q4_0> {};
@@ -315,18 +366,18 @@ template <> struct Dec<Q4_1> : DecQ4<Q4_1> {};
 template <int64_t type>  // Q5_0: d * (q - 16); Q5_1: d * q + m; the fifth bit of value j is qh bit j.
 struct DecQ5 {
   static constexpr bool one = type == Q5_1;
-  __m512 d, m;
-  __m512i q;
+  V d, m;
+  I q;
   uint32_t qh;
   void load(const uint8_t* b) {
     d = splat(fp16(b));
     m = splat(one ? fp16(b + 2) : 0.0f);
     std::memcpy(&qh, b + (one ? 4 : 2), 4);
-    q = bytes16(b + (one ? 8 : 6));
+    q = u8(b + (one ? 8 : 6));
   }
   V chunk(int c) const {
-    const __m512i lo = nibble(q, c), v = _mm512_mask_or_epi32(lo, __mmask16(qh >> (16 * c)), lo, i32(16));
-    return {one ? _mm512_add_ps(_mm512_mul_ps(d, cvt(v)), m) : _mm512_mul_ps(d, cvt(_mm512_sub_epi32(v, i32(16))))};
+    const I v = or_where(nibble(q, c), qh >> (16 * c), 16);
+    return one ? vadd(vmul(d, cvt(v)), m) : vmul(d, cvt(isub(v, isplat(16))));
   }
 };
 template <> struct Dec<Q5_0> : DecQ5<Q5_0> {};
@@ -348,9 +399,9 @@ struct DecK45 {
   }
   V chunk(int c) const {  // values 16c..: group j = c / 4 of 64 (bytes 32j..), low nibbles then high
     const int j = c >> 2, high = (c >> 1) & 1, h = c & 1, s = 2 * j + high;
-    __m512i v = nibble(bytes16(b + (five ? 48 : 16) + 32 * j + 16 * h), high);
-    if (five) v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(bytes16(b + 16 + 16 * h), s), i32(1)), 4));
-    return {_mm512_sub_ps(_mm512_mul_ps(splat(dsc[s]), cvt(v)), splat(dmn[s]))};
+    I v = nibble(u8(b + (five ? 48 : 16) + 32 * j + 16 * h), high);
+    if (five) v = ior(v, shl(iand(shr(u8(b + 16 + 16 * h), s), isplat(1)), 4));
+    return vsub(vmul(splat(dsc[s]), cvt(v)), splat(dmn[s]));
   }
 };
 template <> struct Dec<Q4_K> : DecK45<Q4_K> {};
@@ -360,18 +411,18 @@ template <> struct Dec<Q6_K> {  // (d * sc) * (q - 32)
   float ds[16];
   void load(const uint8_t* blk) {
     b = blk;
-    const __m512i sc = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192)));
-    _mm512_storeu_ps(ds, _mm512_mul_ps(splat(fp16(b + 208)), cvt(sc)));  // d * float(sc[s]), 16 at once
+    vstore(ds, vmul(splat(fp16(b + 208)), cvt(s8(b + 192))));  // d * float(sc[s]), 16 at once
   }
   V chunk(int c) const {  // half = c / 8 of 128 values; within it value 32i + 16g + l: 4 low bits from
     const int half = c >> 3, i = (c >> 1) & 3, g = c & 1;  // ql[32 (i & 1) + 16g + l], 2 high from qh[16g + l]
-    const __m512i lo = nibble(bytes16(b + 64 * half + 32 * (i & 1) + 16 * g), i >= 2);
-    const __m512i hi = _mm512_and_si512(_mm512_srli_epi32(bytes16(b + 128 + 32 * half + 16 * g), 2 * i), i32(3));
-    const __m512i q = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 4));
-    return {_mm512_mul_ps(splat(ds[8 * half + g + 2 * i]), cvt(_mm512_sub_epi32(q, i32(32))))};
+    const I lo = nibble(u8(b + 64 * half + 32 * (i & 1) + 16 * g), i >= 2);
+    const I hi = iand(shr(u8(b + 128 + 32 * half + 16 * g), 2 * i), isplat(3));
+    return vmul(splat(ds[8 * half + g + 2 * i]), cvt(isub(ior(lo, shl(hi, 4)), isplat(32))));
   }
 };
+#endif
 
+#if MTPSPEC_AVX512
 // tree_sum of 16 accumulators at once: each level adds lane i + s into lane i for four registers'
 // worth of lanes, so every sum takes the scalar tree's additions. out[k] = tree_sum(a[k]).
 inline void tree_sum16(const V* a, float* out) {
@@ -387,7 +438,7 @@ inline void tree_sum16(const V* a, float* out) {
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, s));
 }
-#else
+#else  // the scalar tree, accumulator by accumulator
 inline void tree_sum16(const V* a, float* out) {
   for (int k = 0; k < 16; ++k) {
     alignas(64) float t[16];
@@ -526,7 +577,7 @@ void features(const Problem& p, int64_t n0, Scratch& s) {
 // Register tiles: NB features by up to RMAX rows (AVX-512: 32 registers hold NB * RMAX accumulators,
 // NB decoded chunks and an activation chunk; AVX2 holds a 16-lane vector in two of its 16).
 struct Shape { int nb, rmax; };
-#if defined(__AVX512F__)
+#if MTPSPEC_AVX512
 constexpr Shape kOneRow{8, 1}, kRows{4, 5};
 #else
 constexpr Shape kOneRow{4, 1}, kRows{2, 2};

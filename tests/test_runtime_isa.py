@@ -1,0 +1,115 @@
+"""The runtime's kernels give the same bits on every instruction-set path: the AVX2 build and the portable build
+(`$MTPSPEC_RUNTIME_ISA`, each compiled and run in a subprocess, since a process loads one build) against this
+process's native build, on random blocks of every type with extreme scales."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+import mtpspec
+from gguf_tiny import random_blocks
+from mtpspec.errors import MtpspecError
+from mtpspec.runtime.build import ISA_ENV, build_name, cpu_flags, isa_flags, ops, requested_isa
+from mtpspec.runtime.weights import NATIVE
+
+# What vector_path() reports for each build; native is whichever of these the CPU has.
+PATHS = {"avx2": "avx2", "portable": "portable"}
+
+
+def inputs() -> dict:
+    """Per type, a matrix of extreme random blocks (`rows` name -> [N, row_bytes] uint8, with its type and K), and
+    16 activation rows. N = 1100: two threads split the features, and every tile shape ends on a partial tile.
+    The unquantized types also get K = 40, whose last chunk is zero-padded."""
+    mats = {t.name: (random_blocks(t, 1100, 512, seed=int(t), extreme=True), int(t), 512) for t in NATIVE}
+    for t in (Q.F32, Q.F16, Q.BF16):
+        mats[f"{t.name} K=40"] = (random_blocks(t, 37, 40, seed=int(t), extreme=True), int(t), 40)
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
+    return {"mats": {k: (torch.from_numpy(w), t, K) for k, (w, t, K) in mats.items()}, "x": x}
+
+
+def results(data: dict) -> dict[str, torch.Tensor]:
+    """Everything the kernels compute on `data`, by name: dequantised rows, products of 1, 5 and 16 rows on one
+    and two threads, and the fused argmax."""
+    out = {}
+    before = torch.get_num_threads()
+    try:
+        for name, (w, qtype, K) in data["mats"].items():
+            out[f"{name} rows"] = ops().dequantize(w, torch.arange(w.shape[0]), qtype, K)
+            x = data["x"][:, :K].contiguous()
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for m in (1, 5, 16):
+                    out[f"{name} linear M={m} threads={threads}"] = ops().qlinear(x[:m], w, qtype, K)
+                out[f"{name} argmax threads={threads}"] = ops().qargmax(x, w, qtype, K)
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def _subprocess_main(data_path: str, out_path: str) -> None:
+    """Run in a subprocess under $MTPSPEC_RUNTIME_ISA: `results` and the compiled path, saved for the test."""
+    torch.save({"path": ops().vector_path(), **results(torch.load(data_path))}, out_path)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:  # float32 compared as bits, so NaN == NaN and -0 != 0
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    """(path of the saved inputs, this process's results on them)."""
+    data = inputs()
+    path = tmp_path_factory.mktemp("isa") / "inputs.pt"
+    torch.save(data, path)
+    return path, results(data)
+
+
+@pytest.mark.slow  # compiles the kernels for the instruction set once per cache (~1 min)
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_every_instruction_set_gives_the_native_bits(isa, native, tmp_path):
+    try:
+        isa_flags(isa)
+    except MtpspecError as e:
+        pytest.skip(str(e))
+    data_path, ours = native
+    out_path = tmp_path / f"{isa}.pt"
+    src, tests = Path(mtpspec.__file__).parents[1], Path(__file__).parent
+    env = {**os.environ, ISA_ENV: isa, "PYTHONPATH": os.pathsep.join([str(src), str(tests)])}
+    code = (
+        f"from {Path(__file__).stem} import _subprocess_main; _subprocess_main({str(data_path)!r}, {str(out_path)!r})"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = torch.load(out_path)
+    assert theirs.pop("path") == PATHS[isa]
+    assert theirs.keys() == ours.keys()
+    for key, value in ours.items():
+        assert torch.equal(_bits(theirs[key]), _bits(value)), key
+
+
+def test_the_loaded_build_reports_its_path():
+    flags = set(cpu_flags().split())
+    native = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable"
+    assert ops().vector_path() == PATHS.get(requested_isa(), native)
+
+
+def test_the_instruction_set_is_part_of_the_build_name_and_checked(monkeypatch):
+    names = set()
+    for isa in ("native", "avx2", "portable"):
+        monkeypatch.setenv(ISA_ENV, isa)
+        try:
+            names.add(build_name())
+        except MtpspecError:
+            assert isa == "avx2"  # a CPU without AVX2: refused, not built
+    monkeypatch.delenv(ISA_ENV)
+    assert build_name() in names and len(names) >= 2
+    monkeypatch.setenv(ISA_ENV, "avx512")
+    with pytest.raises(MtpspecError, match=f"{ISA_ENV}='avx512': expected one of native, avx2, portable"):
+        build_name()
