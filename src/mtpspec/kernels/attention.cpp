@@ -28,6 +28,12 @@ template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+template <class T> inline void store8(T* out, __m256 v) {
+  float lanes[8];
+  _mm256_storeu_ps(lanes, v);
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<T>(lanes[i]);
+}
+
 template <class T>
 void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t start, int64_t stop,
             float scaling, float softcap, float* scores, T* out) {
@@ -48,13 +54,25 @@ void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t s
     total += scores[j];
   }
   const float inv = 1.0f / total;
-  for (int64_t d = 0; d < Dv; d += 8) {
+  // Weighted sum of values: each output lane accumulates over keys in order (fma(score, value, acc)).
+  // Eight lanes-of-8 at a time, keys outer: eight independent chains, each value row read in order
+  // (one chain per lane group, keys inner, is latency-bound, and reads the values column-wise).
+  int64_t d = 0;
+  for (; d + 64 <= Dv; d += 64) {
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 s = _mm256_set1_ps(scores[j]);
+      const T* vj = v + (start + j) * Dv + d;
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(s, load8(vj + 8 * i), acc[i]);
+    }
+    for (int i = 0; i < 8; ++i) store8(out + d + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
+  }
+  for (; d < Dv; d += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j)
       acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + (start + j) * Dv + d), acc);
-    float lanes[8];
-    _mm256_storeu_ps(lanes, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
-    for (int i = 0; i < 8; ++i) out[d + i] = static_cast<T>(lanes[i]);
+    store8(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
   }
 }
 
