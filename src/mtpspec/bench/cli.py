@@ -10,6 +10,7 @@ import torch
 
 from ..engine import GenerationConfig
 from ..models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_NAMES, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
+from .serving import cli as serving_cli
 
 EXIT_NOT_LOSSLESS = 1
 
@@ -108,6 +109,8 @@ def register(subparsers) -> None:
         help="directory for results.json, report.md and plots (default: results)",
     )
     p.set_defaults(func=cmd_bench)
+    # `mtpspec bench serve ...` (its options after `serve`); `mtpspec bench ...` alone stays the decoding benchmark.
+    serving_cli.register(p.add_subparsers(dest="bench_command", metavar="{serve}", title="serving benchmark"))
 
 
 def cmd_bench(args) -> int:
