@@ -4,7 +4,7 @@
 // of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
 // of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
 // one independent task with a fixed sequence of operations: fp32 dot products in 8 lanes with
-// one fixed horizontal sum, an fp32 softmax, and an fp32 weighted sum of values in key order, so a
+// one fixed horizontal sum, an fp32 softmax (a lane-wise vector exp), and an fp32 weighted sum of values in key order, so a
 // row's result depends only on its position and the cache, never on the block it came in.
 //
 // Its horizontal sum is the linear kernel's (`hsum`, simd.h).
@@ -28,6 +28,27 @@ template <> inline __m256 load8<at::BFloat16>(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// e^x per lane for x <= 0 (scores less their maximum): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// its degree-6 Taylor polynomial in Horner form (relative error < 2e-7 on that range), times 2^n
+// built in the exponent bits; below -87 (where e^x leaves the normal floats) it is 0. Lane-wise
+// and branch-free, so a lane's result depends on its own input only.
+inline __m256 exp8(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 split in two parts:
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);     // x - n ln2 with little error
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
 template <class T> inline void store8(T* out, __m256 v) {
   float lanes[8];
   _mm256_storeu_ps(lanes, v);
@@ -37,22 +58,49 @@ template <class T> inline void store8(T* out, __m256 v) {
 template <class T>
 void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t start, int64_t stop,
             float scaling, float softcap, float* scores, T* out) {
-  for (int64_t j = start; j < stop; ++j) {
+  // Scores: each key's dot product is one chain over d in order, then one fixed horizontal sum;
+  // four keys at a time, so that four independent chains keep the multiply-add units busy.
+  auto score = [&](__m256 acc) {
+    float s = hsum(acc) * scaling;
+    return softcap > 0.0f ? std::tanh(s / softcap) * softcap : s;
+  };
+  int64_t j = start;
+  for (; j + 4 <= stop; j += 4) {
+    const T* kj = k + j * D;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 qd = load8(q + d);
+      a0 = _mm256_fmadd_ps(qd, load8(kj + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8(kj + D + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8(kj + 2 * D + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8(kj + 3 * D + d), a3);
+    }
+    scores[j - start] = score(a0);
+    scores[j - start + 1] = score(a1);
+    scores[j - start + 2] = score(a2);
+    scores[j - start + 3] = score(a3);
+  }
+  for (; j < stop; ++j) {
     const T* kj = k + j * D;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(kj + d), acc);
-    float s = hsum(acc) * scaling;
-    if (softcap > 0.0f) s = std::tanh(s / softcap) * softcap;
-    scores[j - start] = s;
+    scores[j - start] = score(acc);
   }
   const int64_t n = stop - start;
   float mx = scores[0];
   for (int64_t j = 1; j < n; ++j) mx = std::max(mx, scores[j]);
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) {
-    scores[j] = std::exp(scores[j] - mx);
-    total += scores[j];
+  // exp(score - max), eight at a time (exp8: the same bits whichever lane a score is in), then
+  // their sum in key order.
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(scores + e, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + e), _mm256_set1_ps(mx))));
+  if (e < n) {
+    float tail[8] = {0};
+    std::copy(scores + e, scores + n, tail);
+    _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(mx))));
+    std::copy(tail, tail + (n - e), scores + e);
   }
+  float total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) total += scores[j];
   const float inv = 1.0f / total;
   // Weighted sum of values: each output lane accumulates over keys in order (fma(score, value, acc)).
   // Eight lanes-of-8 at a time, keys outer: eight independent chains, each value row read in order
