@@ -206,11 +206,15 @@ def bad_dirs(tmp_path_factory):
         ("binary", [], "has no model.safetensors"),
     ],
 )
-@pytest.mark.parametrize("verb", ["generate", "bench"])
+@pytest.mark.parametrize("verb", ["generate", "bench", "serve"])
 def test_cli_errors_are_one_line(verb, model, extra, message, tiny_dirs, bad_dirs, tiny_llama_gguf, tmp_path, capsys):
     path = {"gguf": tiny_llama_gguf, "llama": tiny_dirs["llama"]}.get(model) or bad_dirs / model
-    common = ["--model", str(path), "--quantize", "q8_0", "--max-new-tokens", "2", *extra]
-    args = ["generate", "hi", *common] if verb == "generate" else ["bench", *common, "--out", str(tmp_path)]
+    common = ["--model", str(path), "--quantize", "q8_0", *extra]
+    args = {
+        "generate": ["generate", "hi", *common, "--max-new-tokens", "2"],
+        "bench": ["bench", *common, "--max-new-tokens", "2", "--out", str(tmp_path)],
+        "serve": ["serve", *common, "--port", "0"],  # fails loading, before it serves
+    }[verb]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
@@ -245,3 +249,16 @@ def test_real_model_speculative_equals_plain(name, capsys):
     plain, spec = runs.values()
     assert spec["token_ids"] == plain["token_ids"] and len(plain["token_ids"]) == 48
     assert spec["stats"]["drafted_tokens"] > 0
+
+
+def test_fidelity_compares_each_type_on_a_directory(tiny_dirs, tmp_path, capsys):
+    from mtpspec.bench import fidelity
+
+    args = ["--model", str(tiny_dirs["llama"]), "--dataset", "mt-bench", "--limit", "2", "--max-new-tokens", "4"]
+    assert fidelity.main([*args, "--quantize", "q8_0", "--out", str(tmp_path / "fid")]) == 0
+    report = capsys.readouterr().out
+    assert "| gguf runtime, --quantize q8_0 (fp32) |" in report and "| transformers (bf16) |" in report
+    rows = json.loads((tmp_path / "fid.json").read_text())
+    assert len(rows) == 4 and all(0 <= r["max_first_logit_diff"] < 1 for r in rows)
+    assert fidelity.main([*args, "--quantize", "q8_0,q3"]) == 2
+    assert capsys.readouterr().err.strip() == "mtpspec: error: unknown --quantize q3: use q8_0, q4_0"

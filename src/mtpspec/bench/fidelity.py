@@ -107,8 +107,11 @@ def run(model: str, datasets: list[str], limit: int, max_new: int, quantize: lis
 
 
 def report(rows: list[Split], model: str, max_new: int) -> str:
-    weights = "GGUF" if gguf_file(model) is not None else "weights"
-    lines = [f"# Fidelity: {model}, greedy, {max_new} new tokens, against transformers fp32 on the same {weights}", ""]
+    if gguf_file(model) is not None:
+        title = f"{model}, greedy, {max_new} new tokens, against transformers fp32 on the same GGUF"
+    else:  # a directory: its name, not where this machine keeps it
+        title = f"{Path(model).name} (Hugging Face directory), greedy, {max_new} new tokens, against transformers fp32 on its weights"
+    lines = [f"# Fidelity: {title}", ""]
     lines += [
         "| path | prompts equal to the reference | splits (token: reference margin) | median max \\|Δ logit\\| at token 1 |",
         "|---|--:|---|--:|",
