@@ -19,6 +19,7 @@ or F32), which the kernels multiply directly; one line on stderr names them. Nor
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -134,7 +135,7 @@ class HfWeights:
             raise MtpspecError(
                 f"{self.path}: the GGUF runtime's {self.architecture} forward has no place for {', '.join(unplaced[:2])}{more}"
             )
-        total = sum(_numel(h.get_slice(k).get_shape()) for h, k in tensors.values())
+        total = sum(math.prod(h.get_slice(k).get_shape()) for h, k in tensors.values())
         label = f"quantizing to {self.qtype.name}"
         with tqdm(total=total, desc=label, unit="weight", unit_scale=True, file=sys.stderr) as bar:
             for name, (h, key) in tensors.items():
@@ -181,10 +182,3 @@ class HfWeights:
         if name not in self.vectors:
             raise MtpspecError(f"{self.path} has no tensor for {name!r}")
         return self.vectors[name]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
