@@ -21,8 +21,9 @@ from .models import (
     gguf_metadata,
     load_hf,
     quiet_transformers,
+    resolve_model,
 )
-from .runtime import ARCHS, GgufModel, GgufTarget, GgufWeights
+from .runtime import ARCHS, QUANTIZE, GgufModel, GgufTarget, GgufWeights, HfWeights
 from .sampling import SamplingParams
 from .target import Target
 from .text import encode_prompt
@@ -123,21 +124,28 @@ def load(
     dtype: str = DEFAULT_DTYPE,
     exact: bool = True,
     weights: str = "auto",
+    quantize: str | None = None,
 ) -> Pipeline:
     """Load a target (bundled name, GGUF file or HF directory) and a drafter spec: `auto` (the default:
     `hybrid` with the MTP drafter shipped for a bundled target, else `ngram`), `ngram`, `none`, `draft:MODEL`, `mtp:PATH`, `hybrid:PATH`, or `mtp` / `hybrid` for the MTP drafter shipped with a bundled target.
 
     `weights`: `auto` runs a GGUF model (bundled, or a .gguf file) on its own quantized weights through
     the GGUF runtime (float32 activations), a Hugging Face directory through transformers (`dtype`,
-    `auto` = bf16); `dequant` turns a GGUF model into a bf16 transformers model first."""
-    return Pipeline(load_target(model, dtype, exact, weights), drafter, model)
+    `auto` = bf16); `dequant` turns a GGUF model into a bf16 transformers model first.
+    `quantize` (`q8_0`, `q4_0`): run a Hugging Face directory on the GGUF runtime instead, its linear
+    layers quantized on load (see `runtime.hf_weights`)."""
+    return Pipeline(load_target(model, dtype, exact, weights, quantize), drafter, model)
 
 
-def load_target(model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weights: str = "auto"):
+def load_target(
+    model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weights: str = "auto", quantize: str | None = None
+):
     """The target for a `--model` value: the GGUF runtime's (`GgufTarget`, float32 activations) or a
     transformers model's (`Target`, `dtype` weights and activations; `auto` is bf16)."""
     if weights not in WEIGHTS:
         raise MtpspecError(f"unknown --weights {weights!r}: use {', '.join(WEIGHTS)}")
+    if quantize is not None:
+        return load_quantized(model, quantize, dtype, weights)
     gguf = gguf_file(model) if weights != "dequant" else None
     if weights == "gguf" and gguf is None:
         raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
@@ -159,17 +167,48 @@ def load_target(model: str, dtype: str = DEFAULT_DTYPE, exact: bool = True, weig
     return Target(hf, tokenizer, exact=exact)
 
 
+def load_quantized(model: str, quantize: str, dtype: str = DEFAULT_DTYPE, weights: str = "auto") -> GgufTarget:
+    """The GGUF runtime's target for a Hugging Face directory, its linear layers quantized to `quantize` on load.
+    A GGUF model is refused rather than requantised: it already runs on its own quantized weights, and
+    requantising them would only add a second rounding."""
+    if quantize not in QUANTIZE:
+        raise MtpspecError(f"unknown --quantize {quantize!r}: use {', '.join(QUANTIZE)}")
+    if weights == "dequant":
+        raise MtpspecError("--quantize runs the GGUF runtime and --weights dequant runs transformers in bf16: give one")
+    if dtype not in RUNTIME_DTYPES:
+        raise MtpspecError(f"--quantize computes in fp32 on the GGUF runtime; --dtype {dtype} applies to transformers")
+    if gguf_file(model) is not None:
+        raise MtpspecError(
+            f"--quantize requantises a Hugging Face directory; {model} is a GGUF model, already quantized: "
+            "run it without --quantize (the GGUF runtime multiplies its own weights)"
+        )
+    path = resolve_model(model)
+    source = HfWeights(path, quantize)
+    return runtime_target(source, source.config, path)
+
+
 def load_gguf(gguf: Path | GgufWeights, name: str | None = None) -> GgufTarget:
     """The GGUF runtime's target for a file; its config and tokenizer are read once into the cache."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig
 
     weights = gguf if isinstance(gguf, GgufWeights) else GgufWeights(gguf)
     meta = gguf_metadata(weights.path, name)
     with quiet_transformers():
         config = AutoConfig.from_pretrained(meta)
-        tokenizer = AutoTokenizer.from_pretrained(meta)
-        generation = GenerationConfig.from_pretrained(meta)
+    return runtime_target(weights, config, meta)
+
+
+def runtime_target(weights: GgufWeights | HfWeights, config, files: Path) -> GgufTarget:
+    """The GGUF runtime's target over a weight source, with the tokenizer and generation config in `files`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(files)
+        try:
+            generation = GenerationConfig.from_pretrained(files)
+        except OSError:  # a directory without generation_config.json
+            generation = GenerationConfig.from_model_config(config)
         # transformers' own rotary module for this config: a skeleton whose parameters stay on the meta
         # device (no memory) and whose RoPE buffers are real.
         with init_empty_weights(include_buffers=False):

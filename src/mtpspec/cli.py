@@ -67,7 +67,7 @@ def cmd_generate(args) -> int:
     options = decoding_options(args)
     check_options(args, options)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights, args.quantize)
     stream = pipe.stream(prompt, chat=args.chat, **options)
     if args.json:
         for _ in stream.chunks:
@@ -100,7 +100,7 @@ def cmd_generate(args) -> int:
 def cmd_chat(args) -> int:
     options = decoding_options(args)
     check_options(args, options)
-    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights, args.quantize)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print(f"mtpspec chat with {args.model} (drafter: {pipe.drafter_spec}); an empty line ends.", file=sys.stderr)
     while True:

@@ -13,6 +13,7 @@ from .drafters import DEFAULT as DEFAULT_DRAFTER
 from .drafters import parse_spec, shipped
 from .engine import GenerationConfig
 from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_NAMES, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
+from .runtime import QUANTIZE, QUANTIZE_HELP
 from .sampling import SamplingParams
 
 DRAFTER_HELP = (
@@ -44,6 +45,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="adapt the draft length each round to the recent acceptance (K is the cap)",
     )
     p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument(
         "--dtype",
         default=DEFAULT_DTYPE,

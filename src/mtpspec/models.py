@@ -222,7 +222,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model.", r"^language_model\.": ""}
 
 
-def _multimodal_text_config(path: Path):
+def multimodal_text_config(path: Path):
     """The text config of a multimodal checkpoint whose language model mtpspec runs alone, else None."""
     from transformers import AutoConfig
 
@@ -283,7 +283,7 @@ def load_hf(model: str, dtype: str | torch.dtype = DEFAULT_DTYPE, device: str | 
     try:
         with quiet_transformers():  # loading a converted directory takes a second: no bars
             kwargs = dict(dtype=torch_dtype, attn_implementation=ATTENTION_NAME)
-            text_config = _multimodal_text_config(path)
+            text_config = multimodal_text_config(path)
             if text_config is None:
                 hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             else:

@@ -10,6 +10,7 @@ import torch
 
 from ..engine import GenerationConfig
 from ..models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_NAMES, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
+from ..runtime import QUANTIZE, QUANTIZE_HELP
 from .serving import cli as serving_cli
 
 EXIT_NOT_LOSSLESS = 1
@@ -75,6 +76,13 @@ def register(subparsers) -> None:
     )
     p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
     p.add_argument(
+        "--quantize",
+        default=None,
+        choices=QUANTIZE,
+        help=f"{QUANTIZE_HELP.removesuffix(' (default: off)')}; the mtpspec methods run it, the hf rows stay "
+        "transformers (default: off)",
+    )
+    p.add_argument(
         "--dtype",
         default=DEFAULT_DTYPE,
         choices=DTYPE_NAMES,
@@ -135,6 +143,7 @@ def cmd_bench(args) -> int:
         chat=args.chat,
         llama_cpp_bin=args.llama_cpp_bin,
         weights=args.weights,
+        quantize=args.quantize,
         profile=args.profile,
     )
     bars = []  # the bar starts once the inputs are checked and the models loaded

@@ -2,10 +2,11 @@
 
 `python -m mtpspec.bench.fidelity --model gemma3-270m` loads the GGUF's reference (transformers,
 float32, the file's weights dequantised exactly) and the two mtpspec paths on the same file: the GGUF
-runtime (the file's own weights, fp32 activations) and `--weights dequant` (a bf16 copy). For each
-prompt it reports whether the greedy continuation equals the reference's and, where it splits, at
-which token and by how small a margin the reference chose there (its top logit minus its logit of
-the token mtpspec chose): a split at a margin of 0.01 is a near-tie, one at 2.0 a real difference.
+runtime (the file's own weights, fp32 activations) and `--weights dequant` (a bf16 copy). Given a
+Hugging Face directory, the reference is transformers fp32 on its weights, and the paths are the GGUF
+runtime with each `--quantize` type and the default transformers bf16 path. For each prompt it reports
+whether the greedy continuation equals the reference's and, where it splits, at which token and by how
+small a margin the reference chose there (its top logit minus its logit of the token mtpspec chose): a split at a margin of 0.01 is a near-tie, one at 2.0 a real difference.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from ..api import generation_config, load_target
 from ..drafters import NoDrafter
 from ..engine import Engine, GenerationResult
 from ..errors import MtpspecError
-from ..models import gguf_file
+from ..models import gguf_file, resolve_model
 from ..prompts import load_dataset
+from ..runtime import QUANTIZE
 from ..text import encode_prompt, ships_chat_template
 
-PATHS = {
+GGUF_PATHS = {
     "gguf runtime (fp32)": dict(weights="gguf", dtype="auto"),
     "dequant (bf16)": dict(weights="dequant", dtype="bf16"),
 }
+HF_BF16 = {"transformers (bf16)": dict(dtype="bf16")}
 
 
 @dataclass
@@ -76,15 +79,21 @@ def compare(name, path, target, ids, max_new, ref_tokens, ref_scores) -> Split:
     return Split(name, path, split is None, split, margin, diff)
 
 
-def run(model: str, datasets: list[str], limit: int, max_new: int) -> list[Split]:
+def run(model: str, datasets: list[str], limit: int, max_new: int, quantize: list[str]) -> list[Split]:
     from transformers import AutoModelForCausalLM
 
     gguf = gguf_file(model)
-    if gguf is None:
-        raise MtpspecError("fidelity compares paths on a GGUF model: give a bundled name or a .gguf file")
-    print(f"mtpspec: loading the reference, transformers fp32 on {gguf.name}", file=sys.stderr)
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    targets = {name: load_target(model, **opts) for name, opts in PATHS.items()}
+    if gguf is not None:
+        print(f"mtpspec: loading the reference, transformers fp32 on {gguf.name}", file=sys.stderr)
+        reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        paths = GGUF_PATHS
+    else:
+        path = resolve_model(model)
+        print(f"mtpspec: loading the reference, transformers fp32 on {path}", file=sys.stderr)
+        reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        paths = {**{f"gguf runtime, --quantize {q} (fp32)": dict(quantize=q) for q in quantize}, **HF_BF16}
+    reference.eval()
+    targets = {name: load_target(model, **opts) for name, opts in paths.items()}
     tokenizer = next(iter(targets.values())).tokenizer
     eos = sorted(next(iter(targets.values())).eos_token_ids)
     chat = ships_chat_template(tokenizer)
@@ -98,7 +107,11 @@ def run(model: str, datasets: list[str], limit: int, max_new: int) -> list[Split
 
 
 def report(rows: list[Split], model: str, max_new: int) -> str:
-    lines = [f"# Fidelity: {model}, greedy, {max_new} new tokens, against transformers fp32 on the same GGUF", ""]
+    if gguf_file(model) is not None:
+        title = f"{model}, greedy, {max_new} new tokens, against transformers fp32 on the same GGUF"
+    else:  # a directory: its name, not where this machine keeps it
+        title = f"{Path(model).name} (Hugging Face directory), greedy, {max_new} new tokens, against transformers fp32 on its weights"
+    lines = [f"# Fidelity: {title}", ""]
     lines += [
         "| path | prompts equal to the reference | splits (token: reference margin) | median max \\|Δ logit\\| at token 1 |",
         "|---|--:|---|--:|",
@@ -120,16 +133,29 @@ def report(rows: list[Split], model: str, max_new: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtpspec.bench.fidelity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="gemma3-270m", help="a bundled name or a .gguf file (default: gemma3-270m)")
+    p.add_argument(
+        "--model",
+        default="gemma3-270m",
+        help="a bundled name, a .gguf file or a Hugging Face model directory (default: gemma3-270m)",
+    )
     p.add_argument(
         "--dataset", default="mt-bench,humaneval", help="comma-separated datasets (default: mt-bench,humaneval)"
     )
     p.add_argument("--limit", type=int, default=8, help="prompts per dataset (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per continuation (default: 64)")
+    p.add_argument(
+        "--quantize",
+        default=",".join(QUANTIZE),
+        help=f"comma list of --quantize types to compare on a Hugging Face directory (default: {','.join(QUANTIZE)})",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the report (markdown) and rows (json) under this stem")
     args = p.parse_args(argv)
     try:
-        rows = run(args.model, args.dataset.split(","), args.limit, args.max_new_tokens)
+        quantize = [q.strip() for q in args.quantize.split(",") if q.strip()]
+        unknown = [q for q in quantize if q not in QUANTIZE]
+        if unknown:
+            raise MtpspecError(f"unknown --quantize {', '.join(unknown)}: use {', '.join(QUANTIZE)}")
+        rows = run(args.model, args.dataset.split(","), args.limit, args.max_new_tokens, quantize)
     except MtpspecError as e:
         print(f"mtpspec: error: {e}", file=sys.stderr)
         return 2

@@ -84,6 +84,8 @@ def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
     sha, _, dirty = (env["git_commit"] or "unknown").partition("+")
     commit = sha[:12] + (f"+{dirty} (uncommitted changes)" if dirty else "")
     kernel = f", bf16 linear kernel: {env['bf16_kernel']}" if env.get("bf16_kernel") else ""
+    if settings.get("quantize"):
+        kernel += f"; mtpspec methods on the GGUF runtime with --quantize {settings['quantize']} (fp32 activations)"
     return (
         f"{mode}; at most {settings['max_new_tokens']} new tokens; {settings['repeats']} repeat(s) after a warm-up; {sets}. "
         f"{env['dtype']}, {env['threads']} thread{'s' if env['threads'] != 1 else ''} on {env['cpu']} ({env['logical_cpus']} logical CPUs){kernel}; "

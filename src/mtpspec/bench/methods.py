@@ -146,13 +146,14 @@ def build_runners(
     build: llamacpp.NativeBuild | None = None,
     weights: str = "auto",
     profile: bool = False,
+    quantize: str | None = None,
 ) -> dict[Method, Runner]:
     """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need.
     `build` is required where rows run native llama.cpp binaries."""
     from ..api import Pipeline, load
 
     methods = list(dict.fromkeys(r.method for r in rows))
-    base = load(model, "none", dtype, weights=weights)
+    base = load(model, "none", dtype, weights=weights, quantize=quantize)
     runners: dict[Method, Runner] = {}
     hf_model = None
     for m in methods:

@@ -41,6 +41,7 @@ class BenchConfig:
     chat: bool | None = None  # None: the chat template for chat-style datasets on models that ship one
     llama_cpp_bin: Path | None = None  # native llama.cpp binaries, for the llama.cpp-native/-lookup/-ngram rows
     weights: str = "auto"  # see models.WEIGHTS: the GGUF runtime for GGUF models, or `dequant`
+    quantize: str | None = None  # a Hugging Face directory on the GGUF runtime, quantized on load (runtime.QUANTIZE)
     profile: bool = False  # time the parts of each decode step (GGUF runtime methods)
 
 
@@ -58,7 +59,9 @@ def benchmark(
     """Run the benchmark `config` describes. `progress(total)` returns the per-run callback."""
     rows, datasets, build = _validate(config)
     torch.set_num_threads(config.threads)
-    runners = build_runners(rows, config.model, config.dtype, config.threads, build, config.weights, config.profile)
+    runners = build_runners(
+        rows, config.model, config.dtype, config.threads, build, config.weights, config.profile, config.quantize
+    )
     pipeline = runners[rows[0].method].pipeline  # `none`: its tokenizer encodes the prompts for everyone
     encoded = [_encode(ds, pipeline, config.chat) for ds in datasets]
     decoding = Decoding(config.max_new_tokens, config.temperature, config.top_p, config.seed)

@@ -4,10 +4,22 @@ Layers, each importing only the ones before it: `weights` (the file's tensors in
 formats, memory-mapped) → `build` + `quant.cpp` (the C++ kernels: products with 1–16 activation
 rows, row- and thread-invariant by construction, and a head fused with argmax) → `model` (the
 forward) → `target` (the engine's target contract, a preallocated cache, integer rollback).
+`hf_weights` is the other weight source: a Hugging Face directory quantized on load (`--quantize`).
 """
 
+from .hf_weights import QUANTIZE, QUANTIZE_HELP, HfWeights
 from .model import ARCHS, GgufModel
 from .target import GgufTarget, TargetStep
 from .weights import GgufWeights, QMatrix
 
-__all__ = ["ARCHS", "GgufModel", "GgufTarget", "GgufWeights", "QMatrix", "TargetStep"]
+__all__ = [
+    "ARCHS",
+    "QUANTIZE",
+    "QUANTIZE_HELP",
+    "GgufModel",
+    "GgufTarget",
+    "GgufWeights",
+    "HfWeights",
+    "QMatrix",
+    "TargetStep",
+]

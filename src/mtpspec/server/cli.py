@@ -166,7 +166,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"mtpspec: warning: listening on {args.host} without an API key; anyone who can reach it can use it",
             file=sys.stderr,
         )
-    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights)
+    pipe = api.load(args.model, args.drafter, args.dtype, args.exact, args.weights, args.quantize)
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
         drafter=pipe.drafter_spec,
