@@ -267,3 +267,10 @@ def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf):
         assert seqs[i].length == prompts[i].shape[0] + blocks[i].shape[0]
     with pytest.raises(ValueError, match="one model"):
         GgufTarget.forward_many([(seqs[0], blocks[0], False), (load_gguf(tiny_gguf), blocks[0], False)])
+
+
+def test_chat_end_of_turn_tokens_stop_generation(tiny_gemma3_gguf):
+    """A GGUF's metadata gives only the EOS; Gemma's own generation config also ends at <end_of_turn>."""
+    target = load_gguf(tiny_gemma3_gguf)
+    end_of_turn = target.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert {target.tokenizer.eos_token_id, end_of_turn} <= target.eos_token_ids

@@ -35,11 +35,20 @@ class TargetStep:
         return argmax(self.logits)
 
 
+END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>")  # Gemma, ChatML (SmolLM2, Qwen), Llama 3
+
+
 def stop_token_ids(tokenizer, generation_config) -> frozenset[int]:
-    """The tokenizer's EOS plus the generation config's (Gemma ends turns with another id)."""
+    """The tokenizer's EOS, the generation config's, and the chat templates' end-of-turn tokens the
+    vocabulary has: a GGUF's metadata gives transformers only the EOS, where Gemma's own generation
+    config also ends at `<end_of_turn>`."""
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     extra = getattr(generation_config, "eos_token_id", None)
     eos |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    for token in END_OF_TURN:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            eos.add(tid)
     return frozenset(eos)
 
 
