@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .drafters import Drafter
@@ -222,6 +223,29 @@ class Batch:
         return g.advance(target.forward(g.need(), logits=g.wants_logits))
 
 
+def as_finished(
+    target,
+    drafter: Drafter,
+    prompts: list[list[int]],
+    config: GenerationConfig,
+    max_batch: int = 8,
+    speculation: str = "auto",
+) -> Iterator[tuple[int, GenerationResult]]:
+    """(index, result) for every prompt as its generation finishes, `max_batch` at a time, the next
+    prompt joining as one finishes."""
+    batch = Batch(target, drafter, max_batch, speculation=speculation)
+    waiting = list(range(len(prompts)))[::-1]
+    index: dict[Slot, int] = {}
+    while waiting or batch.active:
+        while waiting and not batch.full:
+            i = waiting.pop()
+            index[batch.add(prompts[i], config)] = i
+        batch.step()
+        for slot in [s for s in batch.active if s.done]:
+            batch.remove(slot)
+            yield index.pop(slot), slot.result
+
+
 def generate_batch(
     target,
     drafter: Drafter,
@@ -230,15 +254,8 @@ def generate_batch(
     max_batch: int = 8,
     speculation: str = "auto",
 ) -> list[GenerationResult]:
-    """Generate for every prompt, `max_batch` at a time, admitting the next as one finishes."""
-    batch = Batch(target, drafter, max_batch, speculation=speculation)
-    results = [GenerationResult(list(p)) for p in prompts]
-    waiting = list(range(len(prompts)))[::-1]
-    while waiting or batch.active:
-        while waiting and not batch.full:
-            i = waiting.pop()
-            batch.add(prompts[i], config, results[i])
-        batch.step()
-        for slot in [s for s in batch.active if s.done]:
-            batch.remove(slot)
+    """Generate for every prompt, `max_batch` at a time; the results in the prompts' order."""
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    for i, result in as_finished(target, drafter, prompts, config, max_batch, speculation):
+        results[i] = result
     return results
