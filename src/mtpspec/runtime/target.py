@@ -106,10 +106,11 @@ class GgufTarget:
 
     @staticmethod
     @torch.inference_mode()
-    def forward_many(calls: list[tuple[GgufTarget, torch.Tensor, bool]]) -> list[TargetStep]:
+    def forward_many(calls: list[tuple[GgufTarget, torch.Tensor, bool | None]]) -> list[TargetStep]:
         """`target.forward(ids, logits)` for each (target, ids, logits) call, in one pass over the
         weights: the targets are sequences of one model (see `fork`). Each step equals the one the
-        call would give alone, bit for bit."""
+        call would give alone, bit for bit. `logits=None` skips the head (only `hidden`, as
+        `hidden_states` gives it): a prefill whose rows need no next token."""
         model = calls[0][0].gguf
         segments = []
         for target, ids, _ in calls:
@@ -124,7 +125,11 @@ class GgufTarget:
             target._length += ids.shape[0]
         # One pass over the head for all calls that want logits, one for all that want argmaxes.
         for want, head, field in ((True, model.logits, "logits"), (False, model.greedy, "best")):
-            group = [step for step, (_, _, logits) in zip(steps, calls, strict=True) if bool(logits) is want]
+            group = [
+                step
+                for step, (_, _, logits) in zip(steps, calls, strict=True)
+                if logits is not None and bool(logits) is want
+            ]
             if group:
                 out = head(group[0].hidden if len(group) == 1 else torch.cat([g.hidden for g in group]))
                 for step, part in zip(group, out.split([g.hidden.shape[0] for g in group]), strict=True):
