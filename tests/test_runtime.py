@@ -258,7 +258,12 @@ def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf):
     seqs = [solo.fork() for _ in prompts]
     for s in seqs:
         s.reset(32)
-    GgufTarget.forward_many([(s, p[:-1], False) for s, p in zip(seqs, prompts, strict=True)])
+    # Prefills with the fused greedy head (False) and without a head (None: the hidden states only).
+    heads = [False, None, False]
+    prefills = GgufTarget.forward_many([(s, p[:-1], h) for s, p, h in zip(seqs, prompts, heads, strict=True)])
+    assert prefills[1].logits is None and prefills[1].best is None and prefills[0].best is not None
+    solo.reset(32)
+    assert torch.equal(prefills[1].hidden, solo.hidden_states(prompts[1][:-1]))
     lasts = GgufTarget.forward_many([(s, p[-1:], True) for s, p in zip(seqs, prompts, strict=True)])
     steps = GgufTarget.forward_many([(s, b, i == 1) for i, (s, b) in enumerate(zip(seqs, blocks, strict=True))])
     for i, ((logits, best), last, step) in enumerate(zip(expected, lasts, steps, strict=True)):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import signal
@@ -424,7 +425,7 @@ def test_self_distill_greedy_loop_equals_generate(tiny_dirs, family):
     (left, ragged) and a stop token inside the budget included; gemma3 has sliding-window layers (8)."""
     from transformers import AutoModelForCausalLM
 
-    from mtpspec.training.selfgen import greedy_batch
+    from mtpspec.training.greedy import greedy_batch
 
     model = AutoModelForCausalLM.from_pretrained(
         tiny_dirs[family], dtype=torch.float32, attn_implementation="sdpa"
@@ -450,6 +451,67 @@ def test_self_distill_greedy_loop_equals_generate(tiny_dirs, family):
         got = greedy_batch(model, ids, mask, 20, [2, stop], 0)
     assert got.shape[1] <= 20 and (got[2] == 0).any()  # row 2 stopped early and was padded
     assert torch.equal(got, want[:, : got.shape[1]]) and (want[:, got.shape[1] :] == 0).all()
+
+
+@pytest.mark.parametrize("gguf", ["tiny_llama_gguf", "tiny_gemma3_gguf"])
+def test_runtime_self_distill_answers_equal_plain_greedy_generation(gguf, request):
+    """Sequences sharing the runtime's passes (3 at a time, 7 prompts of 1 to 40 tokens, slots refilled as
+    answers end at different steps) answer each prompt exactly as plain greedy generation of it alone does,
+    up to the first stop id, whatever the batch size; gemma3 has sliding-window layers (8)."""
+    from mtpspec.api import load_gguf
+    from mtpspec.drafters import make_drafter
+    from mtpspec.engine import Engine, GenerationConfig
+    from mtpspec.training.greedy import RuntimeGreedy, until_stop
+
+    target = load_gguf(request.getfixturevalue(gguf))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (9, 1, 40, 17, 3, 25, 12)]
+    engine = Engine(target, make_drafter("none", target))
+    config = GenerationConfig(max_new_tokens=16, ignore_eos=True, num_draft_tokens=0)
+    plain = [[t for c in engine.stream(ids, config) for t in c.token_ids] for ids in prompts]
+    greedy = RuntimeGreedy(target.fork())
+    assert set(greedy.stops) >= target.eos_token_ids
+    # As stop ids, the two generated tokens that end the answers at the most different steps.
+    pairs = itertools.combinations(sorted({t for row in plain for t in row}), 2)
+    greedy.stops = list(max(pairs, key=lambda stops: len({len(until_stop(row, stops)) for row in plain})))
+    want = [until_stop(row, greedy.stops) for row in plain]
+    assert len({len(w) for w in want}) > 2 and min(map(len, want)) < 16 == max(map(len, want))
+    assert list(greedy.answers(prompts, 16, batch_size=3)) == want
+    assert list(greedy.answers(prompts, 16, batch_size=1)) == want
+    assert list(greedy.answers(prompts, 16, batch_size=16)) == want
+
+
+def test_self_distill_on_the_runtime_writes_rows_resumes_and_refuses_bad_weights(
+    tiny_llama_gguf, tiny_dirs, tmp_path, capsys
+):
+    import json
+
+    from mtpspec.cli import main
+
+    def run(out, *flags):
+        args = ["self-distill", "--prompts", "instructions,code", "--per-source", "3", "--max-new-tokens", "5"]
+        return main([*args, *flags, "--out", str(out)])
+
+    out, solo = tmp_path / "self.jsonl", tmp_path / "solo.jsonl"
+    assert run(out, "--target", str(tiny_llama_gguf), "--batch-size", "4") == 0
+    assert "GGUF runtime" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and {r["id"].split("/")[0] for r in rows} == {"instructions", "code"}
+    for r in rows:  # requests through the chat template (its BOS is dropped: packing adds it back), code as it is
+        assert r["text"].startswith("system\n" if r["id"].startswith("instructions/") else "def ")
+    assert run(solo, "--target", str(tiny_llama_gguf), "--batch-size", "1", "--weights", "gguf") == 0
+    assert solo.read_text() == out.read_text()  # the same rows in the same order, whatever the batch
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]))  # an interrupted run
+    assert run(out, "--target", str(tiny_llama_gguf), "--batch-size", "4") == 0
+    assert "2 of 6 prompts already" in capsys.readouterr().out
+    assert sorted(out.read_text().splitlines(keepends=True)) == sorted(lines)
+    capsys.readouterr()
+    assert run(tmp_path / "hf.jsonl", "--target", str(tiny_dirs["llama"]), "--weights", "gguf") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--weights gguf needs a GGUF model" in err
+    assert run(tmp_path / "bf16.jsonl", "--target", str(tiny_llama_gguf), "--dtype", "bf16") == 2
+    assert "--weights dequant" in capsys.readouterr().err
 
 
 def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):

@@ -142,29 +142,38 @@ def load_target(
 ):
     """The target for a `--model` value: the GGUF runtime's (`GgufTarget`, float32 activations) or a
     transformers model's (`Target`, `dtype` weights and activations; `auto` is bf16)."""
-    if weights not in WEIGHTS:
-        raise MtpspecError(f"unknown --weights {weights!r}: use {', '.join(WEIGHTS)}")
     if quantize is not None:
         return load_quantized(model, quantize, dtype, weights)
+    tensors = runtime_weights(model, dtype, weights)
+    if tensors is not None:
+        return load_gguf(tensors, model if model in BUNDLED else None)
+    hf, tokenizer = load_hf(model, dtype)
+    return Target(hf, tokenizer, exact=exact)
+
+
+def runtime_weights(model: str, dtype: str = DEFAULT_DTYPE, weights: str = "auto") -> GgufWeights | None:
+    """The GGUF file the runtime runs for a `--model` value and `--weights` choice, or None where
+    transformers runs the model (a Hugging Face directory, `dequant`, or a GGUF architecture the
+    runtime does not run, said on stderr). A choice that cannot hold fails with one line."""
+    if weights not in WEIGHTS:
+        raise MtpspecError(f"unknown --weights {weights!r}: use {', '.join(WEIGHTS)}")
     gguf = gguf_file(model) if weights != "dequant" else None
     if weights == "gguf" and gguf is None:
         raise MtpspecError(f"--weights gguf needs a GGUF model (a bundled name or a .gguf file), not {model!r}")
-    if gguf is not None:
-        tensors = GgufWeights(gguf)  # a corrupt or truncated file fails here, with one clear line
-        arch = tensors.architecture
-        if arch in ARCHS:
-            if dtype not in RUNTIME_DTYPES:
-                raise MtpspecError(
-                    f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant"
-                )
-            return load_gguf(tensors, model if model in BUNDLED else None)
-        if weights == "gguf":
-            raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
-        print(
-            f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr
-        )
-    hf, tokenizer = load_hf(model, dtype)
-    return Target(hf, tokenizer, exact=exact)
+    if gguf is None:
+        return None
+    tensors = GgufWeights(gguf)  # a corrupt or truncated file fails here, with one clear line
+    arch = tensors.architecture
+    if arch in ARCHS:
+        if dtype not in RUNTIME_DTYPES:
+            raise MtpspecError(
+                f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant"
+            )
+        return tensors
+    if weights == "gguf":
+        raise MtpspecError(f"the GGUF runtime runs {', '.join(ARCHS)} models, not {arch!r}; use --weights dequant")
+    print(f"mtpspec: the GGUF runtime does not run {arch!r} models yet; dequantising to bf16 instead", file=sys.stderr)
+    return None
 
 
 def load_quantized(model: str, quantize: str, dtype: str = DEFAULT_DTYPE, weights: str = "auto") -> GgufTarget:

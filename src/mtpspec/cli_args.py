@@ -44,7 +44,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="adapt the draft length each round to the recent acceptance (K is the cap)",
     )
-    p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP)
+    add_weights_arg(p)
     p.add_argument("--quantize", default=None, choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument(
         "--dtype",
@@ -59,6 +59,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="allow faster batched attention whose bf16 rounding depends on the block size (greedy output may then differ from plain decoding)",
     )
+
+
+def add_weights_arg(p: argparse.ArgumentParser, note: str = "") -> None:
+    p.add_argument("--weights", default="auto", choices=WEIGHTS, help=WEIGHTS_HELP + note)
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:

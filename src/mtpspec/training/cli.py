@@ -170,6 +170,7 @@ def register(subparsers) -> None:
 
 
 def _register_self_distill(subparsers) -> None:
+    from ..cli_args import add_weights_arg
     from .selfgen import PROMPT_SOURCES
 
     p = subparsers.add_parser(
@@ -187,12 +188,18 @@ def _register_self_distill(subparsers) -> None:
     )
     p.add_argument("--per-source", type=int, default=200, help="prompts drawn from each source (default: 200)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="prompts generated together: sequences sharing each forward on the GGUF runtime, a padded batch through transformers (default: 32)",
+    )
+    add_weights_arg(p, "; on a GPU (--device), auto dequantises: the runtime runs on the CPU")
     p.add_argument(
         "--dtype",
         choices=["auto", "bf16", "fp32"],
         default="auto",
-        help="the dtype the target generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32 (default: auto)",
+        help="the dtype a transformers model generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32. The GGUF runtime computes in fp32 (default: auto)",
     )
     p.add_argument(
         "--device",
@@ -248,6 +255,7 @@ def cmd_self_distill(args) -> int:
         args.skip,
         args.dtype,
         args.device,
+        args.weights,
     )
     return 0
 

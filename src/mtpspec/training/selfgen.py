@@ -19,12 +19,10 @@ Prompt sources (`--prompts`, a comma list):
 - `gsm-train`: word problems from reasoning-gym's generators with `train-drafter`'s seeds, which
   are disjoint from the bench's `gsm` set.
 
-Generation is batched greedy decoding with a KV cache (`greedy_batch`, a plain loop over the
-transformers model: `generate` spends over half its time outside the model at these sizes), in
-bf16 on CPUs with bf16 instructions (AMX or AVX512-BF16, the dtype the target is served in) and
-in float32 elsewhere, where float32 matrix products are the faster ones. Rows are appended batch
-by batch; a rerun with the same --out skips the prompts already there, so an interrupted run
-resumes.
+Generation (`greedy.py`) runs a GGUF target on the GGUF runtime, the engine's own target, with
+several sequences in every forward; a Hugging Face directory, `--weights dequant` and GPUs go
+through transformers in batches. Rows are appended as they are decided, in the order of prompt
+length; a rerun with the same --out skips the prompts already there, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -36,11 +34,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from random import Random
 
-import torch
-
 from ..errors import MtpspecError
 from ..prompts import GSM_INSTRUCTION, Prompt, gsm_examples
-from ..sampling import argmax
 from .data import GSM_TRAIN_SEED
 
 TOPICS = (
@@ -327,14 +322,14 @@ def self_distill(
     skip: int = 0,
     dtype: str = "auto",
     device: str = "auto",
+    weights: str = "auto",
     log=print,
 ) -> int:
     """Generate and append rows to `out`; return how many were written."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tqdm import tqdm
 
-    from ..devices import pick_device, wants_bf16
-    from ..models import resolve_model
     from ..text import encode_prompt, ships_chat_template
+    from .greedy import load_greedy
 
     prompts = self_prompts(sources, per_source, seed, skip)
     done = done_ids(out)
@@ -343,87 +338,27 @@ def self_distill(
         log(f"mtpspec: {len(prompts) - len(todo)} of {len(prompts)} prompts already in {out}; generating the rest")
     if not todo:
         return 0
-    path = resolve_model(target)
-    dev = pick_device(device)
-    torch_dtype = torch.bfloat16 if wants_bf16(dtype, dev) else torch.float32
-    log(f"mtpspec: generating in {torch_dtype} on {dev}".replace("torch.", ""))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa").to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    greedy = load_greedy(target, weights, dtype, device, log)
+    tokenizer = greedy.tokenizer
     chat = ships_chat_template(tokenizer)
     encoded = [encode_prompt(tokenizer, p.text, p.chat and chat) for p in todo]
     order = sorted(range(len(todo)), key=lambda i: len(encoded[i]))  # similar lengths batch with little padding
     out.parent.mkdir(parents=True, exist_ok=True)
-    stops = _stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    from tqdm import tqdm
-
     bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", dynamic_ncols=True)
     written = generated = 0
-    with out.open("a", encoding="utf-8") as f, torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in rows)
-            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
-            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
-            new = greedy_batch(model, ids.to(dev), mask.to(dev), max_new_tokens, stops, pad)
-            for i, row in zip(rows, new.tolist(), strict=True):
-                answer = _until_stop(row, stops)
-                generated += len(answer)
-                text = tokenizer.decode(_drop_bos(tokenizer, encoded[i]) + answer, skip_special_tokens=False)
-                f.write(json.dumps({"id": todo[i].id, "text": text}) + "\n")
-                written += 1
-            f.flush()
-            bar.update(len(rows))
+    answers = greedy.answers([encoded[i] for i in order], max_new_tokens, batch_size)
+    with out.open("a", encoding="utf-8") as f:
+        for i, answer in zip(order, answers, strict=True):
+            generated += len(answer)
+            text = tokenizer.decode(_drop_bos(tokenizer, encoded[i]) + answer, skip_special_tokens=False)
+            f.write(json.dumps({"id": todo[i].id, "text": text}) + "\n")
+            f.flush()  # a row on disk is a prompt a rerun skips
+            written += 1
+            bar.update(1)
             bar.set_postfix(tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.0f}")
     bar.close()
     log(f"mtpspec: wrote {written} rows ({generated} generated tokens) to {out}; train with --data {out},…")
     return written
-
-
-def greedy_batch(
-    model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int
-) -> torch.Tensor:
-    """Greedy continuations `[B, ≤ max_new_tokens]` of left-padded prompts, `pad` after a row's stop token.
-
-    The same tokens as transformers' `generate(do_sample=False)` (a test compares them): positions
-    count only real tokens, and the attention mask grows by one column per step.
-    """
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, position = out.cache, positions[:, -1:]
-    stop = torch.tensor(stops, device=ids.device)
-    done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
-    new = []
-    for step in range(max_new_tokens):
-        token = argmax(out.logits[:, -1]).masked_fill(done, pad)
-        new.append(token)
-        done |= torch.isin(token, stop)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
-        position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
-    return torch.stack(new, 1)
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    ids = model.generation_config.eos_token_id
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    for token in ("<end_of_turn>", "<|im_end|>"):
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in ids:
-            ids.append(tid)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def _until_stop(row: list[int], stops: list[int]) -> list[int]:
-    """The generated ids up to and including the first stop token."""
-    for n, t in enumerate(row):
-        if t in stops:
-            return row[: n + 1]
-    return row
 
 
 def _drop_bos(tokenizer, ids: list[int]) -> list[int]:
