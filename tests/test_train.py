@@ -470,11 +470,12 @@ def test_runtime_self_distill_answers_equal_plain_greedy_generation(gguf, reques
     config = GenerationConfig(max_new_tokens=16, ignore_eos=True, num_draft_tokens=0)
     plain = [[t for c in engine.stream(ids, config) for t in c.token_ids] for ids in prompts]
     greedy = RuntimeGreedy(target.fork())
-    assert set(greedy.stops) >= target.eos_token_ids
+    assert set(greedy.stops) == target.eos_token_ids
     # As stop ids, the two generated tokens that end the answers at the most different steps.
     pairs = itertools.combinations(sorted({t for row in plain for t in row}), 2)
-    greedy.stops = list(max(pairs, key=lambda stops: len({len(until_stop(row, stops)) for row in plain})))
-    want = [until_stop(row, greedy.stops) for row in plain]
+    stops = max(pairs, key=lambda stops: len({len(until_stop(row, stops)) for row in plain}))
+    greedy.target.eos_token_ids = frozenset(stops)
+    want = [until_stop(row, stops) for row in plain]
     assert len({len(w) for w in want}) > 2 and min(map(len, want)) < 16 == max(map(len, want))
     assert list(greedy.answers(prompts, 16, batch_size=3)) == want
     assert list(greedy.answers(prompts, 16, batch_size=1)) == want

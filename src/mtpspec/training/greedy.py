@@ -3,11 +3,12 @@
 Both backends give `answers(prompts, max_new_tokens, batch_size)`: each prompt's greedy continuation,
 up to and including its first stop id, in the order of `prompts`.
 
-- `RuntimeGreedy` (a GGUF model, the default): up to `batch_size` sequences share every forward
-  (`GgufTarget.forward_many`), each over its own cache. A sequence that finishes hands its slot to the
-  next prompt at once, whose prefill rides in the same pass as the others' next tokens. A row's result
-  does not depend on the rows it shares a pass with, so every answer equals plain greedy generation
-  of its prompt alone, token for token (`mtpspec generate` on the runtime), whatever `batch_size` is.
+- `RuntimeGreedy` (a GGUF model, the default): continuous batching (`mtpspec.batch`): up to
+  `batch_size` sequences share every forward, each over its own cache, and a sequence that finishes
+  hands its slot to the next prompt, whose prefill rides in the same passes as the others' next
+  tokens. A row's result does not depend on the rows it shares a pass with, so every answer equals
+  plain greedy generation of its prompt alone, token for token (`mtpspec generate` on the runtime),
+  whatever `batch_size` is. Answers end at the target's stop ids (EOS and end-of-turn tokens).
 - `TransformersGreedy` (a Hugging Face directory, `--weights dequant`, or a GPU): batches of
   `batch_size` left-padded prompts through `greedy_batch`, in bf16 where the hardware has bf16
   instructions (AMX, AVX512-BF16, GPUs) and in float32 elsewhere.
@@ -16,26 +17,15 @@ up to and including its first stop id, in the order of `prompts`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
+from ..batch import as_finished
+from ..drafters import NoDrafter
+from ..engine import GenerationConfig
 from ..errors import MtpspecError
-from ..runtime.target import GgufTarget, check_prompt, stop_token_ids
+from ..runtime.target import GgufTarget, stop_token_ids
 from ..sampling import argmax
-
-# Turn ends that chat templates close an answer with; a model may emit them where its EOS ids are others.
-TURN_ENDS = ("<end_of_turn>", "<|im_end|>")
-
-
-def stop_ids(eos: Iterable[int], tokenizer) -> list[int]:
-    """The model's EOS ids plus the turn-end tokens its tokenizer has: an answer ends at any of them."""
-    ids = set(eos)
-    for token in TURN_ENDS:
-        tid = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(ids)
 
 
 def until_stop(row: list[int], stops: Iterable[int]) -> list[int]:
@@ -68,63 +58,24 @@ def load_greedy(
     return TransformersGreedy.load(model, dtype, dev, log)
 
 
-@dataclass
-class _Sequence:
-    """One prompt in flight on the runtime: `feed` is what its next forward runs."""
-
-    index: int  # in the prompts
-    target: GgufTarget
-    feed: torch.Tensor  # [T] ids
-    budget: int  # tokens it may generate
-    new: list[int] = field(default_factory=list)
-
-
 class RuntimeGreedy:
     def __init__(self, target: GgufTarget):
         self.target = target
         self.tokenizer = target.tokenizer
-        self.stops = stop_ids(target.eos_token_ids, target.tokenizer)
+
+    @property
+    def stops(self) -> list[int]:
+        return sorted(self.target.eos_token_ids)
 
     def answers(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> Iterator[list[int]]:
-        """Each prompt's greedy answer, in order; up to `batch_size` sequences share each forward.
-
-        A new prompt's first pass runs its prefill (all rows but the last, without the head); from
-        then on each pass runs one row per sequence with the fused greedy head (its last prompt
-        token first). Finished answers wait until those of earlier prompts are out."""
-        for ids in prompts:
-            check_prompt(len(ids), self.target.context_window)
-        capacity = max(map(len, prompts), default=1) + max_new_tokens
-        free = [self.target, *(self.target.fork() for _ in range(min(batch_size, len(prompts)) - 1))]
-        stops = frozenset(self.stops)
-        waiting = iter(enumerate(prompts))
-        active: list[_Sequence] = []
+        """Each prompt's greedy answer, in order: continuous batching (`mtpspec.batch`) of plain
+        decoding, up to `batch_size` sequences per forward. Finished answers wait until those of
+        earlier prompts are out."""
+        config = GenerationConfig(max_new_tokens=max_new_tokens)
         done: dict[int, list[int]] = {}
         emitted = 0
-        while emitted < len(prompts):
-            while free and len(active) < batch_size and (nxt := next(waiting, None)) is not None:
-                i, ids = nxt
-                target = free.pop()
-                target.reset(capacity)
-                budget = min(max_new_tokens, self.target.context_window - len(ids))
-                active.append(_Sequence(i, target, torch.tensor(ids), budget))
-            # A sequence with more than one row to feed is prefilling; its last row is fed next pass.
-            calls = [(s.target, s.feed[:-1], None) if len(s.feed) > 1 else (s.target, s.feed, False) for s in active]
-            steps = GgufTarget.forward_many(calls)
-            still = []
-            for s, step, (_, _, head) in zip(active, steps, calls, strict=True):
-                if head is None:
-                    s.feed = s.feed[-1:]
-                    still.append(s)
-                    continue
-                token = int(step.best[-1])
-                s.new.append(token)
-                if token in stops or len(s.new) >= s.budget:
-                    done[s.index] = s.new
-                    free.append(s.target)
-                else:
-                    s.feed = torch.tensor([token])
-                    still.append(s)
-            active = still
+        for i, result in as_finished(self.target, NoDrafter(), prompts, config, batch_size, speculation="fixed"):
+            done[i] = result.token_ids
             while emitted in done:
                 yield done.pop(emitted)
                 emitted += 1
@@ -135,7 +86,7 @@ class TransformersGreedy:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.stops = stop_ids(stop_token_ids(tokenizer, model.generation_config), tokenizer)
+        self.stops = sorted(stop_token_ids(tokenizer, model.generation_config))
 
     @classmethod
     def load(cls, model: str, dtype: str, device: torch.device, log=print) -> TransformersGreedy:
