@@ -93,7 +93,7 @@ class RuntimeGreedy:
         token first). Finished answers wait until those of earlier prompts are out."""
         for ids in prompts:
             check_prompt(len(ids), self.target.context_window)
-        capacity = max(map(len, prompts), default=1) + max_new_tokens
+        capacity = min(max(map(len, prompts), default=1) + max_new_tokens, self.target.context_window)
         free = [self.target, *(self.target.fork() for _ in range(min(batch_size, len(prompts)) - 1))]
         stops = frozenset(self.stops)
         waiting = iter(enumerate(prompts))
