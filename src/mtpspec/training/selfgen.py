@@ -356,8 +356,12 @@ def self_distill(
             written += 1
             bar.update(1)
             bar.set_postfix(tok_s=f"{generated / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+    seconds = max(bar.format_dict["elapsed"], 1e-9)
     bar.close()
-    log(f"mtpspec: wrote {written} rows ({generated} generated tokens) to {out}; train with --data {out},…")
+    log(
+        f"mtpspec: wrote {written} rows ({generated} generated tokens, {generated / seconds:.1f} tok/s) to {out}; "
+        f"train with --data {out},…"
+    )
     return written
 
 
