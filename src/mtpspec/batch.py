@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,15 +56,19 @@ class Slot:
 
 class StepCosts:
     """What steps cost, measured as the batch runs: a pass over R rows takes about `fixed + per_row·R`
-    seconds (least squares over the recent passes), a drafted token `per_draft` seconds."""
+    seconds (least squares over the mean time of each row count seen, recent passes weighing most), a
+    drafted token `per_draft` seconds. Row counts once seen stay in the fit, so it does not lapse when
+    a batch settles on one size."""
 
-    def __init__(self, window: int = 64):
-        self.passes: deque[tuple[int, float]] = deque(maxlen=window)  # (rows, seconds)
+    def __init__(self):
+        self.by_rows: dict[int, list[float]] = {}  # rows -> [passes seen, moving mean seconds]
         self.per_draft = 0.0  # moving average
         self._drafts_seen = False
 
     def add_pass(self, rows: int, seconds: float) -> None:
-        self.passes.append((rows, seconds))
+        seen = self.by_rows.setdefault(rows, [0, seconds])
+        seen[0] += 1
+        seen[1] += (seconds - seen[1]) / min(seen[0], 10)
 
     def add_drafts(self, drafted: int, seconds: float) -> None:
         if drafted:
@@ -75,13 +78,14 @@ class StepCosts:
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed, per_row) seconds, once passes of at least two sizes were seen."""
-        if len(self.passes) < 4 or len({r for r, _ in self.passes}) < 2:
+        if len(self.by_rows) < 2:
             return None
-        n = len(self.passes)
-        mr = sum(r for r, _ in self.passes) / n
-        ms = sum(s for _, s in self.passes) / n
-        var = sum((r - mr) ** 2 for r, _ in self.passes)
-        per_row = max(sum((r - mr) * (s - ms) for r, s in self.passes) / var, 1e-6)
+        points = [(r, s, min(n, 10)) for r, (n, s) in self.by_rows.items()]  # weight: passes, capped
+        total = sum(w for _, _, w in points)
+        mr = sum(r * w for r, _, w in points) / total
+        ms = sum(s * w for _, s, w in points) / total
+        var = sum(w * (r - mr) ** 2 for r, _, w in points)
+        per_row = max(sum(w * (r - mr) * (s - ms) for r, s, w in points) / var, 1e-6)
         return max(ms - per_row * mr, 0.0), per_row
 
 
