@@ -95,7 +95,7 @@ class Generation:
             return self.tokens[: self.n_prompt]
         state, stats = self.state, self.result.stats
         k = min(self.k, self.max_new - len(self.result.token_ids) - 1, self.k if limit is None else limit)
-        self._draft = Engine._timed(stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator)
+        self._draft = _timed(stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator)
         self._t_step = time.perf_counter()
         return torch.cat([state.tokens[state.length - 1 : state.length], self._draft.tokens])
 
@@ -122,7 +122,7 @@ class Generation:
         self.done = self._commit(pending)
         stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending))
         if not self.done:
-            Engine._timed(stats, "draft_s", self.drafter.commit, state, draft, verdict.accepted)
+            _timed(stats, "draft_s", self.drafter.commit, state, draft, verdict.accepted)
         if self.config.adaptive:
             self.k = _adapt(self.k, draft.tokens.shape[0], verdict.accepted, self.config.num_draft_tokens)
         return self._chunk(pending)
@@ -139,7 +139,7 @@ class Generation:
         pending = [token]
         self.done = self._commit(pending)
         if not self.done:
-            Engine._timed(res.stats, "draft_s", self.drafter.begin, self.state)
+            _timed(res.stats, "draft_s", self.drafter.begin, self.state)
         return self._chunk(pending)
 
     def _chunk(self, pending: list[int]) -> Chunk:
@@ -190,13 +190,14 @@ class Engine:
             ids = gen.need()
             yield gen.advance(target.forward(ids, logits=gen.wants_logits))
 
-    @staticmethod
-    def _timed(stats: Stats, field_name: str, fn, *args):
-        t = time.perf_counter()
-        try:
-            return fn(*args)
-        finally:
-            setattr(stats, field_name, getattr(stats, field_name) + time.perf_counter() - t)
+
+def _timed(stats: Stats, field_name: str, fn, *args):
+    """fn(*args), its wall time added to `stats.<field_name>`."""
+    t = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        setattr(stats, field_name, getattr(stats, field_name) + time.perf_counter() - t)
 
 
 def _adapt(k: int, drafted: int, accepted: int, k_max: int) -> int:
