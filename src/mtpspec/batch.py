@@ -43,7 +43,7 @@ class Slot:
 
     generation: Generation
     target: object  # a GgufTarget fork (or, unbatched, the target itself)
-    prefilled: int = 0  # prompt tokens already in the cache
+    fed: int = 0  # prompt tokens already in the cache
 
     @property
     def done(self) -> bool:
@@ -188,8 +188,8 @@ class Batch:
             if slot.done or g.prefilled:
                 continue
             if budget > 0:
-                n = min(budget, g.n_prompt - slot.prefilled)
-                calls.append((slot.target, g.tokens[slot.prefilled : slot.prefilled + n], None))
+                n = min(budget, g.n_prompt - slot.fed)
+                calls.append((slot.target, g.tokens[slot.fed : slot.fed + n], None))
                 owners.append(slot)
                 budget -= n
         decoding = [slot for slot in self.active if not slot.done and slot.generation.prefilled]
@@ -197,23 +197,24 @@ class Batch:
         if self.speculation == "auto":
             limits = draft_limits([s.generation for s in decoding], self.costs, sum(c[1].shape[0] for c in calls))
         t = time.perf_counter()
+        drafted = 0
         for slot, limit in zip(decoding, limits, strict=True):
-            calls.append((slot.target, slot.generation.need(limit), slot.generation.wants_logits))
+            ids = slot.generation.need(limit)  # [last committed, drafts...]
+            drafted += ids.shape[0] - 1
+            calls.append((slot.target, ids, slot.generation.wants_logits))
             owners.append(slot)
-        self.costs.add_drafts(
-            sum(c[1].shape[0] - 1 for c in calls[len(calls) - len(decoding) :]), time.perf_counter() - t
-        )
+        self.costs.add_drafts(drafted, time.perf_counter() - t)
         if not calls:
             return []
         t = time.perf_counter()
         steps = type(self.target).forward_many(calls)
         if len(decoding) == len(calls):  # decoding rows only (prefill rows skip the head: another cost)
-            self.costs.add_pass(len(calls) + sum(c[1].shape[0] - 1 for c in calls), time.perf_counter() - t)
+            self.costs.add_pass(len(decoding) + drafted, time.perf_counter() - t)
         out = []
         for slot, (_, ids, _), step in zip(owners, calls, steps, strict=True):
             if not slot.generation.prefilled:
-                slot.prefilled += ids.shape[0]
-                if slot.prefilled < slot.generation.n_prompt:
+                slot.fed += ids.shape[0]
+                if slot.fed < slot.generation.n_prompt:
                     continue
                 step = slot.target.last_row(step.hidden)
             out.append((slot, slot.generation.advance(step)))
