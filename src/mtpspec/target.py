@@ -28,6 +28,8 @@ PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the pro
 
 
 class Target:
+    supports_trees = False  # forward takes no `parents`: blocks are chains
+
     def __init__(self, model, tokenizer, exact: bool = True):
         self.model = model
         self.tokenizer = tokenizer
