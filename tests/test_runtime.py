@@ -19,6 +19,7 @@ from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops
 from mtpspec.runtime.target import GgufTarget
 from mtpspec.runtime.weights import NATIVE
+from mtpspec.tree import tree_path
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
 assert set(TYPES) == NATIVE
@@ -292,13 +293,6 @@ def test_chat_end_of_turn_tokens_stop_generation(tiny_gemma3_gguf):
 TREE = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 6, 6])
 
 
-def _path(parents: torch.Tensor, node: int) -> list[int]:
-    path = [node]
-    while parents[path[-1]] >= 0:
-        path.append(int(parents[path[-1]]))
-    return path[::-1]
-
-
 def _tree_case(target):
     """A prompt longer than Gemma's sliding window (8) and random tokens for the tree's rows."""
     gen = torch.Generator().manual_seed(11)
@@ -318,7 +312,7 @@ def test_tree_rows_equal_their_paths_decoded_as_chains(tiny_gguf):
     target.rollback(ids.shape[0])
     best = target.forward(ids, logits=False, parents=TREE).best
     for node in range(ids.shape[0]):
-        path = _path(TREE, node)
+        path = tree_path(TREE, node)
         target.start(prompt, 64)
         chain = target.forward(ids[path])
         assert torch.equal(tree.hidden[node], chain.hidden[-1]), node

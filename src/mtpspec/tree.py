@@ -7,13 +7,24 @@ order, but computes node i as if its root-to-node path had been committed: at po
 `start + depth(i)`, attending to the cached prefix `[0, start)` and then to its ancestors' slots,
 root first. A chain (`parents[i] == i - 1`) is the tree whose slots are its positions.
 
-After verification one root-to-node path is kept (`kept_moves`): its rows' K/V, already computed at
+After verification one root-to-node path is kept (`keep_plan`): its rows' K/V, already computed at
 the right positions, move to slots `start, start + 1, ...`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where a target's last forward put its rows, so that a path of them can be kept."""
+
+    start: int  # the slot (and position) of its first row, the root
+    rows: int
+    parents: torch.Tensor | None  # [rows] int64, or None for a chain
 
 
 def tree_depths(parents: torch.Tensor) -> torch.Tensor:  # [N] int64 -> [N] int64
@@ -48,6 +59,14 @@ def tree_layout(parents: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.
     return start + torch.tensor(depths), slots
 
 
+def tree_path(parents: torch.Tensor, node: int) -> list[int]:
+    """The block indices of `node`'s root-to-node path, root first (what `keep` takes)."""
+    path = [node]
+    while parents[path[-1]] >= 0:
+        path.append(int(parents[path[-1]]))
+    return path[::-1]
+
+
 def kept_moves(path, parents: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the kept path's K/V go: (source, destination) block indices `[M]` of the rows that move.
 
@@ -63,3 +82,13 @@ def kept_moves(path, parents: torch.Tensor | None, rows: int) -> tuple[torch.Ten
             raise ValueError(f"{kept} is not a root-to-node path of the last block: {node} is not a child of {before}")
     moved = [i for i, node in enumerate(kept) if node != i]
     return torch.tensor([kept[i] for i in moved], dtype=torch.long), torch.tensor(moved, dtype=torch.long)
+
+
+def keep_plan(block: Block | None, length: int, path) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keeping `path` of the last forward's `block` in a cache of `length`: (source slots `[M]`,
+    destination slots `[M]`, the new length). The block must still be all cached."""
+    if block is None or length != block.start + block.rows:
+        raise ValueError("keep() needs the last forward's block, all still cached (no rollback or reset since)")
+    kept = torch.as_tensor(path, dtype=torch.long).reshape(-1)
+    source, dest = kept_moves(kept, block.parents, block.rows)
+    return source + block.start, dest + block.start, block.start + kept.numel()

@@ -66,8 +66,9 @@ template <class T> inline void store8(T* out, __m256 v) {
 // A template parameter, so that the plain path's addressing is the untouched `k + j * D`; not
 // inlined, so that each variant is compiled on its own (inlined, plain decode ran ~3% slower).
 template <class T, bool Gather>
-__attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const int64_t* slot, int64_t D, int64_t Dv, int64_t start,
-            int64_t stop, float scaling, float softcap, float* scores, T* out) {
+__attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const int64_t* slot, int64_t D,
+                                      int64_t Dv, int64_t start, int64_t stop, float scaling, float softcap,
+                                      float* scores, T* out) {
   auto at = [&](int64_t j) { return Gather ? slot[j - start] : j; };
   // Scores: each key's dot product is one chain over d in order, then one fixed horizontal sum;
   // four keys at a time, so that four independent chains keep the multiply-add units busy.

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MtpspecError
-from ..tree import kept_moves
+from ..tree import Block, keep_plan
 from .model import GgufModel, Segment
 from .weights import QMatrix
 
@@ -65,15 +65,6 @@ def needs_new_cache(capacity: int, wanted: int) -> bool:
     """Whether a cache of `capacity` positions is replaced for a request that needs `wanted`: it is
     too small, or far larger (left by an outsized request, and its memory is given back)."""
     return capacity < wanted or capacity > 4 * wanted + 4096
-
-
-@dataclass
-class Block:
-    """Where a target's last forward put its rows, for `keep`."""
-
-    start: int  # the slot (and position) of its first row, the root
-    rows: int
-    parents: torch.Tensor | None  # [rows] int64, or None for a chain
 
 
 class GgufTarget:
@@ -176,17 +167,11 @@ class GgufTarget:
         the parent of the next) and forget the rest of that block: the path's K/V move to the slots
         after the prefix, and the length becomes block start + len(path). For a chain block `[0, 1, ...,
         a]` this is a rollback (nothing moves). The last forward's block must still be all cached."""
-        block = self._block
-        if block is None or self._length != block.start + block.rows:
-            raise ValueError("keep() needs the last forward's block, all still cached (no rollback or reset since)")
-        kept = torch.as_tensor(path, dtype=torch.long).reshape(-1)
-        source, dest = kept_moves(kept, block.parents, block.rows)
-        if source.numel():
-            source, dest = source + block.start, dest + block.start
+        source, dest, self._length = keep_plan(self._block, self._length, path)
+        if source.numel():  # a chain path moves nothing
             for keys, values in self.cache:
                 keys[0, :, dest] = keys[0, :, source]
                 values[0, :, dest] = values[0, :, source]
-        self._length = block.start + kept.numel()
         self._block = None
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
