@@ -260,3 +260,60 @@ def test_kernel_bench_times_both_baselines(ops):
         ref, fast = compare(256, 640, 5, torch.bfloat16, reps=2, baseline=baseline)
         assert len(ref) == len(fast) == 2
         assert all(wall > 0 and cpu >= 0 for wall, cpu in ref + fast)
+
+
+def _tree_cache(dtype, hq=8, hkv=2, d=64, length=64, rows=10, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, hq, rows, d, generator=gen).to(dtype)
+    k = torch.randn(1, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(1, hkv, length, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window, softcap", [(None, None), (8, None), (2, None), (None, 50.0)])
+def test_tree_attention_rows_equal_chain_rows(dtype, window, softcap):
+    """A tree row, reading its ancestors through `slots`, gives the bits of the chain row at the same
+    position whose cache holds those keys in place; identity slots give the bits of no slots."""
+    from mtpspec.kernels.attention import exact_attention
+    from mtpspec.tree import tree_layout
+
+    parents = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 6, 6])
+    start, d = 40, 64
+    q, k, v = _tree_cache(dtype)
+    positions, slots = tree_layout(parents, start)
+    tree = exact_attention(q, k, v, positions, window, d**-0.5, softcap, slots=slots, tree_start=start)
+    for t in range(parents.shape[0]):
+        depth = int(positions[t]) - start
+        kc, vc = k.clone(), v.clone()
+        kc[:, :, start : start + depth + 1] = k[:, :, slots[t, : depth + 1]]
+        vc[:, :, start : start + depth + 1] = v[:, :, slots[t, : depth + 1]]
+        chain = exact_attention(q[:, :, t : t + 1], kc, vc, positions[t : t + 1], window, d**-0.5, softcap)
+        assert torch.equal(tree[0, t], chain[0, 0]), t
+    # Identity slots, with rows before the tree (no indirection) and rows in it.
+    chain_positions = torch.arange(start - 3, start + 7)
+    identity = torch.arange(start, start + 10).expand(10, 10).contiguous()
+    plain = exact_attention(q, k, v, chain_positions, window, d**-0.5, softcap)
+    same = exact_attention(q, k, v, chain_positions, window, d**-0.5, softcap, slots=identity, tree_start=start)
+    assert torch.equal(plain, same)
+
+
+def test_tree_attention_refuses_bad_slots():
+    from mtpspec.kernels.attention import exact_attention
+
+    q, k, v = _tree_cache(torch.float32, rows=2, length=16)
+    positions = torch.tensor([10, 11])
+    good = torch.tensor([[10, -1], [10, 11]])
+    assert exact_attention(q, k, v, positions, None, 0.125, None, slots=good, tree_start=10) is not None
+    for slots, match in [
+        (torch.tensor([[10, 5], [10, 16]]), "outside the cache"),
+        (torch.tensor([[-1, 5], [10, 11]]), "outside the cache"),
+        (torch.tensor([[10], [10]]), "needs 2 slots"),
+        (torch.tensor([[10, 11]]), "int64 \\[T, W\\]"),
+        (good.float(), "int64 \\[T, W\\]"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            exact_attention(q, k, v, positions, None, 0.125, None, slots=slots, tree_start=10)
+    # A window that starts past a bad entry does not read it.
+    far = torch.tensor([[10, 11], [99, 11]])
+    assert exact_attention(q, k, v, torch.tensor([10, 11]), 1, 0.125, None, slots=far, tree_start=10) is not None

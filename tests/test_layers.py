@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mtpspec"
 # `mtpspec`; a name matches itself and its submodules) and may import from its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "paths"),  # ground floor: no mtpspec imports
-    ("sampling", "verify", "stats", "text", "families", "prompts"),  # pure math, text and facts
+    ("sampling", "verify", "stats", "text", "families", "prompts", "tree"),  # pure math, text and facts
     ("kernels",),  # C++ kernels for torch models
     ("attention", "models", "devices"),  # where Hugging Face models come from, and how they run
     ("runtime.build",),  # GGUF runtime: its C++ kernels (quant.cpp), products on the block formats

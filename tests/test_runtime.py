@@ -19,6 +19,7 @@ from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops
 from mtpspec.runtime.target import GgufTarget
 from mtpspec.runtime.weights import NATIVE
+from mtpspec.tree import tree_path
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
 assert set(TYPES) == NATIVE
@@ -279,3 +280,114 @@ def test_chat_end_of_turn_tokens_stop_generation(tiny_gemma3_gguf):
     target = load_gguf(tiny_gemma3_gguf)
     end_of_turn = target.tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert {target.tokenizer.eos_token_id, end_of_turn} <= target.eos_token_ids
+
+
+# A draft tree of 10 rows (block indices; -1: the root): three branches off the root, depths up to 4.
+#        0
+#      / | \
+#     1  2  3
+#    / \  \
+#   4   5  6
+#   |     / \
+#   7    8   9
+TREE = torch.tensor([-1, 0, 0, 0, 1, 1, 2, 4, 6, 6])
+
+
+def _tree_case(target):
+    """A prompt longer than Gemma's sliding window (8) and random tokens for the tree's rows."""
+    gen = torch.Generator().manual_seed(11)
+    return torch.randint(3, target.vocab_size, (21,), generator=gen), torch.randint(
+        3, target.vocab_size, (10,), generator=gen
+    )
+
+
+def test_tree_rows_equal_their_paths_decoded_as_chains(tiny_gguf):
+    """Every node of a tree verified in one forward gets, bit for bit, the hidden state, logits and fused
+    argmax of the last row of its root-to-node path run as a chain from the same prefix."""
+    target = load_gguf(tiny_gguf)
+    prompt, ids = _tree_case(target)
+    target.start(prompt, 64)
+    tree = target.forward(ids, parents=TREE)
+    assert target.length == prompt.shape[0] + ids.shape[0]
+    target.rollback(ids.shape[0])
+    best = target.forward(ids, logits=False, parents=TREE).best
+    for node in range(ids.shape[0]):
+        path = tree_path(TREE, node)
+        target.start(prompt, 64)
+        chain = target.forward(ids[path])
+        assert torch.equal(tree.hidden[node], chain.hidden[-1]), node
+        assert torch.equal(tree.logits[node], chain.logits[-1]), node
+        target.rollback(len(path))
+        assert int(best[node]) == int(target.forward(ids[path], logits=False).best[-1]), node
+
+
+def test_keeping_a_tree_path_then_decoding_equals_decoding_the_path(tiny_gguf):
+    """`keep(path)` moves the path's K/V after the prefix: the cache and the next forwards are those of
+    the chain run of the same tokens, bit for bit."""
+    target, chain = load_gguf(tiny_gguf), load_gguf(tiny_gguf)
+    prompt, ids = _tree_case(target)
+    after = torch.tensor([5, 6, 7])
+    for path in ([0, 2, 6, 8], [0, 1, 4, 7], [0, 3], [0]):
+        target.start(prompt, 64)
+        target.forward(ids, parents=TREE)
+        target.keep(path)
+        assert target.length == prompt.shape[0] + len(path)
+        chain.start(prompt, 64)
+        chain.forward(ids[path])
+        for layer in range(len(target.cache)):
+            assert all(torch.equal(a, b) for a, b in zip(target.kv(layer), chain.kv(layer), strict=True)), path
+        for block in (after[:1], after[1:]):  # decoding on, over the moved keys (and Gemma's window)
+            ours, theirs = target.forward(block), chain.forward(block)
+            assert torch.equal(ours.hidden, theirs.hidden) and torch.equal(ours.logits, theirs.logits), path
+    # A chain block's path is a rollback.
+    target.start(prompt, 64)
+    target.forward(ids[:4])
+    target.keep(torch.tensor([0, 1, 2]))
+    assert target.length == prompt.shape[0] + 3
+
+
+def test_a_tree_shares_a_pass_with_chains_and_gets_its_solo_bits(tiny_gguf):
+    """`forward_many` with a tree segment between chain segments (3- and 4-tuples): every call's step
+    is the one it gets alone."""
+    solo = load_gguf(tiny_gguf)
+    prompt, ids = _tree_case(solo)
+    prompts = [prompt, prompt[:9], prompt[3:]]
+    calls = [(ids[:4], None), (ids, TREE), (ids[2:7], None)]
+    expected = []
+    for p, (block, parents) in zip(prompts, calls, strict=True):
+        solo.start(p, 64)
+        expected.append(solo.forward(block, parents=parents))
+    seqs = [solo.fork() for _ in prompts]
+    for s, p in zip(seqs, prompts, strict=True):
+        s.start(p, 64)
+    steps = GgufTarget.forward_many(
+        [(seqs[0], calls[0][0], True), (seqs[1], ids, True, TREE), (seqs[2], calls[2][0], True, None)]
+    )
+    for want, got in zip(expected, steps, strict=True):
+        assert torch.equal(want.hidden, got.hidden) and torch.equal(want.logits, got.logits)
+    seqs[1].keep([0, 1, 5])
+    assert seqs[1].length == prompts[1].shape[0] + 3
+
+
+def test_bad_trees_and_paths_are_refused(tiny_llama_gguf):
+    target = load_gguf(tiny_llama_gguf)
+    target.start(torch.tensor([5, 6, 7]), 32)
+    ids = torch.tensor([8, 9, 10, 11])
+    for parents, match in [
+        ([0, 0, 1, 2], "root's parent"),
+        ([-1, 0, 2, 1], "earlier row"),
+        ([-1, 0, -1, 1], "earlier row"),
+        ([-1, 0, 1], "needs parents \\[4\\]"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            target.forward(ids, parents=torch.tensor(parents))
+        assert target.length == 3  # refused before anything was written
+    with pytest.raises(ValueError, match="last forward's block"):
+        target.keep([0])  # no forward since the prefill
+    target.forward(ids, parents=torch.tensor([-1, 0, 0, 1]))
+    for path in ([1], [0, 2, 3], [0, 0], [0, 4], []):
+        with pytest.raises(ValueError, match="path"):
+            target.keep(path)
+    target.rollback(1)
+    with pytest.raises(ValueError, match="still cached"):
+        target.keep([0, 1])

@@ -9,7 +9,9 @@ Exact mode (the default) makes each position's logits independent of how positio
 into forwards: attention is computed row by row over exactly the keys a row may see (see
 `attention.py`), and block forwards use the native batched linear layers only where a probe has
 shown them to be row-invariant on this machine, dtype and thread count; elsewhere a block is
-run one row at a time, which is exact by construction (slower, never wrong).
+run one row at a time, which is exact by construction (slower, never wrong). A forward may verify a
+draft tree (`parents`, see `mtpspec.tree`): the rows' positions and ancestor slots travel in the
+attention mask, and `keep` commits one root-to-node path.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from .attention import positions_mask
 from .families import family_for
 from .paths import row_invariance_store
 from .runtime.target import TargetStep, check_prompt, needs_new_cache, stop_token_ids
+from .tree import Block, keep_plan, tree_layout
 
 PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the probe checks
 
 
 class Target:
+    supports_trees = True  # forward(..., parents) verifies a draft tree; keep(path) commits a path
+
     def __init__(self, model, tokenizer, exact: bool = True):
         self.model = model
         self.tokenizer = tokenizer
@@ -42,6 +47,7 @@ class Target:
         self.cache: Cache | None = None
         self.capacity = 0
         self._rows_invariant: bool | None = None
+        self._block: Block | None = None  # the last forward's rows while they are all cached
         self.eos_token_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     @property
@@ -63,17 +69,47 @@ class Target:
         hidden = self._body(prompt_ids, exact=False)[-1:]
         return TargetStep(hidden, logits=self._head(hidden))
 
-    def forward(self, ids: torch.Tensor, logits: bool = True) -> TargetStep:
-        """Run `ids` `[T]` at the next T positions; their K/V stay in the cache until rolled back.
-        Always computes the logits (`logits=False` is a hint the GGUF runtime uses)."""
-        if self.length + ids.shape[0] > self.capacity:
-            raise RuntimeError(f"cache overflow: {self.length} + {ids.shape[0]} > {self.capacity}")
-        if self.exact and ids.shape[0] > 1 and not self.rows_invariant(ids.shape[0]):
+    def forward(self, ids: torch.Tensor, logits: bool = True, parents: torch.Tensor | None = None) -> TargetStep:
+        """Run `ids` `[T]` at the next T cache slots; their K/V stay in the cache until rolled back.
+        Always computes the logits (`logits=False` is a hint the GGUF runtime uses). With `parents`
+        `[T]` (block indices, -1 for the root `ids[0]`) the rows are a draft tree: each row's result is
+        the one plain decoding gives after its root-to-node path (see `mtpspec.tree`); commit one path
+        with `keep` (or roll the whole block back)."""
+        start, rows = self.length, ids.shape[0]
+        if start + rows > self.capacity:
+            raise RuntimeError(f"cache overflow: {start} + {rows} > {self.capacity}")
+        positions, slots = torch.arange(start, start + rows), None
+        if parents is not None:
+            parents = torch.as_tensor(parents, dtype=torch.long)
+            if parents.shape != ids.shape:
+                raise ValueError(f"a tree of {rows} rows needs parents [{rows}], not {tuple(parents.shape)}")
+            positions, slots = tree_layout(parents, start)
+        positions = positions.to(ids.device)
+        if self.exact and rows > 1 and not self.rows_invariant(rows):
             # One row at a time through the output head too: a block's head would round rows differently.
-            rows = [self._body(ids[i : i + 1], exact=True) for i in range(ids.shape[0])]
-            return TargetStep(torch.cat(rows), logits=torch.cat([self._head(h) for h in rows]))
-        hidden = self._body(ids, exact=self.exact)
-        return TargetStep(hidden, logits=self._head(hidden))
+            # Row i is written at slot start + i, after its ancestors.
+            one = [None] * rows if slots is None else slots.split(1)
+            hidden = [self._body(ids[i : i + 1], True, positions[i : i + 1], one[i], start) for i in range(rows)]
+            step = TargetStep(torch.cat(hidden), logits=torch.cat([self._head(h) for h in hidden]))
+        else:
+            hidden = self._body(ids, self.exact, positions, slots, start)
+            step = TargetStep(hidden, logits=self._head(hidden))
+        self._block = Block(start, rows, parents)
+        return step
+
+    @torch.inference_mode()  # the cache tensors were made in inference mode
+    def keep(self, path) -> None:
+        """Commit the root-to-node `path` (block indices of the last forward's rows, root 0 first, each
+        the parent of the next) and forget the rest of that block: the path's K/V move to the slots
+        after the prefix, and the length becomes block start + len(path). For a chain block `[0, 1, ...,
+        a]` this is a rollback (nothing moves). The last forward's block must still be all cached."""
+        source, dest, length = keep_plan(self._block, self.length, path)
+        if source.numel():  # a chain path moves nothing
+            for layer in self.cache.layers:
+                layer.keys[:, :, dest] = layer.keys[:, :, source]
+                layer.values[:, :, dest] = layer.values[:, :, source]
+        self.rollback(self.length - length)
+        self._block = None
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states `[T, H]` of `ids` at the next T positions, with prefill arithmetic
@@ -110,11 +146,21 @@ class Target:
         return self.model.get_output_embeddings().weight
 
     @torch.inference_mode()
-    def _body(self, ids: torch.Tensor, exact: bool) -> torch.Tensor:
-        positions = torch.arange(self.length, self.length + ids.shape[0], device=ids.device)
+    def _body(
+        self,
+        ids: torch.Tensor,  # [T]
+        exact: bool,
+        positions: torch.Tensor | None = None,  # [T] int64; default: the next T positions
+        slots: torch.Tensor | None = None,  # [T, W] int64 a tree's ancestor slots (`mtpspec.tree.tree_layout`)
+        tree_start: int = 0,  # the tree's root slot
+    ) -> torch.Tensor:
+        """Hidden states `[T, H]`, the rows' K/V written at the next T slots."""
+        self._block = None  # a forward sets it after this
+        if positions is None:
+            positions = torch.arange(self.length, self.length + ids.shape[0], device=ids.device)
         out = self.model.model(
             input_ids=ids[None],
-            attention_mask=positions_mask(positions),
+            attention_mask=positions_mask(positions, slots, tree_start),
             position_ids=positions[None],
             cache=self.cache,
             use_cache=True,

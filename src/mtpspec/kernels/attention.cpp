@@ -1,11 +1,17 @@
 // The exact block attention kernel, built into one library with the linear kernel (linear.cpp).
 //
-// `attention(q, k, v, positions, window, scaling, softcap)` is exact decode attention for a block
-// of query rows: row t (at absolute position positions[t]) attends to keys [start, positions[t]]
-// of its KV head, with start = positions[t] + 1 - window for sliding layers. Each (row, head) is
-// one independent task with a fixed sequence of operations: fp32 dot products in 8 lanes with
-// one fixed horizontal sum, an fp32 softmax (a lane-wise vector exp), and an fp32 weighted sum of values in key order, so a
-// row's result depends only on its position and the cache, never on the block it came in.
+// `attention(q, k, v, positions, window, scaling, softcap, slots, tree_start)` is exact decode
+// attention for a block of query rows: row t (at absolute position positions[t]) attends to the
+// logical keys [start, positions[t]] of its KV head, with start = positions[t] + 1 - window for
+// sliding layers. Each (row, head) is one independent task with a fixed sequence of operations:
+// fp32 dot products in 8 lanes with one fixed horizontal sum, an fp32 softmax (a lane-wise vector
+// exp), and an fp32 weighted sum of values in key order, so a row's result depends only on its
+// position and the keys it reads, never on the block it came in.
+//
+// Logical key j is read from cache slot j, except for a draft tree (`slots` given): there row t
+// reads its logical keys j >= tree_start from slot slots[t, j - tree_start] (its ancestors' slots,
+// root first). Only where a key is read from changes, never the order of the arithmetic, so a
+// tree row's bits equal those of the chain row at the same position over the same keys.
 //
 // Its horizontal sum is the linear kernel's (`hsum`, simd.h).
 
@@ -15,6 +21,7 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "simd.h"
@@ -55,9 +62,14 @@ template <class T> inline void store8(T* out, __m256 v) {
   for (int i = 0; i < 8; ++i) out[i] = static_cast<T>(lanes[i]);
 }
 
-template <class T>
-void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t start, int64_t stop,
-            float scaling, float softcap, float* scores, T* out) {
+// Gather: logical key j (in [start, stop)) is at cache slot slot[j - start]; otherwise at slot j.
+// A template parameter, so that the plain path's addressing is the untouched `k + j * D`; not
+// inlined, so that each variant is compiled on its own (inlined, plain decode ran ~3% slower).
+template <class T, bool Gather>
+__attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const int64_t* slot, int64_t D,
+                                      int64_t Dv, int64_t start, int64_t stop, float scaling, float softcap,
+                                      float* scores, T* out) {
+  auto at = [&](int64_t j) { return Gather ? slot[j - start] : j; };
   // Scores: each key's dot product is one chain over d in order, then one fixed horizontal sum;
   // four keys at a time, so that four independent chains keep the multiply-add units busy.
   auto score = [&](__m256 acc) {
@@ -66,14 +78,14 @@ void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t s
   };
   int64_t j = start;
   for (; j + 4 <= stop; j += 4) {
-    const T* kj = k + j * D;
+    const T *k0 = k + at(j) * D, *k1 = k + at(j + 1) * D, *k2 = k + at(j + 2) * D, *k3 = k + at(j + 3) * D;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t d = 0; d < D; d += 8) {
       const __m256 qd = load8(q + d);
-      a0 = _mm256_fmadd_ps(qd, load8(kj + d), a0);
-      a1 = _mm256_fmadd_ps(qd, load8(kj + D + d), a1);
-      a2 = _mm256_fmadd_ps(qd, load8(kj + 2 * D + d), a2);
-      a3 = _mm256_fmadd_ps(qd, load8(kj + 3 * D + d), a3);
+      a0 = _mm256_fmadd_ps(qd, load8(k0 + d), a0);
+      a1 = _mm256_fmadd_ps(qd, load8(k1 + d), a1);
+      a2 = _mm256_fmadd_ps(qd, load8(k2 + d), a2);
+      a3 = _mm256_fmadd_ps(qd, load8(k3 + d), a3);
     }
     scores[j - start] = score(a0);
     scores[j - start + 1] = score(a1);
@@ -81,7 +93,7 @@ void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t s
     scores[j - start + 3] = score(a3);
   }
   for (; j < stop; ++j) {
-    const T* kj = k + j * D;
+    const T* kj = k + at(j) * D;
     __m256 acc = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(kj + d), acc);
     scores[j - start] = score(acc);
@@ -111,7 +123,7 @@ void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t s
     for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       const __m256 s = _mm256_set1_ps(scores[j]);
-      const T* vj = v + (start + j) * Dv + d;
+      const T* vj = v + at(start + j) * Dv + d;
       for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(s, load8(vj + 8 * i), acc[i]);
     }
     for (int i = 0; i < 8; ++i) store8(out + d + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
@@ -119,14 +131,15 @@ void attend(const T* q, const T* k, const T* v, int64_t D, int64_t Dv, int64_t s
   for (; d < Dv; d += 8) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t j = 0; j < n; ++j)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + (start + j) * Dv + d), acc);
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + at(start + j) * Dv + d), acc);
     store8(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
   }
 }
 
 template <class T>
-at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& positions, int64_t window, double scaling, double softcap) {
+at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                         int64_t window, double scaling, double softcap, const int64_t* slots, int64_t W,
+                         int64_t tree_start) {
   const int64_t rows = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t Hkv = k.size(0), L = k.size(1), Dv = v.size(2), groups = Hq / Hkv;
   at::Tensor out = at::empty({rows, Hq, Dv}, q.options());
@@ -135,12 +148,20 @@ at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
+    std::vector<int64_t> slot;  // cache slot of each logical key of a gathering row
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / Hq, h = task % Hq, kvh = h / groups;
       const int64_t stop = pos[t] + 1, start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
       scores.resize(stop - start);
-      attend<T>(qp + (t * Hq + h) * D, kp + kvh * L * D, vp + kvh * L * Dv, D, Dv, start, stop,
-                (float)scaling, (float)softcap, scores.data(), op + (t * Hq + h) * Dv);
+      const T *qt = qp + (t * Hq + h) * D, *kh = kp + kvh * L * D, *vh = vp + kvh * L * Dv;
+      T* ot = op + (t * Hq + h) * Dv;
+      if (slots == nullptr || stop <= tree_start) {
+        attend<T, false>(qt, kh, vh, nullptr, D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
+        continue;
+      }
+      slot.resize(stop - start);
+      for (int64_t j = start; j < stop; ++j) slot[j - start] = j < tree_start ? j : slots[t * W + j - tree_start];
+      attend<T, true>(qt, kh, vh, slot.data(), D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
     }
   });
   return out;
@@ -150,23 +171,48 @@ at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 // q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv] (contiguous, one dtype: bf16 or fp32; D and Dv
 // multiples of 8), positions [T] int64 (each < L); window 0 = full attention, softcap 0 = none.
+// slots [T, W] int64 (optional): row t's logical keys j >= tree_start are at slots[t, j - tree_start]
+// (entries a row does not read, past positions[t] - tree_start, may hold anything).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
-                     int64_t window, double scaling, double softcap) {
+                     int64_t window, double scaling, double softcap, const std::optional<at::Tensor>& slots,
+                     int64_t tree_start) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(2) == k.size(2) && k.size(1) == v.size(1)
               && k.size(0) == v.size(0) && q.size(1) % k.size(0) == 0, "attention: q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv]");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(), "attention: contiguous inputs");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attention: one dtype");
   TORCH_CHECK(q.size(2) % 8 == 0 && v.size(2) % 8 == 0, "attention: head sizes must be multiples of 8");
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0), "attention: int64 positions [T]");
+  const int64_t rows = q.size(0), L = k.size(1);
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < q.size(0); ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < k.size(1), "attention: position past the cache");
-  if (q.scalar_type() == at::kBFloat16) return run_attention<at::BFloat16>(q, k, v, positions, window, scaling, softcap);
+  for (int64_t t = 0; t < rows; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "attention: position past the cache");
+  const int64_t* slot = nullptr;
+  int64_t W = 0;
+  if (slots.has_value()) {
+    const at::Tensor& s = *slots;
+    TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 2 && s.size(0) == rows && s.is_contiguous(),
+                "attention: slots must be contiguous int64 [T, W]");
+    TORCH_CHECK(tree_start >= 0, "attention: tree_start must be >= 0");
+    slot = s.data_ptr<int64_t>();
+    W = s.size(1);
+    for (int64_t t = 0; t < rows; ++t) {
+      if (pos[t] < tree_start) continue;
+      TORCH_CHECK(pos[t] - tree_start < W, "attention: row ", t, " at position ", pos[t], " needs ",
+                  pos[t] - tree_start + 1, " slots from tree_start ", tree_start, ", slots has ", W);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window - tree_start) : 0;
+      for (int64_t i = first; i <= pos[t] - tree_start; ++i)
+        TORCH_CHECK(slot[t * W + i] >= 0 && slot[t * W + i] < L, "attention: slots[", t, ", ", i, "] = ",
+                    slot[t * W + i], " is outside the cache [0, ", L, ")");
+    }
+  }
+  if (q.scalar_type() == at::kBFloat16)
+    return run_attention<at::BFloat16>(q, k, v, positions, window, scaling, softcap, slot, W, tree_start);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: bf16 or fp32 only");
-  return run_attention<float>(q, k, v, positions, window, scaling, softcap);
+  return run_attention<float>(q, k, v, positions, window, scaling, softcap, slot, W, tree_start);
 }
 
 TORCH_LIBRARY_FRAGMENT(mtpspec_kernels, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap, "
+        "Tensor? slots=None, int tree_start=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtpspec_kernels, CPU, m) {

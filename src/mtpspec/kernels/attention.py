@@ -15,8 +15,13 @@ def exact_attention(
     sliding_window: int | None,
     scaling: float,
     softcap: float | None,
+    *,
+    slots: torch.Tensor | None = None,  # [T, W] int64: row t's key j >= tree_start is at slots[t, j - tree_start]
+    tree_start: int = 0,
 ) -> torch.Tensor | None:
-    """`[1, T, Hq, Dv]`: every row's result depends only on its position and the cache (see attention.cpp)."""
+    """`[1, T, Hq, Dv]`: every row's result depends only on its position and the keys it reads, taken
+    from cache slot j for logical key j, or through `slots` past `tree_start` (a draft tree's ancestors;
+    see attention.cpp)."""
     applies = (
         query.device.type == "cpu"
         and query.shape[0] == 1
@@ -38,5 +43,7 @@ def exact_attention(
         sliding_window or 0,
         float(scaling),
         float(softcap or 0.0),
+        None if slots is None else slots.contiguous(),
+        int(tree_start),
     )
     return out[None]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..errors import MtpspecError
 from ..families import family_for
 from ..kernels.attention import exact_attention
+from ..tree import tree_layout
 from .build import ops
 from .weights import GgufWeights, QMatrix
 
@@ -32,11 +33,22 @@ ARCHS = ("gemma3", "llama")
 @dataclass
 class Segment:
     """Consecutive rows of a forward that continue one sequence: its cache (one (keys, values)
-    `[1, Hkv, capacity, D]` pair per layer) and the position of its first row."""
+    `[1, Hkv, capacity, D]` pair per layer) and the position of its first row. With `parents` the
+    rows are a draft tree (see `mtpspec.tree`): row i runs at position start + depth(i) and attends to
+    the prefix and its ancestors; its K/V are still written at slot start + i."""
 
     cache: list[tuple[torch.Tensor, torch.Tensor]]
     start: int
     rows: int
+    parents: torch.Tensor | None = None  # [rows] int64 block index of each row's parent (-1: the root); None: a chain
+
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows' positions `[rows]` and, for a tree, the attention kernel's `slots` `[rows, W]`."""
+        if self.parents is None:
+            return torch.arange(self.start, self.start + self.rows), None
+        if self.parents.shape != (self.rows,):
+            raise ValueError(f"a tree of {self.rows} rows needs parents [{self.rows}], not {tuple(self.parents.shape)}")
+        return tree_layout(self.parents, self.start)
 
 
 @dataclass
@@ -145,12 +157,12 @@ class GgufModel:
         t = ids.shape[0]
         if sum(s.rows for s in segments) != t:
             raise ValueError(f"segments cover {sum(s.rows for s in segments)} rows, not {t}")
-        spans = []  # (row offset, positions) per segment
+        spans = []  # (row offset, positions, slots) per segment
         offset = 0
-        for s in segments:
-            spans.append((offset, torch.arange(s.start, s.start + s.rows)))
+        for s in segments:  # (checks every tree before any cache is written)
+            spans.append((offset, *s.layout()))
             offset += s.rows
-        positions = torch.cat([p for _, p in spans])
+        positions = torch.cat([p for _, p, _ in spans])
         tables = {kind: self.rope(kind, positions[None]) for kind in self.family.attention_types()}
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
@@ -163,12 +175,12 @@ class GgufModel:
             cos, sin = tables[layer.kind]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             parts = []
-            for s, (first, pos) in zip(segments, spans, strict=True):
+            for s, (first, pos, slots) in zip(segments, spans, strict=True):
                 keys, values = s.cache[i]
                 rows = slice(first, first + s.rows)
                 keys[0, :, s.start : s.start + s.rows] = k[rows].transpose(0, 1)
                 values[0, :, s.start : s.start + s.rows] = v[rows].transpose(0, 1)
-                parts.append(self._attend(q[rows], keys, values, pos, layer.window))
+                parts.append(self._attend(q[rows], keys, values, pos, layer.window, slots, s.start))
             a = parts[0] if len(parts) == 1 else torch.cat(parts)
             a = layer.o.linear(a.reshape(t, -1))
             if self.gemma:
@@ -185,14 +197,16 @@ class GgufModel:
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         return F.gelu(g, approximate="tanh") if self.gemma else F.silu(g)
 
-    def _attend(self, q, keys, values, positions, window) -> torch.Tensor:
-        """`[T, Hq, D]` attention of each query row over exactly the keys its position may see."""
+    def _attend(self, q, keys, values, positions, window, slots, tree_start) -> torch.Tensor:
+        """`[T, Hq, D]` attention of each query row over exactly the keys its position may see (a tree
+        row's keys past `tree_start` through its ancestors' `slots`)."""
         query = q.transpose(0, 1)[None]  # [1, Hq, T, D]
-        out = exact_attention(query, keys, values, positions, window, self.scaling, self.attn_softcap)
+        args = (query, keys, values, positions, window, self.scaling, self.attn_softcap)
+        out = exact_attention(*args, slots=slots, tree_start=tree_start)
         if out is None:  # no C++ kernels here: the same per-row arithmetic through PyTorch
             from ..attention import per_row_attention
 
-            out = per_row_attention(query, keys, values, positions, window, self.scaling, self.attn_softcap)
+            out = per_row_attention(*args, slots=slots, tree_start=tree_start)
         return out[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, V] float32

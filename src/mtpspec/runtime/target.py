@@ -4,7 +4,8 @@ Same contract as the transformers-backed `mtpspec.target.Target` (`start`, `forw
 `kv`, `embed`, `rope`, ...), so the engine and every drafter run on either. The cache is one
 (keys, values) pair `[1, Hkv, capacity, D]` per layer, float32; rolling back is an integer rewind.
 Exact by construction: every row's arithmetic is independent of the rows it is computed with
-(quant.cpp, the exact attention kernel), so no probe decides how a block runs.
+(quant.cpp, the exact attention kernel), so no probe decides how a block runs. A forward may verify a
+draft tree (`parents`, see `mtpspec.tree`); `keep` then commits one of its root-to-node paths.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MtpspecError
+from ..tree import Block, keep_plan
 from .model import GgufModel, Segment
 from .weights import QMatrix
 
@@ -67,6 +69,7 @@ def needs_new_cache(capacity: int, wanted: int) -> bool:
 
 class GgufTarget:
     exact = True  # by construction; there is no inexact mode
+    supports_trees = True  # forward(..., parents) verifies a draft tree; keep(path) commits a path
     dtype = torch.float32  # activations, K/V and logits
 
     def __init__(self, model: GgufModel, tokenizer, generation_config=None):
@@ -82,6 +85,7 @@ class GgufTarget:
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.capacity = 0
         self._length = 0
+        self._block: Block | None = None  # the last forward's rows while they are all cached
 
     @property
     def length(self) -> int:
@@ -105,6 +109,7 @@ class GgufTarget:
         if needs_new_cache(self.capacity, capacity):
             self._allocate(capacity)
         self._length = 0
+        self._block = None
 
     def start(self, prompt_ids: torch.Tensor, capacity: int) -> TargetStep:
         """Reset the cache to hold `capacity` positions and prefill the prompt `[n]`; returns its last row."""
@@ -116,42 +121,58 @@ class GgufTarget:
         """A prefill's step: the last row's hidden state and logits (what `start` returns)."""
         return TargetStep(hidden[-1:], logits=self.gguf.logits(hidden[-1:]))
 
-    def forward(self, ids: torch.Tensor, logits: bool = True) -> TargetStep:
-        """Run `ids` `[T]` at the next T positions; their K/V stay cached until rolled back. With
-        `logits=False` only each row's argmax is computed, fused with the head."""
-        return GgufTarget.forward_many([(self, ids, logits)])[0]
+    def forward(self, ids: torch.Tensor, logits: bool = True, parents: torch.Tensor | None = None) -> TargetStep:
+        """Run `ids` `[T]` at the next T cache slots; their K/V stay cached until rolled back. With
+        `logits=False` only each row's argmax is computed, fused with the head. With `parents` `[T]`
+        (block indices, -1 for the root `ids[0]`) the rows are a draft tree: each row's result is the
+        one plain decoding gives after its root-to-node path (see `mtpspec.tree`); commit one path
+        with `keep` (or roll the whole block back)."""
+        return GgufTarget.forward_many([(self, ids, logits, parents)])[0]
 
     @staticmethod
     @torch.inference_mode()
-    def forward_many(calls: list[tuple[GgufTarget, torch.Tensor, bool | None]]) -> list[TargetStep]:
-        """`target.forward(ids, logits)` for each (target, ids, logits) call, in one pass over the
-        weights: the targets are sequences of one model (see `fork`). Each step equals the one the
-        call would give alone, bit for bit. `logits=None` runs no head (a prefill chunk): the step
-        has hidden states only."""
+    def forward_many(calls: list[tuple]) -> list[TargetStep]:
+        """`target.forward(ids, logits, parents)` for each call, a tuple (target, ids, logits) or (target,
+        ids, logits, parents), in one pass over the weights: the targets are sequences of one model (see
+        `fork`). Each step equals the one the call would give alone, bit for bit. `logits=None` runs no
+        head (a prefill chunk): the step has hidden states only."""
+        calls = [(*call, None) if len(call) == 3 else tuple(call) for call in calls]
         model = calls[0][0].gguf
         segments = []
-        for target, ids, _ in calls:
+        for target, ids, _, parents in calls:
             if target.gguf is not model:
                 raise ValueError("forward_many runs sequences of one model")
             if target._length + ids.shape[0] > target.capacity:
                 raise RuntimeError(f"cache overflow: {target._length} + {ids.shape[0]} > {target.capacity}")
-            segments.append(Segment(target.cache, target._length, ids.shape[0]))
-        hidden = model.forward_segments(torch.cat([ids for _, ids, _ in calls]), segments)
-        steps = [TargetStep(rows) for rows in hidden.split([ids.shape[0] for _, ids, _ in calls])]
-        for target, ids, _ in calls:
-            target._length += ids.shape[0]
+            parents = None if parents is None else torch.as_tensor(parents, dtype=torch.long)
+            segments.append(Segment(target.cache, target._length, ids.shape[0], parents))
+        hidden = model.forward_segments(torch.cat([call[1] for call in calls]), segments)
+        steps = [TargetStep(rows) for rows in hidden.split([s.rows for s in segments])]
+        for (target, *_), s in zip(calls, segments, strict=True):
+            target._block = Block(s.start, s.rows, s.parents)
+            target._length += s.rows
         # One pass over the head for all calls that want logits, one for all that want argmaxes.
         for want, head, field in ((True, model.logits, "logits"), (False, model.greedy, "best")):
             group = [
-                step
-                for step, (_, _, logits) in zip(steps, calls, strict=True)
-                if logits is not None and bool(logits) is want
+                step for step, call in zip(steps, calls, strict=True) if call[2] is not None and bool(call[2]) is want
             ]
             if group:
                 out = head(group[0].hidden if len(group) == 1 else torch.cat([g.hidden for g in group]))
                 for step, part in zip(group, out.split([g.hidden.shape[0] for g in group]), strict=True):
                     setattr(step, field, part)
         return steps
+
+    def keep(self, path) -> None:
+        """Commit the root-to-node `path` (block indices of the last forward's rows, root 0 first, each
+        the parent of the next) and forget the rest of that block: the path's K/V move to the slots
+        after the prefix, and the length becomes block start + len(path). For a chain block `[0, 1, ...,
+        a]` this is a rollback (nothing moves). The last forward's block must still be all cached."""
+        source, dest, self._length = keep_plan(self._block, self._length, path)
+        if source.numel():  # a chain path moves nothing
+            for keys, values in self.cache:
+                keys[0, :, dest] = keys[0, :, source]
+                values[0, :, dest] = values[0, :, source]
+        self._block = None
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
         """Last-layer hidden states `[T, H]` of `ids` at the next T positions, without the head."""
@@ -180,6 +201,7 @@ class GgufTarget:
     @torch.inference_mode()
     def _body(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.gguf.forward(ids, self._length, self.cache)
+        self._block = None  # a prefill is no block to keep a path of
         self._length += ids.shape[0]
         return hidden
 
