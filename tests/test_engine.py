@@ -51,7 +51,7 @@ class RandomDrafter:
     def begin(self, state):
         pass
 
-    def propose(self, state, k, params, generator):
+    def propose(self, state, k, params, generator, branches=1):
         return Draft(torch.randint(0, self.vocab, (k,), generator=self.g))
 
     def commit(self, state, draft, accepted):
@@ -70,7 +70,7 @@ class OracleDrafter:
     def begin(self, state):
         self.n_prompt = state.length - 1
 
-    def propose(self, state, k, params, generator):
+    def propose(self, state, k, params, generator, branches=1):
         done = state.length - self.n_prompt
         return Draft(torch.tensor(self.continuation[done : done + k], dtype=torch.long))
 

@@ -201,7 +201,7 @@ class Batch:
         for slot, limit in zip(decoding, limits, strict=True):
             ids = slot.generation.need(limit)  # [last committed, drafts...]
             drafted += ids.shape[0] - 1
-            calls.append((slot.target, ids, slot.generation.wants_logits))
+            calls.append((slot.target, ids, slot.generation.wants_logits, slot.generation.parents))
             owners.append(slot)
         self.costs.add_drafts(drafted, time.perf_counter() - t)
         if not calls:
@@ -211,7 +211,7 @@ class Batch:
         if len(decoding) == len(calls):  # decoding rows only (prefill rows skip the head: another cost)
             self.costs.add_pass(len(decoding) + drafted, time.perf_counter() - t)
         out = []
-        for slot, (_, ids, _), step in zip(owners, calls, steps, strict=True):
+        for slot, (_, ids, *_), step in zip(owners, calls, steps, strict=True):
             if not slot.generation.prefilled:
                 slot.fed += ids.shape[0]
                 if slot.fed < slot.generation.n_prompt:
@@ -225,7 +225,7 @@ class Batch:
         g, target = slot.generation, slot.target
         if not g.prefilled:
             return g.advance(target.start(g.need(), capacity=g.capacity))
-        return g.advance(target.forward(g.need(), logits=g.wants_logits))
+        return g.advance(g.forward(g.need()))
 
 
 def as_finished(

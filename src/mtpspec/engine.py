@@ -18,7 +18,8 @@ from .sampling import SamplingParams, argmax, probabilities, sample
 from .stats import Stats
 from .target import Target
 from .text import TextTracker
-from .verify import accept_greedy, verify
+from .tree import tree_depths
+from .verify import accept_greedy, accept_tree_greedy, verify, verify_tree
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,15 @@ class GenerationConfig:
     ignore_eos: bool = False  # run to max_new_tokens past end-of-sequence tokens (benchmarks, load tests)
     num_draft_tokens: int = 4  # k: drafts per round (the cap when adaptive)
     adaptive: bool = False  # shrink/grow k each round from the last round's acceptance
+    branches: int = 1  # children a draft token may have: 1 drafts a chain of k, more a tree of k tokens
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise MtpspecError(f"max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.num_draft_tokens <= 32:
             raise MtpspecError(f"num-draft-tokens must be between 0 and 32, got {self.num_draft_tokens}")
+        if not 1 <= self.branches <= 8:
+            raise MtpspecError(f"draft-branches must be between 1 and 8, got {self.branches}")
 
 
 @dataclass
@@ -67,6 +71,8 @@ class Generation:
         self.n_prompt = n = len(prompt_ids)
         self.max_new = min(config.max_new_tokens, target.context_window - n)
         self.k = config.num_draft_tokens
+        # A tree draft needs a target that verifies trees; elsewhere drafters draft chains.
+        self.branches = config.branches if getattr(target, "supports_trees", False) else 1
         self.capacity = n + self.max_new + self.k + 1  # cache positions the target needs
         self.tracker = TextTracker(target.tokenizer, config.stop)
         self.eos = frozenset() if config.ignore_eos else target.eos_token_ids
@@ -95,9 +101,19 @@ class Generation:
             return self.tokens[: self.n_prompt]
         state, stats = self.state, self.result.stats
         k = min(self.k, self.max_new - len(self.result.token_ids) - 1, self.k if limit is None else limit)
-        self._draft = _timed(stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator)
+        self._draft = _timed(
+            stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator, self.branches
+        )
         self._t_step = time.perf_counter()
         return torch.cat([state.tokens[state.length - 1 : state.length], self._draft.tokens])
+
+    @property
+    def parents(self) -> torch.Tensor | None:
+        """The tree of the block `need()` gave last (its rows' parents, root -1), or None for a chain
+        or a prefill: what the target's forward takes with the ids."""
+        if self.state is None or self._draft is None:
+            return None
+        return self._draft.block_parents
 
     def advance(self, step) -> Chunk:
         """Take the target's step for the ids `need()` gave (the prefill's: its last row only)."""
@@ -105,27 +121,47 @@ class Generation:
             return self._first(step)
         state, draft, stats = self.state, self._draft, self.result.stats
         block = 1 + draft.tokens.shape[0]
-        kept = 0
-        try:
-            if self.params.greedy:
-                verdict = accept_greedy(draft.tokens, step.greedy())
-            else:
-                verdict = verify(draft.tokens, draft.q, step.logits, self.params, self.generator)
-            kept = 1 + verdict.accepted
-        finally:
-            self.target.rollback(block - kept)  # keep [last, accepted drafts]
+        if draft.parents is None:
+            kept = 0
+            try:
+                if self.params.greedy:
+                    verdict = accept_greedy(draft.tokens, step.greedy())
+                else:
+                    verdict = verify(draft.tokens, draft.q, step.logits, self.params, self.generator)
+                kept = 1 + verdict.accepted
+            finally:
+                self.target.rollback(block - kept)  # keep [last, accepted drafts]
+            path = list(range(kept))
+        else:
+            try:
+                if self.params.greedy:
+                    verdict = accept_tree_greedy(draft, step.greedy())
+                else:
+                    verdict = verify_tree(draft, step.logits, self.params, self.generator)
+            except BaseException:
+                self.target.rollback(block)
+                raise
+            path = verdict.path
+            self.target.keep(path)  # the accepted path's K/V move into place; the other nodes go
         stats.verify_s += time.perf_counter() - self._t_step
 
-        state.last_hidden = step.hidden[verdict.accepted]
-        pending = draft.tokens[: verdict.accepted].tolist() + [verdict.next_token]
+        state.last_hidden = step.hidden[path[-1]]
+        pending = [int(t) for t in draft.tokens[[i - 1 for i in path[1:]]]] + [verdict.next_token]
         # Commit token by token: EOS, stop strings and the budget can end a generation mid-block.
         self.done = self._commit(pending)
-        stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending))
+        depth = draft.tokens.shape[0] if draft.parents is None else int(tree_depths(draft.block_parents).max())
+        stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending), depth)
         if not self.done:
             _timed(stats, "draft_s", self.drafter.commit, state, draft, verdict.accepted)
         if self.config.adaptive:
-            self.k = _adapt(self.k, draft.tokens.shape[0], verdict.accepted, self.config.num_draft_tokens)
+            self.k = _adapt(self.k, depth, verdict.accepted, self.config.num_draft_tokens)
         return self._chunk(pending)
+
+    def forward(self, ids: torch.Tensor):
+        """The target's step for the round's ids from `need()` (a tree's with its parents)."""
+        if self.parents is None:
+            return self.target.forward(ids, logits=self.wants_logits)
+        return self.target.forward(ids, logits=self.wants_logits, parents=self.parents)
 
     def _first(self, step) -> Chunk:
         res = self.result
@@ -188,7 +224,7 @@ class Engine:
         yield gen.advance(step)
         while not gen.done:
             ids = gen.need()
-            yield gen.advance(target.forward(ids, logits=gen.wants_logits))
+            yield gen.advance(gen.forward(ids))
 
 
 def _timed(stats: Stats, field_name: str, fn, *args):

@@ -20,13 +20,15 @@ class Stats:
     drafted_per_position: list[int] = field(default_factory=list)  # [i] = rounds with a draft at depth i+1
     accepted_per_position: list[int] = field(default_factory=list)
 
-    def record_round(self, drafted: int, accepted: int, emitted: int) -> None:
+    def record_round(self, drafted: int, accepted: int, emitted: int, depth: int | None = None) -> None:
+        """A verification round: `drafted` tokens (a chain, or a tree `depth` tokens deep), of which
+        `accepted` (a prefix of the chain, a root path of the tree) were kept and `emitted` committed."""
         self.target_forwards += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.round_tokens += emitted
         _bump(self.accepted_histogram, accepted)
-        for i in range(drafted):
+        for i in range(drafted if depth is None else depth):
             _bump(self.drafted_per_position, i)
             if i < accepted:
                 _bump(self.accepted_per_position, i)

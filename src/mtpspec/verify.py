@@ -15,6 +15,16 @@ Glossary (Leviathan et al. 2023; Chen et al. 2023):
 
 So each verification emits `accepted + 1` tokens: the accepted drafts, then the recovered or
 bonus token.
+
+Trees (a draft whose tokens name their parents; the target scores every node in one forward, p at
+a node being the distribution for its children's slot): the walk starts at the root and descends
+one accepted child at a time. Greedy: the child equal to the node's argmax. Sampling: recursive
+rejection over the node's children in draft order (SpecInfer; Jeon et al. 2024): a child passes
+with probability min(1, r(x)/q(x)), where r starts as the node's p and, after each rejected child,
+becomes normalise(max(0, r − q)) for that child's q (one-hot q removes x from r). A child's q is
+the distribution it was drawn from given the siblings drawn before it, so each test is standard
+speculative sampling of r, and the emitted token follows p whatever the drafter did. When every
+child is rejected the token is drawn from the last r; at a leaf, r is p itself (the bonus token).
 """
 
 from __future__ import annotations
@@ -30,6 +40,66 @@ from .sampling import SamplingParams, argmax, probabilities, sample
 class Verdict:
     accepted: int  # number of draft tokens kept, 0..k
     next_token: int  # the recovered token (accepted < k) or the bonus token (accepted == k)
+
+
+@dataclass(frozen=True)
+class TreeVerdict(Verdict):
+    path: list[int]  # the kept root-to-node path, in block rows (root 0 first): what `target.keep` takes
+
+
+def _children(block_parents: list[int]) -> dict[int, list[int]]:
+    """Block row -> its children's rows, in block (draft) order."""
+    children: dict[int, list[int]] = {}
+    for row, parent in enumerate(block_parents[1:], start=1):
+        children.setdefault(parent, []).append(row)
+    return children
+
+
+def accept_tree_greedy(draft, best: torch.Tensor) -> TreeVerdict:
+    """draft: a tree `Draft`; best: [N] the target's argmax at each block row. Descend while a child
+    equals its node's argmax."""
+    children = _children(draft.block_parents.tolist())
+    tokens = [-1, *draft.tokens.tolist()]
+    best = best.tolist()
+    path = [0]
+    while True:
+        row = next((c for c in children.get(path[-1], ()) if tokens[c] == best[path[-1]]), None)
+        if row is None:
+            return TreeVerdict(len(path) - 1, best[path[-1]], path)
+        path.append(row)
+
+
+def verify_tree_sampled(draft, p: torch.Tensor, generator: torch.Generator | None) -> TreeVerdict:
+    """draft: a tree `Draft`; p: [N, V] filtered target probabilities at the block's rows. Recursive
+    rejection over each node's children; emitted tokens follow p exactly whatever q is."""
+    children = _children(draft.block_parents.tolist())
+    tokens = [-1, *draft.tokens.tolist()]
+    path = [0]
+    while True:
+        r = p[path[-1]]
+        for row in children.get(path[-1], ()):
+            x = tokens[row]
+            q = None if draft.q is None else draft.q[row - 1]
+            q_x = 1.0 if q is None else float(q[x])
+            if float(torch.rand(1, generator=generator)) * q_x < float(r[x]):
+                path.append(row)
+                break
+            if q is None:
+                residual = r.clone()
+                residual[x] = 0
+            else:
+                residual = (r - q).clamp_min(0)
+            total = residual.sum()
+            r = residual / total if total > 0 else r  # a rejection leaves mass unless rounding ate it
+        else:
+            return TreeVerdict(len(path) - 1, int(sample(r, generator)), path)
+
+
+def verify_tree(draft, target_logits: torch.Tensor, params: SamplingParams, generator) -> TreeVerdict:
+    """Verify a tree `Draft` against the target's logits `[N, V]` at the block's rows."""
+    if params.greedy:
+        return accept_tree_greedy(draft, argmax(target_logits))
+    return verify_tree_sampled(draft, probabilities(target_logits, params), generator)
 
 
 def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Verdict:

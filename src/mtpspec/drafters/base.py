@@ -5,6 +5,13 @@ engine calls, per generation: `begin` once after the prompt is prefilled, then p
 `propose` and, after verification, `commit`. A drafter that samples its draft must return the
 distribution q it sampled from; one that picks tokens deterministically (n-gram lookup, argmax)
 returns q = None, which the verifier treats as one-hot. Either way the output is the target's.
+
+A draft is a chain (each token follows the one before) or, where the engine asks for one
+(`branches` > 1, on a target that verifies trees), a tree: each token names its parent among the
+earlier draft tokens, or -1 for the last committed token. A chain is the tree with one branch, and
+one engine verifies both. Siblings are distinct tokens. Under sampling, each token's q row is the
+distribution it was drawn from, given the siblings drawn before it (drawing without replacement:
+q with the earlier siblings removed, renormalised).
 """
 
 from __future__ import annotations
@@ -36,6 +43,15 @@ class DecodeState:
 class Draft:
     tokens: torch.Tensor  # [k'] int64, k' <= k (may be empty)
     q: torch.Tensor | None = None  # [k', V] draft probabilities, or None for one-hot drafts
+    parents: torch.Tensor | None = None  # [k'] int64: each token's parent draft index (-1: the last
+    # committed token), parents[i] < i; None for a chain
+
+    @property
+    def block_parents(self) -> torch.Tensor | None:
+        """The verification block's parents (block `[last committed, *tokens]`, root -1), or None for a chain."""
+        if self.parents is None:
+            return None
+        return torch.cat([torch.tensor([-1]), self.parents + 1])
 
 
 EMPTY = torch.empty(0, dtype=torch.long)
@@ -48,8 +64,11 @@ class Drafter(Protocol):
     def begin(self, state: DecodeState) -> None:
         """A new generation: the prompt is prefilled and one token committed."""
 
-    def propose(self, state: DecodeState, k: int, params: SamplingParams, generator: torch.Generator | None) -> Draft:
-        """Up to k tokens to follow `state.committed`."""
+    def propose(
+        self, state: DecodeState, k: int, params: SamplingParams, generator: torch.Generator | None, branches: int
+    ) -> Draft:
+        """Up to k tokens to follow `state.committed`: a chain, or with `branches` > 1 a tree in
+        which a token may have up to `branches` children (drafters that only draft chains ignore it)."""
 
     def commit(self, state: DecodeState, draft: Draft, accepted: int) -> None:
         """Verification kept `accepted` drafts and added one token; `state` is already updated."""
@@ -64,7 +83,7 @@ class NoDrafter:
     def begin(self, state: DecodeState) -> None:
         pass
 
-    def propose(self, state, k, params, generator) -> Draft:
+    def propose(self, state, k, params, generator, branches=1) -> Draft:
         return Draft(EMPTY)
 
     def commit(self, state, draft, accepted) -> None:

@@ -37,7 +37,7 @@ class DraftModelDrafter:
         self.lm.start(prompt, capacity=state.tokens.shape[0] + 1)
         self.synced = prompt.shape[0]
 
-    def propose(self, state, k, params, generator) -> Draft:
+    def propose(self, state, k, params, generator, branches=1) -> Draft:
         if k == 0:
             return Draft(EMPTY)
         # Feed what the drafter has not seen yet (1 token, or 2 after a fully accepted round).

@@ -28,7 +28,7 @@ class HybridDrafter:
     def begin(self, state: DecodeState) -> None:
         self.mtp.begin(state)
 
-    def propose(self, state, k, params, generator) -> Draft:
+    def propose(self, state, k, params, generator, branches=1) -> Draft:
         if k:
             found = lookup(state.committed, k, self.max_n, self.min_match)
             if found.numel():

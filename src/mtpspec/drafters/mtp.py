@@ -44,7 +44,7 @@ class MtpDrafter:
         self.keys.begin(state)
 
     @torch.inference_mode()
-    def propose(self, state, k, params, generator) -> Draft:
+    def propose(self, state, k, params, generator, branches=1) -> Draft:
         if k == 0:
             return Draft(EMPTY)
         target = state.target

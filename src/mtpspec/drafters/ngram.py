@@ -20,7 +20,7 @@ class NgramDrafter:
     def begin(self, state: DecodeState) -> None:
         pass
 
-    def propose(self, state, k, params, generator) -> Draft:
+    def propose(self, state, k, params, generator, branches=1) -> Draft:
         return Draft(lookup(state.committed, k, self.max_n, self.min_n))
 
     def commit(self, state, draft, accepted) -> None:
