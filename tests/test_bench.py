@@ -88,8 +88,8 @@ def test_end_to_end_writes_report_and_is_lossless(tiny_dirs, prompts_file, tmp_p
 def test_mismatch_is_loud_and_exits_nonzero(tiny_dirs, prompts_file, tmp_path, monkeypatch, capsys):
     real_run = MtpspecRunner.run
 
-    def corrupted(self, ids, decoding, k, seed):
-        result = real_run(self, ids, decoding, k, seed)
+    def corrupted(self, ids, decoding, k, seed, branches=1):
+        result = real_run(self, ids, decoding, k, seed, branches)
         if self.pipeline.drafter_spec != "none":
             result.token_ids[-1] = (result.token_ids[-1] + 1) % 300
         return result
@@ -234,3 +234,12 @@ def test_report_names_an_uncommitted_tree():
     dirty = _setup_line(settings, {**env, "git_commit": "0123456789abcdef+dirty"}, sets)
     assert "commit 0123456789ab." in clean
     assert "commit 0123456789ab+dirty (uncommitted changes)." in dirty
+
+
+def test_a_branch_sweep_adds_tree_rows_for_the_drafters_that_draft_trees():
+    from mtpspec.bench.methods import make_rows, parse_branches, parse_methods
+
+    rows = make_rows(parse_methods("ngram,draft:x,hf"), [4], parse_branches("2,1"))
+    assert [r.label for r in rows] == ["none", "ngram k=4", "ngram k=4 tree b=2", "draft:x k=4", "hf"]
+    with pytest.raises(MtpspecError, match="--draft-branches"):
+        parse_branches("0,2")

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from mtpspec.drafters.base import Draft
 from mtpspec.sampling import SamplingParams, probabilities, sample
-from mtpspec.verify import verify_greedy, verify_sampled
+from mtpspec.verify import accept_tree_greedy, verify_greedy, verify_sampled, verify_tree_sampled
 
 
 def onehot_logits(ids, vocab=6):
@@ -124,3 +125,110 @@ def test_statistical_test_can_fail():
         counts[int(sample(q, g))] += 1  # "accept everything": output follows q, not p
     assert (p - q).abs().max() > 0.05
     assert not chi_square_ok(counts, p, N)
+
+
+# ---- trees ----
+
+
+def tree(tokens, parents, q=None):
+    return Draft(torch.tensor(tokens), q, torch.tensor(parents))
+
+
+def test_tree_greedy_descends_the_matching_children():
+    # root -> a(1), b(2); b -> c(3); c -> d(4), e(5). Rows: 0 root, 1 a, 2 b, 3 c, 4 d, 5 e.
+    draft = tree([1, 2, 3, 4, 5], [-1, -1, 1, 2, 2])
+    best = torch.tensor([2, 0, 3, 5, 0, 4])  # root wants 2 (b), b wants 3 (c), c wants 5 (e), e wants 4
+    v = accept_tree_greedy(draft, best)
+    assert (v.accepted, v.next_token, v.path) == (3, 4, [0, 2, 3, 5])
+    v = accept_tree_greedy(draft, torch.tensor([7, 0, 0, 0, 0, 0]))
+    assert (v.accepted, v.next_token, v.path) == (0, 7, [0])
+
+
+def test_a_chain_shaped_tree_verifies_as_the_chain():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        k = int(torch.randint(1, 6, (1,), generator=g))
+        draft = torch.randint(0, 3, (k,), generator=g)
+        best = torch.randint(0, 3, (k + 1,), generator=g)
+        chain = verify_greedy(draft, onehot_logits(best.tolist(), 3))
+        as_tree = accept_tree_greedy(Draft(draft, None, torch.arange(k) - 1), best)
+        assert (as_tree.accepted, as_tree.next_token, as_tree.path) == (
+            chain.accepted,
+            chain.next_token,
+            list(range(chain.accepted + 1)),
+        )
+
+
+def draw_children(q: torch.Tensor, n: int, g) -> tuple[list[int], torch.Tensor]:
+    """n distinct tokens drawn from q without replacement, with the q each was drawn from."""
+    tokens, qs, left = [], [], q.clone()
+    for _ in range(n):
+        dist = left / left.sum()
+        x = int(sample(dist, g))
+        tokens.append(x)
+        qs.append(dist)
+        left[x] = 0
+    return tokens, torch.stack(qs)
+
+
+def run_tree_trials(p, q_root, q_child, soft, seed, verifier=verify_tree_sampled):
+    """Trials of one tree: three children of the root (drawn without replacement from q_root, or its
+    top three when not soft), the first with two children of its own (from q_child). Row 1 is the
+    root's first child; its distribution is p[1], whichever token it is. Returns the counts of the
+    first emitted token, and of the second where the first child was kept."""
+    g = torch.Generator().manual_seed(seed)
+    first, second = torch.zeros(VOCAB), torch.zeros(VOCAB)
+    for _ in range(N):
+        if soft:
+            kids, q_kids = draw_children(q_root, 3, g)
+            grandkids, q_grandkids = draw_children(q_child, 2, g)
+            q = torch.cat([q_kids, q_grandkids])
+        else:
+            kids, grandkids, q = q_root.topk(3).indices.tolist(), q_child.topk(2).indices.tolist(), None
+        draft = tree(kids + grandkids, [-1, -1, -1, 0, 0], q)
+        # Rows 2 and 3 (the other children) and 4, 5 (grandchildren) get their own target rows.
+        v = verifier(draft, p, g)
+        emitted = [int(draft.tokens[i - 1]) for i in v.path[1:]] + [v.next_token]
+        first[emitted[0]] += 1
+        if v.path[1:2] == [1]:
+            second[emitted[1]] += 1
+    return first, second
+
+
+@pytest.mark.parametrize("soft", [True, False], ids=["drawn", "top-k"])
+@pytest.mark.parametrize(
+    "params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=4)], ids=["t1", "t0.8-top4"]
+)
+def test_tree_sampling_matches_target_distribution(params, soft):
+    torch.manual_seed(2)
+    logits = torch.randn(6, VOCAB) * 1.5
+    p = probabilities(logits, params)  # rows: root, its 3 children, the first child's 2 children
+    q_root = probabilities(logits[0] + torch.randn(VOCAB), params)
+    q_child = probabilities(logits[1] + torch.randn(VOCAB), params)
+    first, second = run_tree_trials(p, q_root, q_child, soft, seed=7)
+    assert chi_square_ok(first, p[0], N)
+    n2 = int(second.sum())
+    assert n2 > 300
+    assert chi_square_ok(second, p[1], n2)
+
+
+def test_tree_statistical_test_can_fail():
+    """The same harness rejects a tree verifier that tests every child against p itself, never
+    updating the residual after a rejection (it over-emits the drafted tokens)."""
+
+    def no_residual(draft, p, g):
+        for row, x in enumerate(draft.tokens.tolist()[:3], start=1):
+            q_x = 1.0 if draft.q is None else float(draft.q[row - 1][x])
+            if float(torch.rand(1, generator=g)) * q_x < float(p[0][x]):
+                return type("V", (), {"path": [0, row], "next_token": int(sample(p[row], g))})
+        return type("V", (), {"path": [0], "next_token": int(sample(p[0], g))})
+
+    torch.manual_seed(2)
+    logits = torch.randn(6, VOCAB) * 1.5
+    params = SamplingParams(temperature=1.0)
+    p = probabilities(logits, params)
+    q = probabilities(logits[0] + torch.randn(VOCAB), params)
+    first, _ = run_tree_trials(p, q, q, False, seed=7, verifier=no_residual)
+    assert not chi_square_ok(first, p[0], N)
+    first, _ = run_tree_trials(p, q, q, False, seed=7)  # the real verifier passes on the same trials
+    assert chi_square_ok(first, p[0], N)

@@ -110,7 +110,7 @@ SAMPLING_OPTIONS = frozenset(f.name for f in fields(SamplingParams))
 
 def generation_config(**options) -> GenerationConfig:
     """A `GenerationConfig` from flat keyword options: the fields of `GenerationConfig` (`max_new_tokens`,
-    `seed`, `stop`, `ignore_eos`, `num_draft_tokens`, `adaptive`) and of `SamplingParams` (`temperature`,
+    `seed`, `stop`, `ignore_eos`, `num_draft_tokens`, `branches`, `adaptive`) and of `SamplingParams` (`temperature`,
     `top_k`, `top_p`, `min_p`). Options left out keep those classes' defaults; unknown ones raise TypeError."""
     sampling = {name: options.pop(name) for name in SAMPLING_OPTIONS & options.keys()}
     if "stop" in options:

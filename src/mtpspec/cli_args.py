@@ -40,6 +40,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help=f"tokens the drafter proposes per round (default: {k})",
     )
     p.add_argument(
+        "--draft-branches",
+        type=int,
+        default=GenerationConfig.branches,
+        metavar="B",
+        help="children a draft token may have: 1 drafts a chain of K tokens, more a tree of K tokens that keeps "
+        "each token's B best continuations, all verified in one forward (mtp, ngram and hybrid draft trees; "
+        f"other drafters, and targets that cannot verify trees, draft chains) (default: {GenerationConfig.branches})",
+    )
+    p.add_argument(
         "--adaptive",
         action="store_true",
         help="adapt the draft length each round to the recent acceptance (K is the cap)",
@@ -113,6 +122,7 @@ def decoding_options(args: argparse.Namespace) -> dict:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
         num_draft_tokens=args.num_draft_tokens,
+        branches=args.draft_branches,
         adaptive=args.adaptive,
     )
 

@@ -59,6 +59,14 @@ def register(subparsers) -> None:
         help=f"draft tokens per round; a comma list sweeps them (default: {GenerationConfig.num_draft_tokens})",
     )
     p.add_argument(
+        "--draft-branches",
+        default=str(GenerationConfig.branches),
+        metavar="B[,B...]",
+        help="children a draft token may have for the drafters that draft trees (mtp, ngram, hybrid): 1 drafts "
+        "chains of K, more trees of K tokens; a comma list sweeps them, so chains and trees of one block size "
+        f"are measured in one run (default: {GenerationConfig.branches})",
+    )
+    p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy, with the losslessness check (default); > 0 samples"
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
@@ -134,6 +142,7 @@ def cmd_bench(args) -> int:
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         num_draft_tokens=args.num_draft_tokens,
+        draft_branches=args.draft_branches,
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,

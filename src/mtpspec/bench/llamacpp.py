@@ -162,7 +162,7 @@ class NativeRunner:
         # (Not every BOS-valued id is one it added: SmolLM2's BOS is <|im_start|>, its chat turns' opener.)
         self.adds_bos = tokenizer.bos_token_id is not None and tokenizer.encode("x")[:1] == [tokenizer.bos_token_id]
 
-    def run(self, ids, decoding: Decoding, k, seed) -> RunResult:
+    def run(self, ids, decoding: Decoding, k, seed, branches=1) -> RunResult:
         body = ids[1:] if self.adds_bos and ids[:1] == [self.tokenizer.bos_token_id] else ids
         prompt = self.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         with tempfile.TemporaryDirectory(prefix="mtpspec-llama-") as tmp:

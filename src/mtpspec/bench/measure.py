@@ -52,7 +52,7 @@ def run_bench(
     first = datasets[0].prompt_ids[0]
     warm = Decoding(min(warmup_tokens, decoding.max_new_tokens), decoding.temperature, decoding.top_p, decoding.seed)
     for row in rows:  # first calls pay for lazy init, kernel probes and cold caches
-        runners[row.method].run(first, warm, row.k, decoding.seed)
+        runners[row.method].run(first, warm, row.k, decoding.seed, row.branches)
 
     records = []
     for repeat in range(repeats):
@@ -69,7 +69,7 @@ def run_bench(
 def _measure(dataset: str, i: int, repeat: int, row: Row, runner: Runner, ids, decoding, seed) -> Record:
     before = rss_mb()
     reset_peak_rss()
-    result = runner.run(ids, decoding, row.k, seed)
+    result = runner.run(ids, decoding, row.k, seed, row.branches)
     if result.process_rss_mb is not None:  # generated in a subprocess: all of its memory is the run's
         return Record(dataset, i, repeat, row.label, result, result.process_rss_mb, result.process_rss_mb)
     peak = peak_rss_mb()

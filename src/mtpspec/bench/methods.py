@@ -31,6 +31,9 @@ UNDRAFTED_KINDS = (
 )  # methods for which a draft length means nothing
 
 
+TREE_KINDS = ("mtp", "ngram", "hybrid")  # mtpspec drafters that draft trees (`--draft-branches` > 1)
+
+
 @dataclass(frozen=True)
 class Method:
     spec: str  # as written in --methods
@@ -54,6 +57,11 @@ class Method:
         return self.kind not in UNDRAFTED_KINDS
 
     @property
+    def trees(self) -> bool:
+        """Drafts trees when asked for branches (the drafters that can; elsewhere a branch count means nothing)."""
+        return self.kind in TREE_KINDS
+
+    @property
     def native(self) -> bool:
         """Runs a llama.cpp binary from --llama-cpp-bin."""
         return self.kind in llamacpp.BINARIES
@@ -61,14 +69,18 @@ class Method:
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the report: a method at one draft length (k = 0 for undrafted methods)."""
+    """One line of the report: a method at one draft length (k = 0 for undrafted methods), drafting
+    chains (branches 1) or trees of k tokens with up to `branches` children each."""
 
     method: Method
     k: int
+    branches: int = 1
 
     @property
     def label(self) -> str:
         label = f"{self.method.name} k={self.k}" if self.method.drafts else self.method.name
+        if self.branches > 1:
+            label += f" tree b={self.branches}"
         return f"{label} ({self.method.note})" if self.method.note else label
 
 
@@ -95,18 +107,32 @@ def parse_methods(text: str) -> list[Method]:
     return [Method("none", "none", "")] + [m for m in methods if m.spec != "none"]
 
 
-def parse_draft_lengths(text: str) -> list[int]:
+def parse_counts(text: str, flag: str, low: int, high: int) -> list[int]:
+    """A comma list of integers in [low, high] (a sweep), sorted, without repeats."""
     try:
-        ks = sorted({int(s) for s in text.split(",") if s.strip()})
+        values = sorted({int(s) for s in text.split(",") if s.strip()})
     except ValueError:
-        raise MtpspecError(f"--num-draft-tokens takes a comma list of integers, got {text!r}") from None
-    if not ks or ks[0] < 1 or ks[-1] > 32:
-        raise MtpspecError(f"--num-draft-tokens values must be between 1 and 32, got {text!r}")
-    return ks
+        raise MtpspecError(f"{flag} takes a comma list of integers, got {text!r}") from None
+    if not values or values[0] < low or values[-1] > high:
+        raise MtpspecError(f"{flag} values must be between {low} and {high}, got {text!r}")
+    return values
 
 
-def make_rows(methods: list[Method], draft_lengths: list[int]) -> list[Row]:
-    return [Row(m, k) for m in methods for k in (draft_lengths if m.drafts else [0])]
+def parse_draft_lengths(text: str) -> list[int]:
+    return parse_counts(text, "--num-draft-tokens", 1, 32)
+
+
+def parse_branches(text: str) -> list[int]:
+    return parse_counts(text, "--draft-branches", 1, 8)
+
+
+def make_rows(methods: list[Method], draft_lengths: list[int], branches: list[int] = (1,)) -> list[Row]:
+    return [
+        Row(m, k, b)
+        for m in methods
+        for k in (draft_lengths if m.drafts else [0])
+        for b in (branches if m.trees else [1])
+    ]
 
 
 class MtpspecRunner:
@@ -117,7 +143,7 @@ class MtpspecRunner:
         self.pipeline = pipeline
         self.profile = StepProfile() if profile and isinstance(pipeline.target, GgufTarget) else None
 
-    def run(self, ids, decoding, k, seed) -> RunResult:
+    def run(self, ids, decoding, k, seed, branches=1) -> RunResult:
         from ..api import generation_config
         from ..engine import GenerationResult
 
@@ -127,6 +153,7 @@ class MtpspecRunner:
             top_p=decoding.top_p,
             seed=seed,
             num_draft_tokens=k,
+            branches=branches,
         )
         result = GenerationResult(list(ids))
         with profiled(self.pipeline.target, self.profile) if self.profile else contextlib.nullcontext():

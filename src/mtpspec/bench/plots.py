@@ -80,7 +80,8 @@ def _sweep(plt, summaries: list[Summary]):
     series: dict[tuple[str, str], list[Summary]] = {}
     for s in summaries:
         if s.k:
-            series.setdefault((s.method, s.dataset), []).append(s)
+            method = s.method if s.branches == 1 else f"{s.method} tree b={s.branches}"
+            series.setdefault((method, s.dataset), []).append(s)
     series = {key: sorted(v, key=lambda s: s.k) for key, v in series.items() if len(v) > 1}
     if not series:
         return None

@@ -73,7 +73,7 @@ class HFRunner:
             return {"assistant_model": self.assistant}
         return {}
 
-    def run(self, ids, decoding: Decoding, k, seed) -> RunResult:
+    def run(self, ids, decoding: Decoding, k, seed, branches=1) -> RunResult:
         sampling = {"do_sample": False}
         if not decoding.greedy:
             torch.manual_seed(seed)
@@ -124,7 +124,7 @@ class LlamaCppRunner:
         )
         self.eos = set(eos_token_ids) | {self.llm.token_eos()}
 
-    def run(self, ids, decoding: Decoding, k, seed) -> RunResult:
+    def run(self, ids, decoding: Decoding, k, seed, branches=1) -> RunResult:
         if not decoding.greedy:
             self.llm.set_seed(seed)
         tokens: list[int] = []

@@ -38,6 +38,7 @@ class Summary:
     acceptance_rate: float | None
     acceptance_per_position: list[float] = field(default_factory=list)
     time_split: dict | None = None  # fractions of decode time: draft, verify, other
+    branches: int = 1  # children per draft token: 1 chains, more trees of k tokens
     ttft_ms_median: float = 0.0
     peak_rss_mb: float = 0.0
     run_rss_mb: float = 0.0
@@ -125,6 +126,7 @@ def _summary(dataset: str, row: Row, records: list[Record], base: dict, greedy: 
         row=row.label,
         method=row.method.name,
         k=row.k,
+        branches=row.branches,
         reference=row.method.reference,
         runs=len(records),
         mean_new_tokens=sum(len(r.token_ids) for r in results) / max(len(results), 1),

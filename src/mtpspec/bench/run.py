@@ -19,7 +19,7 @@ from ..text import ships_chat_template
 from . import markdown, plots, report
 from .llamacpp import NativeBuild, load_build
 from .measure import Encoded, run_bench
-from .methods import Row, build_runners, make_rows, parse_draft_lengths, parse_methods
+from .methods import Row, build_runners, make_rows, parse_branches, parse_draft_lengths, parse_methods
 from .runners import Decoding
 
 
@@ -32,6 +32,7 @@ class BenchConfig:
     limit: int | None = None
     max_new_tokens: int = GenerationConfig.max_new_tokens
     num_draft_tokens: str = str(GenerationConfig.num_draft_tokens)  # comma list: a sweep when there are several
+    draft_branches: str = str(GenerationConfig.branches)  # comma list: chains (1) and trees, swept
     temperature: float = SamplingParams.temperature
     top_p: float = SamplingParams.top_p
     seed: int = 0
@@ -118,7 +119,7 @@ def _validate(config: BenchConfig) -> tuple[list[Row], list[Dataset], NativeBuil
     if build:
         note = f"{build.flags}, {config.threads} thread{'s' if config.threads != 1 else ''}"
         methods = [replace(m, note=note) if m.native else m for m in methods]
-    rows = make_rows(methods, parse_draft_lengths(config.num_draft_tokens))
+    rows = make_rows(methods, parse_draft_lengths(config.num_draft_tokens), parse_branches(config.draft_branches))
     specs = [s.strip() for s in config.datasets.split(",") if s.strip()]
     if not specs:
         raise MtpspecError("--dataset needs at least one dataset")

@@ -34,5 +34,5 @@ class RunResult:
 
 
 class Runner(Protocol):
-    def run(self, ids: list[int], decoding: Decoding, k: int, seed: int) -> RunResult:
+    def run(self, ids: list[int], decoding: Decoding, k: int, seed: int, branches: int = 1) -> RunResult:
         """Generate from prompt ids with draft length k (ignored by undrafted methods)."""

@@ -107,6 +107,7 @@ def _v1(pipeline: Pipeline, settings: ServerSettings, scheduler: Scheduler) -> A
         "mtpspec": {
             "drafter": settings.drafter,
             "num_draft_tokens": settings.num_draft_tokens,
+            "draft_branches": settings.branches,
             "context_window": pipeline.target.context_window,
         },
     }

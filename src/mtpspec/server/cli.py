@@ -149,7 +149,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("queue_timeout", "shutdown_timeout"):
         if not getattr(args, flag) >= 0:
             raise MtpspecError(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag)}")
-    api.generation_config(num_draft_tokens=args.num_draft_tokens)  # reject a bad K before the model loads
+    # Reject a bad K or B before the model loads.
+    api.generation_config(num_draft_tokens=args.num_draft_tokens, branches=args.draft_branches)
     from .app import create_app
     from .runner import bind, run
 
@@ -171,6 +172,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.model,
         drafter=pipe.drafter_spec,
         num_draft_tokens=args.num_draft_tokens,
+        branches=args.draft_branches,
         adaptive=args.adaptive,
         api_key=api_key,
         max_queue=args.max_queue,

@@ -17,6 +17,7 @@ class ServerSettings:
     num_draft_tokens: int = (
         GenerationConfig.num_draft_tokens
     )  # k per round, for every request (a property of the server, not of a request)
+    branches: int = GenerationConfig.branches  # children per draft token (1: chains), for every request
     adaptive: bool = False
     api_key: str | None = None  # None: /v1 is open; else requests need `Authorization: Bearer <key>`
     max_queue: int = 64  # requests that may wait while every slot is busy, before a 503

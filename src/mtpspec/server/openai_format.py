@@ -106,6 +106,7 @@ def generation_config(
         stop=req.stop_list,
         ignore_eos=req.ignore_eos,
         num_draft_tokens=settings.num_draft_tokens,
+        branches=settings.branches,
         adaptive=settings.adaptive,
     )
 
@@ -121,6 +122,7 @@ def spec_stats(result: GenerationResult, settings: ServerSettings) -> dict:
     return {
         "drafter": settings.drafter,
         "num_draft_tokens": settings.num_draft_tokens,
+        "draft_branches": settings.branches,
         "tau": round(s.tau, 4),
         "acceptance_rate": round(s.acceptance_rate, 4),
         "drafted_tokens": s.drafted_tokens,
