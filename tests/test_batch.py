@@ -129,8 +129,14 @@ def test_draft_lengths_follow_costs_and_acceptance():
     # The cheap-row batch drafts for the generation that is accepted, not for the one that is not.
     limits = draft_limits([_generation(good), _generation(poor)], _costs(0.030, 0.002), 0)
     assert limits[0] > limits[1] == 0
-    # Sampled generations keep their k (their draws depend on it); a lone generation keeps its k.
+    # Sampled generations keep their k (their draws depend on it).
     assert draft_limits([_generation(fair, greedy=False), _generation(fair)], _costs(0.005, 0.004), 0) == [None, 0]
-    assert draft_limits([_generation(good)], _costs(0.005, 0.004), 0) == [None]
-    # Before passes of two sizes were measured there is nothing to decide from.
+    # A lone generation follows the same rule: drafts where they pay, none where they do not.
+    assert draft_limits([_generation(good)], _costs(0.005, 0.004), 0)[0] >= 1
+    assert draft_limits([_generation(poor)], _costs(0.005, 0.004), 0) == [0]
+    # Before any pass there is nothing to decide from: k drafts; after passes of one size, a plain
+    # pass, so that the next step can fit the line.
     assert draft_limits([_generation(good)] * 2, StepCosts(), 0) == [None, None]
+    one_size = StepCosts()
+    one_size.add_pass(10, 0.02)
+    assert draft_limits([_generation(good), _generation(good, greedy=False)], one_size, 0) == [0, None]

@@ -10,8 +10,7 @@ steps; a long prompt is prefilled a chunk per step, so it never stalls the other
 
 Speculation under load: drafts that pay for themselves alone may not in a batch, where every
 drafted row adds per-row work to a pass that already yields a token for each generation. With
-`speculation="auto"`, whenever two or more generations decode in a step, each greedy generation's
-draft length is chosen from measured costs (`StepCosts`: a pass over R rows takes a + b·R seconds,
+`speculation="auto"`, each greedy generation's draft length is chosen every step from measured costs (`StepCosts`: a pass over R rows takes a + b·R seconds,
 a draft d seconds) and its own acceptance so far, to maximise the step's expected tokens per
 second (`draft_limits`); with no drafts at all that is plain batched decoding, so the rule never
 chooses less than it. Sampled generations keep their configured k, since their random draws
@@ -108,8 +107,9 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
     draft's expected tokens raise the step's tokens per second; `other_rows` (prefill chunks) share
     the pass."""
     fit = costs.fit()
-    if fit is None or len(generations) < 2:
-        return [None] * len(generations)
+    if fit is None:
+        # Passes of one size measured so far: run this one plain, a second size for the fit.
+        return [0 if costs.by_rows and g.params.greedy else None for g in generations]
     fixed, per_row = fit
     unit = per_row + costs.per_draft  # what one more draft costs the step
     tokens, seconds = float(len(generations)), fixed + per_row * (len(generations) + other_rows)
