@@ -83,8 +83,8 @@ def test_sampling_returns_the_q_it_sampled_from():
     seen = []
     propose = drafter.propose
 
-    def spy(state, k, p, gen):
-        draft = propose(state, k, p, gen)
+    def spy(state, k, p, gen, branches=1):
+        draft = propose(state, k, p, gen, branches)
         seen.append(draft)
         return draft
 

@@ -57,6 +57,15 @@ class Draft:
 EMPTY = torch.empty(0, dtype=torch.long)
 
 
+def tree_draft(tokens: list[int], parents: list[int], q: torch.Tensor | None = None) -> Draft:
+    """A `Draft` of `tokens` whose `parents` (-1: the root) come before their children, q `[n, V]` or None.
+    A tree that is one chain is returned as a chain (parents None): targets verify chains on their plain path."""
+    if not tokens:
+        return Draft(EMPTY)
+    chain = parents == list(range(-1, len(parents) - 1))
+    return Draft(torch.tensor(tokens, dtype=torch.long), q, None if chain else torch.tensor(parents, dtype=torch.long))
+
+
 class Drafter(Protocol):
     name: str
     concurrent: bool  # one instance may serve several generations at once (no per-generation state)

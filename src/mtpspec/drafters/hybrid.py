@@ -4,7 +4,8 @@ Small models repeat themselves often (lists, code, loops), and there prompt look
 runs for free, while an MTP drafter pays one step per token and is weakest exactly where the
 text is most predictable from itself. Each round: if the last `min_match` tokens occurred
 earlier, propose what followed their latest occurrence (as `ngram` does); otherwise let the MTP
-drafter draft. The choice reads committed tokens only, and both kinds of draft are verified
+drafter draft. With `branches` > 1 either draft is a tree (a trie of lookup continuations, or the
+MTP drafter's tree). The choice reads committed tokens only, and both kinds of draft are verified
 alike (lookup drafts as one-hot q), so the output stays the target's.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from .base import DecodeState, Draft
 from .mtp import MtpDrafter
-from .ngram import lookup
+from .ngram import lookup_draft
 
 
 class HybridDrafter:
@@ -30,10 +31,10 @@ class HybridDrafter:
 
     def propose(self, state, k, params, generator, branches=1) -> Draft:
         if k:
-            found = lookup(state.committed, k, self.max_n, self.min_match)
-            if found.numel():
-                return Draft(found)
-        return self.mtp.propose(state, k, params, generator)
+            found = lookup_draft(state.committed, k, branches, self.max_n, self.min_match)
+            if found.tokens.numel():
+                return found
+        return self.mtp.propose(state, k, params, generator, branches)
 
     def commit(self, state, draft, accepted) -> None:
         self.mtp.commit(state, draft, accepted)

@@ -5,6 +5,8 @@ post-norm hidden state at the row that produced it (`state.last_hidden`); step j
 drafted token's embedding and the drafter's own state from step j − 1. Every step uses the
 position id of the last committed token and the same target K/V, so the K/V windows and RoPE are
 built once per round. The drafter keeps no cache: there is nothing to prefill or roll back.
+With `branches` > 1 the round drafts a tree instead (mtp_tree.py): the nodes a depth expands are
+independent queries of that same kind, so they run as the rows of one call.
 
 With the drafter's `min_confidence` (config.json) > 0, a round stops early, before drafting a
 position whose most likely token the drafter itself gives less than that probability (a weak
@@ -23,6 +25,7 @@ from ..mtp import CommittedKeys, MtpModel, MtpOutput, check_fits, layer_inputs
 from ..sampling import SamplingParams, probabilities, sample
 from ..target import Target
 from .base import EMPTY, DecodeState, Draft
+from .mtp_tree import greedy_tree, sampled_tree
 
 
 class MtpDrafter:
@@ -50,6 +53,8 @@ class MtpDrafter:
         target = state.target
         p = state.length - 1  # position of the last committed token; its K/V are not cached yet
         inputs = layer_inputs(target, self.kv_layers, p, self.keys)
+        if branches > 1:
+            return self._tree(state, inputs, k, branches, params, generator)
         token = state.tokens[p : p + 1]
         hidden = state.last_hidden.view(1, 1, -1)
         tokens, qs = [], []
@@ -67,6 +72,18 @@ class MtpDrafter:
         if not tokens:
             return Draft(EMPTY)
         return Draft(torch.cat(tokens), torch.stack(qs) if qs else None)
+
+    def _tree(self, state, inputs, k, branches, params, generator) -> Draft:
+        """A draft tree (see mtp_tree.py): each depth's expanded nodes are the rows of one drafter call."""
+        target = state.target
+
+        def step(tokens: torch.Tensor, hidden: torch.Tensor) -> MtpOutput:  # [R], [R, H_t]
+            return self.model(target.embed(tokens)[None], hidden[None], inputs, self.lm_weight)
+
+        root, hidden = int(state.tokens[state.length - 1]), state.last_hidden
+        if params.greedy:
+            return greedy_tree(step, root, hidden, k, branches, self.min_confidence)
+        return sampled_tree(step, root, hidden, k, branches, params, generator, self.min_confidence)
 
     def commit(self, state, draft, accepted) -> None:
         self.keys.commit(state, draft.tokens.shape[0], accepted)

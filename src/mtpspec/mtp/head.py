@@ -17,6 +17,10 @@ from torch import nn
 from ..kernels import linear  # F.linear, or the small-M CPU kernel where it applies
 from ..runtime import QMatrix
 
+# Up to this many positions (a draft step: one, or a tree depth's rows) are scored one matrix-vector
+# product each, with each position's bits: bmm over the candidates' rows is several times slower in bf16 and fp32.
+DRAFT_POSITIONS = 8
+
 
 class CentroidHead(nn.Module):
     def __init__(self, config):
@@ -34,13 +38,15 @@ class CentroidHead(nn.Module):
         """x `[B, T, H]`, weight `[V, H]` → (token ids `[B, T, N]`, their logits `[B, T, N]`), N = top_k·V/C."""
         top = torch.topk(self.centroids(x), k=self.top_k, dim=-1).indices  # [B, T, top_k]
         ids = self.clusters()[top].flatten(-2)  # [B, T, N]
-        if isinstance(weight, QMatrix):  # the GGUF runtime's head: the candidates' rows, still quantized
-            if ids.shape[:-1].numel() != 1:
-                raise ValueError("a quantized output embedding scores one position at a time (drafting, not training)")
-            return ids, weight.take(ids.reshape(-1)).linear(x.reshape(1, -1)).view(ids.shape)
+        if isinstance(weight, QMatrix):  # the GGUF runtime's head: each position's candidate rows, still quantized
+            flat_ids, flat_x = ids.reshape(-1, ids.shape[-1]), x.reshape(-1, x.shape[-1])
+            scores = [weight.take(row_ids).linear(row_x[None]) for row_ids, row_x in zip(flat_ids, flat_x, strict=True)]
+            return ids, torch.cat(scores).view(ids.shape)
         rows = gather_rows(weight, ids)  # [B, T, N, H]
-        if ids.shape[:-1].numel() == 1:  # decoding: one matrix-vector product (bmm is far slower in bf16)
-            return ids, linear(x.reshape(1, -1), rows.reshape(-1, x.shape[-1])).view(ids.shape)
+        if ids.shape[:-1].numel() <= DRAFT_POSITIONS:  # drafting: a matrix-vector product per position
+            flat_rows, flat_x = rows.reshape(-1, *rows.shape[-2:]), x.reshape(-1, x.shape[-1])
+            scores = [linear(row_x[None], row_w) for row_x, row_w in zip(flat_x, flat_rows, strict=True)]
+            return ids, torch.cat(scores).view(ids.shape)
         return ids, (rows @ x.unsqueeze(-1)).squeeze(-1)
 
 
