@@ -8,7 +8,7 @@ import pytest
 
 import mtpspec
 from mtpspec.api import load_gguf
-from mtpspec.batch import Batch, StepCosts, draft_limits
+from mtpspec.batch import PROBE_EVERY, Batch, StepCosts, draft_limits
 from mtpspec.engine import GenerationConfig
 from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.stats import Stats
@@ -137,6 +137,13 @@ def test_draft_lengths_follow_costs_and_acceptance():
     # Before any pass there is nothing to decide from: k drafts; after passes of one size, a plain
     # pass, so that the next step can fit the line.
     assert draft_limits([_generation(good)] * 2, StepCosts(), 0) == [None, None]
+    # A generation kept from drafting drafts one token every PROBE_EVERY rounds, to keep measuring.
+    probing = _generation(poor)
+    limits = []
+    for rounds in range(2 * PROBE_EVERY):
+        probing.result.stats.target_forwards = rounds
+        limits += draft_limits([probing], _costs(0.005, 0.004), 0)
+    assert limits.count(1) == 2 and limits.count(0) == 2 * PROBE_EVERY - 2
     one_size = StepCosts()
     one_size.add_pass(10, 0.02)
     assert draft_limits([_generation(good), _generation(good, greedy=False)], one_size, 0) == [0, None]

@@ -10,12 +10,14 @@ steps; a long prompt is prefilled a chunk per step, so it never stalls the other
 
 Speculation under load: drafts that pay for themselves alone may not in a batch, where every
 drafted row adds per-row work to a pass that already yields a token for each generation. With
-`speculation="auto"`, each greedy generation's draft length is chosen every step from measured costs (`StepCosts`: a pass over R rows takes a + b·R seconds,
-a draft d seconds) and its own acceptance so far, to maximise the step's expected tokens per
-second (`draft_limits`); with no drafts at all that is plain batched decoding, so the rule never
-chooses less than it. Sampled generations keep their configured k, since their random draws
-depend on it (a seeded request reproduces its solo output). Draft lengths never change a greedy
-output, only its speed.
+`speculation="auto"`, each greedy generation's draft length is chosen every step from measured
+costs (`StepCosts`: a pass over R rows takes a + b·R seconds, a draft d seconds) and its own
+acceptance so far, to maximise the step's expected tokens per second (`draft_limits`); with no
+drafts at all that is plain batched decoding, which the rule falls back to wherever drafts do not
+pay, alone or in a batch. A generation kept from drafting still drafts one token every
+`PROBE_EVERY` rounds, so that its acceptance stays measured as its text changes. Sampled
+generations keep their configured k, since their random draws depend on it (a seeded request
+reproduces its solo output). Draft lengths never change a greedy output, only its speed.
 
 Targets that cannot share a pass (transformers models) and drafters that keep per-generation
 state (`draft:`) run one generation at a time through the same loop.
@@ -33,6 +35,7 @@ from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .target import check_prompt
 
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
+PROBE_EVERY = 8  # a generation the cost rule keeps from drafting drafts one token every this many rounds
 SPECULATION = ("auto", "fixed")  # draft lengths under load: chosen from measured costs, or always k
 
 
@@ -125,6 +128,11 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
         tokens, seconds = tokens + gain, seconds + unit
         if limits[i] < generations[i].k:
             heapq.heappush(heap, (-draft_gain(generations[i], limits[i] + 1), i))
+    # Acceptance is measured only where drafts are made: without a probe now and then, a generation
+    # kept from drafting by a poor start (or a costly moment) would never draft again.
+    for i, g in enumerate(generations):
+        if limits[i] == 0 and g.k > 0 and g.result.stats.target_forwards % PROBE_EVERY == PROBE_EVERY - 1:
+            limits[i] = 1
     return limits
 
 
