@@ -109,6 +109,14 @@ def _costs(fixed: float, per_row: float, per_draft: float = 0.0) -> StepCosts:
     return costs
 
 
+def test_one_slow_drafting_round_does_not_set_the_draft_cost():
+    costs = StepCosts()
+    costs.add_drafts(4, 0.400)  # a drafter's first call: lazy setup
+    for _ in range(2):
+        costs.add_drafts(4, 0.008)
+    assert costs.per_draft == pytest.approx(0.002)
+
+
 def test_step_costs_fit_a_line():
     costs = _costs(0.010, 0.003)
     fixed, per_row = costs.fit()

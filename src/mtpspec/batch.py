@@ -26,7 +26,9 @@ state (`draft:`) run one generation at a time through the same loop.
 from __future__ import annotations
 
 import heapq
+import statistics
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,13 +61,12 @@ class Slot:
 class StepCosts:
     """What steps cost, measured as the batch runs: a pass over R rows takes about `fixed + per_row·R`
     seconds (least squares over the mean time of each row count seen, recent passes weighing most), a
-    drafted token `per_draft` seconds. Row counts once seen stay in the fit, so it does not lapse when
+    drafted token `per_draft` seconds (the median of recent rounds). Row counts once seen stay in the fit, so it does not lapse when
     a batch settles on one size."""
 
     def __init__(self):
         self.by_rows: dict[int, list[float]] = {}  # rows -> [passes seen, moving mean seconds]
-        self.per_draft = 0.0  # moving average
-        self._drafts_seen = False
+        self._per_draft: deque[float] = deque(maxlen=16)  # seconds per drafted token, the last rounds
 
     def add_pass(self, rows: int, seconds: float) -> None:
         seen = self.by_rows.setdefault(rows, [0, seconds])
@@ -75,8 +76,13 @@ class StepCosts:
     def add_drafts(self, drafted: int, seconds: float) -> None:
         if drafted:
             each = seconds / drafted
-            self.per_draft = each if not self._drafts_seen else 0.9 * self.per_draft + 0.1 * each
-            self._drafts_seen = True
+            self._per_draft.append(each)
+
+    @property
+    def per_draft(self) -> float:
+        """Seconds per drafted token: the median of the last rounds that drafted, so that a one-off
+        (a drafter's first call pays for its lazy setup) cannot keep the rule from drafting."""
+        return statistics.median(self._per_draft) if self._per_draft else 0.0
 
     def fit(self) -> tuple[float, float] | None:
         """(fixed, per_row) seconds, once passes of at least two sizes were seen."""
