@@ -61,11 +61,12 @@ def register(subparsers) -> None:
         "--batch-speculation",
         choices=SPECULATION,
         default="auto",
-        help="draft lengths when several requests decode at once. auto: each step, greedy requests' draft "
-        "lengths are chosen from the measured cost of a pass, of a row and of a draft, and each request's "
-        "acceptance so far, to maximise the batch's tokens per second (no drafts at all is plain batched "
-        "decoding, so speculation never lowers throughput); a lone request and sampled requests keep "
-        "--num-draft-tokens. fixed: every request drafts --num-draft-tokens (default: auto)",
+        help="draft lengths of greedy requests. auto: each step, each greedy request's draft length is chosen "
+        "from the measured cost of a pass, of a row and of a draft, and the request's acceptance so far, to "
+        "maximise the step's tokens per second, alone or in a batch (no drafts at all is plain decoding, so "
+        "speculation does not lower throughput; a request kept from drafting drafts one token every 8 rounds "
+        "to keep measuring); sampled requests keep --num-draft-tokens. fixed: every request drafts "
+        "--num-draft-tokens (default: auto)",
     )
     p.add_argument(
         "--default-max-tokens",
