@@ -61,8 +61,8 @@ class Slot:
 class StepCosts:
     """What steps cost, measured as the batch runs: a pass over R rows takes about `fixed + per_row·R`
     seconds (least squares over the mean time of each row count seen, recent passes weighing most), a
-    drafted token `per_draft` seconds (the median of recent rounds). Row counts once seen stay in the fit, so it does not lapse when
-    a batch settles on one size."""
+    drafted token `per_draft` seconds (the median of recent rounds). Row counts once seen stay in the
+    fit, so it does not lapse when a batch settles on one size."""
 
     def __init__(self):
         self.by_rows: dict[int, list[float]] = {}  # rows -> [passes seen, moving mean seconds]

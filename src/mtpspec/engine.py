@@ -146,7 +146,7 @@ class Generation:
         stats.verify_s += time.perf_counter() - self._t_step
 
         state.last_hidden = step.hidden[path[-1]]
-        pending = [int(t) for t in draft.tokens[[i - 1 for i in path[1:]]]] + [verdict.next_token]
+        pending = draft.tokens[[row - 1 for row in path[1:]]].tolist() + [verdict.next_token]
         # Commit token by token: EOS, stop strings and the budget can end a generation mid-block.
         self.done = self._commit(pending)
         depth = draft.tokens.shape[0] if draft.parents is None else int(tree_depths(draft.block_parents).max())
@@ -159,9 +159,10 @@ class Generation:
 
     def forward(self, ids: torch.Tensor):
         """The target's step for the round's ids from `need()` (a tree's with its parents)."""
-        if self.parents is None:
+        parents = self.parents
+        if parents is None:
             return self.target.forward(ids, logits=self.wants_logits)
-        return self.target.forward(ids, logits=self.wants_logits, parents=self.parents)
+        return self.target.forward(ids, logits=self.wants_logits, parents=parents)
 
     def _first(self, step) -> Chunk:
         res = self.result

@@ -22,7 +22,7 @@ the q it was drawn from (the parent's q less the siblings drawn before it, renor
 
 `min_confidence` (as in the chain): no token the drafter gives less than that probability after its
 parent is drafted, so a sibling takes a verification row only where the drafter thinks it as
-likely as the chain's tokens (on a CPU each row costs about a third of a plain step; without this
+likely as the chain's tokens (on a 2-core CPU a row costs a fifth to a third of a plain step; without this
 rule trees spent their budget on siblings and lost to chains of the same k). The decision reads
 distributions only, never a drawn token.
 """

@@ -11,9 +11,8 @@ import torch
 
 from .base import EMPTY, DecodeState, Draft, tree_draft
 
-MAX_OCCURRENCES = (
-    32  # earlier occurrences read per suffix length, most recent first: bounds a round's cost on long repetitive text
-)
+# Earlier occurrences read per suffix length, most recent first: bounds a round's cost on long repetitive text.
+MAX_OCCURRENCES = 32
 
 
 class NgramDrafter:
