@@ -144,3 +144,28 @@ def test_shipped_drafter_is_exact(model, dtype, gemma_bf16, gemma_fp32):
     # scoring few clusters drafts more often and is accepted less often per draft (SmolLM2's: 25 of 206 here).
     assert shipped_mtp.engine.drafter.min_confidence > 0
     assert drafted > 0 and accepted / drafted > 0.08, f"{accepted}/{drafted}"
+
+
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_screened_head_is_the_float32_argmax_on_real_hidden_states(model):
+    """The bundled models' tied Q8_0 heads are screened with int8 products: on real hidden states (every
+    position of real prompts) the index is the float32 argmax's, from a handful of float32 rechecks."""
+    from mtpspec.runtime.build import ops
+
+    if not ops().screen_available():
+        pytest.skip("the screened head needs AVX-512 VNNI")
+    target = mtpspec.load(model, drafter="none").target
+    m = target.gguf
+    head = m.head
+    assert head.screen is not None
+    for prompt in PROMPTS:
+        ids = torch.tensor(target.tokenizer(prompt)["input_ids"])
+        cache = [
+            (torch.zeros(1, m.kv_heads, 64, m.head_dim), torch.zeros(1, m.kv_heads, 64, m.head_dim)) for _ in m.layers
+        ]
+        hidden = m.forward(ids, 0, cache)
+        for i in range(0, len(ids), 16):
+            rows = hidden[i : i + 16].contiguous()
+            got, counts = ops().qargmax_screened(rows, head.raw, head.screen, head.cols)
+            assert torch.equal(got, ops().qargmax(rows, head.raw, int(head.qtype), head.cols))
+            assert counts.max() <= 64, counts  # of 49k-262k rows

@@ -18,7 +18,7 @@ from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops
 from mtpspec.runtime.target import GgufTarget
-from mtpspec.runtime.weights import NATIVE
+from mtpspec.runtime.weights import NATIVE, screen_pack
 from mtpspec.tree import tree_path
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
@@ -125,6 +125,67 @@ def test_fused_head_argmax_breaks_ties_like_argmax(threads):
         assert int(m.argmax(x)[0]) == first
     finally:
         torch.set_num_threads(before)
+
+
+def screened(m: QMatrix, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, candidates rechecked per row) from the int8-screened head; skips where it is not built."""
+    if not ops().screen_available():
+        pytest.skip("the screened head needs AVX-512 VNNI")
+    packed = screen_pack(m.raw, m.cols)
+    assert packed is not None
+    return ops().qargmax_screened(x.float(), m.raw, packed, m.cols)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_screened_head_argmax_equals_the_float32_argmax(threads):
+    """Near-ties (rows one quantisation step apart, exact copies), outlier activations, zero blocks and a
+    partial last group of 16 rows: the screen keeps the float32 winner and its ties, whatever the rows."""
+    rng = np.random.default_rng(6)
+    raw = random_blocks(Q.Q8_0, 20001, 256, seed=6)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))
+    x[1:5, 37] *= 400.0  # one huge value: a coarse int8 step for its block
+    x[5:9, 32:64] = 0.0  # an all-zero block
+    x[9] *= 1e-30
+    best = QMatrix(torch.from_numpy(raw), Q.Q8_0, 256).argmax(x).numpy()
+    for i, b in enumerate(best[:20]):  # near-ties with each row's winner, close to it and far away
+        near = raw[b].copy()
+        near[2 + (i % 32)] = np.uint8((int(near[2 + (i % 32)]) + 1) % 256)  # one weight one step off
+        raw[rng.integers(0, 20001)] = near
+        raw[20000 - i] = raw[b]
+    m = QMatrix(torch.from_numpy(raw), Q.Q8_0, 256)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        logits = m.linear(x)
+        for rows in (1, 2, 3, 4, 5, 8, 16):
+            ids, counts = screened(m, x[:rows])
+            assert torch.equal(ids, logits[:rows].argmax(-1)), rows
+            assert torch.equal(ids, ops().qargmax(x[:rows].contiguous(), m.raw, int(Q.Q8_0), 256))
+            assert (counts >= 1).all() and (counts < 20001 // 4).all()  # it screens
+        assert torch.equal(m.argmax(x), logits.argmax(-1))  # 40 rows: the 16-row calls of QMatrix.argmax
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_screened_head_takes_the_float32_path_for_non_finite_rows():
+    m = matrix(Q.Q8_0, 5000, 256, seed=7)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
+    x[1, 3] = float("nan")
+    x[2, 9] = float("inf")
+    ids, counts = screened(m, x)
+    assert torch.equal(ids, ops().qargmax(x, m.raw, int(Q.Q8_0), 256))
+    assert (counts == 5000).all()
+
+
+def test_screen_is_not_built_where_it_cannot_be_bounded():
+    """A block whose |d| * sum |q| overflows fp16 cannot carry its bound: the matrix keeps the float32 head."""
+    raw = random_blocks(Q.Q8_0, 4096, 256, seed=8)
+    raw[17, 0:2] = np.array([60000.0], np.float16).view(np.uint8)
+    assert screen_pack(torch.from_numpy(raw), 256) is None
+    m = QMatrix(torch.from_numpy(raw), Q.Q8_0, 256)
+    assert m.screen is None
+    assert matrix(Q.Q8_0, 64, 256).screen is None  # small: not worth a copy
+    assert matrix(Q.Q4_0, 8192, 256).screen is None  # the screen reads Q8_0 blocks
 
 
 def test_unknown_type_is_refused_by_the_kernel():

@@ -101,6 +101,7 @@ class GgufModel:
         self.embed_scale = torch.tensor(c.hidden_size**0.5) if self.gemma else None
         self.embedding = weights.matrix("token_embd.weight")
         self.head = weights.matrix("output.weight") if weights.has("output.weight") else self.embedding
+        _ = self.head.screen  # the greedy head's int8 copy, packed now rather than in the first request
         self.final_norm = self._norm_weight(weights.vector("output_norm.weight"))
         self.layers = [self._layer(weights, i) for i in range(c.num_hidden_layers)]
 

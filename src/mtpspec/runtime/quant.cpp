@@ -19,13 +19,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
@@ -578,7 +581,7 @@ void features(const Problem& p, int64_t n0, Scratch& s) {
 // NB decoded chunks and an activation chunk; AVX2 holds a 16-lane vector in two of its 16).
 struct Shape { int nb, rmax; };
 #if MTPSPEC_AVX512
-constexpr Shape kOneRow{8, 1}, kRows{4, 5};
+constexpr Shape kOneRow{8, 1}, kRows{3, 8};
 #else
 constexpr Shape kOneRow{4, 1}, kRows{2, 2};
 #endif
@@ -751,6 +754,226 @@ at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
   return out;
 }
 
+// ---- The screened head: argmax over a Q8_0 head, int8 products first, float32 only where it decides ----
+// qargmax costs 168M float32 multiply-adds per row on Gemma's 262k x 640 head, most of a batched step.
+// qargmax_screened gives the same index, bits and ties included, for about a quarter of the work:
+//   1. Each activation row is quantized to int8 per 32-value block (dx = max|x| / 127), and every
+//      vocabulary row's score A_n = sum_b d_nb * dx_b * sum_j q_nbj * xq_bj is taken with integer dot
+//      products (AVX-512 VNNI: 64 multiply-adds per instruction; the integer sums are exact).
+//   2. E_n bounds |A_n - qargmax's logit n| rigorously: the int8 rounding of x (half a step dx_b per
+//      value, weighed by a_nb = |d_nb| * sum_j |q_nbj|, stored rounded up), the float32 kernel's own
+//      rounding and A_n's, with margin. The row's float32 maximum is therefore some n with
+//      A_n + E_n >= max_m (A_m - E_m): the candidates.
+//   3. Each candidate's logit is computed by the float32 kernel (features<Q8_0>, the same arithmetic
+//      qargmax does), and the first maximum among them wins, as in qargmax.
+// Rows with a non-finite value go to qargmax. The packed weights (q8_screen_pack's layout, built once):
+// per group of 16 vocabulary rows and per block b, a record of kRecord bytes: 8 chunks of 16 rows x 4
+// values (q + 128 as uint8, so that VNNI's unsigned x signed product applies), then the 16 rows' d
+// (fp16), then their a (fp16, rounded up).
+constexpr int64_t kRecord = 512 + 32 + 32;
+
+bool screen_available() {
+#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+// One activation row, quantized: per block b, dx[b], xq packed 4 per int32, and sum of xq.
+struct QRow {
+  std::vector<float> dx;
+  std::vector<int32_t> xq4, xsum;
+  bool finite = true;
+  QRow(const float* x, int64_t nb) : dx(nb), xq4(nb * 8), xsum(nb) {
+    for (int64_t b = 0; b < nb; ++b) {
+      float amax = 0.0f;
+      for (int j = 0; j < 32; ++j) {
+        if (!std::isfinite(x[32 * b + j])) finite = false;
+        amax = std::max(amax, std::fabs(x[32 * b + j]));
+      }
+      dx[b] = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int8_t q[32];
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        q[j] = int8_t(std::max(-127.0f, std::min(127.0f, std::nearbyint(x[32 * b + j] * inv))));
+        sum += q[j];
+      }
+      std::memcpy(&xq4[8 * b], q, 32);
+      xsum[b] = sum;
+    }
+  }
+};
+
+constexpr int64_t kScreenRows = 4;  // activation rows per pass over a group's records
+
+// A[i], B[i] (16 vocabulary rows each) for activation rows r[0 .. R) and the group of records at rec:
+// each block's 8 weight chunks are loaded once for all R rows, and each row sums them in two
+// independent integer chains (a single chain of 8 dependent products waits on their latency).
+template <int R>
+inline void screen_tile(const uint8_t* rec, int64_t nb, const QRow* r, __m512* A, __m512* B) {
+  for (int i = 0; i < R; ++i) A[i] = B[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += kRecord) {
+    __m512i w[8];
+    for (int k = 0; k < 8; ++k) w[k] = _mm512_loadu_si512(rec + 64 * k);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 512)));
+    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 544)));
+    for (int i = 0; i < R; ++i) {
+      const int32_t* x4 = r[i].xq4.data() + 8 * b;
+      __m512i lo = _mm512_set1_epi32(-128 * r[i].xsum[b]), hi = _mm512_setzero_si512();
+      for (int k = 0; k < 4; ++k) {
+        lo = _mm512_dpbusd_epi32(lo, w[k], _mm512_set1_epi32(x4[k]));
+        hi = _mm512_dpbusd_epi32(hi, w[k + 4], _mm512_set1_epi32(x4[k + 4]));
+      }
+      const __m512 dx = _mm512_set1_ps(r[i].dx[b]);
+      A[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_mul_ps(d, dx), A[i]);
+      B[i] = _mm512_fmadd_ps(a, dx, B[i]);
+    }
+  }
+}
+
+inline void screen_rows(const uint8_t* rec, int64_t nb, const QRow* r, int64_t R, __m512* A, __m512* B) {
+  switch (R) {
+    case 1: return screen_tile<1>(rec, nb, r, A, B);
+    case 2: return screen_tile<2>(rec, nb, r, A, B);
+    case 3: return screen_tile<3>(rec, nb, r, A, B);
+    default: return screen_tile<4>(rec, nb, r, A, B);
+  }
+}
+#endif
+
+// A Q8_0 matrix [N, K / 32 * 34] in qargmax_screened's layout ([groups * nb * kRecord] uint8), or an
+// empty tensor where some a overflows fp16 (the matrix then keeps the float32 argmax).
+at::Tensor q8_screen_pack(const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && K % 32 == 0 && w.size(1) == K / 32 * 34,
+              "w must be contiguous Q8_0 rows of ", K, " values");
+  const int64_t N = w.size(0), nb = K / 32, groups = (N + 15) / 16;
+  at::Tensor packed = at::zeros({groups * nb * kRecord}, w.options());
+#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  std::atomic<bool> overflow{false};
+  at::parallel_for(0, groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g)
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* rec = dst + (g * nb + b) * kRecord;
+        std::memset(rec, 0x80, 512);  // padding rows: q = 0
+        for (int64_t r = 0; r < 16 && 16 * g + r < N; ++r) {
+          const uint8_t* blk = src + (16 * g + r) * w.size(1) + b * 34;
+          int32_t sum = 0;
+          for (int j = 0; j < 32; ++j) {
+            rec[64 * (j / 4) + 4 * r + j % 4] = blk[2 + j] ^ 0x80;
+            sum += std::abs(int32_t(int8_t(blk[2 + j])));
+          }
+          const float a = std::fabs(fp16(blk)) * float(sum);  // exact: 11 by 13 significant bits
+          const uint16_t h = _cvtss_sh(a, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+          if (!std::isfinite(_cvtsh_ss(h))) overflow = true;
+          std::memcpy(rec + 512 + 2 * r, blk, 2);
+          std::memcpy(rec + 544 + 2 * r, &h, 2);
+        }
+      }
+  });
+  if (overflow) return at::empty({0}, w.options());
+#else
+  TORCH_CHECK(false, "q8_screen_pack needs AVX-512 VNNI (see screen_available)");
+#endif
+  return packed;
+}
+
+std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const at::Tensor& w, const at::Tensor& packed, int64_t K) {
+  std::vector<float> xpad;
+  const Problem p = problem(x, w, Q8_0, K, xpad);
+  const int64_t nb = K / 32, groups = (p.N + 15) / 16;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() == groups * nb * kRecord,
+              "packed is not q8_screen_pack's layout for this matrix");
+  at::Tensor out = at::empty({p.M}, x.options().dtype(at::kLong));
+  at::Tensor counts = at::zeros({p.M}, x.options().dtype(at::kLong));  // candidates rechecked per row
+#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+  std::vector<QRow> rows;
+  bool finite = true;
+  for (int64_t m = 0; m < p.M; ++m) {
+    rows.emplace_back(p.x + m * p.Kp, nb);
+    finite = finite && rows.back().finite;
+  }
+  if (!finite) {
+    out.copy_(qargmax(x, w, Q8_0, K));
+    return {out, counts.fill_(p.N)};
+  }
+  // E = c * B + |A| / 2^20, B = sum_b a_nb * dx_b: c covers half a step, the float32 kernel's rounding
+  // (K / 16 + 4 roundings on |products| <= 127 a dx) and A's (nb + 2), each at twice its size.
+  const float c = 0.5f + float(K / 16 + nb + 16) * 128.0f * 0x1p-23f;
+  const uint8_t* base = packed.data_ptr<uint8_t>();
+  const int64_t slices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, groups));
+  std::vector<float> best(slices * p.M, -std::numeric_limits<float>::infinity());  // max lower bound
+  std::vector<std::vector<std::pair<int64_t, float>>> kept(slices * p.M);          // (n, upper bound)
+  // Row slot i (a slice's row) meets 16 rows' bounds from n0: raise its best lower bound, keep the
+  // rows whose upper bound reaches it.
+  auto keep = [&](int64_t i, int64_t n0, __mmask16 valid, __m512 A, __m512 B) {
+    const __m512 E = _mm512_fmadd_ps(_mm512_abs_ps(A), _mm512_set1_ps(0x1p-20f), _mm512_mul_ps(B, _mm512_set1_ps(c)));
+    const __m512 lower = _mm512_sub_ps(A, E), upper = _mm512_add_ps(A, E);
+    float& bl = best[i];
+    bl = std::max(bl, _mm512_mask_reduce_max_ps(valid, lower));
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, upper, _mm512_set1_ps(bl), _CMP_GE_OQ);
+    if (!hit) return;
+    alignas(64) float up[16];
+    _mm512_store_ps(up, upper);
+    auto& list = kept[i];
+    for (; hit; hit &= hit - 1) {
+      const int j = __builtin_ctz(hit);
+      list.emplace_back(n0 + j, up[j]);
+    }
+    if (list.size() > 4096)  // prune by the bound reached so far
+      list.erase(std::remove_if(list.begin(), list.end(), [&](const auto& e) { return e.second < bl; }), list.end());
+  };
+  at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      for (int64_t g = s * groups / slices; g < (s + 1) * groups / slices; ++g) {
+        const uint8_t* rec0 = base + g * nb * kRecord;
+        if (g + 1 < groups)
+          for (int64_t l = 0; l < nb * kRecord; l += 64) __builtin_prefetch(rec0 + nb * kRecord + l, 0, 3);
+        const __mmask16 valid = __mmask16(p.N - 16 * g >= 16 ? 0xFFFF : (1u << (p.N - 16 * g)) - 1);
+        for (int64_t m = 0; m < p.M; m += kScreenRows) {
+          __m512 A[kScreenRows], B[kScreenRows];
+          screen_rows(rec0, nb, rows.data() + m, std::min<int64_t>(kScreenRows, p.M - m), A, B);
+          for (int64_t i = 0; i < std::min<int64_t>(kScreenRows, p.M - m); ++i)
+            keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
+        }
+      }
+  });
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  Scratch sc(1, 1);
+  for (int64_t m = 0; m < p.M; ++m) {
+    float threshold = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < slices; ++s) threshold = std::max(threshold, best[s * p.M + m]);
+    std::vector<int64_t> cand;
+    for (int64_t s = 0; s < slices; ++s)
+      for (const auto& e : kept[s * p.M + m])
+        if (e.second >= threshold) cand.push_back(e.first);
+    std::sort(cand.begin(), cand.end());
+    Problem one = p;
+    one.M = 1;
+    one.x = p.x + m * p.Kp;
+    float bv = 0.0f;
+    int64_t bi = -1;
+    for (const int64_t n : cand) {
+      features<Q8_0, 1, 1>(one, n, sc);
+      if (bi < 0 || beats(sc.out[0], bv)) {
+        bv = sc.out[0];
+        bi = n;
+      }
+    }
+    o[m] = bi;
+    cnt[m] = int64_t(cand.size());
+  }
+#else
+  TORCH_CHECK(false, "qargmax_screened needs AVX-512 VNNI (see screen_available)");
+#endif
+  return {out, counts};
+}
+
 // Rows `ids` of w, dequantised: [len(ids), K] float32 (embedding lookups, tests, fallbacks).
 at::Tensor dequantize(const at::Tensor& w, const at::Tensor& ids, int64_t type, int64_t K) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "w must be contiguous uint8 [N, row_bytes]");
@@ -780,13 +1003,18 @@ TORCH_LIBRARY(mtpspec_runtime, m) {
   m.def("qlinear(Tensor x, Tensor w, int type, int K) -> Tensor");
   m.def("qargmax(Tensor x, Tensor w, int type, int K) -> Tensor");
   m.def("qlinear_many(Tensor x, Tensor[] ws, int[] types, int K) -> Tensor[]");
+  m.def("q8_screen_pack(Tensor w, int K) -> Tensor");
+  m.def("qargmax_screened(Tensor x, Tensor w, Tensor packed, int K) -> (Tensor, Tensor)");
   m.def("dequantize(Tensor w, Tensor ids, int type, int K) -> Tensor");
   m.def("vector_path() -> str", &vector_path);
+  m.def("screen_available() -> bool", &screen_available);
 }
 
 TORCH_LIBRARY_IMPL(mtpspec_runtime, CPU, m) {
   m.impl("qlinear", &qlinear);
   m.impl("qargmax", &qargmax);
+  m.impl("qargmax_screened", &qargmax_screened);
+  m.impl("q8_screen_pack", &q8_screen_pack);
   m.impl("qlinear_many", &qlinear_many);
   m.impl("dequantize", &dequantize);
 }

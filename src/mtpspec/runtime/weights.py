@@ -12,8 +12,10 @@ reference dequantiser (correct, larger and slower), and one line on stderr says 
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +56,21 @@ class QMatrix:
         return ops().qlinear_many(x.reshape(-1, cols).float(), raws, types, cols)
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
-        """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index."""
-        return torch.cat(
-            [
-                ops().qargmax(x[i : i + 16].float(), self.raw, int(self.qtype), self.cols)
-                for i in range(0, x.shape[0], 16)
-            ]
-        )
+        """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index. A large Q8_0
+        matrix (an output head) is screened with int8 products first, for the same index (quant.cpp)."""
+        screen = self.screen
+        blocks = [x[i : i + 16].float() for i in range(0, x.shape[0], 16)]
+        if screen is not None:
+            return torch.cat([ops().qargmax_screened(b, self.raw, screen, self.cols)[0] for b in blocks])
+        return torch.cat([ops().qargmax(b, self.raw, int(self.qtype), self.cols) for b in blocks])
+
+    @cached_property
+    def screen(self) -> torch.Tensor | None:
+        """The packed int8 copy `qargmax_screened` reads (built on first use), or None where the matrix is
+        not a screened one: not Q8_0, small, no AVX-512 VNNI, or `$MTPSPEC_HEAD_SCREEN` is 0."""
+        if self.qtype != Q.Q8_0 or self.raw.shape[0] < SCREEN_MIN_ROWS or os.environ.get("MTPSPEC_HEAD_SCREEN") == "0":
+            return None
+        return screen_pack(self.raw, self.cols) if ops().screen_available() else None
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, K] float32
         """Rows `ids`, dequantised (embedding lookups)."""
@@ -69,6 +79,16 @@ class QMatrix:
     def take(self, ids: torch.Tensor) -> QMatrix:
         """The matrix of rows `ids` `[R]` (their blocks copied, still quantized)."""
         return QMatrix(self.raw.index_select(0, ids), self.qtype, self.cols)
+
+
+SCREEN_MIN_ROWS = 4096  # below this, the float32 argmax is cheap enough
+
+
+def screen_pack(raw: torch.Tensor, cols: int) -> torch.Tensor | None:
+    """A Q8_0 matrix's blocks `[N, cols / 32 * 34]` in `qargmax_screened`'s layout (quant.cpp), or None where
+    some block's bound overflows fp16 (the matrix then keeps the float32 argmax)."""
+    packed = ops().q8_screen_pack(raw, cols)
+    return packed if packed.numel() else None
 
 
 def _as_qmatrix(raw: np.ndarray, qtype: GGMLQuantizationType, cols: int) -> QMatrix:
