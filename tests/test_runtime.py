@@ -145,7 +145,7 @@ def test_screened_head_argmax_equals_the_float32_argmax(threads):
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(4))
     x[1:5, 37] *= 400.0  # one huge value: a coarse int8 step for its block
     x[5:9, 32:64] = 0.0  # an all-zero block
-    x[9] *= 1e-30
+    x[9] *= 1e-12  # small, within the screen's range
     best = QMatrix(torch.from_numpy(raw), Q.Q8_0, 256).argmax(x).numpy()
     for i, b in enumerate(best[:20]):  # near-ties with each row's winner, close to it and far away
         near = raw[b].copy()
@@ -167,11 +167,15 @@ def test_screened_head_argmax_equals_the_float32_argmax(threads):
         torch.set_num_threads(before)
 
 
-def test_screened_head_takes_the_float32_path_for_non_finite_rows():
+@pytest.mark.parametrize("case", ["nan", "inf", "tiny", "huge"])
+def test_screened_head_takes_the_float32_path_where_its_bound_could_fail(case):
+    """Non-finite values, and scales where a score or bound term could underflow or overflow float32."""
     m = matrix(Q.Q8_0, 5000, 256, seed=7)
     x = torch.randn(3, 256, generator=torch.Generator().manual_seed(5))
-    x[1, 3] = float("nan")
-    x[2, 9] = float("inf")
+    if case in ("nan", "inf"):
+        x[1, 3] = float(case)
+    else:
+        x[1] *= 1e-30 if case == "tiny" else 1e30
     ids, counts = screened(m, x)
     assert torch.equal(ids, ops().qargmax(x, m.raw, int(Q.Q8_0), 256))
     assert (counts == 5000).all()

@@ -766,7 +766,7 @@ at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
 //      A_n + E_n >= max_m (A_m - E_m): the candidates.
 //   3. Each candidate's logit is computed by the float32 kernel (features<Q8_0>, the same arithmetic
 //      qargmax does), and the first maximum among them wins, as in qargmax.
-// Rows with a non-finite value go to qargmax. The packed weights (q8_screen_pack's layout, built once):
+// Rows with a non-finite value or an extreme scale go to qargmax. The packed weights (q8_screen_pack's layout, built once):
 // per group of 16 vocabulary rows and per block b, a record of kRecord bytes: 8 chunks of 16 rows x 4
 // values (q + 128 as uint8, so that VNNI's unsigned x signed product applies), then the 16 rows' d
 // (fp16), then their a (fp16, rounded up).
@@ -781,18 +781,21 @@ bool screen_available() {
 }
 
 #if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
-// One activation row, quantized: per block b, dx[b], xq packed 4 per int32, and sum of xq.
+// One activation row, quantized: per block b, dx[b], xq packed 4 per int32, and sum of xq. in_range:
+// every value is finite and every block's max|x| is 0 or within [2^-60, 2^60], so that no score or
+// bound term underflows or overflows float32 (the bound would not hold); other rows take qargmax.
 struct QRow {
   std::vector<float> dx;
   std::vector<int32_t> xq4, xsum;
-  bool finite = true;
+  bool in_range = true;
   QRow(const float* x, int64_t nb) : dx(nb), xq4(nb * 8), xsum(nb) {
     for (int64_t b = 0; b < nb; ++b) {
       float amax = 0.0f;
       for (int j = 0; j < 32; ++j) {
-        if (!std::isfinite(x[32 * b + j])) finite = false;
+        if (!std::isfinite(x[32 * b + j])) in_range = false;
         amax = std::max(amax, std::fabs(x[32 * b + j]));
       }
+      if (amax != 0.0f && (amax < 0x1p-60f || amax > 0x1p60f)) in_range = false;
       dx[b] = amax / 127.0f;
       const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
       int8_t q[32];
@@ -892,12 +895,12 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
   at::Tensor counts = at::zeros({p.M}, x.options().dtype(at::kLong));  // candidates rechecked per row
 #if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
   std::vector<QRow> rows;
-  bool finite = true;
+  bool in_range = true;
   for (int64_t m = 0; m < p.M; ++m) {
     rows.emplace_back(p.x + m * p.Kp, nb);
-    finite = finite && rows.back().finite;
+    in_range = in_range && rows.back().in_range;
   }
-  if (!finite) {
+  if (!in_range) {
     out.copy_(qargmax(x, w, Q8_0, K));
     return {out, counts.fill_(p.N)};
   }
