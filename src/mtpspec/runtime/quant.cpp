@@ -772,15 +772,19 @@ at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
 // (fp16), then their a (fp16, rounded up).
 constexpr int64_t kRecord = 512 + 32 + 32;
 
-bool screen_available() {
 #if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+#define MTPSPEC_SCREEN 1
+#endif
+
+bool screen_available() {
+#if MTPSPEC_SCREEN
   return true;
 #else
   return false;
 #endif
 }
 
-#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+#if MTPSPEC_SCREEN
 // One activation row, quantized: per block b, dx[b], xq packed 4 per int32, and sum of xq. in_range:
 // every value is finite and every block's max|x| is 0 or within [2^-60, 2^60], so that no score or
 // bound term underflows or overflows float32 (the bound would not hold); other rows take qargmax.
@@ -854,7 +858,7 @@ at::Tensor q8_screen_pack(const at::Tensor& w, int64_t K) {
               "w must be contiguous Q8_0 rows of ", K, " values");
   const int64_t N = w.size(0), nb = K / 32, groups = (N + 15) / 16;
   at::Tensor packed = at::zeros({groups * nb * kRecord}, w.options());
-#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+#if MTPSPEC_SCREEN
   const uint8_t* src = w.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   std::atomic<bool> overflow{false};
@@ -893,7 +897,7 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
               "packed is not q8_screen_pack's layout for this matrix");
   at::Tensor out = at::empty({p.M}, x.options().dtype(at::kLong));
   at::Tensor counts = at::zeros({p.M}, x.options().dtype(at::kLong));  // candidates rechecked per row
-#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+#if MTPSPEC_SCREEN
   std::vector<QRow> rows;
   bool in_range = true;
   for (int64_t m = 0; m < p.M; ++m) {
