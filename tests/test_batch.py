@@ -145,6 +145,12 @@ def test_draft_lengths_follow_costs_and_acceptance():
     # Before any pass there is nothing to decide from: k drafts; after passes of one size, a plain
     # pass, so that the next step can fit the line.
     assert draft_limits([_generation(good)] * 2, StepCosts(), 0) == [None, None]
+    # A first drafting round that drafted nothing measured the plain size: draft again (a server whose
+    # first round of a lone generation drafted nothing never drafted again).
+    plain_only = StepCosts()
+    plain_only.add_pass(1, 0.02)
+    for _ in range(3):
+        assert draft_limits([_generation(poor)], plain_only, 0) == [None]
     # A generation kept from drafting drafts one token every PROBE_EVERY rounds, to keep measuring.
     probing = _generation(poor)
     limits = []

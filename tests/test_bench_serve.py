@@ -16,6 +16,7 @@ from mtpspec.bench.serving.sweep import (
     SweepConfig,
     _starts,
     parse_levels,
+    per_level,
     percentile,
     run_sweep,
     server_specs,
@@ -72,6 +73,18 @@ def test_option_checks():
             parse_specs(bad)
 
 
+def test_num_prompts_gives_every_level_the_same_prompts(tmp_path):
+    config = SweepConfig(model="m", out=tmp_path, num_prompts=8)
+    assert [per_level(config, c) for c in (1, 4, 8)] == [8, 8, 8]
+    assert per_level(SweepConfig(model="m", out=tmp_path, requests_per_client=3), 4) == 12
+    with pytest.raises(MtpspecError, match="multiple of every level's client count"):
+        run_sweep(SweepConfig(model="m", out=tmp_path, concurrency="1,4,8", num_prompts=12))
+    parser = build_parser()
+    assert parser.parse_args(["bench", "serve", "--num-prompts", "16"]).num_prompts == 16
+    with pytest.raises(SystemExit):  # one way to say how many requests a level sends
+        parser.parse_args(["bench", "serve", "--num-prompts", "16", "--requests-per-client", "2"])
+
+
 def test_servers_and_their_starts(tmp_path, monkeypatch):
     config = SweepConfig(model="m", out=tmp_path, drafters="none,auto,none", llama_cpp="none", url="http://h:1/")
     specs = server_specs(config)
@@ -113,7 +126,7 @@ def _check_outputs(config: SweepConfig, outcome) -> None:
     sets = config.prompt_tokens.split(",")
     assert len(data["levels"]) == len(outcome.servers) * len(levels) * len(sets)
     for v in data["levels"]:
-        assert v["requests"] == v["concurrency"] * config.requests_per_client
+        assert v["requests"] == per_level(config, v["concurrency"])
         assert v["errors"] == 0 and v["cached_prompt_tokens"] == 0
         assert v["completion_tokens"] == v["requests"] * config.max_tokens  # ignore_eos: exactly as asked
         assert v["throughput_tok_s"] > 0 and v["wall_s"] > 0
@@ -143,11 +156,18 @@ def test_sweep_against_mtpspec_serve(tiny_llama_gguf, tmp_path):
         prompt_tokens="short,200",
         threads=1,
         max_batch=2,
+        num_prompts=2,
     )
     lines = []
     outcome = run_sweep(config, progress=lines.append)
     assert len(lines) == 4 and "2 clients" in lines[-1]
     _check_outputs(config, outcome)
+    for prompts in ("short", "200"):  # one client sends both prompts, two send one each: the same two
+        sent = [
+            sorted(r["prompt_tokens"] for r in outcome.samples if r["prompts"] == prompts and r["concurrency"] == c)
+            for c in (1, 2)
+        ]
+        assert sent[0] == sent[1] and len(sent[0]) == 2
     assert all(v.tau is not None and v.tau >= 1.0 for v in outcome.levels)
     assert outcome.server_info["mtpspec, drafter auto"]["drafter"] == "ngram"
 

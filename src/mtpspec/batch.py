@@ -117,8 +117,13 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
     the pass."""
     fit = costs.fit()
     if fit is None:
-        # Passes of one size measured so far: run this one plain, a second size for the fit.
-        return [0 if costs.by_rows and g.params.greedy else None for g in generations]
+        # Passes of at most one size measured so far: draft, unless that size is another one's, so that
+        # the next pass (plain) gives a second size for the fit. A drafter that drafted nothing left the
+        # plain size alone: drafting again is the way to another size.
+        plain = len(generations)
+        if costs.by_rows and plain not in costs.by_rows:
+            return [0 if g.params.greedy else None for g in generations]
+        return [None] * len(generations)
     fixed, per_row = fit
     unit = per_row + costs.per_draft  # what one more draft costs the step
     tokens, seconds = float(len(generations)), fixed + per_row * (len(generations) + other_rows)

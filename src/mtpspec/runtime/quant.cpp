@@ -814,7 +814,7 @@ struct QRow {
   }
 };
 
-constexpr int64_t kScreenRows = 4;  // activation rows per pass over a group's records
+constexpr int kScreenRows = 8;  // activation rows per pass over a group's records (8 x 2 accumulators, 8 weight chunks)
 
 // A[i], B[i] (16 vocabulary rows each) for activation rows r[0 .. R) and the group of records at rec:
 // each block's 8 weight chunks are loaded once for all R rows, and each row sums them in two
@@ -841,13 +841,12 @@ inline void screen_tile(const uint8_t* rec, int64_t nb, const QRow* r, __m512* A
   }
 }
 
-inline void screen_rows(const uint8_t* rec, int64_t nb, const QRow* r, int64_t R, __m512* A, __m512* B) {
-  switch (R) {
-    case 1: return screen_tile<1>(rec, nb, r, A, B);
-    case 2: return screen_tile<2>(rec, nb, r, A, B);
-    case 3: return screen_tile<3>(rec, nb, r, A, B);
-    default: return screen_tile<4>(rec, nb, r, A, B);
-  }
+// screen_tile<r> for a run-time r <= R.
+template <int R>
+inline void screen_rows(const uint8_t* rec, int64_t nb, const QRow* r, int64_t rows, __m512* A, __m512* B) {
+  if constexpr (R > 1)
+    if (rows < R) return screen_rows<R - 1>(rec, nb, r, rows, A, B);
+  screen_tile<R>(rec, nb, r, A, B);
 }
 #endif
 
@@ -943,7 +942,7 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
         const __mmask16 valid = __mmask16(p.N - 16 * g >= 16 ? 0xFFFF : (1u << (p.N - 16 * g)) - 1);
         for (int64_t m = 0; m < p.M; m += kScreenRows) {
           __m512 A[kScreenRows], B[kScreenRows];
-          screen_rows(rec0, nb, rows.data() + m, std::min<int64_t>(kScreenRows, p.M - m), A, B);
+          screen_rows<kScreenRows>(rec0, nb, rows.data() + m, std::min<int64_t>(kScreenRows, p.M - m), A, B);
           for (int64_t i = 0; i < std::min<int64_t>(kScreenRows, p.M - m); ++i)
             keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
         }

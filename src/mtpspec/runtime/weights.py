@@ -59,9 +59,9 @@ class QMatrix:
         """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index. A large Q8_0
         matrix (an output head) is screened with int8 products first, for the same index (quant.cpp)."""
         screen = self.screen
+        if screen is not None:  # one pass over the packed head for all rows: its stream from memory is most of a pass
+            return ops().qargmax_screened(x.float(), self.raw, screen, self.cols)[0]
         blocks = [x[i : i + 16].float() for i in range(0, x.shape[0], 16)]
-        if screen is not None:
-            return torch.cat([ops().qargmax_screened(b, self.raw, screen, self.cols)[0] for b in blocks])
         return torch.cat([ops().qargmax(b, self.raw, int(self.qtype), self.cols) for b in blocks])
 
     @cached_property

@@ -43,12 +43,23 @@ def register(subparsers) -> None:
         metavar="C[,C...]",
         help="concurrent clients per level (default: 1,4,8,16)",
     )
-    p.add_argument(
+    per_level = p.add_mutually_exclusive_group()
+    per_level.add_argument(
         "--requests-per-client",
         type=int,
-        default=2,
+        default=None,  # 2 (None: argparse tells an explicit 2 from the default only so)
         metavar="N",
-        help="streaming requests each client sends, one after another (default: 2)",
+        help="streaming requests each client sends, one after another: a level of C clients sends C x N, so levels "
+        "run different prompts (default: 2)",
+    )
+    per_level.add_argument(
+        "--num-prompts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="every level sends the same N prompts, C clients at a time (client i sends prompts i, i + C, ...; "
+        "vLLM's --num-prompts with --max-concurrency), so a level's throughput over one client's compares the same "
+        "work; N must be a multiple of every level's client count (default: --requests-per-client instead)",
     )
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per request, generated past EOS (default: 128)")
     p.add_argument(
@@ -96,7 +107,8 @@ def cmd_serve(args) -> int:
         llama_cpp=args.llama_cpp,
         url=args.url,
         concurrency=args.concurrency,
-        requests_per_client=args.requests_per_client,
+        requests_per_client=2 if args.requests_per_client is None else args.requests_per_client,
+        num_prompts=args.num_prompts,
         max_tokens=args.max_tokens,
         prompt_tokens=args.prompt_tokens,
         threads=args.threads,

@@ -14,7 +14,8 @@ from .sweep import Level, Outcome
 COLUMNS = """\
 - **output tok/s**: completion tokens of the whole burst / its wall time (from the moment every client
   starts until the last stream ends).
-- **× 1 client**: output tok/s over the same server's at 1 client on the same prompts.
+- **× 1 client**: output tok/s over the same server's at 1 client on the same prompt set (the very same
+  prompts with `--num-prompts`).
 - **× llama.cpp**: output tok/s over llama.cpp's server at the same level on the same prompts.
 - **TTFT**: time to first token, from sending a request to the arrival of the first streamed chunk
   with text; queueing and prefill included.
@@ -66,7 +67,7 @@ def render(outcome: Outcome, env: dict, pngs: list[str]) -> str:
     lines = [
         f"# Serving benchmark: {c.model}",
         "",
-        f"Concurrency {c.concurrency}; each client sends {c.requests_per_client} streaming request(s) of "
+        f"Concurrency {c.concurrency}; {_requests(c)} streaming request(s) of "
         f"{c.max_tokens} tokens, greedy, `ignore_eos`; slots (mtpspec `--max-batch`, llama.cpp `n_parallel`): {slots}; "
         f"{c.threads} thread(s) per server. {env['cpu']}, {env['logical_cpus']} logical CPUs; "
         f"mtpspec {env['git_commit'] or 'commit unknown'}; {env['date']}.",
@@ -82,6 +83,12 @@ def render(outcome: Outcome, env: dict, pngs: list[str]) -> str:
         lines += ["", f"![{png[:-4]}]({png})"]
     lines += ["", "## Columns", "", COLUMNS]
     return "\n".join(lines)
+
+
+def _requests(c) -> str:
+    if c.num_prompts is not None:
+        return f"every level sends the same {c.num_prompts} prompts (client i of C: prompts i, i + C, ...) as"
+    return f"each client sends {c.requests_per_client}"
 
 
 def _set_title(ps) -> str:

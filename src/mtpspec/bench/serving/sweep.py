@@ -2,10 +2,11 @@
 
 A level of C clients: C streaming clients start together, each sending `requests_per_client`
 greedy requests of `max_tokens` tokens one after another (`ignore_eos`, so every request generates
-exactly that many). Servers the benchmark starts get as many slots as the level has clients
-(`max_batch` None), or a fixed number; a server is started once per slot count, and after each start
-a warm-up burst (one request per slot, 4 tokens, prompts the measured bursts do not use) keeps lazy
-initialisation out of the numbers.
+exactly that many), or with `num_prompts` N, the same N prompts at every level, client i sending
+prompts i, i + C, ... (so every level does the same work). Servers the benchmark starts get as many
+slots as the level has clients (`max_batch` None), or a fixed number; a server is started once per
+slot count, and after each start a warm-up burst (one request per slot, 4 tokens, prompts the
+measured bursts do not use) keeps lazy initialisation out of the numbers.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class SweepConfig:
     url: str | None = None  # also measure this running server, as it is
     concurrency: str = "1,4,8,16"
     requests_per_client: int = 2
+    num_prompts: int | None = None  # the same prompts at every level, C at a time; None: requests_per_client each
     max_tokens: int = 128
     prompt_tokens: str = "short"  # comma list: `short` and/or token counts
     threads: int = 2
@@ -117,11 +119,16 @@ def run_sweep(config: SweepConfig, progress: Callable[[str], None] = lambda line
     specs = parse_specs(config.prompt_tokens)
     if config.requests_per_client < 1 or config.max_tokens < 1 or config.threads < 1:
         raise MtpspecError("--requests-per-client, --max-tokens and --threads must be at least 1")
+    if config.num_prompts is not None and (config.num_prompts < 1 or any(config.num_prompts % c for c in levels)):
+        raise MtpspecError(
+            f"--num-prompts {config.num_prompts}: give a multiple of every level's client count ({', '.join(map(str, levels))}), "
+            "so that every client sends as many requests"
+        )
     if config.max_batch is not None and config.max_batch < 1:
         raise MtpspecError(f"--max-batch must be at least 1, got {config.max_batch}")
     servers = server_specs(config)
     tokenizer = load_tokenizer(config.model)
-    measured = max(levels) * config.requests_per_client  # prompts 0 .. measured - 1; warm-ups use the next ones
+    measured = max(per_level(config, c) for c in levels)  # prompts 0 .. measured - 1; warm-ups use the next ones
     sets = [build(s, tokenizer, measured + max(levels), config.chat) for s in specs]
     longest = max(len(p) for s in sets for p in s.prompts)
     ctx_per_slot = 256 * math.ceil((longest + config.max_tokens + 16) / 256)
@@ -164,10 +171,14 @@ def _body(running: Running, spec: ServerSpec, prompt: list[int], max_tokens: int
     }
 
 
+def per_level(config: SweepConfig, clients: int) -> int:
+    """Requests a level of `clients` sends."""
+    return config.num_prompts if config.num_prompts is not None else clients * config.requests_per_client
+
+
 def _measure(config, spec, running, ps: PromptSet, clients: int, slots: int | None) -> tuple[Level, list[dict]]:
-    r = config.requests_per_client
-    prompts = ps.take(0, clients * r)
-    bodies = [[_body(running, spec, prompts[i * r + j], config.max_tokens) for j in range(r)] for i in range(clients)]
+    prompts = ps.take(0, per_level(config, clients))
+    bodies = [[_body(running, spec, p, config.max_tokens) for p in prompts[i::clients]] for i in range(clients)]
     samples, wall = burst(running.url, bodies)
     level = summarize(spec.label, ps.name, clients, slots, samples, wall, config.max_tokens)
     keys = {"server": spec.label, "prompts": ps.name, "concurrency": clients}
