@@ -117,9 +117,9 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
     the pass."""
     fit = costs.fit()
     if fit is None:
-        # Passes of at most one size measured so far: draft, unless that size is another one's, so that
-        # the next pass (plain) gives a second size for the fit. A drafter that drafted nothing left the
-        # plain size alone: drafting again is the way to another size.
+        # At most one pass size measured. None yet: draft k. A drafted size: this pass plain, the second
+        # size for the fit. Only the plain size (the drafter drafted nothing): draft again, since
+        # running plain would measure that size forever.
         plain = len(generations)
         if costs.by_rows and plain not in costs.by_rows:
             return [0 if g.params.greedy else None for g in generations]
