@@ -941,10 +941,10 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
           for (int64_t l = 0; l < nb * kRecord; l += 64) __builtin_prefetch(rec0 + nb * kRecord + l, 0, 3);
         const __mmask16 valid = __mmask16(p.N - 16 * g >= 16 ? 0xFFFF : (1u << (p.N - 16 * g)) - 1);
         for (int64_t m = 0; m < p.M; m += kScreenRows) {
+          const int64_t r = std::min<int64_t>(kScreenRows, p.M - m);
           __m512 A[kScreenRows], B[kScreenRows];
-          screen_rows<kScreenRows>(rec0, nb, rows.data() + m, std::min<int64_t>(kScreenRows, p.M - m), A, B);
-          for (int64_t i = 0; i < std::min<int64_t>(kScreenRows, p.M - m); ++i)
-            keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
+          screen_rows<kScreenRows>(rec0, nb, rows.data() + m, r, A, B);
+          for (int64_t i = 0; i < r; ++i) keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
         }
       }
   });

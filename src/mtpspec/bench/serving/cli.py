@@ -47,7 +47,7 @@ def register(subparsers) -> None:
     per_level.add_argument(
         "--requests-per-client",
         type=int,
-        default=None,  # 2 (None: argparse tells an explicit 2 from the default only so)
+        default=None,  # SweepConfig's (None: argparse tells an explicit value from the default only so)
         metavar="N",
         help="streaming requests each client sends, one after another: a level of C clients sends C x N, so levels "
         "run different prompts (default: 2)",
@@ -107,7 +107,9 @@ def cmd_serve(args) -> int:
         llama_cpp=args.llama_cpp,
         url=args.url,
         concurrency=args.concurrency,
-        requests_per_client=2 if args.requests_per_client is None else args.requests_per_client,
+        requests_per_client=SweepConfig.requests_per_client
+        if args.requests_per_client is None
+        else args.requests_per_client,
         num_prompts=args.num_prompts,
         max_tokens=args.max_tokens,
         prompt_tokens=args.prompt_tokens,
