@@ -317,3 +317,42 @@ def test_tree_attention_refuses_bad_slots():
     # A window that starts past a bad entry does not read it.
     far = torch.tensor([[10, 11], [99, 11]])
     assert exact_attention(q, k, v, torch.tensor([10, 11]), 1, 0.125, None, slots=far, tree_start=10) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_call_for_several_sequences_writes_their_caches_and_gives_each_its_own_bits(dtype):
+    """`append_attention`: a block whose rows continue three sequences (a chain, a tree, a chain, with
+    caches of different lengths) writes each row's K/V at its sequence's next slots and gives every row
+    the bits `exact_attention` gives it over its own cache."""
+    from mtpspec.kernels.attention import append_attention, exact_attention
+    from mtpspec.tree import tree_layout
+
+    hq, hkv, d, window, scale = 8, 2, 64, 12, 64**-0.5
+    gen = torch.Generator().manual_seed(3)
+    parents = torch.tensor([-1, 0, 0, 1, 2])
+    rows, starts, lengths = [3, 5, 1], [20, 9, 0], [32, 16, 8]
+    caches = [tuple(torch.randn(1, hkv, n, d, generator=gen).to(dtype) for _ in "kv") for n in lengths]
+    before = [(k.clone(), v.clone()) for k, v in caches]
+    t = sum(rows)
+    q, k_new, v_new = (torch.randn(t, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    tree_positions, tree_slots = tree_layout(parents, starts[1])
+    positions = torch.cat([torch.arange(20, 23), tree_positions, torch.tensor([0])])
+    slots = [None, tree_slots, None]
+    out = append_attention(q, k_new, v_new, caches, starts, rows, positions, window, scale, None, slots)
+    first = 0
+    for s, (n, start) in enumerate(zip(rows, starts, strict=True)):
+        keys, values = before[s]
+        keys[0, :, start : start + n] = k_new[first : first + n].transpose(0, 1)
+        values[0, :, start : start + n] = v_new[first : first + n].transpose(0, 1)
+        assert torch.equal(caches[s][0], keys) and torch.equal(caches[s][1], values), s
+        part = slice(first, first + n)
+        query = q[part].transpose(0, 1)[None]
+        alone = exact_attention(
+            query, keys, values, positions[part], window, scale, None, slots=slots[s], tree_start=start
+        )
+        assert torch.equal(out[part], alone[0]), s
+        first += n
+    with pytest.raises(RuntimeError, match="do not fit its cache"):
+        append_attention(q, k_new, v_new, caches, [30, 9, 0], rows, positions, window, scale, None, slots)
+    with pytest.raises(RuntimeError, match="cover 8 rows, not 9"):
+        append_attention(q, k_new, v_new, caches, starts, [3, 5, 0], positions, window, scale, None, slots)

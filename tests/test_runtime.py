@@ -309,9 +309,12 @@ def test_bench_profile_reports_where_a_step_goes(tiny_llama_gguf, tmp_path):
     assert profile["none"]["forwards"] > 0 and profile["none"]["linear layers"] > 0
 
 
-def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf, kernels, monkeypatch):
     """`forward_many`: rows of several sequences (different lengths, positions, prefill chunks, greedy
-    and full-logits calls) in one pass equal each sequence's own forwards, bit for bit."""
+    and full-logits calls) in one pass equal each sequence's own forwards, bit for bit, with the
+    attention kernel's one call for all sequences or (`MTPSPEC_KERNELS=0`) per sequence in PyTorch."""
+    monkeypatch.setenv("MTPSPEC_KERNELS", kernels)
     solo = load_gguf(tiny_gguf)
     prompts = [torch.arange(3, 3 + n) % solo.vocab_size for n in (5, 11, 2)]
     blocks = [torch.tensor([7, 8, 9]), torch.tensor([4]), torch.tensor([1, 2, 3, 4, 5, 6])]
@@ -411,9 +414,11 @@ def test_keeping_a_tree_path_then_decoding_equals_decoding_the_path(tiny_gguf):
     assert target.length == prompt.shape[0] + 3
 
 
-def test_a_tree_shares_a_pass_with_chains_and_gets_its_solo_bits(tiny_gguf):
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_a_tree_shares_a_pass_with_chains_and_gets_its_solo_bits(tiny_gguf, kernels, monkeypatch):
     """`forward_many` with a tree segment between chain segments (3- and 4-tuples): every call's step
-    is the one it gets alone."""
+    is the one it gets alone (attention in one kernel call, or per sequence in PyTorch)."""
+    monkeypatch.setenv("MTPSPEC_KERNELS", kernels)
     solo = load_gguf(tiny_gguf)
     prompt, ids = _tree_case(solo)
     prompts = [prompt, prompt[:9], prompt[3:]]

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -136,35 +137,95 @@ __attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const 
   }
 }
 
+// One sequence's cache as the query rows of a block see it: keys [Hkv, L, D] and values [Hkv, L, Dv],
+// and, for a draft tree, where its logical keys j >= tree_start are (slots [rows, W], see above).
+struct Cache {
+  const void* k;
+  const void* v;
+  int64_t L;
+  const int64_t* slots = nullptr;
+  int64_t W = 0;
+  int64_t tree_start = 0;
+  int64_t first = 0;  // the block's first row of this sequence (slots are indexed from it)
+};
+
+// Rows [0, T) of q, row t over caches[seq[t]]: one task per (row, head), any task on any thread.
 template <class T>
-at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
-                         int64_t window, double scaling, double softcap, const int64_t* slots, int64_t W,
-                         int64_t tree_start) {
-  const int64_t rows = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t Hkv = k.size(0), L = k.size(1), Dv = v.size(2), groups = Hq / Hkv;
+at::Tensor run_attention(const at::Tensor& q, const std::vector<Cache>& caches, const std::vector<int64_t>& seq,
+                         const at::Tensor& positions, int64_t Hkv, int64_t Dv, int64_t window, double scaling,
+                         double softcap) {
+  const int64_t rows = q.size(0), Hq = q.size(1), D = q.size(2), groups = Hq / Hkv;
   at::Tensor out = at::empty({rows, Hq, Dv}, q.options());
   const int64_t* pos = positions.data_ptr<int64_t>();
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, rows * Hq, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> slot;  // cache slot of each logical key of a gathering row
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / Hq, h = task % Hq, kvh = h / groups;
+      const Cache& c = caches[seq[t]];
       const int64_t stop = pos[t] + 1, start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
       scores.resize(stop - start);
-      const T *qt = qp + (t * Hq + h) * D, *kh = kp + kvh * L * D, *vh = vp + kvh * L * Dv;
+      const T* qt = qp + (t * Hq + h) * D;
+      const T* kh = static_cast<const T*>(c.k) + kvh * c.L * D;
+      const T* vh = static_cast<const T*>(c.v) + kvh * c.L * Dv;
       T* ot = op + (t * Hq + h) * Dv;
-      if (slots == nullptr || stop <= tree_start) {
+      if (c.slots == nullptr || stop <= c.tree_start) {
         attend<T, false>(qt, kh, vh, nullptr, D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
         continue;
       }
+      const int64_t* ts = c.slots + (t - c.first) * c.W;
       slot.resize(stop - start);
-      for (int64_t j = start; j < stop; ++j) slot[j - start] = j < tree_start ? j : slots[t * W + j - tree_start];
+      for (int64_t j = start; j < stop; ++j) slot[j - start] = j < c.tree_start ? j : ts[j - c.tree_start];
       attend<T, true>(qt, kh, vh, slot.data(), D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
     }
   });
   return out;
+}
+
+// Checks rows [first, first + n) of a block against one cache of L slots: positions inside it, and a
+// tree's slots (optional [n, W] int64) inside it for every key a row reads.
+void check_rows(const int64_t* pos, int64_t first, int64_t n, int64_t L, int64_t window,
+                const std::optional<at::Tensor>& slots, int64_t tree_start, Cache& c) {
+  for (int64_t t = first; t < first + n; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "attention: position past the cache");
+  c.L = L;
+  c.first = first;
+  if (!slots.has_value()) return;
+  const at::Tensor& s = *slots;
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 2 && s.size(0) == n && s.is_contiguous(),
+              "attention: slots must be contiguous int64 [T, W]");
+  TORCH_CHECK(tree_start >= 0, "attention: tree_start must be >= 0");
+  const int64_t* slot = s.data_ptr<int64_t>();
+  const int64_t W = s.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t p = pos[first + i];
+    if (p < tree_start) continue;
+    TORCH_CHECK(p - tree_start < W, "attention: row ", i, " at position ", p, " needs ", p - tree_start + 1,
+                " slots from tree_start ", tree_start, ", slots has ", W);
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, p + 1 - window - tree_start) : 0;
+    for (int64_t j = lo; j <= p - tree_start; ++j)
+      TORCH_CHECK(slot[i * W + j] >= 0 && slot[i * W + j] < L, "attention: slots[", i, ", ", j, "] = ", slot[i * W + j],
+                  " is outside the cache [0, ", L, ")");
+  }
+  c.slots = slot;
+  c.W = W;
+  c.tree_start = tree_start;
+}
+
+at::Tensor dispatch_attention(const at::Tensor& q, const std::vector<Cache>& caches, const std::vector<int64_t>& seq,
+                              const at::Tensor& positions, int64_t Hkv, int64_t Dv, int64_t window, double scaling,
+                              double softcap) {
+  if (q.scalar_type() == at::kBFloat16)
+    return run_attention<at::BFloat16>(q, caches, seq, positions, Hkv, Dv, window, scaling, softcap);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: bf16 or fp32 only");
+  return run_attention<float>(q, caches, seq, positions, Hkv, Dv, window, scaling, softcap);
+}
+
+void check_block(const at::Tensor& q, const at::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && positions.is_contiguous(), "attention: contiguous q [T, Hq, D]");
+  TORCH_CHECK(q.size(2) % 8 == 0, "attention: head sizes must be multiples of 8");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0), "attention: int64 positions [T]");
 }
 
 }  // namespace
@@ -176,45 +237,77 @@ at::Tensor run_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
                      int64_t window, double scaling, double softcap, const std::optional<at::Tensor>& slots,
                      int64_t tree_start) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.size(2) == k.size(2) && k.size(1) == v.size(1)
-              && k.size(0) == v.size(0) && q.size(1) % k.size(0) == 0, "attention: q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv]");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && positions.is_contiguous(), "attention: contiguous inputs");
+  check_block(q, positions);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && q.size(2) == k.size(2) && k.size(1) == v.size(1) && k.size(0) == v.size(0)
+              && q.size(1) % k.size(0) == 0, "attention: q [T, Hq, D], k [Hkv, L, D], v [Hkv, L, Dv]");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "attention: contiguous inputs");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), "attention: one dtype");
-  TORCH_CHECK(q.size(2) % 8 == 0 && v.size(2) % 8 == 0, "attention: head sizes must be multiples of 8");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0), "attention: int64 positions [T]");
-  const int64_t rows = q.size(0), L = k.size(1);
+  TORCH_CHECK(v.size(2) % 8 == 0, "attention: head sizes must be multiples of 8");
+  std::vector<Cache> caches{{k.data_ptr(), v.data_ptr(), 0}};
+  check_rows(positions.data_ptr<int64_t>(), 0, q.size(0), k.size(1), window, slots, tree_start, caches[0]);
+  return dispatch_attention(q, caches, std::vector<int64_t>(q.size(0), 0), positions, k.size(0), v.size(2), window,
+                            scaling, softcap);
+}
+
+// A block's rows from several sequences: rows[s] consecutive rows of q, k_new, v_new ([T, Hq, D],
+// [T, Hkv, D], [T, Hkv, Dv]) continue sequence s, whose cache is keys[s], values[s] ([1, Hkv, L_s, D]
+// and [1, Hkv, L_s, Dv]). Each row's new key and value are first written at slot starts[s] + i (its
+// index i in its sequence's rows), then every row attends over its own sequence's cache as in
+// `attention` (tree_start = starts[s] for a sequence with slots; an empty slots tensor: a chain).
+at::Tensor append_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            at::TensorList keys, at::TensorList values, at::IntArrayRef starts, at::IntArrayRef rows,
+                            const at::Tensor& positions, int64_t window, double scaling, double softcap,
+                            at::TensorList slots) {
+  check_block(q, positions);
+  const int64_t S = int64_t(keys.size()), T = q.size(0);
+  TORCH_CHECK(int64_t(values.size()) == S && int64_t(starts.size()) == S && int64_t(rows.size()) == S
+              && int64_t(slots.size()) == S, "append_attention: one key cache, value cache, start, row count and slots per sequence");
+  TORCH_CHECK(k_new.dim() == 3 && v_new.dim() == 3 && k_new.size(0) == T && v_new.size(0) == T && k_new.size(1) == v_new.size(1)
+              && k_new.size(2) == q.size(2) && q.size(1) % k_new.size(1) == 0 && k_new.is_contiguous() && v_new.is_contiguous(),
+              "append_attention: contiguous k_new [T, Hkv, D] and v_new [T, Hkv, Dv]");
+  TORCH_CHECK(k_new.scalar_type() == q.scalar_type() && v_new.scalar_type() == q.scalar_type(), "attention: one dtype");
+  const int64_t Hkv = k_new.size(1), D = q.size(2), Dv = v_new.size(2);
+  TORCH_CHECK(Dv % 8 == 0, "attention: head sizes must be multiples of 8");
   const int64_t* pos = positions.data_ptr<int64_t>();
-  for (int64_t t = 0; t < rows; ++t) TORCH_CHECK(pos[t] >= 0 && pos[t] < L, "attention: position past the cache");
-  const int64_t* slot = nullptr;
-  int64_t W = 0;
-  if (slots.has_value()) {
-    const at::Tensor& s = *slots;
-    TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 2 && s.size(0) == rows && s.is_contiguous(),
-                "attention: slots must be contiguous int64 [T, W]");
-    TORCH_CHECK(tree_start >= 0, "attention: tree_start must be >= 0");
-    slot = s.data_ptr<int64_t>();
-    W = s.size(1);
-    for (int64_t t = 0; t < rows; ++t) {
-      if (pos[t] < tree_start) continue;
-      TORCH_CHECK(pos[t] - tree_start < W, "attention: row ", t, " at position ", pos[t], " needs ",
-                  pos[t] - tree_start + 1, " slots from tree_start ", tree_start, ", slots has ", W);
-      const int64_t first = window > 0 ? std::max<int64_t>(0, pos[t] + 1 - window - tree_start) : 0;
-      for (int64_t i = first; i <= pos[t] - tree_start; ++i)
-        TORCH_CHECK(slot[t * W + i] >= 0 && slot[t * W + i] < L, "attention: slots[", t, ", ", i, "] = ",
-                    slot[t * W + i], " is outside the cache [0, ", L, ")");
+  const int64_t esize = q.element_size();
+  std::vector<Cache> caches(S);
+  std::vector<int64_t> seq(T);
+  int64_t first = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    const at::Tensor &k = keys[s], &v = values[s];
+    TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == 1 && v.size(0) == 1 && k.size(1) == Hkv && v.size(1) == Hkv
+                && k.size(2) == v.size(2) && k.size(3) == D && v.size(3) == Dv && k.is_contiguous() && v.is_contiguous()
+                && k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+                "append_attention: caches must be contiguous [1, Hkv, L, D] of the block's dtype");
+    const int64_t L = k.size(2);
+    TORCH_CHECK(rows[s] >= 0 && first + rows[s] <= T && starts[s] >= 0 && starts[s] + rows[s] <= L,
+                "append_attention: sequence ", s, "'s rows do not fit its cache");
+    caches[s] = {k.data_ptr(), v.data_ptr(), L};
+    check_rows(pos, first, rows[s], L, window, slots[s].numel() ? std::optional<at::Tensor>(slots[s]) : std::nullopt,
+               starts[s], caches[s]);
+    for (int64_t i = 0; i < rows[s]; ++i) {
+      seq[first + i] = s;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        std::memcpy(static_cast<char*>(k.data_ptr()) + ((h * L + starts[s] + i) * D) * esize,
+                    static_cast<const char*>(k_new.data_ptr()) + (((first + i) * Hkv + h) * D) * esize, D * esize);
+        std::memcpy(static_cast<char*>(v.data_ptr()) + ((h * L + starts[s] + i) * Dv) * esize,
+                    static_cast<const char*>(v_new.data_ptr()) + (((first + i) * Hkv + h) * Dv) * esize, Dv * esize);
+      }
     }
+    first += rows[s];
   }
-  if (q.scalar_type() == at::kBFloat16)
-    return run_attention<at::BFloat16>(q, k, v, positions, window, scaling, softcap, slot, W, tree_start);
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "attention: bf16 or fp32 only");
-  return run_attention<float>(q, k, v, positions, window, scaling, softcap, slot, W, tree_start);
+  TORCH_CHECK(first == T, "append_attention: the sequences' rows cover ", first, " rows, not ", T);
+  return dispatch_attention(q, caches, seq, positions, Hkv, Dv, window, scaling, softcap);
 }
 
 TORCH_LIBRARY_FRAGMENT(mtpspec_kernels, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap, "
         "Tensor? slots=None, int tree_start=0) -> Tensor");
+  m.def("append_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "
+        "int[] rows, Tensor positions, int window, float scaling, float softcap, Tensor[] slots) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtpspec_kernels, CPU, m) {
   m.impl("attention", &attention);
+  m.impl("append_attention", &append_attention);
 }

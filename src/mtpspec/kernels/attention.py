@@ -47,3 +47,49 @@ def exact_attention(
         int(tree_start),
     )
     return out[None]
+
+
+def append_attention(
+    query: torch.Tensor,  # [T, Hq, D]
+    key: torch.Tensor,  # [T, Hkv, D] the rows' new keys
+    value: torch.Tensor,  # [T, Hkv, Dv]
+    caches: list[tuple[torch.Tensor, torch.Tensor]],  # (keys, values) [1, Hkv, L, D] per sequence
+    starts: list[int],  # first cache slot of each sequence's rows
+    rows: list[int],  # each sequence's row count; the rows come in the sequences' order
+    positions: torch.Tensor,  # [T] int64
+    sliding_window: int | None,
+    scaling: float,
+    softcap: float | None,
+    slots: list[torch.Tensor | None],  # per sequence, a tree's [rows, W] ancestor slots (tree_start: its start)
+) -> torch.Tensor | None:
+    """`[T, Hq, Dv]`, one call for a block whose rows continue several sequences: each row's key and
+    value are written at its sequence's next slots, then each row attends over its own sequence's
+    cache exactly as `exact_attention` would (the same per-row arithmetic). None where the kernel does
+    not apply (callers write and attend per sequence)."""
+    dtype = query.dtype
+    applies = (
+        query.device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float32)
+        and all(k.dtype == v.dtype == dtype for k, v in caches)
+        and query.shape[-1] % 8 == 0
+        and value.shape[-1] % 8 == 0
+        and not (torch.is_grad_enabled() and query.requires_grad)
+    )
+    ext = extension() if applies else None
+    if ext is None:
+        return None
+    empty = torch.empty(0, dtype=torch.long)
+    return ext.append_attention(
+        query.contiguous(),
+        key.contiguous(),
+        value.contiguous(),
+        [k for k, _ in caches],
+        [v for _, v in caches],
+        starts,
+        rows,
+        positions.contiguous(),
+        sliding_window or 0,
+        float(scaling),
+        float(softcap or 0.0),
+        [empty if s is None else s.contiguous() for s in slots],
+    )

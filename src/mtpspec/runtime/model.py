@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import MtpspecError
 from ..families import family_for
-from ..kernels.attention import exact_attention
+from ..kernels.attention import append_attention
 from ..tree import tree_layout
 from .build import ops
 from .weights import GgufWeights, QMatrix
@@ -175,14 +175,7 @@ class GgufModel:
                 q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
             cos, sin = tables[layer.kind]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            parts = []
-            for s, (first, pos, slots) in zip(segments, spans, strict=True):
-                keys, values = s.cache[i]
-                rows = slice(first, first + s.rows)
-                keys[0, :, s.start : s.start + s.rows] = k[rows].transpose(0, 1)
-                values[0, :, s.start : s.start + s.rows] = v[rows].transpose(0, 1)
-                parts.append(self._attend(q[rows], keys, values, pos, layer.window, slots, s.start))
-            a = parts[0] if len(parts) == 1 else torch.cat(parts)
+            a = self._attend(q, k, v, i, segments, spans, positions, layer.window)
             a = layer.o.linear(a.reshape(t, -1))
             if self.gemma:
                 a = self.norm(a, layer.post_attn_norm)
@@ -198,17 +191,27 @@ class GgufModel:
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         return F.gelu(g, approximate="tanh") if self.gemma else F.silu(g)
 
-    def _attend(self, q, keys, values, positions, window, slots, tree_start) -> torch.Tensor:
-        """`[T, Hq, D]` attention of each query row over exactly the keys its position may see (a tree
-        row's keys past `tree_start` through its ancestors' `slots`)."""
-        query = q.transpose(0, 1)[None]  # [1, Hq, T, D]
-        args = (query, keys, values, positions, window, self.scaling, self.attn_softcap)
-        out = exact_attention(*args, slots=slots, tree_start=tree_start)
-        if out is None:  # no C++ kernels here: the same per-row arithmetic through PyTorch
-            from ..attention import per_row_attention
+    def _attend(self, q, k, v, layer: int, segments, spans, positions, window) -> torch.Tensor:
+        """`[T, Hq, D]`: each segment's rows' K/V (`k`, `v` `[T, Hkv, D]`) written into its cache at
+        `layer`, then each row's attention over exactly the keys its position may see (a tree row's
+        keys past its segment's start through its ancestors' slots), one kernel call for all segments."""
+        caches = [s.cache[layer] for s in segments]
+        starts, rows = [s.start for s in segments], [s.rows for s in segments]
+        rule = (window, self.scaling, self.attn_softcap)
+        out = append_attention(q, k, v, caches, starts, rows, positions, *rule, [slots for _, _, slots in spans])
+        if out is not None:
+            return out
+        # No C++ kernels here: per segment, the same per-row arithmetic through PyTorch.
+        from ..attention import per_row_attention
 
-            out = per_row_attention(*args, slots=slots, tree_start=tree_start)
-        return out[0]
+        parts = []
+        for s, (keys, values), (first, pos, slots) in zip(segments, caches, spans, strict=True):
+            part = slice(first, first + s.rows)
+            keys[0, :, s.start : s.start + s.rows] = k[part].transpose(0, 1)
+            values[0, :, s.start : s.start + s.rows] = v[part].transpose(0, 1)
+            query = q[part].transpose(0, 1)[None]  # [1, Hq, rows, D]
+            parts.append(per_row_attention(query, keys, values, pos, *rule, slots=slots, tree_start=s.start)[0])
+        return torch.cat(parts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, V] float32
         logits = self.head.linear(hidden)
