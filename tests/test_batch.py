@@ -158,6 +158,15 @@ def test_draft_lengths_follow_costs_and_acceptance():
         probing.result.stats.target_forwards = rounds
         limits += draft_limits([probing], _costs(0.005, 0.004), 0)
     assert limits.count(1) == 2 and limits.count(0) == 2 * PROBE_EVERY - 2
+    # In a batch of n the batch pays for every probe's row: each generation probes every PROBE_EVERY·n
+    # rounds, so the batch runs one probe row every PROBE_EVERY steps.
+    batch = [_generation(poor) for _ in range(4)]
+    probes = []
+    for rounds in range(4 * PROBE_EVERY):
+        for offset, g in enumerate(batch):
+            g.result.stats.target_forwards = rounds + offset * PROBE_EVERY
+        probes.append(sum(draft_limits(batch, _costs(0.005, 0.004), 0)))
+    assert probes == [1 if r % PROBE_EVERY == PROBE_EVERY - 1 else 0 for r in range(4 * PROBE_EVERY)]
     one_size = StepCosts()
     one_size.add_pass(10, 0.02)
     assert draft_limits([_generation(good), _generation(good, greedy=False)], one_size, 0) == [0, None]

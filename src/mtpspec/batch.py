@@ -15,7 +15,8 @@ costs (`StepCosts`: a pass over R rows takes a + b·R seconds, a draft d seconds
 acceptance so far, to maximise the step's expected tokens per second (`draft_limits`); with no
 drafts at all that is plain batched decoding, which the rule falls back to wherever drafts do not
 pay, alone or in a batch. A generation kept from drafting still drafts one token every
-`PROBE_EVERY` rounds, so that its acceptance stays measured as its text changes. Sampled
+`PROBE_EVERY` rounds (times the number of decoding generations, since the whole batch pays for a
+probe's row), so that its acceptance stays measured as its text changes. Sampled
 generations keep their configured k, since their random draws depend on it (a seeded request
 reproduces its solo output). Draft lengths never change a greedy output, only its speed.
 
@@ -37,7 +38,7 @@ from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .target import check_prompt
 
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
-PROBE_EVERY = 8  # a generation the cost rule keeps from drafting drafts one token every this many rounds
+PROBE_EVERY = 8  # a lone generation the cost rule keeps from drafting drafts one token every this many rounds
 SPECULATION = ("auto", "fixed")  # draft lengths under load: chosen from measured costs, or always k
 
 
@@ -140,9 +141,13 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
         if limits[i] < generations[i].k:
             heapq.heappush(heap, (-draft_gain(generations[i], limits[i] + 1), i))
     # Acceptance is measured only where drafts are made: without a probe now and then, a generation
-    # kept from drafting by a poor start (or a costly moment) would never draft again.
+    # kept from drafting by a poor start (or a costly moment) would never draft again. The batch pays
+    # for every probe's row, so each of n generations probes every PROBE_EVERY·n rounds: a probe row
+    # every PROBE_EVERY steps, whatever the batch (a probe each every 8 rounds cost 8 generations
+    # about a tenth of their throughput).
+    every = PROBE_EVERY * len(generations)
     for i, g in enumerate(generations):
-        if limits[i] == 0 and g.k > 0 and g.result.stats.target_forwards % PROBE_EVERY == PROBE_EVERY - 1:
+        if limits[i] == 0 and g.k > 0 and g.result.stats.target_forwards % every == every - 1:
             limits[i] = 1
     return limits
 
