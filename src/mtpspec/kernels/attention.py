@@ -22,16 +22,7 @@ def exact_attention(
     """`[1, T, Hq, Dv]`: every row's result depends only on its position and the keys it reads, taken
     from cache slot j for logical key j, or through `slots` past `tree_start` (a draft tree's ancestors;
     see attention.cpp)."""
-    applies = (
-        query.device.type == "cpu"
-        and query.shape[0] == 1
-        and query.dtype == key.dtype == value.dtype
-        and query.dtype in (torch.bfloat16, torch.float32)
-        and query.shape[-1] % 8 == 0
-        and value.shape[-1] % 8 == 0
-        and not (torch.is_grad_enabled() and query.requires_grad)
-    )
-    ext = extension() if applies else None
+    ext = _kernel(query, [key, value]) if query.shape[0] == 1 else None
     if ext is None:
         return None
     q = query[0].transpose(0, 1).contiguous()  # [T, Hq, D]
@@ -66,16 +57,7 @@ def append_attention(
     value are written at its sequence's next slots, then each row attends over its own sequence's
     cache exactly as `exact_attention` would (the same per-row arithmetic). None where the kernel does
     not apply (callers write and attend per sequence)."""
-    dtype = query.dtype
-    applies = (
-        query.device.type == "cpu"
-        and dtype in (torch.bfloat16, torch.float32)
-        and all(k.dtype == v.dtype == dtype for k, v in caches)
-        and query.shape[-1] % 8 == 0
-        and value.shape[-1] % 8 == 0
-        and not (torch.is_grad_enabled() and query.requires_grad)
-    )
-    ext = extension() if applies else None
+    ext = _kernel(query, [key, value, *(t for cache in caches for t in cache)])
     if ext is None:
         return None
     empty = torch.empty(0, dtype=torch.long)
@@ -93,3 +75,17 @@ def append_attention(
         float(softcap or 0.0),
         [empty if s is None else s.contiguous() for s in slots],
     )
+
+
+def _kernel(query: torch.Tensor, others: list[torch.Tensor]):
+    """The kernels' op namespace where they apply to `query` and the keys and values in `others` (CPU,
+    one dtype, bf16 or fp32, head sizes multiples of 8, nothing to differentiate), else None."""
+    applies = (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float32)
+        and all(t.dtype == query.dtype for t in others)
+        and query.shape[-1] % 8 == 0
+        and all(t.shape[-1] % 8 == 0 for t in others)
+        and not (torch.is_grad_enabled() and query.requires_grad)
+    )
+    return extension() if applies else None
