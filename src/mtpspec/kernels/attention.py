@@ -40,6 +40,9 @@ def exact_attention(
     return out[None]
 
 
+_CHAIN = torch.empty(0, dtype=torch.long)  # a sequence's slots when its rows are a chain
+
+
 def append_attention(
     query: torch.Tensor,  # [T, Hq, D]
     key: torch.Tensor,  # [T, Hkv, D] the rows' new keys
@@ -60,7 +63,6 @@ def append_attention(
     ext = _kernel(query, [key, value, *(t for cache in caches for t in cache)])
     if ext is None:
         return None
-    empty = torch.empty(0, dtype=torch.long)
     return ext.append_attention(
         query.contiguous(),
         key.contiguous(),
@@ -73,7 +75,7 @@ def append_attention(
         sliding_window or 0,
         float(scaling),
         float(softcap or 0.0),
-        [empty if s is None else s.contiguous() for s in slots],
+        [_CHAIN if s is None else s.contiguous() for s in slots],
     )
 
 

@@ -158,12 +158,10 @@ class GgufModel:
         t = ids.shape[0]
         if sum(s.rows for s in segments) != t:
             raise ValueError(f"segments cover {sum(s.rows for s in segments)} rows, not {t}")
-        spans = []  # (row offset, positions, slots) per segment
-        offset = 0
-        for s in segments:  # (checks every tree before any cache is written)
-            spans.append((offset, *s.layout()))
-            offset += s.rows
-        positions = torch.cat([p for _, p, _ in spans])
+        # (positions, slots) per segment: every tree is checked before any cache is written.
+        layouts = [s.layout() for s in segments]
+        positions = torch.cat([p for p, _ in layouts])
+        place = ([s.start for s in segments], [s.rows for s in segments], [slots for _, slots in layouts])
         tables = {kind: self.rope(kind, positions[None]) for kind in self.family.attention_types()}
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
@@ -175,7 +173,7 @@ class GgufModel:
                 q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
             cos, sin = tables[layer.kind]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            a = self._attend(q, k, v, i, segments, spans, positions, layer.window)
+            a = self._attend(q, k, v, [s.cache[i] for s in segments], place, positions, layer.window)
             a = layer.o.linear(a.reshape(t, -1))
             if self.gemma:
                 a = self.norm(a, layer.post_attn_norm)
@@ -191,26 +189,26 @@ class GgufModel:
     def _act(self, g: torch.Tensor) -> torch.Tensor:
         return F.gelu(g, approximate="tanh") if self.gemma else F.silu(g)
 
-    def _attend(self, q, k, v, layer: int, segments, spans, positions, window) -> torch.Tensor:
-        """`[T, Hq, D]`: each segment's rows' K/V (`k`, `v` `[T, Hkv, D]`) written into its cache at
-        `layer`, then each row's attention over exactly the keys its position may see (a tree row's
-        keys past its segment's start through its ancestors' slots), one kernel call for all segments."""
-        caches = [s.cache[layer] for s in segments]
-        starts, rows = [s.start for s in segments], [s.rows for s in segments]
+    def _attend(self, q, k, v, caches, place, positions, window) -> torch.Tensor:
+        """`[T, Hq, D]`: the rows' K/V (`k`, `v` `[T, Hkv, D]`) written into their sequences' `caches`
+        (one (keys, values) pair each) at `place` = (first slot, row count, tree slots or None) per
+        sequence, then each row's attention over exactly the keys its position may see (a tree row's
+        keys past its sequence's start through its ancestors' slots), one kernel call for all."""
+        starts, rows, slots = place
         rule = (window, self.scaling, self.attn_softcap)
-        out = append_attention(q, k, v, caches, starts, rows, positions, *rule, [slots for _, _, slots in spans])
+        out = append_attention(q, k, v, caches, starts, rows, positions, *rule, slots)
         if out is not None:
             return out
-        # No C++ kernels here: per segment, the same per-row arithmetic through PyTorch.
+        # No C++ kernels here: per sequence, the same per-row arithmetic through PyTorch.
         from ..attention import per_row_attention
 
         parts = []
-        for s, (keys, values), (first, pos, slots) in zip(segments, caches, spans, strict=True):
-            part = slice(first, first + s.rows)
-            keys[0, :, s.start : s.start + s.rows] = k[part].transpose(0, 1)
-            values[0, :, s.start : s.start + s.rows] = v[part].transpose(0, 1)
-            query = q[part].transpose(0, 1)[None]  # [1, Hq, rows, D]
-            parts.append(per_row_attention(query, keys, values, pos, *rule, slots=slots, tree_start=s.start)[0])
+        pieces = zip(q.split(rows), k.split(rows), v.split(rows), positions.split(rows), strict=True)
+        for (keys, values), start, n, tree, (qs, ks, vs, pos) in zip(caches, starts, rows, slots, pieces, strict=True):
+            keys[0, :, start : start + n] = ks.transpose(0, 1)
+            values[0, :, start : start + n] = vs.transpose(0, 1)
+            query = qs.transpose(0, 1)[None]  # [1, Hq, rows, D]
+            parts.append(per_row_attention(query, keys, values, pos, *rule, slots=tree, tree_start=start)[0])
         return torch.cat(parts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, V] float32
