@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
@@ -27,6 +28,7 @@ from mtpspec.target import Target
 from mtpspec.training.checkpoint import latest_checkpoint, load_checkpoint
 from mtpspec.training.clusters import init_centroid_head
 from mtpspec.training.data import TextSource, check_source
+from mtpspec.training.greedy import LoopWatch
 from mtpspec.training.loss import UnrolledLoss, unroll
 from mtpspec.training.teacher import Teacher
 
@@ -210,6 +212,22 @@ def test_resume_continues_from_the_last_checkpoint(resumed):
     assert f"resuming from step {ckpt.step}" in done.stdout
     assert "held-out tau" in done.stdout + done.stderr  # evaluation with the real engine ran
     assert (resumed["out"] / "config.json").is_file() and (resumed["out"] / "model.safetensors").is_file()
+    evals = [json.loads(line) for line in (resumed["out"] / "evals.jsonl").read_text().splitlines()]
+    assert evals[-1]["step"] == ckpt.step + 4 and evals[-1]["tokens"] == (ckpt.position + 4) * 48
+    assert evals[-1]["lossless"] and (resumed["out"] / "evals.png").is_file()
+
+
+def test_the_eval_history_restarts_or_resumes_and_is_plotted(tmp_path):
+    from mtpspec.training.evaluate import EvalResult
+    from mtpspec.training.history import EvalHistory
+
+    history = EvalHistory(tmp_path, None)
+    for step in (0, 10, 20):
+        history.add(step, step * 128, EvalResult(1 + step / 10, [0.5, 0.25], 1.1, True))
+    assert [(r["step"], r["tokens"], r["tau"]) for r in history.rows()] == [(0, 0, 1), (10, 1280, 2), (20, 2560, 3)]
+    assert (tmp_path / "evals.png").read_bytes().startswith(b"\x89PNG")
+    assert [r["step"] for r in EvalHistory(tmp_path, 10).rows()] == [0, 10]  # resumed at step 10: later rows go
+    assert EvalHistory(tmp_path, None).rows() == []  # a new run starts its own history
 
 
 @pytest.mark.slow
@@ -480,6 +498,20 @@ def test_runtime_self_distill_answers_equal_plain_greedy_generation(gguf, reques
     assert list(greedy.answers(prompts, 16, batch_size=3)) == want
     assert list(greedy.answers(prompts, 16, batch_size=1)) == want
     assert list(greedy.answers(prompts, 16, batch_size=16)) == want
+    # Stopped at the end of a loop's first repeat: the answers plain generation gives, cut there.
+    cut = [LoopWatch(2).cut(w) for w in want]
+    assert cut != want and list(greedy.answers(prompts, 16, batch_size=3, loop_tokens=2)) == cut
+
+
+def test_a_loop_ends_at_its_first_repeat_however_the_answer_is_fed():
+    ids = [5, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    assert LoopWatch(3).cut(ids) == [5, 1, 2, 3, 4, 1, 2, 3]  # 1 2 3 seen before: the loop has begun
+    fed = LoopWatch(3)
+    assert [fed.looped(ids[:n]) for n in range(len(ids) + 1)] == [False] * 8 + [True] * 4
+    assert fed.cut(ids) == [5, 1, 2, 3, 4, 1, 2, 3]
+    assert LoopWatch(5).cut(ids) == [5, 1, 2, 3, 4, 1, 2, 3, 4, 1]
+    assert LoopWatch(3).cut([1, 2, 3, 1, 2, 4]) == [1, 2, 3, 1, 2, 4]  # no span of 3 repeats
+    assert LoopWatch(0).cut(ids) == ids  # never stops
 
 
 def test_self_distill_on_the_runtime_writes_rows_resumes_and_refuses_bad_weights(
@@ -513,6 +545,8 @@ def test_self_distill_on_the_runtime_writes_rows_resumes_and_refuses_bad_weights
     assert err.count("\n") == 1 and "--weights gguf needs a GGUF model" in err
     assert run(tmp_path / "bf16.jsonl", "--target", str(tiny_llama_gguf), "--dtype", "bf16") == 2
     assert "--weights dequant" in capsys.readouterr().err
+    assert run(tmp_path / "x.jsonl", "--target", str(tiny_llama_gguf), "--stop-loops", "-1") == 2
+    assert "--stop-loops must be >= 0" in capsys.readouterr().err
 
 
 def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):

@@ -30,7 +30,7 @@ import heapq
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .drafters import Drafter
@@ -259,9 +259,11 @@ def as_finished(
     config: GenerationConfig,
     max_batch: int = 8,
     speculation: str = "auto",
+    until: Callable[[int, GenerationResult], bool] | None = None,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """(index, result) for every prompt as its generation finishes, `max_batch` at a time, the next
-    prompt joining as one finishes."""
+    prompt joining as one finishes. `until(index, result)`, asked after every step, ends a
+    generation early."""
     batch = Batch(target, drafter, max_batch, speculation=speculation)
     waiting = list(range(len(prompts)))[::-1]
     index: dict[Slot, int] = {}
@@ -270,7 +272,7 @@ def as_finished(
             i = waiting.pop()
             index[batch.add(prompts[i], config)] = i
         batch.step()
-        for slot in [s for s in batch.active if s.done]:
+        for slot in [s for s in batch.active if s.done or (until is not None and until(index[s], s.result))]:
             batch.remove(slot)
             yield index.pop(slot), slot.result
 

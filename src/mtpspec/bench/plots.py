@@ -7,7 +7,7 @@ from pathlib import Path
 from .report import Summary
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -18,7 +18,7 @@ def _pyplot():
 
 def write_plots(out: Path, summaries: list[Summary]) -> list[str]:
     """Write the plots that have something to show; return their file names."""
-    plt = _pyplot()
+    plt = pyplot()
     written = []
     for name, draw in (("speedup.png", _speedup), ("acceptance.png", _acceptance), ("sweep.png", _sweep)):
         fig = draw(plt, summaries)

@@ -13,7 +13,8 @@ def register(subparsers) -> None:
         "train-drafter",
         help="train an MTP drafter for a target model",
         description="Distil an MTP drafter from a frozen target on offline text, with a multi-step unrolled loss. "
-        "Shows progress, evaluates on held-out text, checkpoints to OUT/checkpoints and saves OUT/config.json + "
+        "Shows progress, evaluates on held-out text (OUT/evals.jsonl, plotted in OUT/evals.png), checkpoints to "
+        "OUT/checkpoints and saves OUT/config.json + "
         "model.safetensors for `--drafter mtp:OUT`. Runs data-parallel under `torchrun --nproc-per-node N`.",
     )
     p.add_argument("--target", default=None, help=f"target: {MODEL_HELP} (default: {D.target})")
@@ -130,7 +131,8 @@ def register(subparsers) -> None:
         "--eval-every",
         type=int,
         default=None,
-        help=f"steps between held-out evaluations; 0 = only at the end (default: {D.eval_every})",
+        help="steps between held-out evaluations, each a row of OUT/evals.jsonl and a point of OUT/evals.png; "
+        f"with --init also one before the first step; 0 = only at the end (default: {D.eval_every})",
     )
     p.add_argument(
         "--eval-prompts",
@@ -189,6 +191,14 @@ def _register_self_distill(subparsers) -> None:
     p.add_argument("--per-source", type=int, default=200, help="prompts drawn from each source (default: 200)")
     p.add_argument("--max-new-tokens", type=int, default=192, help="tokens generated per prompt at most (default: 192)")
     p.add_argument(
+        "--stop-loops",
+        type=int,
+        default=32,
+        metavar="N",
+        help="end an answer once its last N tokens repeat a span earlier in it: the target has started to loop, "
+        "and the rest would repeat it (its start is kept); 0 = never (default: 32)",
+    )
+    p.add_argument(
         "--batch-size",
         type=int,
         default=32,
@@ -233,8 +243,9 @@ def cmd_self_distill(args) -> int:
     for name in ("per_source", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.skip < 0:
-        raise MtpspecError(f"--skip must be >= 0, got {args.skip}")
+    for name in ("skip", "stop_loops"):
+        if getattr(args, name) < 0:
+            raise MtpspecError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     out = Path(args.out)
     if out.suffix != ".jsonl":
         raise MtpspecError(f"--out must be a .jsonl file, got {out}")
@@ -256,6 +267,7 @@ def cmd_self_distill(args) -> int:
         args.dtype,
         args.device,
         args.weights,
+        stop_loops=args.stop_loops,
     )
     return 0
 

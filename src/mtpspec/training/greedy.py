@@ -1,7 +1,8 @@
 """Greedy answers to many prompts at once, for self-distillation: on the GGUF runtime or through transformers.
 
-Both backends give `answers(prompts, max_new_tokens, batch_size)`: each prompt's greedy continuation,
-up to and including its first stop id, in the order of `prompts`.
+Both backends give `answers(prompts, max_new_tokens, batch_size, loop_tokens)`: each prompt's greedy
+continuation, up to and including its first stop id or the end of its first loop (`LoopWatch`), in
+the order of `prompts`.
 
 - `RuntimeGreedy` (a GGUF model, the default): continuous batching (`mtpspec.batch`): up to
   `batch_size` sequences share every forward, each over its own cache, and a sequence that finishes
@@ -37,6 +38,36 @@ def until_stop(row: list[int], stops: Iterable[int]) -> list[int]:
     return row
 
 
+class LoopWatch:
+    """Whether an answer has started to loop: its last n ids already occurred, in that order, earlier
+    in it. A small model's long greedy answers mostly end in such a loop (of 1,633 Gemma 3 270M answers
+    of up to 512 tokens, 97% compressed below a fifth of their size), which the drafters' lookup
+    predicts anyway; answers stop after the first repeat, so the loop's start is kept and the rest is
+    not generated. n = 0 never stops."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.seen: set[tuple[int, ...]] = set()
+        self.fed = 0  # the next prefix length to look at
+        self.end: int | None = None  # the length of the shortest prefix that ends in a repeat
+
+    def looped(self, ids: list[int]) -> bool:
+        """Feed the answer so far (it only grows); whether some prefix of it ends in a repeat."""
+        if self.end is None and self.n:
+            for end in range(max(self.fed, self.n), len(ids) + 1):
+                gram = tuple(ids[end - self.n : end])
+                if gram in self.seen:
+                    self.end = end
+                    break
+                self.seen.add(gram)
+            self.fed = len(ids) + 1
+        return self.end is not None
+
+    def cut(self, ids: list[int]) -> list[int]:
+        """The answer up to the end of its first repeat (all of it if it never repeats)."""
+        return ids[: self.end] if self.looped(ids) else ids
+
+
 def load_greedy(
     model: str, weights: str = "auto", dtype: str = "auto", device: str = "auto", log=print
 ) -> RuntimeGreedy | TransformersGreedy:
@@ -67,15 +98,27 @@ class RuntimeGreedy:
     def stops(self) -> list[int]:
         return sorted(self.target.eos_token_ids)
 
-    def answers(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> Iterator[list[int]]:
+    def answers(
+        self, prompts: list[list[int]], max_new_tokens: int, batch_size: int, loop_tokens: int = 0
+    ) -> Iterator[list[int]]:
         """Each prompt's greedy answer, in order: continuous batching (`mtpspec.batch`) of plain
-        decoding, up to `batch_size` sequences per forward. Finished answers wait until those of
-        earlier prompts are out."""
+        decoding, up to `batch_size` sequences per forward, each stopped at the end of its first
+        repeat of `loop_tokens` ids (`LoopWatch`). Finished answers wait until those of earlier
+        prompts are out."""
         config = GenerationConfig(max_new_tokens=max_new_tokens)
+        watches = [LoopWatch(loop_tokens) for _ in prompts]
         done: dict[int, list[int]] = {}
         emitted = 0
-        for i, result in as_finished(self.target, NoDrafter(), prompts, config, batch_size, speculation="fixed"):
-            done[i] = result.token_ids
+        for i, result in as_finished(
+            self.target,
+            NoDrafter(),
+            prompts,
+            config,
+            batch_size,
+            speculation="fixed",
+            until=lambda i, r: watches[i].looped(r.token_ids),
+        ):
+            done[i] = watches[i].cut(result.token_ids)
             while emitted in done:
                 yield done.pop(emitted)
                 emitted += 1
@@ -101,8 +144,11 @@ class TransformersGreedy:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="sdpa")
         return cls(hf.to(device).eval(), AutoTokenizer.from_pretrained(path), device)
 
-    def answers(self, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> Iterator[list[int]]:
-        """Each prompt's greedy answer, in order, `batch_size` left-padded prompts per batch."""
+    def answers(
+        self, prompts: list[list[int]], max_new_tokens: int, batch_size: int, loop_tokens: int = 0
+    ) -> Iterator[list[int]]:
+        """Each prompt's greedy answer, in order, `batch_size` left-padded prompts per batch, cut at the
+        end of its first repeat of `loop_tokens` ids, as `RuntimeGreedy` stops it."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
         for start in range(0, len(prompts), batch_size):
             rows = prompts[start : start + batch_size]
@@ -112,7 +158,7 @@ class TransformersGreedy:
             with torch.inference_mode():
                 new = greedy_batch(self.model, ids, mask, max_new_tokens, self.stops, pad)
             for row in new.tolist():
-                yield until_stop(row, self.stops)
+                yield LoopWatch(loop_tokens).cut(until_stop(row, self.stops))
 
 
 def greedy_batch(

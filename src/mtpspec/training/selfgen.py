@@ -324,8 +324,10 @@ def self_distill(
     device: str = "auto",
     weights: str = "auto",
     log=print,
+    stop_loops: int = 0,
 ) -> int:
-    """Generate and append rows to `out`; return how many were written."""
+    """Generate and append rows to `out`; return how many were written. `stop_loops` N > 0 ends an answer
+    at the end of its first repeat of N tokens (`greedy.LoopWatch`)."""
     from tqdm import tqdm
 
     from ..text import encode_prompt, ships_chat_template
@@ -346,7 +348,7 @@ def self_distill(
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", dynamic_ncols=True)
     written = generated = 0
-    answers = greedy.answers([encoded[i] for i in order], max_new_tokens, batch_size)
+    answers = greedy.answers([encoded[i] for i in order], max_new_tokens, batch_size, stop_loops)
     with out.open("a", encoding="utf-8") as f:
         for i, answer in zip(order, answers, strict=True):
             generated += len(answer)

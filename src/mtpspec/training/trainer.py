@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_che
 from .clusters import init_centroid_head
 from .data import TextSource, check_source, chunk_index
 from .evaluate import evaluate
+from .history import EvalHistory
 from .loss import UnrolledLoss
 from .options import TrainOptions
 from .teacher import Teacher, TeacherBatch
@@ -53,6 +54,7 @@ class Trainer:
         self.target_model, self.tokenizer = hf, tokenizer
         target = Target(hf, tokenizer, exact=False)  # the teacher batches whole chunks
         self.step, self.position = 0, 0
+        self.history: EvalHistory | None = None  # rank 0's evaluations, once training starts
         self.cache_hits = self.cache_reads = 0  # chunks found in the teacher cache, chunks looked up (this run)
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().to(self.device).train()
@@ -153,7 +155,11 @@ class Trainer:
         o = self.opts
         indices = self._chunk_indices()
         eval_prompts = self.source.eval_prompts(o.eval_prompts) if self.main and o.eval_prompts else []
+        if eval_prompts:
+            self.history = EvalHistory(Path(o.out), self.step if o.resume else None)
         bar = _progress(o.max_steps, self.step, self.main)
+        if eval_prompts and o.eval_every and o.init and self.step == 0:
+            self._evaluate(eval_prompts, bar)  # where a fine-tune's curve starts
         started, tokens = time.perf_counter(), 0
         while self.step < o.max_steps:
             chunks = [next(indices) for _ in range(o.batch_size)]
@@ -256,6 +262,7 @@ class Trainer:
         line = f"step {self.step}: held-out {result.summary()}"
         (bar.write if bar is not None else self.log)(line)
         self.last_eval = result
+        self.history.add(self.step, self.position * self.opts.seq_len, result)
 
     def _finish(self, eval_prompts) -> Path | None:
         """Save the drafter (rank 0), then evaluate it: an interrupted evaluation loses nothing."""

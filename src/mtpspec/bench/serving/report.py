@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..plots import pyplot
 from ..report import environment
 from .prompts import SHORT
 from .servers import LLAMA_CPP
@@ -162,20 +163,11 @@ def _num(x: float | None, digits: int) -> str:
     return "" if x is None else f"{x:.{digits}f}"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def write_plots(out: Path, levels: list[Level]) -> list[str]:
     """throughput.png and latency.png: one column of panels per prompt set, one line per server."""
     if not levels:
         return []
-    plt = _pyplot()
+    plt = pyplot()
     sets = list(dict.fromkeys(v.prompts for v in levels))
     servers = list(dict.fromkeys(v.server for v in levels))
     color = {s: f"C{i}" for i, s in enumerate(servers)}
