@@ -84,6 +84,19 @@ def test_many_rows_go_in_blocks_with_the_same_bits(cols):
         assert torch.equal(m.linear(x), alone) and torch.equal(y, alone)
 
 
+def test_rms_norm_sums_each_row_left_to_right_whatever_rows_share_the_call():
+    x = torch.randn(7, 80, generator=torch.Generator().manual_seed(3)) * 3
+    w = torch.randn(80, generator=torch.Generator().manual_seed(4))
+    together = ops().rms_norm(x, w, 1e-6)
+    for r in range(7):
+        ss = np.float32(0)
+        for v in x[r].numpy():
+            ss = np.float32(ss + np.float32(v * v))
+        inv = np.float32(1) / np.sqrt(np.float32(ss / np.float32(80) + np.float32(1e-6)))
+        assert np.array_equal(together[r].numpy(), (x[r].numpy() * inv) * w.numpy()), r
+        assert torch.equal(ops().rms_norm(x[r : r + 1], w, 1e-6), together[r : r + 1])
+
+
 def test_several_matrices_in_one_call_give_the_same_bits():
     ms = [matrix(Q.Q5_0, 96, 512, seed=6), matrix(Q.Q8_0, 40, 512, seed=7), matrix(Q.Q4_K, 70, 512, seed=8)]
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))
