@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mtpspec"
 # Bottom to top. A module belongs to the layer of its longest matching name (relative to
 # `mtpspec`; a name matches itself and its submodules) and may import from its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "paths"),  # ground floor: no mtpspec imports
+    ("errors", "paths", "plotting"),  # ground floor: no mtpspec imports
     ("sampling", "verify", "stats", "text", "families", "prompts", "tree"),  # pure math, text and facts
     ("kernels",),  # C++ kernels for torch models
     ("attention", "models", "devices"),  # where Hugging Face models come from, and how they run

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import pyplot
 from .report import Summary
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def write_plots(out: Path, summaries: list[Summary]) -> list[str]:

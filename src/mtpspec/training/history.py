@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..plotting import pyplot
 from .evaluate import EvalResult
 
 
@@ -42,8 +43,6 @@ class EvalHistory:
         self.plot()
 
     def plot(self) -> None:
-        from ..bench.plots import pyplot
-
         rows = self.rows()
         plt = pyplot()
         fig, (tau, accept) = plt.subplots(1, 2, figsize=(11, 4))

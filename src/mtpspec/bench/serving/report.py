@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from ..plots import pyplot
+from ...plotting import pyplot
 from ..report import environment
 from .prompts import SHORT
 from .servers import LLAMA_CPP
