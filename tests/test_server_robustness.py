@@ -311,7 +311,8 @@ def test_serve_flags_end_to_end(tiny_dirs):
         with pytest.raises(openai.BadRequestError, match="at most 8 tokens"):
             client.completions.create(model=str(tiny_dirs["llama"]), prompt="a", max_tokens=9)
         r = post(url, {"model": str(tiny_dirs["llama"]), "prompt": "a"}, Origin=APP_ORIGIN)
-        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4  # --default-max-tokens
+        # --default-max-tokens; the body says why if not (seen once: 2 tokens, not reproduced since)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.json()
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)  # uvicorn re-raises the signal once it has shut down: the status is Ctrl-C's
     finally:
