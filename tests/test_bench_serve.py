@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
 from mtpspec.bench.serving import servers
 from mtpspec.bench.serving.client import Sample
-from mtpspec.bench.serving.prompts import build, load_tokenizer, parse_specs
+from mtpspec.bench.serving.prompts import build, load_tokenizer, parse_specs, second_turn
 from mtpspec.bench.serving.report import write
 from mtpspec.bench.serving.sweep import (
     SweepConfig,
@@ -60,6 +61,20 @@ def test_summarize_a_level():
     assert (v.itl_p50_ms, v.itl_p99_ms) == (100.0, 200.0)
     assert v.gap_p99_ms == 600.0 and v.latency_p99_s == 1.0
     assert v.prompt_tokens_mean == 15.0 and v.tau == 1.5
+    assert v.second_ttft_p50_s is None
+
+
+def test_summarize_two_turns_apart():
+    # each client's requests alternate first and second turns
+    samples = [
+        Sample(c, j, prompt_tokens=9, completion_tokens=2, text_times_s=[t], latency_s=1.0, cached_prompt_tokens=j * 7)
+        for c, times in enumerate(([0.5, 0.1, 0.6, 0.2], [0.7, 0.3, 0.8, 0.4]))
+        for j, t in enumerate(times)
+    ]
+    v = summarize("s", "short", 2, 2, samples, wall=4.0, max_tokens=2, turns=2)
+    assert (v.ttft_p50_s, v.ttft_p99_s) == (0.6, 0.8)
+    assert (v.second_ttft_p50_s, v.second_ttft_p99_s) == (0.2, 0.4)
+    assert v.cached_prompt_tokens == 7 * (1 + 2 + 3) * 2 and v.throughput_tok_s == 4.0
 
 
 def test_option_checks():
@@ -71,6 +86,8 @@ def test_option_checks():
     for bad in ("", "long", "8", "short,short"):
         with pytest.raises(MtpspecError):
             parse_specs(bad)
+    with pytest.raises(MtpspecError, match="--turns is 1 or 2"):
+        run_sweep(SweepConfig(model="m", out=Path("unused"), turns=3))
 
 
 def test_num_prompts_gives_every_level_the_same_prompts(tmp_path):
@@ -92,6 +109,7 @@ def test_servers_and_their_starts(tmp_path, monkeypatch):
     assert specs[2].url == "http://h:1"
     assert _starts(specs[0], [1, 4], None) == [(1, [1]), (4, [4])]  # slots follow the level: one start each
     assert _starts(specs[0], [1, 4], 8) == [(8, [1, 4])]
+    assert _starts(specs[0], [1, 4], 8, start_per_level=True) == [(8, [1]), (8, [4])]  # caches start empty
     assert _starts(specs[2], [1, 4], 8) == [(None, [1, 4])]  # a server started elsewhere keeps its own
     monkeypatch.setattr(servers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MtpspecError, match="--llama-cpp none"):
@@ -111,6 +129,21 @@ def test_long_prompts_have_the_asked_length_and_distinct_starts(tiny_llama_gguf)
     assert all(190 <= len(p) <= 200 for p in ps.prompts)
     assert len({tuple(p[:20]) for p in ps.prompts}) == 6
     assert ps.take(5, 2) == [ps.prompts[5], ps.prompts[0]]
+
+
+@pytest.mark.parametrize("spec", ["short", "200"])
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_second_turn_continues_the_first(tiny_llama_gguf, spec, chat):
+    """The conversation as a client sends it: the first prompt's tokens (all but the chat template's
+    closing of the turn), the answer, then MT-Bench's second question."""
+    tokenizer = load_tokenizer(str(tiny_llama_gguf))
+    ps = build(spec, tokenizer, 3, chat=chat)
+    for i in range(3):
+        first, answer = ps.prompts[i], " Paris, of course."
+        ids = second_turn(tokenizer, ps, i, answer)
+        assert ids[: len(first) - 3] == first[:-3]
+        text = tokenizer.decode(ids)
+        assert text.index(answer.strip()) < text.index(ps.follow_ups[i]) and ps.follow_ups[i]
 
 
 # --- whole sweeps -------------------------------------------------------------------------------
@@ -190,3 +223,41 @@ def test_sweep_against_llama_cpp_server(tiny_llama_gguf, tmp_path):
     assert label.startswith("llama.cpp server (xllamacpp wheel, ") and label.endswith(" build)")
     assert outcome.server_info[label]["n_parallel"] == 2
     assert [v.slots for v in outcome.levels] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("llama_cpp", [False, True])
+def test_second_turns_come_from_the_servers_prefix_caches(tiny_llama_gguf, tmp_path, llama_cpp):
+    """--turns 2: each level on its own start (the first turns find no earlier level's prompts), and
+    every second turn reuses at least its first turn's prompt, on mtpspec and on llama.cpp alike."""
+    if llama_cpp and not HAS_XLLAMACPP:
+        pytest.skip("the xllamacpp wheel is not installed")
+    config = SweepConfig(
+        model=str(tiny_llama_gguf),
+        out=tmp_path / "turns",
+        drafters="" if llama_cpp else "none",
+        llama_cpp="xllamacpp" if llama_cpp else "none",
+        concurrency="1,2",
+        max_tokens=4,
+        threads=1,
+        max_batch=2,
+        num_prompts=2,
+        turns=2,
+    )
+    outcome = run_sweep(config)
+    write(outcome)
+    by_request = {(r["concurrency"], r["client"], r["request"]): r for r in outcome.samples}
+    assert len(by_request) == 2 * 2 * 2 and all(r["error"] is None for r in outcome.samples)
+    for (c, client, j), r in by_request.items():
+        if r["turn"] == 2:
+            first = by_request[(c, client, j - 1)]
+            assert first["turn"] == 1 and r["prompt_tokens"] > first["prompt_tokens"] + 4
+            assert r["cached_prompt_tokens"] >= first["prompt_tokens"] - 3  # the template may close a turn anew
+        else:
+            assert r["cached_prompt_tokens"] < r["prompt_tokens"] - 3  # at most a template's shared head
+    for v in outcome.levels:
+        assert 0 < v.second_ttft_p50_s <= v.second_ttft_p99_s and v.completion_tokens == v.expected_tokens
+    report = (config.out / "report.md").read_text()
+    assert "2nd-turn TTFT p50 (s)" in report and "two-turn conversations" in report
+    assert ("prompt caching on per request" in report) == llama_cpp
+    assert len(list((config.out / "logs").glob("*.log"))) == 2  # one start per level

@@ -119,6 +119,30 @@ def test_gguf_runtime_every_drafter_is_exact(model):
         assert accepted > 0, spec
 
 
+@pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
+def test_a_chat_next_turn_from_the_prefix_cache_is_bit_for_bit_a_fresh_one(model):
+    """Turn 2 of a chat keeps the K/V turn 1 left (its prompt by prefill, its answer by verified
+    drafts of the default drafter) and prefills the rest; its answer and its K/V equal those of the
+    same target prefilling the whole conversation."""
+    pipe = mtpspec.load(model)
+    chat = [{"role": "user", "content": "Name three rivers in Europe and say where they flow."}]
+    first = pipe.generate(chat, chat=True, max_new_tokens=48, ignore_eos=True)
+    assert first.stats.accepted_tokens > 0
+    chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Which is the longest?"}]
+    got = pipe.generate(chat, chat=True, max_new_tokens=48, ignore_eos=True)
+    assert got.stats.cached_prompt_tokens > len(first.prompt_ids) + 24
+    n = len(got.prompt_ids)
+    reused = [t[:, :, :n].clone() for pair in pipe.target.cache for t in pair]
+    pipe.target.prefix_cache = False
+    want = pipe.generate(chat, chat=True, max_new_tokens=48, ignore_eos=True)
+    assert want.stats.cached_prompt_tokens == 0
+    assert got.token_ids == want.token_ids
+    assert all(
+        torch.equal(a, t[:, :, :n])
+        for a, t in zip(reused, (t for pair in pipe.target.cache for t in pair), strict=True)
+    )
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("model", ["gemma3-270m", "smollm2-135m"])
 def test_shipped_drafter_is_exact(model, dtype, gemma_bf16, gemma_fp32):

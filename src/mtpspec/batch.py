@@ -6,7 +6,10 @@ what every active generation needs — the next chunk of a prompt being prefille
 round's last token and drafts — and runs them in one `GgufTarget.forward_many` pass: the weights are
 read once for all rows, and every row's arithmetic is the one it has alone, so each generation's
 output is its solo output bit for bit, whoever shares its steps. Generations join and leave between
-steps; a long prompt is prefilled a chunk per step, so it never stalls the others.
+steps; a long prompt is prefilled a chunk per step, so it never stalls the others. A finished
+generation's sequence keeps its cache: a later prompt that starts with its tokens (a chat's next
+turn, a shared system prompt) takes that sequence and prefills only the rest
+(`GgufTarget.cached_prefix`), with the bits a full prefill gives.
 
 Speculation under load: drafts that pay for themselves alone may not in a batch, where every
 drafted row adds per-row work to a pass that already yields a token for each generation. With
@@ -33,6 +36,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
 from .drafters import Drafter
 from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .target import check_prompt
@@ -49,6 +54,7 @@ class Slot:
     generation: Generation
     target: object  # a GgufTarget fork (or, unbatched, the target itself)
     fed: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of those, the ones an earlier generation on this sequence left there
 
     @property
     def done(self) -> bool:
@@ -186,16 +192,28 @@ class Batch:
         if self.full:
             raise RuntimeError(f"the batch is full ({self.max_batch} generations)")
         check_prompt(len(prompt_ids), self.target.context_window)
-        target = (self._spare.pop() if self._spare else self.target.fork()) if self.batched else self.target
+        target, cached = self._sequence_for(prompt_ids) if self.batched else (self.target, 0)
         generation = Generation(target, self.drafter, prompt_ids, config, result)
         if self.batched:
-            target.reset(generation.capacity)
-        slot = Slot(generation, target)
+            target.reset(generation.capacity, keep=cached)
+        slot = Slot(generation, target, fed=cached, cached=cached)
         self.active.append(slot)
         return slot
 
+    def _sequence_for(self, prompt_ids: list[int]):
+        """A sequence for a new generation, and how much of its prompt that sequence has cached: the
+        spare whose cache holds the longest prefix of the prompt (the oldest spare if none holds
+        any), or a new fork."""
+        if not self._spare:
+            return self.target.fork(), 0
+        ids = torch.tensor(prompt_ids, dtype=torch.long)
+        cached = [spare.cached_prefix(ids) for spare in self._spare]
+        best = max(range(len(cached)), key=cached.__getitem__)
+        return self._spare.pop(best), cached[best]
+
     def remove(self, slot: Slot) -> None:
-        """Drop a generation (finished or cancelled); its sequence's cache is kept for the next one."""
+        """Drop a generation (finished or cancelled); its sequence's cache is kept for the next one,
+        and for prompts that start with its tokens."""
         self.active.remove(slot)
         if self.batched:
             self._spare.append(slot.target)
@@ -241,6 +259,7 @@ class Batch:
                 if slot.fed < slot.generation.n_prompt:
                     continue
                 step = slot.target.last_row(step.hidden)
+                step.cached = slot.cached
             out.append((slot, slot.generation.advance(step)))
         return out
 

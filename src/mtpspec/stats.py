@@ -12,6 +12,7 @@ class Stats:
     draft_s: float = 0.0  # inside the drafter (propose + commit)
     verify_s: float = 0.0  # target forwards over [last, drafts] and the verifier
     generated_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose K/V an earlier generation left (not prefilled again)
     target_forwards: int = 0  # target forward passes after prefill (= verification rounds)
     drafted_tokens: int = 0
     accepted_tokens: int = 0
@@ -64,6 +65,8 @@ class Stats:
 
     def summary(self) -> str:
         line = f"{self.generated_tokens} tokens, {self.tokens_per_s:.1f} tok/s decode, prefill {self.prefill_s * 1000:.0f} ms"
+        if self.cached_prompt_tokens:
+            line += f" ({self.cached_prompt_tokens} prompt tokens cached)"
         if self.drafted_tokens:
             line += f", tau {self.tau:.2f}, acceptance {self.acceptance_rate:.0%}"
         return line

@@ -181,6 +181,8 @@ def build_runners(
 
     methods = list(dict.fromkeys(r.method for r in rows))
     base = load(model, "none", dtype, weights=weights, quantize=quantize)
+    if hasattr(base.target, "prefix_cache"):  # every method prefills the prompts itself, not from another's cache
+        base.target.prefix_cache = False
     runners: dict[Method, Runner] = {}
     hf_model = None
     for m in methods:

@@ -6,6 +6,11 @@ Same contract as the transformers-backed `mtpspec.target.Target` (`start`, `forw
 Exact by construction: every row's arithmetic is independent of the rows it is computed with
 (quant.cpp, the exact attention kernel), so no probe decides how a block runs. A forward may verify a
 draft tree (`parents`, see `mtpspec.tree`); `keep` then commits one of its root-to-node paths.
+
+Prefix caching follows from the same property: a position's K/V depend only on the tokens up to it,
+never on how they were batched or chunked, or on whether they were a prompt's or a generation's. So
+the cache remembers its tokens, and a prompt that starts with them (the next turn of a chat, a
+shared system prompt) keeps their K/V and prefills only the rest, with the bits a full prefill gives.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class TargetStep:
     hidden: torch.Tensor  # [T, H] last layer, after the final norm
     logits: torch.Tensor | None = None  # [T, V]; None when only the greedy tokens were asked for
     best: torch.Tensor | None = None  # [T] int64 argmax of each row's logits, when computed fused
+    cached: int = 0  # a prefill's step: prompt positions whose K/V an earlier request left in the cache
 
     def greedy(self) -> torch.Tensor:  # [T]
         """Each row's most likely next token (the first, on ties)."""
@@ -69,6 +75,7 @@ def needs_new_cache(capacity: int, wanted: int) -> bool:
 
 class GgufTarget:
     exact = True  # by construction; there is no inexact mode
+    prefix_cache = True  # whether a prompt reuses the K/V its cached prefix left (`cached_prefix`)
     supports_trees = True  # forward(..., parents) verifies a draft tree; keep(path) commits a path
     dtype = torch.float32  # activations, K/V and logits
 
@@ -83,6 +90,7 @@ class GgufTarget:
         self.softcap = model.softcap
         self.eos_token_ids = stop_token_ids(tokenizer, generation_config)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ids = torch.zeros(0, dtype=torch.long)  # [capacity]: the token whose K/V each slot holds
         self.capacity = 0
         self._length = 0
         self._block: Block | None = None  # the last forward's rows while they are all cached
@@ -102,20 +110,45 @@ class GgufTarget:
         model can share a pass (`forward_many`)."""
         other = GgufTarget(self.gguf, self.tokenizer)
         other.eos_token_ids = self.eos_token_ids
+        other.prefix_cache = self.prefix_cache
         return other
 
-    def reset(self, capacity: int) -> None:
-        """Empty the cache and make room for `capacity` positions."""
+    def cached_prefix(self, prompt_ids: torch.Tensor) -> int:
+        """How many of the prompt's first positions the cache holds already (the prompt's longest
+        prefix among the cached tokens), leaving at least its last token to run for the logits; 0
+        with `prefix_cache` off. A draft tree's rows not yet kept are no prefix of anything."""
+        pending_tree = self._block is not None and self._block.parents is not None
+        n = min(self._block.start if pending_tree else self._length, prompt_ids.shape[0] - 1)
+        if not self.prefix_cache or n <= 0:
+            return 0
+        same = self.ids[:n] == prompt_ids[:n]
+        return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
+
+    def reset(self, capacity: int, keep: int = 0) -> None:
+        """Make room for `capacity` positions, keeping the first `keep` cached ones (see
+        `cached_prefix`) and forgetting the rest."""
+        if keep > self._length:
+            raise RuntimeError(f"cannot keep {keep} positions, only {self._length} are cached")
         if needs_new_cache(self.capacity, capacity):
+            old, old_ids = self.cache, self.ids
             self._allocate(capacity)
-        self._length = 0
+            if keep:
+                for (keys, values), (old_keys, old_values) in zip(self.cache, old, strict=True):
+                    keys[:, :, :keep] = old_keys[:, :, :keep]
+                    values[:, :, :keep] = old_values[:, :, :keep]
+                self.ids[:keep] = old_ids[:keep]
+        self._length = keep
         self._block = None
 
     def start(self, prompt_ids: torch.Tensor, capacity: int) -> TargetStep:
-        """Reset the cache to hold `capacity` positions and prefill the prompt `[n]`; returns its last row."""
+        """Make room for `capacity` positions and prefill the prompt `[n]`, all but its cached prefix
+        (`cached_prefix`); returns its last row."""
         check_prompt(prompt_ids.shape[0], self.context_window)
-        self.reset(capacity)
-        return self.last_row(self._body(prompt_ids))
+        keep = self.cached_prefix(prompt_ids)
+        self.reset(capacity, keep)
+        step = self.last_row(self._body(prompt_ids[keep:]))
+        step.cached = keep
+        return step
 
     def last_row(self, hidden: torch.Tensor) -> TargetStep:
         """A prefill's step: the last row's hidden state and logits (what `start` returns)."""
@@ -148,8 +181,9 @@ class GgufTarget:
             segments.append(Segment(target.cache, target._length, ids.shape[0], parents))
         hidden = model.forward_segments(torch.cat([call[1] for call in calls]), segments)
         steps = [TargetStep(rows) for rows in hidden.split([s.rows for s in segments])]
-        for (target, *_), s in zip(calls, segments, strict=True):
+        for (target, ids, *_), s in zip(calls, segments, strict=True):
             target._block = Block(s.start, s.rows, s.parents)
+            target.ids[s.start : s.start + s.rows] = ids
             target._length += s.rows
         # One pass over the head for all calls that want logits, one for all that want argmaxes.
         for want, head, field in ((True, model.logits, "logits"), (False, model.greedy, "best")):
@@ -172,6 +206,7 @@ class GgufTarget:
             for keys, values in self.cache:
                 keys[0, :, dest] = keys[0, :, source]
                 values[0, :, dest] = values[0, :, source]
+            self.ids[dest] = self.ids[source]
         self._block = None
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
@@ -201,6 +236,7 @@ class GgufTarget:
     @torch.inference_mode()
     def _body(self, ids: torch.Tensor) -> torch.Tensor:
         hidden = self.gguf.forward(ids, self._length, self.cache)
+        self.ids[self._length : self._length + ids.shape[0]] = ids
         self._block = None  # a prefill is no block to keep a path of
         self._length += ids.shape[0]
         return hidden
@@ -209,4 +245,5 @@ class GgufTarget:
         m = self.gguf
         shape = (1, m.kv_heads, capacity, m.head_dim)
         self.cache = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(self.family.num_cache_layers())]
+        self.ids = torch.zeros(capacity, dtype=torch.long)
         self.capacity = capacity

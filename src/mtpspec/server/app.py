@@ -42,6 +42,8 @@ ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/
 
 def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
     settings = dataclasses.replace(settings, drafter=drafter_name(settings.drafter))
+    if hasattr(pipeline.target, "prefix_cache"):  # the GGUF runtime's; transformers targets cache nothing
+        pipeline.target.prefix_cache = settings.prefix_cache
     metrics = Metrics(settings.model_name, settings.drafter, settings.num_draft_tokens)
     scheduler = Scheduler(
         pipeline.engine,

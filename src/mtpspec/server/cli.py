@@ -69,6 +69,15 @@ def register(subparsers) -> None:
         "--num-draft-tokens (default: auto)",
     )
     p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="prefill every prompt in full. By default a prompt that starts with the tokens of a finished "
+        "request (a chat's next turn, a shared system prompt) keeps their K/V, which that request's batch "
+        "slot still holds, and prefills only the rest: the output is the same bit for bit, the first token "
+        "comes sooner. GGUF runtime only; usage.prompt_tokens_details.cached_tokens counts the reused tokens",
+    )
+    p.add_argument(
         "--default-max-tokens",
         type=int,
         default=ServerSettings.default_max_tokens,
@@ -180,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_batch=args.max_batch,
         batch_speculation=args.batch_speculation,
+        prefix_cache=args.prefix_cache,
         default_max_tokens=args.default_max_tokens,
         max_tokens_cap=args.max_tokens_cap,
         queue_timeout_s=args.queue_timeout or None,

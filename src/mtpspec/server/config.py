@@ -23,6 +23,7 @@ class ServerSettings:
     max_queue: int = 64  # requests that may wait while every slot is busy, before a 503
     max_batch: int = 8  # generations that share each target pass (1 where the target cannot batch)
     batch_speculation: str = "auto"  # draft lengths under load: from measured costs, or always k (batch.py)
+    prefix_cache: bool = True  # a prompt reuses the K/V of its longest prefix a finished request left
     default_max_tokens: int = 256  # for requests that omit max_tokens (capped by the context window)
     max_tokens_cap: int = 4096  # the most tokens one request may ask for: bounds how long it holds the engine
     queue_timeout_s: float | None = 120.0  # a request still queued after this gets a 503; None: no limit

@@ -37,7 +37,10 @@ class Metrics:
             ["endpoint", "outcome"],
             registry=r,
         )
-        self.prompt_tokens = Counter("mtpspec_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("mtpspec_prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "mtpspec_cached_prompt_tokens", "Prompt tokens taken from the prefix cache, not prefilled", registry=r
+        )
         self.generated_tokens = Counter("mtpspec_generated_tokens", "Tokens generated", registry=r)
         self.target_forwards = Counter(
             "mtpspec_target_forwards", "Target forward passes after prefill (one per verification round)", registry=r
@@ -81,6 +84,7 @@ class Metrics:
         """Count one finished (or cancelled, or failed) generation with what it did."""
         self.generations.labels(endpoint, outcome).inc()
         self.prompt_tokens.inc(prompt_tokens)
+        self.cached_prompt_tokens.inc(stats.cached_prompt_tokens)
         self.generated_tokens.inc(stats.generated_tokens)
         self.target_forwards.inc(stats.target_forwards)
         self.drafted.inc(stats.drafted_tokens)

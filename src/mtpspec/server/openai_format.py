@@ -113,7 +113,12 @@ def generation_config(
 
 def usage(result: GenerationResult) -> dict:
     n_prompt, n_out = len(result.prompt_ids), len(result.token_ids)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_out,
+        "total_tokens": n_prompt + n_out,
+        "prompt_tokens_details": {"cached_tokens": result.stats.cached_prompt_tokens},
+    }
 
 
 def spec_stats(result: GenerationResult, settings: ServerSettings) -> dict:

@@ -79,6 +79,17 @@ def register(subparsers) -> None:
         "(default: as many as the level has clients, a fresh start per level)",
     )
     p.add_argument(
+        "--turns",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="1: every request is a new prompt, prefilled in full (both servers' prompt caches off). 2: every "
+        "request is a conversation: after the first turn's answer, its client sends the second turn (the prompt, "
+        "that answer, then the MT-Bench question's second question), with both servers' prefix caches on; the "
+        "report adds the second turns' TTFT and the cached prompt tokens, and every level gets a fresh server "
+        "start (default: 1)",
+    )
+    p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -117,6 +128,7 @@ def cmd_serve(args) -> int:
         max_batch=args.max_batch,
         chat=args.chat,
         serve_args=tuple(args.serve_args.split()),
+        turns=args.turns,
     )
     outcome = run_sweep(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     files = write(outcome)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ class Sample:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens the server reused from an earlier request (llama.cpp reports it)
     text_times_s: list[float] = field(default_factory=list)  # arrival of every chunk that carries text
+    text: str = ""  # what the chunks carried
     latency_s: float = 0.0  # until the stream ended
     tau: float | None = None  # tokens per target forward, where the server reports it (mtpspec)
     error: str | None = None
@@ -66,6 +68,7 @@ def stream_one(client: httpx.Client, url: str, body: dict, sample: Sample) -> Sa
                     raise RuntimeError(str(chunk["error"])[:300])
                 if chunk.get("choices") and chunk["choices"][0].get("text"):
                     sample.text_times_s.append(now)
+                    sample.text += chunk["choices"][0]["text"]
                 if usage := chunk.get("usage"):
                     sample.prompt_tokens = usage.get("prompt_tokens", 0)
                     sample.completion_tokens = usage.get("completion_tokens", 0)
@@ -78,7 +81,10 @@ def stream_one(client: httpx.Client, url: str, body: dict, sample: Sample) -> Sa
     return sample
 
 
-def burst(url: str, bodies: list[list[dict]]) -> tuple[list[Sample], float]:
+Body = dict | Callable[[Sample], dict]  # a request, or one made from the sample of the client's previous request
+
+
+def burst(url: str, bodies: list[list[Body]]) -> tuple[list[Sample], float]:
     """Client i sends the requests `bodies[i]` one after another, every client starting at once.
     Returns every request's sample and the wall time from the start to the last stream's end."""
     clients = len(bodies)
@@ -90,7 +96,11 @@ def burst(url: str, bodies: list[list[dict]]) -> tuple[list[Sample], float]:
 
         def run(i: int) -> list[Sample]:
             start.wait()
-            return [stream_one(http, url, body, Sample(i, j)) for j, body in enumerate(bodies[i])]
+            samples: list[Sample] = []
+            for j, body in enumerate(bodies[i]):
+                body = body(samples[-1]) if callable(body) else body
+                samples.append(stream_one(http, url, body, Sample(i, j)))
+            return samples
 
         with ThreadPoolExecutor(clients) as pool:
             futures = [pool.submit(run, i) for i in range(clients)]

@@ -19,7 +19,9 @@ COLUMNS = """\
   prompts with `--num-prompts`).
 - **× llama.cpp**: output tok/s over llama.cpp's server at the same level on the same prompts.
 - **TTFT**: time to first token, from sending a request to the arrival of the first streamed chunk
-  with text; queueing and prefill included.
+  with text; queueing and prefill included. With `--turns 2`, of first turns; **2nd-turn TTFT** is
+  that of the second turns, and **cached** the prompt tokens the servers took from their prefix
+  caches, over the level's requests.
 - **ITL**: inter-token latency, time per output token after the first, per request:
   (arrival of the last chunk with text − arrival of the first) / (completion tokens − 1). A chunk
   that carries several tokens (a speculative round's accepted tokens) counts them all.
@@ -31,8 +33,10 @@ COLUMNS = """\
 
 Percentiles are nearest-rank over the level's requests (ITL, TTFT, latency) or gaps: with few
 requests, p99 is the largest value. Every request is greedy with `ignore_eos`, so each generates
-exactly `max_tokens` tokens; llama.cpp's requests also send `cache_prompt: false`, so every request
-prefills its whole prompt on every server (mtpspec caches no prompts).
+exactly `max_tokens` tokens. With one turn, every request prefills its whole prompt on every server
+(llama.cpp's requests send `cache_prompt: false`, mtpspec runs with `--no-prefix-cache`). With
+`--turns 2`, a client sends each conversation's second turn (the first's prompt and answer, then
+MT-Bench's second question) after its first, and both servers keep their prefix caches on.
 """
 
 
@@ -65,21 +69,25 @@ def render(outcome: Outcome, env: dict, pngs: list[str]) -> str:
     c = outcome.config
     llama = next((s.label for s in outcome.servers if s.kind == LLAMA_CPP), None)
     slots = f"{c.max_batch} (fixed)" if c.max_batch else "one per client (each level restarts the servers)"
+    if c.max_batch and c.prefix_cache:
+        slots += ", each level on a fresh start"
     lines = [
         f"# Serving benchmark: {c.model}",
         "",
-        f"Concurrency {c.concurrency}; {_requests(c)} streaming request(s) of "
-        f"{c.max_tokens} tokens, greedy, `ignore_eos`; slots (mtpspec `--max-batch`, llama.cpp `n_parallel`): {slots}; "
+        f"Concurrency {c.concurrency}; {_requests(c)} of {c.max_tokens} tokens, greedy, `ignore_eos`; slots (mtpspec `--max-batch`, llama.cpp `n_parallel`): {slots}; "
         f"{c.threads} thread(s) per server. {env['cpu']}, {env['logical_cpus']} logical CPUs; "
         f"mtpspec {env['git_commit'] or 'commit unknown'}; {env['date']}.",
         "",
         "Servers:",
         "",
-        *[f"- {s.label}: {_server_note(s, outcome.server_info.get(s.label, {}))}" for s in outcome.servers],
+        *[
+            f"- {s.label}: {_server_note(s, outcome.server_info.get(s.label, {}), c.prefix_cache)}"
+            for s in outcome.servers
+        ],
     ]
     for ps in outcome.prompt_sets:
         rows = [v for v in outcome.levels if v.prompts == ps.name]
-        lines += ["", f"## Prompts: {_set_title(ps)}", "", *_table(rows, llama)]
+        lines += ["", f"## Prompts: {_set_title(ps)}", "", *_table(rows, llama, c.turns)]
     for png in pngs:
         lines += ["", f"![{png[:-4]}]({png})"]
     lines += ["", "## Columns", "", COLUMNS]
@@ -87,9 +95,10 @@ def render(outcome: Outcome, env: dict, pngs: list[str]) -> str:
 
 
 def _requests(c) -> str:
+    unit = "two-turn conversations (each turn a streaming request)" if c.turns == 2 else "streaming request(s)"
     if c.num_prompts is not None:
-        return f"every level sends the same {c.num_prompts} prompts (client i of C: prompts i, i + C, ...) as"
-    return f"each client sends {c.requests_per_client}"
+        return f"every level sends the same {c.num_prompts} prompts (client i of C: prompts i, i + C, ...) as {unit}"
+    return f"each client sends {c.requests_per_client} {unit}"
 
 
 def _set_title(ps) -> str:
@@ -103,11 +112,12 @@ def _set_title(ps) -> str:
     return f"{ps.name} ({kind}; {template}; mean {n:.0f} tokens)"
 
 
-def _server_note(spec, info: dict) -> str:
+def _server_note(spec, info: dict, prefix_cache: bool) -> str:
     if spec.kind == LLAMA_CPP:
         return (
             f"xllamacpp {info.get('version')} (prebuilt llama.cpp; `{info.get('system_info', '').strip()}`), "
-            f"{info.get('n_ctx', 0) // max(info.get('n_parallel', 1), 1)} context tokens per slot; prompt caching off per request"
+            f"{info.get('n_ctx', 0) // max(info.get('n_parallel', 1), 1)} context tokens per slot; "
+            f"prompt caching {'on' if prefix_cache else 'off'} per request"
         )
     if spec.drafter is not None:
         return (
@@ -116,15 +126,18 @@ def _server_note(spec, info: dict) -> str:
     return f"started elsewhere; measured as it is ({info.get('drafter', 'its own settings')})"
 
 
-def _table(rows: list[Level], llama_label: str | None) -> list[str]:
+def _table(rows: list[Level], llama_label: str | None, turns: int = 1) -> list[str]:
     single = {v.server: v.throughput_tok_s for v in rows if v.concurrency == 1}
     llama = {v.concurrency: v.throughput_tok_s for v in rows if v.server == llama_label}
+    second = turns > 1
     head = (
         "| server | clients | slots | output tok/s | × 1 client | × llama.cpp | TTFT p50 (s) | TTFT p99 (s) "
-        "| ITL p50 (ms) | ITL p99 (ms) | gap p99 (ms) | latency p50 (s) | prompt tokens | τ | errors |"
+        + ("| 2nd-turn TTFT p50 (s) | 2nd-turn TTFT p99 (s) | cached " if second else "")
+        + "| ITL p50 (ms) | ITL p99 (ms) | gap p99 (ms) | latency p50 (s) | prompt tokens | τ | errors |"
     )
-    out = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    out = [head, "|---" + "|--:" * (head.count("|") - 2) + "|"]
     for v in rows:
+        extra = [_num(v.second_ttft_p50_s, 2), _num(v.second_ttft_p99_s, 2), v.cached_prompt_tokens] if second else []
         cells = [
             v.server,
             v.concurrency,
@@ -134,6 +147,7 @@ def _table(rows: list[Level], llama_label: str | None) -> list[str]:
             "" if v.server == llama_label else _ratio(v.throughput_tok_s, llama.get(v.concurrency)),
             _num(v.ttft_p50_s, 2),
             _num(v.ttft_p99_s, 2),
+            *extra,
             _num(v.itl_p50_ms, 1),
             _num(v.itl_p99_ms, 1),
             _num(v.gap_p99_ms, 1),
@@ -150,7 +164,7 @@ def _errors(v: Level) -> str:
     notes = [f"{v.errors} failed"] if v.errors else []
     if v.completion_tokens != v.expected_tokens:
         notes.append(f"{v.completion_tokens}/{v.expected_tokens} tokens")
-    if v.cached_prompt_tokens:
+    if v.cached_prompt_tokens and v.second_ttft_p50_s is None:  # one turn: every prompt was to be prefilled
         notes.append(f"{v.cached_prompt_tokens} prompt tokens cached")
     return "; ".join(notes) or "0"
 
@@ -199,6 +213,14 @@ def write_plots(out: Path, levels: list[Level]) -> list[str]:
                     color=color[s],
                     label=f"{s} p99",
                 )
+                if metric == "ttft" and series(ps, s, "second_ttft_p50_s")[0]:
+                    ax.plot(
+                        *series(ps, s, "second_ttft_p50_s"),
+                        marker="s",
+                        linestyle=":",
+                        color=color[s],
+                        label=f"{s} 2nd turn p50",
+                    )
             ax.set(
                 title=_plot_title(metric.upper(), ps),
                 xlabel="concurrent clients",

@@ -42,10 +42,11 @@ class ServerSpec:
     url: str | None = None  # URL: a server someone else started
     extra_args: tuple[str, ...] = ()  # mtpspec: further `mtpspec serve` flags
 
-    def request_extras(self) -> dict:
-        """Request fields this server needs for a fair run besides the common ones."""
-        # llama.cpp reuses a slot's cached prompt prefix unless told not to; mtpspec caches none.
-        return {"cache_prompt": False} if self.kind == LLAMA_CPP else {}
+    def request_extras(self, prefix_cache: bool) -> dict:
+        """Request fields this server needs for a fair run besides the common ones: llama.cpp reuses a
+        slot's cached prompt prefix unless told not to (as mtpspec does unless started with
+        --no-prefix-cache), and both must cache or neither."""
+        return {"cache_prompt": prefix_cache} if self.kind == LLAMA_CPP else {}
 
 
 @dataclass
@@ -113,13 +114,17 @@ class Child:
 
 
 @contextlib.contextmanager
-def started(spec: ServerSpec, model: str, slots: int, threads: int, ctx_per_slot: int, log: Path) -> Iterator[Running]:
-    """The server of `spec`, up with `slots` sequences decoded together, for the `with` block."""
+def started(
+    spec: ServerSpec, model: str, slots: int, threads: int, ctx_per_slot: int, log: Path, prefix_cache: bool = False
+) -> Iterator[Running]:
+    """The server of `spec`, up with `slots` sequences decoded together (and mtpspec's prefix cache on
+    or off), for the `with` block."""
     if spec.kind == URL:
         yield _describe(spec.url, None)
     elif spec.kind == MTPSPEC:
         cmd = [sys.executable, "-m", "mtpspec.cli", "serve", "--model", model, "--drafter", spec.drafter, "--port", "0"]
         cmd += ["--threads", str(threads), "--max-batch", str(slots), "--log-level", "warning"]
+        cmd += [] if prefix_cache else ["--no-prefix-cache"]
         cmd += ["--max-queue", "1024", *spec.extra_args]  # room for every client when a level outnumbers the slots
         with Child(cmd, MTPSPEC_READY, log) as ready:
             yield _describe(ready.group(1), model)

@@ -7,6 +7,12 @@ prompts i, i + C, ... (so every level does the same work). Servers the benchmark
 slots as the level has clients (`max_batch` None), or a fixed number; a server is started once per
 slot count, and after each start a warm-up burst (one request per slot, 4 tokens, prompts the
 measured bursts do not use) keeps lazy initialisation out of the numbers.
+
+Every server prefills every prompt in full (llama.cpp's `cache_prompt` off, mtpspec's
+`--no-prefix-cache`), except with `turns` 2: each request is then a conversation, its second
+request the first's prompt, its answer and a follow-up question, and servers keep their prefix
+caches on, since reusing the conversation so far is what a second turn measures; each level gets
+its own server start, so that no level finds another's prompts cached.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from statistics import mean
 
 from ...errors import MtpspecError
 from ...models import gguf_file
-from .client import Sample, burst
-from .prompts import PromptSet, build, load_tokenizer, parse_specs
+from .client import Body, Sample, burst
+from .prompts import PromptSet, build, load_tokenizer, parse_specs, second_turn
 from .servers import LLAMA_CPP, MTPSPEC, URL, Running, ServerSpec, check_xllamacpp, llama_cpp_label, started
 
 WARMUP_TOKENS = 4
@@ -44,6 +50,12 @@ class SweepConfig:
     max_batch: int | None = None  # slots of the servers started here; None: the level's client count
     chat: bool | None = None  # None: the chat template where the model ships one
     serve_args: tuple[str, ...] = ()  # further `mtpspec serve` flags
+    turns: int = 1  # requests per conversation: 2 sends each prompt's second turn after its first
+
+    @property
+    def prefix_cache(self) -> bool:
+        """Whether the servers keep prompt prefixes cached (only where second turns reuse the first)."""
+        return self.turns > 1
 
 
 @dataclass
@@ -59,10 +71,10 @@ class Level:
     completion_tokens: int
     expected_tokens: int  # successful requests × max_tokens: what `ignore_eos` asks of them
     prompt_tokens_mean: float
-    cached_prompt_tokens: int  # should be 0: every request prefills its whole prompt
+    cached_prompt_tokens: int  # taken from the server's prefix cache: 0 unless turns is 2
     wall_s: float
     throughput_tok_s: float  # completion tokens of the whole burst / its wall time
-    ttft_p50_s: float | None
+    ttft_p50_s: float | None  # of first turns
     ttft_p99_s: float | None
     itl_p50_ms: float | None
     itl_p99_ms: float | None
@@ -70,6 +82,8 @@ class Level:
     latency_p50_s: float | None
     latency_p99_s: float | None
     tau: float | None  # mean over requests, where the server reports it
+    second_ttft_p50_s: float | None = None  # of second turns (turns 2)
+    second_ttft_p99_s: float | None = None
 
 
 @dataclass
@@ -126,39 +140,54 @@ def run_sweep(config: SweepConfig, progress: Callable[[str], None] = lambda line
         )
     if config.max_batch is not None and config.max_batch < 1:
         raise MtpspecError(f"--max-batch must be at least 1, got {config.max_batch}")
+    if config.turns not in (1, 2):
+        raise MtpspecError(f"--turns is 1 or 2 (MT-Bench's conversations have two turns), not {config.turns}")
     servers = server_specs(config)
     tokenizer = load_tokenizer(config.model)
     measured = max(per_level(config, c) for c in levels)  # prompts 0 .. measured - 1; warm-ups use the next ones
     sets = [build(s, tokenizer, measured + max(levels), config.chat) for s in specs]
     longest = max(len(p) for s in sets for p in s.prompts)
+    if (
+        config.turns > 1
+    ):  # a second turn holds the first's answer, its follow-up (and the template's turns), then its own
+        follow_up = max(len(tokenizer(f, add_special_tokens=False).input_ids) for s in sets for f in s.follow_ups)
+        longest += config.max_tokens + follow_up + 32
     ctx_per_slot = 256 * math.ceil((longest + config.max_tokens + 16) / 256)
     outcome = Outcome(config, servers, sets, [], [])
     for spec in servers:
-        for slots, group in _starts(spec, levels, config.max_batch):
-            log = config.out / "logs" / f"{_slug(spec.label)}{f'-slots{slots}' if slots else ''}.log"
-            with started(spec, config.model, slots or 1, config.threads, ctx_per_slot, log) as running:
+        for slots, group in _starts(spec, levels, config.max_batch, config.prefix_cache):
+            name = _slug(spec.label) + (f"-slots{slots}" if slots else "")
+            if len(group) == 1 and slots != group[0]:  # one start per level at a fixed slot count
+                name += f"-clients{group[0]}"
+            log = config.out / "logs" / f"{name}.log"
+            with started(
+                spec, config.model, slots or 1, config.threads, ctx_per_slot, log, config.prefix_cache
+            ) as running:
                 outcome.server_info[spec.label] = running.info
                 for ps in sets:
                     warm = ps.take(measured, slots or max(levels))
-                    burst(running.url, [[_body(running, spec, p, WARMUP_TOKENS)] for p in warm])
+                    burst(running.url, [[_body(running, spec, p, WARMUP_TOKENS, config)] for p in warm])
                     for clients in group:
-                        level, samples = _measure(config, spec, running, ps, clients, slots)
+                        level, samples = _measure(config, spec, running, ps, clients, slots, tokenizer)
                         outcome.levels.append(level)
                         outcome.samples += samples
                         progress(_line(level))
     return outcome
 
 
-def _starts(spec: ServerSpec, levels: list[int], max_batch: int | None) -> list[tuple[int | None, list[int]]]:
-    """(slots, the levels measured on one start with that many slots) for each start of `spec`."""
+def _starts(
+    spec: ServerSpec, levels: list[int], max_batch: int | None, start_per_level: bool = False
+) -> list[tuple[int | None, list[int]]]:
+    """(slots, the levels measured on one start with that many slots) for each start of `spec`;
+    `start_per_level`: a start for every level, whatever the slots."""
     if spec.kind == URL:
         return [(None, levels)]
     if max_batch is not None:
-        return [(max_batch, levels)]
+        return [(max_batch, [c]) for c in levels] if start_per_level else [(max_batch, levels)]
     return [(c, [c]) for c in levels]
 
 
-def _body(running: Running, spec: ServerSpec, prompt: list[int], max_tokens: int) -> dict:
+def _body(running: Running, spec: ServerSpec, prompt: list[int], max_tokens: int, config: SweepConfig) -> dict:
     return {
         "model": running.model,
         "prompt": prompt,
@@ -167,30 +196,50 @@ def _body(running: Running, spec: ServerSpec, prompt: list[int], max_tokens: int
         "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
-        **spec.request_extras(),
+        **spec.request_extras(config.prefix_cache),
     }
 
 
 def per_level(config: SweepConfig, clients: int) -> int:
-    """Requests a level of `clients` sends."""
+    """Conversations a level of `clients` has (requests, with one turn)."""
     return config.num_prompts if config.num_prompts is not None else clients * config.requests_per_client
 
 
-def _measure(config, spec, running, ps: PromptSet, clients: int, slots: int | None) -> tuple[Level, list[dict]]:
-    prompts = ps.take(0, per_level(config, clients))
-    bodies = [[_body(running, spec, p, config.max_tokens) for p in prompts[i::clients]] for i in range(clients)]
+def _measure(
+    config, spec, running, ps: PromptSet, clients: int, slots: int | None, tokenizer
+) -> tuple[Level, list[dict]]:
+    def conversation(i: int) -> list[Body]:
+        first = _body(running, spec, ps.prompts[i], config.max_tokens, config)
+        if config.turns == 1:
+            return [first]
+        return [
+            first,
+            lambda prev: _body(running, spec, second_turn(tokenizer, ps, i, prev.text), config.max_tokens, config),
+        ]
+
+    chats = ps.indices(0, per_level(config, clients))
+    bodies = [[body for i in chats[c::clients] for body in conversation(i)] for c in range(clients)]
     samples, wall = burst(running.url, bodies)
-    level = summarize(spec.label, ps.name, clients, slots, samples, wall, config.max_tokens)
+    level = summarize(spec.label, ps.name, clients, slots, samples, wall, config.max_tokens, config.turns)
     keys = {"server": spec.label, "prompts": ps.name, "concurrency": clients}
-    return level, [{**keys, **_sample_dict(s)} for s in samples]
+    return level, [{**keys, "turn": s.request % config.turns + 1, **_sample_dict(s)} for s in samples]
 
 
 def summarize(
-    server: str, prompts: str, clients: int, slots: int | None, samples: list[Sample], wall: float, max_tokens: int
+    server: str,
+    prompts: str,
+    clients: int,
+    slots: int | None,
+    samples: list[Sample],
+    wall: float,
+    max_tokens: int,
+    turns: int = 1,
 ) -> Level:
+    """One level's figures; with `turns` 2, a client's requests alternate first and second turns."""
     ok = [s for s in samples if s.error is None]
     tokens = sum(s.completion_tokens for s in ok)
-    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None and s.request % turns == 0]
+    second = [s.ttft_s for s in ok if s.ttft_s is not None and s.request % turns == 1]
     itl = [s.itl_s for s in ok if s.itl_s is not None]
     gaps = [g for s in ok for g in s.gaps_s]
     taus = [s.tau for s in ok if s.tau is not None]
@@ -215,6 +264,8 @@ def summarize(
         latency_p50_s=_round(percentile([s.latency_s for s in ok], 50), 3),
         latency_p99_s=_round(percentile([s.latency_s for s in ok], 99), 3),
         tau=round(mean(taus), 3) if taus else None,
+        second_ttft_p50_s=_round(percentile(second, 50), 3),
+        second_ttft_p99_s=_round(percentile(second, 99), 3),
     )
 
 
@@ -255,6 +306,11 @@ def _line(v: Level) -> str:
         f"{v.server} | prompts {v.prompts} | {v.concurrency} clients: {v.throughput_tok_s} tok/s, "
         f"TTFT p50/p99 {num(v.ttft_p50_s)}/{num(v.ttft_p99_s)} s, ITL p50/p99 {num(v.itl_p50_ms)}/{num(v.itl_p99_ms)} ms"
         + (f", τ {v.tau}" if v.tau is not None else "")
+        + (
+            f", 2nd-turn TTFT p50/p99 {v.second_ttft_p50_s}/{v.second_ttft_p99_s} s, {v.cached_prompt_tokens} cached"
+            if v.second_ttft_p50_s is not None
+            else ""
+        )
         + errors
     )
 

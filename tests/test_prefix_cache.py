@@ -1,0 +1,160 @@
+"""Prefix caching: a prompt that starts with a sequence's cached tokens keeps their K/V and prefills
+only the rest, and gets the bits a fresh target gives it, whatever left those K/V there (a prefill,
+verified drafts, a kept tree path) and whichever sequence of a batch holds them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtpspec
+from mtpspec.api import generation_config, load_gguf
+from mtpspec.batch import Batch
+from mtpspec.mtp import init_drafter, save_drafter
+
+FIRST = ["the cat sat on the mat, and the dog sat on the log; the cat", "one two three four five six seven"]
+
+
+@pytest.fixture(scope="module", params=["tiny_llama_gguf", "tiny_gemma3_gguf"])
+def gguf(request):
+    """A llama, and a Gemma 3 whose sliding window (8) is far shorter than the reused prefixes."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def drafter(gguf, tmp_path_factory):
+    """An untrained MTP drafter with lookup: drafts that are sometimes right, as chains or trees."""
+    path = tmp_path_factory.mktemp("drafter") / "random"
+    save_drafter(init_drafter(load_gguf(gguf), num_layers=1, num_centroids=64, centroid_top_k=4), path)
+    return f"hybrid:{path}"
+
+
+def pipeline(gguf, drafter, prefix_cache: bool = True) -> mtpspec.Pipeline:
+    target = load_gguf(gguf)
+    target.prefix_cache = prefix_cache
+    return mtpspec.Pipeline(target, drafter)
+
+
+def run(pipe: mtpspec.Pipeline, ids: list[int], **options) -> mtpspec.GenerationResult:
+    result = mtpspec.GenerationResult(list(ids))
+    for _ in pipe.engine.stream(ids, generation_config(**options), result):
+        pass
+    return result
+
+
+def next_turn(pipe, first: mtpspec.GenerationResult, text: str) -> list[int]:
+    """The first prompt, its answer and more: a chat's next turn."""
+    return first.prompt_ids + first.token_ids + pipe.encode(text)[1:]
+
+
+def cache_bits(target, n: int) -> list[torch.Tensor]:
+    return [t[:, :, :n] for pair in target.cache for t in pair]
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_a_next_turn_reuses_the_last_and_gets_the_bits_of_a_fresh_prefill(gguf, drafter, branches):
+    """The answer's K/V came from verified draft blocks (with branches=2, tree paths moved into place)
+    and the prompt's from a prefill; yet after the next turn the cache, the answer and the statistics'
+    first token equal a target's that prefilled the whole prompt."""
+    pipe, ref = pipeline(gguf, drafter), pipeline(gguf, drafter, prefix_cache=False)
+    options = dict(max_new_tokens=24, ignore_eos=True, num_draft_tokens=4, branches=branches)
+    first = run(pipe, pipe.encode(FIRST[0]), **options)
+    assert first.stats.cached_prompt_tokens == 0 and first.stats.accepted_tokens > 0
+    ids = next_turn(pipe, first, " and then")
+    got, want = run(pipe, ids, **options), run(ref, ids, **options)
+    # All of the first turn but its last token, which no forward ran (it was the last round's own).
+    assert got.stats.cached_prompt_tokens >= len(first.prompt_ids) + len(first.token_ids) - 1
+    assert want.stats.cached_prompt_tokens == 0
+    assert got.token_ids == want.token_ids and got.text == want.text
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(cache_bits(pipe.target, len(ids)), cache_bits(ref.target, len(ids)), strict=True)
+    )
+    # Back to the first prompt: its prefix is still cached (no new cache is allocated this time).
+    again = run(pipe, first.prompt_ids, **options)
+    assert again.stats.cached_prompt_tokens == len(first.prompt_ids) - 1
+    assert again.token_ids == first.token_ids
+
+
+def test_batched_next_turns_find_the_slot_that_holds_their_prefix(gguf, drafter):
+    """Two conversations through two slots: each next turn takes the slot with its own first turn
+    (not the one popped last), reuses it, and equals its solo output on a target without the cache."""
+    pipe, ref = pipeline(gguf, drafter), pipeline(gguf, drafter, prefix_cache=False)
+    options = generation_config(max_new_tokens=16, ignore_eos=True)
+    batch = Batch(pipe.target, pipe.engine.drafter, max_batch=2, prefill_chunk=5)
+
+    def through_batch(prompts: list[list[int]]) -> list[tuple]:
+        slots = [batch.add(ids, options) for ids in prompts]
+        while any(not s.done for s in slots):
+            batch.step()
+        for slot in slots:
+            batch.remove(slot)
+        return [(s.result, s.target, s.cached) for s in slots]
+
+    firsts = through_batch([pipe.encode(text) for text in FIRST])
+    assert all(cached == 0 for _, _, cached in firsts)
+    # Second turns in the other order: the spare popped last holds the other conversation.
+    seconds = through_batch([next_turn(pipe, firsts[i][0], " again") for i in (1, 0)])
+    for (result, target, cached), i in zip(seconds, (1, 0), strict=True):
+        first, first_target, _ = firsts[i]
+        assert target is first_target
+        assert cached >= len(first.prompt_ids) + len(first.token_ids) - 1
+        assert result.stats.cached_prompt_tokens == cached
+        assert result.token_ids == run(ref, result.prompt_ids, max_new_tokens=16, ignore_eos=True).token_ids
+
+
+def test_what_counts_as_cached(tiny_llama_gguf):
+    """Only the common prefix, never the prompt's last token, never a draft tree's rows before one
+    of their paths is kept, and nothing with the cache off."""
+    target = load_gguf(tiny_llama_gguf)
+    ids = torch.arange(10, 30)
+    target.start(ids[:12], capacity=32)
+    assert target.cached_prefix(ids) == 12
+    assert target.cached_prefix(ids[:12]) == 11  # the last prompt row runs again, for its logits
+    assert target.cached_prefix(torch.cat([ids[:5], ids[:7]])) == 5
+    assert target.cached_prefix(ids[1:]) == 0
+    target.forward(ids[12:16], logits=False, parents=torch.tensor([-1, 0, 0, 1]))
+    assert target.cached_prefix(ids) == 12  # the tree's rows are no prefix yet
+    target.keep([0, 1, 3])
+    assert target.cached_prefix(torch.cat([ids[:13], ids[13:14], ids[15:16], ids[:3]])) == 15
+    target.prefix_cache = False
+    assert target.cached_prefix(ids) == 0
+    assert target.fork().prefix_cache is False
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_a_chat_next_turn_over_http_reports_its_cached_tokens(tiny_llama_gguf, prefix_cache):
+    """The official client's `usage.prompt_tokens_details.cached_tokens`, and /metrics: a chat's second
+    turn reuses at least the first turn's prompt, and its answer is the one plain decoding gives."""
+    import openai
+
+    from mtpspec.server.app import create_app
+    from mtpspec.server.config import ServerSettings
+    from mtpspec.server.runner import BackgroundServer
+    from test_server import metric, scrape
+
+    ref = pipeline(tiny_llama_gguf, "none", prefix_cache=False)
+    settings = ServerSettings(model_name="tiny", drafter="ngram", prefix_cache=prefix_cache)
+    with BackgroundServer(create_app(mtpspec.api.load(str(tiny_llama_gguf), "ngram"), settings)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        messages = [{"role": "user", "content": FIRST[0]}]
+        options = dict(model="tiny", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        one = client.chat.completions.create(messages=messages, **options)
+        messages += [
+            {"role": "assistant", "content": one.choices[0].message.content},
+            {"role": "user", "content": "and?"},
+        ]
+        before = scrape(url)
+        two = client.chat.completions.create(messages=messages, **options)
+        cached = metric(scrape(url), "mtpspec_cached_prompt_tokens_total") - metric(
+            before, "mtpspec_cached_prompt_tokens_total"
+        )
+    assert one.usage.prompt_tokens_details.cached_tokens == 0
+    got = two.usage.prompt_tokens_details.cached_tokens
+    assert cached == got
+    if prefix_cache:
+        assert one.usage.prompt_tokens <= got < two.usage.prompt_tokens
+    else:
+        assert got == 0
+    want = ref.generate(messages, chat=True, max_new_tokens=12, ignore_eos=True)
+    assert two.choices[0].message.content == want.text
