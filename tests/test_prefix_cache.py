@@ -9,7 +9,7 @@ import torch
 
 import mtpspec
 from mtpspec.api import generation_config, load_gguf
-from mtpspec.batch import Batch
+from mtpspec.batch import PREFIX_CACHE_MB, Batch
 from mtpspec.mtp import init_drafter, save_drafter
 
 FIRST = ["the cat sat on the mat, and the dog sat on the log; the cat", "one two three four five six seven"]
@@ -103,6 +103,38 @@ def test_batched_next_turns_find_the_slot_that_holds_their_prefix(gguf, drafter)
         assert result.token_ids == run(ref, result.prompt_ids, max_new_tokens=16, ignore_eos=True).token_ids
 
 
+def test_idle_caches_outlive_the_slots_within_their_budget(tiny_llama_gguf):
+    """One slot, two conversations taking turns (A, B, then A's second turn): with room for idle
+    caches, A's second turn still finds its first after B's ran; with none, B took A's sequence.
+    Beyond the budget the least recently used idle cache goes; a failed generation's is forgotten."""
+    pipe = pipeline(tiny_llama_gguf, "none")
+    options = generation_config(max_new_tokens=6, ignore_eos=True)
+
+    def one_at_a_time(prefix_cache_mb=PREFIX_CACHE_MB, keep_cache=True) -> tuple[Batch, list[int]]:
+        batch = Batch(pipe.target, pipe.engine.drafter, max_batch=1, prefix_cache_mb=prefix_cache_mb)
+        first_a = None
+        cached = []
+        for ids in (pipe.encode(FIRST[0]), pipe.encode(FIRST[1]), None):
+            slot = batch.add(ids or next_turn(pipe, first_a, " more"), options)
+            while not slot.done:
+                batch.step()
+            batch.remove(slot, keep_cache)
+            first_a = first_a or slot.result
+            cached.append(slot.cached)
+        return batch, cached
+
+    roomy, cached = one_at_a_time()
+    assert cached[:2] == [0, 0] and cached[2] > len(pipe.encode(FIRST[0]))
+    sizes = [s.cache_bytes for s in roomy._idle]  # B's sequence, then A's (used last)
+    assert len(sizes) == 2 and roomy.idle_cache_bytes == sum(sizes) > 0
+    assert one_at_a_time(prefix_cache_mb=0)[1] == [0, 0, 0]
+    tight, cached = one_at_a_time(prefix_cache_mb=(max(sizes) + 1) / 2**20)  # room for one cache, not two
+    assert cached == [0, 0, 0] and len(tight._idle) == 1
+    assert one_at_a_time(keep_cache=False)[1] == [0, 0, 0]
+    with pytest.raises(ValueError, match="prefix_cache_mb"):
+        Batch(pipe.target, pipe.engine.drafter, prefix_cache_mb=-1)
+
+
 def test_what_counts_as_cached(tiny_llama_gguf):
     """Only the common prefix, never the prompt's last token, never a draft tree's rows before one
     of their paths is kept, and nothing with the cache off."""
@@ -146,9 +178,11 @@ def test_a_chat_next_turn_over_http_reports_its_cached_tokens(tiny_llama_gguf, p
         ]
         before = scrape(url)
         two = client.chat.completions.create(messages=messages, **options)
-        cached = metric(scrape(url), "mtpspec_cached_prompt_tokens_total") - metric(
+        after = scrape(url)
+        cached = metric(after, "mtpspec_cached_prompt_tokens_total") - metric(
             before, "mtpspec_cached_prompt_tokens_total"
         )
+        assert metric(after, "mtpspec_prefix_cache_bytes") > 0
     assert one.usage.prompt_tokens_details.cached_tokens == 0
     got = two.usage.prompt_tokens_details.cached_tokens
     assert cached == got

@@ -326,6 +326,7 @@ def test_serve_flags_end_to_end(tiny_dirs):
         (["--max-tokens-cap", "100", "--default-max-tokens", "200"], "--max-tokens-cap"),
         (["--queue-timeout", "-1"], "--queue-timeout"),
         (["--shutdown-timeout", "nan"], "--shutdown-timeout"),
+        (["--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     ],
 )
 def test_bad_serve_flags_fail_before_the_model_loads(flags, message, capsys):

@@ -6,10 +6,13 @@ what every active generation needs — the next chunk of a prompt being prefille
 round's last token and drafts — and runs them in one `GgufTarget.forward_many` pass: the weights are
 read once for all rows, and every row's arithmetic is the one it has alone, so each generation's
 output is its solo output bit for bit, whoever shares its steps. Generations join and leave between
-steps; a long prompt is prefilled a chunk per step, so it never stalls the others. A finished
-generation's sequence keeps its cache: a later prompt that starts with its tokens (a chat's next
-turn, a shared system prompt) takes that sequence and prefills only the rest
-(`GgufTarget.cached_prefix`), with the bits a full prefill gives.
+steps; a long prompt is prefilled a chunk per step, so it never stalls the others.
+
+Prefix caching: a finished generation's sequence stays idle with its cache, up to `prefix_cache_mb`
+of idle caches (the least recently used go first). A later prompt that starts with its tokens (a
+chat's next turn, a shared system prompt) takes that sequence and prefills only the rest
+(`GgufTarget.cached_prefix`), with the bits a full prefill gives; a prompt that none holds takes a
+new sequence while the idle ones fit the budget, else the least recently used one.
 
 Speculation under load: drafts that pay for themselves alone may not in a batch, where every
 drafted row adds per-row work to a pass that already yields a token for each generation. With
@@ -43,6 +46,7 @@ from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .target import check_prompt
 
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
+PREFIX_CACHE_MB = 1024  # memory for idle sequences' caches, kept for the prompts that start with their tokens
 PROBE_EVERY = 8  # a lone generation the cost rule keeps from drafting drafts one token every this many rounds
 SPECULATION = ("auto", "fixed")  # draft lengths under load: chosen from measured costs, or always k
 
@@ -171,9 +175,12 @@ class Batch:
         max_batch: int = 8,
         prefill_chunk: int = PREFILL_CHUNK,
         speculation: str = "auto",
+        prefix_cache_mb: float = PREFIX_CACHE_MB,
     ):
         if speculation not in SPECULATION:
             raise ValueError(f"speculation must be one of {SPECULATION}, not {speculation!r}")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, not {prefix_cache_mb}")
         self.target, self.drafter = target, drafter
         self.batched = batchable(target, drafter)
         self.max_batch = max_batch if self.batched else 1
@@ -181,7 +188,8 @@ class Batch:
         self.speculation = speculation
         self.costs = StepCosts()
         self.active: list[Slot] = []
-        self._spare: list = []  # forks whose caches wait for the next generation
+        self.prefix_cache_bytes = prefix_cache_mb * 2**20
+        self._idle: list = []  # forks no generation runs on, least recently used first, with their caches
 
     @property
     def full(self) -> bool:
@@ -200,23 +208,39 @@ class Batch:
         self.active.append(slot)
         return slot
 
+    @property
+    def idle_cache_bytes(self) -> int:
+        """Memory the idle sequences' caches take."""
+        return sum(s.cache_bytes for s in self._idle)
+
     def _sequence_for(self, prompt_ids: list[int]):
         """A sequence for a new generation, and how much of its prompt that sequence has cached: the
-        spare whose cache holds the longest prefix of the prompt (the oldest spare if none holds
-        any), or a new fork."""
-        if not self._spare:
-            return self.target.fork(), 0
-        ids = torch.tensor(prompt_ids, dtype=torch.long)
-        cached = [spare.cached_prefix(ids) for spare in self._spare]
-        best = max(range(len(cached)), key=cached.__getitem__)
-        return self._spare.pop(best), cached[best]
+        idle one whose cache holds the longest prefix of the prompt; if none holds any, a new fork
+        while the idle caches fit the budget (the least recently used idle one otherwise, or always
+        with the prefix cache off)."""
+        caching = self.target.prefix_cache
+        if self._idle and caching:
+            ids = torch.tensor(prompt_ids, dtype=torch.long)
+            cached = [s.cached_prefix(ids) for s in self._idle]
+            best = max(range(len(cached)), key=cached.__getitem__)
+            if cached[best]:
+                return self._idle.pop(best), cached[best]
+        if self._idle and (not caching or self.idle_cache_bytes >= self.prefix_cache_bytes):
+            return self._idle.pop(0), 0
+        return self.target.fork(), 0
 
-    def remove(self, slot: Slot) -> None:
-        """Drop a generation (finished or cancelled); its sequence's cache is kept for the next one,
-        and for prompts that start with its tokens."""
+    def remove(self, slot: Slot, keep_cache: bool = True) -> None:
+        """Drop a generation (finished, cancelled or failed); its sequence stays idle with its cache
+        for prompts that start with its tokens (`keep_cache` False: with none of them, as after a
+        failed step), the least recently used idle ones going beyond the budget (the last one stays,
+        for the next generation)."""
         self.active.remove(slot)
         if self.batched:
-            self._spare.append(slot.target)
+            if not keep_cache:
+                slot.target.reset(slot.target.capacity)
+            self._idle.append(slot.target)
+            while len(self._idle) > 1 and self.idle_cache_bytes > self.prefix_cache_bytes:
+                del self._idle[0]
 
     def step(self) -> list[tuple[Slot, Chunk]]:
         """One pass for every active generation; the chunks it decided. Finished generations stay
@@ -279,11 +303,12 @@ def as_finished(
     max_batch: int = 8,
     speculation: str = "auto",
     until: Callable[[int, GenerationResult], bool] | None = None,
+    prefix_cache_mb: float = PREFIX_CACHE_MB,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """(index, result) for every prompt as its generation finishes, `max_batch` at a time, the next
     prompt joining as one finishes. `until(index, result)`, asked after every step, ends a
     generation early."""
-    batch = Batch(target, drafter, max_batch, speculation=speculation)
+    batch = Batch(target, drafter, max_batch, speculation=speculation, prefix_cache_mb=prefix_cache_mb)
     waiting = list(range(len(prompts)))[::-1]
     index: dict[Slot, int] = {}
     while waiting or batch.active:

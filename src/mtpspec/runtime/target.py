@@ -101,6 +101,11 @@ class GgufTarget:
         return self._length
 
     @property
+    def cache_bytes(self) -> int:
+        """Memory the cache's keys and values take."""
+        return sum(t.numel() * t.element_size() for pair in self.cache for t in pair)
+
+    @property
     def output_embedding(self) -> QMatrix:
         """The output head `[V, H]` (tied to the input embedding where the model ties them)."""
         return self.gguf.head

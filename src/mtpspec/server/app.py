@@ -52,6 +52,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         settings.max_batch,
         settings.batch_speculation,
         settings.queue_timeout_s,
+        settings.prefix_cache_mb,
     )
 
     @asynccontextmanager

@@ -78,6 +78,15 @@ def register(subparsers) -> None:
         "comes sooner. GGUF runtime only; usage.prompt_tokens_details.cached_tokens counts the reused tokens",
     )
     p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=ServerSettings.prefix_cache_mb,
+        metavar="MB",
+        help="memory for the caches of finished requests, kept for prompts that start with their tokens; beyond "
+        "it the least recently used go. A request whose prompt none of them holds takes a new cache while they fit, "
+        f"else the least recently used one (default: {ServerSettings.prefix_cache_mb:.0f})",
+    )
+    p.add_argument(
         "--default-max-tokens",
         type=int,
         default=ServerSettings.default_max_tokens,
@@ -160,6 +169,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag in ("queue_timeout", "shutdown_timeout"):
         if not getattr(args, flag) >= 0:
             raise MtpspecError(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag)}")
+    if not args.prefix_cache_mb >= 0:
+        raise MtpspecError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
     # Reject a bad K or B before the model loads.
     api.generation_config(num_draft_tokens=args.num_draft_tokens, branches=args.draft_branches)
     from .app import create_app
@@ -190,6 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         batch_speculation=args.batch_speculation,
         prefix_cache=args.prefix_cache,
+        prefix_cache_mb=args.prefix_cache_mb,
         default_max_tokens=args.default_max_tokens,
         max_tokens_cap=args.max_tokens_cap,
         queue_timeout_s=args.queue_timeout or None,

@@ -74,6 +74,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("mtpspec_queue_depth", "Requests waiting for the engine", registry=r)
+        self.prefix_cache_bytes = Gauge(
+            "mtpspec_prefix_cache_bytes", "Memory of finished requests' caches kept for their prefixes", registry=r
+        )
         self.running = Gauge(
             "mtpspec_running_requests", "Requests the engine is generating (at most --max-batch)", registry=r
         )

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..batch import Batch, Slot
+from ..batch import PREFIX_CACHE_MB, Batch, Slot
 from ..engine import Engine, GenerationConfig, GenerationResult
 from ..errors import MtpspecError
 from .metrics import Metrics
@@ -98,8 +98,11 @@ class Scheduler:
         max_batch: int = 8,
         speculation: str = "auto",
         queue_timeout_s: float | None = None,
+        prefix_cache_mb: float = PREFIX_CACHE_MB,
     ):
-        self.batch = Batch(engine.target, engine.drafter, max_batch, speculation=speculation)
+        self.batch = Batch(
+            engine.target, engine.drafter, max_batch, speculation=speculation, prefix_cache_mb=prefix_cache_mb
+        )
         self.max_queue = max_queue  # requests that may wait while every slot is busy
         self.queue_timeout_s = queue_timeout_s  # longest wait in the queue; None: no limit
         self.metrics = metrics
@@ -227,7 +230,8 @@ class Scheduler:
 
     def _finish(self, slot: Slot, outcome: str, error: BaseException | None = None) -> None:
         job = self.running[slot]
-        self.batch.remove(slot)
+        self.batch.remove(slot, keep_cache=outcome != "error")
+        self.metrics.prefix_cache_bytes.set(self.batch.idle_cache_bytes)
         with self._lock:
             del self.running[slot]
             job.state = "done"
