@@ -135,6 +135,36 @@ def test_idle_caches_outlive_the_slots_within_their_budget(tiny_llama_gguf):
         Batch(pipe.target, pipe.engine.drafter, prefix_cache_mb=-1)
 
 
+def test_a_shared_system_prompt_is_copied_and_leaves_the_conversation_that_holds_it(gguf, drafter):
+    """Two conversations that open with the same long system prompt, one slot: B's first turn gets
+    the system prompt's K/V copied from A's idle cache, which stays whole for A's second turn (without
+    room for another cache, B takes A's sequence over and A's second turn finds only the system
+    prompt). Every answer is a fresh target's."""
+    pipe, ref = pipeline(gguf, drafter), pipeline(gguf, drafter, prefix_cache=False)
+    system = "You are a careful assistant. Answer in short sentences, and never repeat yourself. " * 2
+    n_system = len(pipe.encode(system))
+    options = dict(max_new_tokens=12, ignore_eos=True)
+
+    def conversations(prefix_cache_mb: float) -> list[int]:
+        batch = Batch(pipe.target, pipe.engine.drafter, max_batch=1, prefix_cache_mb=prefix_cache_mb)
+        first_a, cached = None, []
+        for ids in (pipe.encode(system + FIRST[0]), pipe.encode(system + FIRST[1]), None):
+            slot = batch.add(ids or next_turn(pipe, first_a, " more"), generation_config(**options))
+            while not slot.done:
+                batch.step()
+            batch.remove(slot)
+            first_a = first_a or slot.result
+            assert slot.result.token_ids == run(ref, slot.result.prompt_ids, **options).token_ids
+            cached.append(slot.cached)
+        return cached, first_a
+
+    (a1, b1, a2), first_a = conversations(PREFIX_CACHE_MB)
+    assert a1 == 0 and n_system - 2 <= b1 < n_system + 4  # the system prompt (and what the tokenizer joins to it)
+    assert a2 >= len(first_a.prompt_ids) + len(first_a.token_ids) - 1
+    (a1, b1, a2), _ = conversations(0)
+    assert b1 == a2 and b1 >= n_system - 2
+
+
 def test_what_counts_as_cached(tiny_llama_gguf):
     """Only the common prefix, never the prompt's last token, never a draft tree's rows before one
     of their paths is kept, and nothing with the cache off."""
@@ -149,6 +179,12 @@ def test_what_counts_as_cached(tiny_llama_gguf):
     assert target.cached_prefix(ids) == 12  # the tree's rows are no prefix yet
     target.keep([0, 1, 3])
     assert target.cached_prefix(torch.cat([ids[:13], ids[13:14], ids[15:16], ids[:3]])) == 15
+    other = target.fork()
+    other.reset(20, keep=13, source=target)  # a copy of another sequence's first positions
+    assert other.cached_prefix(ids) == 13 and target.cached_tokens == 15  # the source keeps what it held
+    assert all(torch.equal(a, b) for a, b in zip(cache_bits(other, 13), cache_bits(target, 13), strict=True))
+    with pytest.raises(RuntimeError, match="only 15 are cached"):
+        other.reset(20, keep=16, source=target)
     target.prefix_cache = False
     assert target.cached_prefix(ids) == 0
     assert target.fork().prefix_cache is False

@@ -9,10 +9,12 @@ output is its solo output bit for bit, whoever shares its steps. Generations joi
 steps; a long prompt is prefilled a chunk per step, so it never stalls the others.
 
 Prefix caching: a finished generation's sequence stays idle with its cache, up to `prefix_cache_mb`
-of idle caches (the least recently used go first). A later prompt that starts with its tokens (a
-chat's next turn, a shared system prompt) takes that sequence and prefills only the rest
-(`GgufTarget.cached_prefix`), with the bits a full prefill gives; a prompt that none holds takes a
-new sequence while the idle ones fit the budget, else the least recently used one.
+of idle caches (the least recently used go first). A later prompt that starts with cached tokens
+prefills only the rest (`GgufTarget.cached_prefix`), with the bits a full prefill gives. If it takes
+in all the idle sequence holds (a chat's next turn), it takes that sequence over; if it shares only
+a part (a system prompt), it gets a new sequence with that part copied in, and the idle one keeps
+its conversation. Without room for a new sequence, the best match (or the least recently used)
+is taken over.
 
 Speculation under load: drafts that pay for themselves alone may not in a batch, where every
 drafted row adds per-row work to a pass that already yields a token for each generation. With
@@ -47,6 +49,7 @@ from .target import check_prompt
 
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
 PREFIX_CACHE_MB = 1024  # memory for idle sequences' caches, kept for the prompts that start with their tokens
+TAKE_OVER_SLACK = 16  # cached tokens a prompt may leave out of an idle sequence and still take it over
 PROBE_EVERY = 8  # a lone generation the cost rule keeps from drafting drafts one token every this many rounds
 SPECULATION = ("auto", "fixed")  # draft lengths under load: chosen from measured costs, or always k
 
@@ -200,10 +203,10 @@ class Batch:
         if self.full:
             raise RuntimeError(f"the batch is full ({self.max_batch} generations)")
         check_prompt(len(prompt_ids), self.target.context_window)
-        target, cached = self._sequence_for(prompt_ids) if self.batched else (self.target, 0)
+        target, cached, source = self._sequence_for(prompt_ids) if self.batched else (self.target, 0, None)
         generation = Generation(target, self.drafter, prompt_ids, config, result)
         if self.batched:
-            target.reset(generation.capacity, keep=cached)
+            target.reset(generation.capacity, keep=cached, source=source)
         slot = Slot(generation, target, fed=cached, cached=cached)
         self.active.append(slot)
         return slot
@@ -214,20 +217,24 @@ class Batch:
         return sum(s.cache_bytes for s in self._idle)
 
     def _sequence_for(self, prompt_ids: list[int]):
-        """A sequence for a new generation, and how much of its prompt that sequence has cached: the
-        idle one whose cache holds the longest prefix of the prompt; if none holds any, a new fork
-        while the idle caches fit the budget (the least recently used idle one otherwise, or always
-        with the prefix cache off)."""
+        """(sequence, cached, source) for a new generation: its sequence, how many of its prompt's
+        first tokens are cached, and the idle sequence to copy them from (None: they are the
+        sequence's own). The idle sequence with the longest cached prefix of the prompt is taken over
+        if the prompt takes in all but `TAKE_OVER_SLACK` of what it holds; else a new sequence gets
+        that prefix copied while the idle caches fit the budget; else the best match, or with none
+        the least recently used idle sequence, is taken over (always the latter with caching off)."""
         caching = self.target.prefix_cache
+        best, cached = 0, 0
         if self._idle and caching:
             ids = torch.tensor(prompt_ids, dtype=torch.long)
-            cached = [s.cached_prefix(ids) for s in self._idle]
-            best = max(range(len(cached)), key=cached.__getitem__)
-            if cached[best]:
-                return self._idle.pop(best), cached[best]
-        if self._idle and (not caching or self.idle_cache_bytes >= self.prefix_cache_bytes):
-            return self._idle.pop(0), 0
-        return self.target.fork(), 0
+            matches = [s.cached_prefix(ids) for s in self._idle]
+            best = max(range(len(matches)), key=matches.__getitem__)
+            cached = matches[best]
+            if cached and self._idle[best].cached_tokens - cached <= TAKE_OVER_SLACK:
+                return self._idle.pop(best), cached, None
+        if not self._idle or (caching and self.idle_cache_bytes < self.prefix_cache_bytes):
+            return self.target.fork(), cached, self._idle[best] if cached else None
+        return self._idle.pop(best if cached else 0), cached, None
 
     def remove(self, slot: Slot, keep_cache: bool = True) -> None:
         """Drop a generation (finished, cancelled or failed); its sequence stays idle with its cache

@@ -118,30 +118,39 @@ class GgufTarget:
         other.prefix_cache = self.prefix_cache
         return other
 
+    @property
+    def cached_tokens(self) -> int:
+        """Positions at the start of the cache that a prompt may reuse: all cached ones, but a draft
+        tree's rows, which are no prefix of anything until one of their paths is kept."""
+        pending_tree = self._block is not None and self._block.parents is not None
+        return self._block.start if pending_tree else self._length
+
     def cached_prefix(self, prompt_ids: torch.Tensor) -> int:
         """How many of the prompt's first positions the cache holds already (the prompt's longest
-        prefix among the cached tokens), leaving at least its last token to run for the logits; 0
-        with `prefix_cache` off. A draft tree's rows not yet kept are no prefix of anything."""
-        pending_tree = self._block is not None and self._block.parents is not None
-        n = min(self._block.start if pending_tree else self._length, prompt_ids.shape[0] - 1)
+        prefix among the `cached_tokens`), leaving at least its last token to run for the logits; 0
+        with `prefix_cache` off."""
+        n = min(self.cached_tokens, prompt_ids.shape[0] - 1)
         if not self.prefix_cache or n <= 0:
             return 0
         same = self.ids[:n] == prompt_ids[:n]
         return n if bool(same.all()) else int(same.to(torch.uint8).argmin())
 
-    def reset(self, capacity: int, keep: int = 0) -> None:
+    def reset(self, capacity: int, keep: int = 0, source: GgufTarget | None = None) -> None:
         """Make room for `capacity` positions, keeping the first `keep` cached ones (see
-        `cached_prefix`) and forgetting the rest."""
-        if keep > self._length:
-            raise RuntimeError(f"cannot keep {keep} positions, only {self._length} are cached")
-        if needs_new_cache(self.capacity, capacity):
-            old, old_ids = self.cache, self.ids
+        `cached_prefix`) and forgetting the rest: this sequence's own, or copies of `source`'s
+        (another sequence of the model, left as it is)."""
+        donor = self if source is None else source
+        if keep > donor.cached_tokens:
+            raise RuntimeError(f"cannot keep {keep} positions, only {donor.cached_tokens} are cached")
+        cache, ids = donor.cache, donor.ids
+        moved = needs_new_cache(self.capacity, capacity)
+        if moved:
             self._allocate(capacity)
-            if keep:
-                for (keys, values), (old_keys, old_values) in zip(self.cache, old, strict=True):
-                    keys[:, :, :keep] = old_keys[:, :, :keep]
-                    values[:, :, :keep] = old_values[:, :, :keep]
-                self.ids[:keep] = old_ids[:keep]
+        if keep and (moved or donor is not self):
+            for (keys, values), (old_keys, old_values) in zip(self.cache, cache, strict=True):
+                keys[:, :, :keep] = old_keys[:, :, :keep]
+                values[:, :, :keep] = old_values[:, :, :keep]
+            self.ids[:keep] = ids[:keep]
         self._length = keep
         self._block = None
 
