@@ -93,6 +93,19 @@ def test_batch_refuses_bad_input(tiny_llama_gguf):
     batch.add([1, 2], GenerationConfig(max_new_tokens=2))
     with pytest.raises(RuntimeError, match="full"):
         batch.add([1, 2], GenerationConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Batch(pipe.target, pipe.engine.drafter, prefill_chunk=0)
+
+
+def test_a_prompt_is_prefilled_a_chunk_per_step(tiny_llama_gguf):
+    pipe = mtpspec.Pipeline(load_gguf(tiny_llama_gguf), "none")
+    batch = Batch(pipe.target, pipe.engine.drafter, max_batch=2, prefill_chunk=5)
+    slot = batch.add(list(range(10, 22)), GenerationConfig(max_new_tokens=2))
+    fed = []
+    while not slot.generation.prefilled:
+        batch.step()
+        fed.append(slot.fed)
+    assert fed == [5, 10, 12]
 
 
 def _generation(acceptance: list[tuple[int, int]], k: int = 4, greedy: bool = True):

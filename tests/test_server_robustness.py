@@ -327,6 +327,7 @@ def test_serve_flags_end_to_end(tiny_dirs):
         (["--queue-timeout", "-1"], "--queue-timeout"),
         (["--shutdown-timeout", "nan"], "--shutdown-timeout"),
         (["--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
+        (["--prefill-chunk", "0"], "--prefill-chunk"),
     ],
 )
 def test_bad_serve_flags_fail_before_the_model_loads(flags, message, capsys):

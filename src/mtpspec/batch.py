@@ -61,7 +61,7 @@ class Slot:
     generation: Generation
     target: object  # a GgufTarget fork (or, unbatched, the target itself)
     fed: int = 0  # prompt tokens already in the cache
-    cached: int = 0  # of those, the ones an earlier generation on this sequence left there
+    cached: int = 0  # of those, the ones an earlier generation left (on this sequence, or copied from an idle one)
 
     @property
     def done(self) -> bool:
@@ -184,6 +184,8 @@ class Batch:
             raise ValueError(f"speculation must be one of {SPECULATION}, not {speculation!r}")
         if not prefix_cache_mb >= 0:
             raise ValueError(f"prefix_cache_mb must be >= 0, not {prefix_cache_mb}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, not {prefill_chunk}")
         self.target, self.drafter = target, drafter
         self.batched = batchable(target, drafter)
         self.max_batch = max_batch if self.batched else 1

@@ -53,6 +53,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings) -> FastAPI:
         settings.batch_speculation,
         settings.queue_timeout_s,
         settings.prefix_cache_mb,
+        settings.prefill_chunk,
     )
 
     @asynccontextmanager

@@ -69,12 +69,21 @@ def register(subparsers) -> None:
         "--num-draft-tokens (default: auto)",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=ServerSettings.prefill_chunk,
+        metavar="N",
+        help="prompt rows a step prefills, over all prompts being prefilled, next to the running requests' "
+        "decoding rows: a smaller chunk keeps the pauses of running streams shorter while a long prompt comes in, "
+        f"a larger one prefills faster (default: {ServerSettings.prefill_chunk})",
+    )
+    p.add_argument(
         "--no-prefix-cache",
         dest="prefix_cache",
         action="store_false",
         help="prefill every prompt in full. By default a prompt that starts with the tokens of a finished "
-        "request (a chat's next turn, a shared system prompt) keeps their K/V, which that request's batch "
-        "slot still holds, and prefills only the rest: the output is the same bit for bit, the first token "
+        "request (a chat's next turn, a shared system prompt) reuses their K/V, kept in memory (see "
+        "--prefix-cache-mb), and prefills only the rest: the output is the same bit for bit, the first token "
         "comes sooner. GGUF runtime only; usage.prompt_tokens_details.cached_tokens counts the reused tokens",
     )
     p.add_argument(
@@ -83,8 +92,9 @@ def register(subparsers) -> None:
         default=ServerSettings.prefix_cache_mb,
         metavar="MB",
         help="memory for the caches of finished requests, kept for prompts that start with their tokens; beyond "
-        "it the least recently used go. A request whose prompt none of them holds takes a new cache while they fit, "
-        f"else the least recently used one (default: {ServerSettings.prefix_cache_mb:.0f})",
+        "it the least recently used go. A chat's next turn takes its conversation's cache over; a request that "
+        "shares only its start (a system prompt) gets a new cache with that part copied in while they fit, else "
+        f"the best-matching or least recently used one (default: {ServerSettings.prefix_cache_mb:.0f})",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -171,6 +181,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise MtpspecError(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag)}")
     if not args.prefix_cache_mb >= 0:
         raise MtpspecError(f"--prefix-cache-mb must be >= 0, got {args.prefix_cache_mb}")
+    if args.prefill_chunk < 1:
+        raise MtpspecError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
     # Reject a bad K or B before the model loads.
     api.generation_config(num_draft_tokens=args.num_draft_tokens, branches=args.draft_branches)
     from .app import create_app
@@ -202,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batch_speculation=args.batch_speculation,
         prefix_cache=args.prefix_cache,
         prefix_cache_mb=args.prefix_cache_mb,
+        prefill_chunk=args.prefill_chunk,
         default_max_tokens=args.default_max_tokens,
         max_tokens_cap=args.max_tokens_cap,
         queue_timeout_s=args.queue_timeout or None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import PurePath
 
-from ..batch import PREFIX_CACHE_MB
+from ..batch import PREFILL_CHUNK, PREFIX_CACHE_MB
 from ..engine import GenerationConfig
 
 SHUTDOWN_TIMEOUT_S = 5.0  # how long a stopping server lets running responses finish before cutting them
@@ -26,6 +26,7 @@ class ServerSettings:
     batch_speculation: str = "auto"  # draft lengths under load: from measured costs, or always k (batch.py)
     prefix_cache: bool = True  # a prompt reuses the K/V of its longest prefix a finished request left
     prefix_cache_mb: float = PREFIX_CACHE_MB  # memory for finished requests' caches, kept for that
+    prefill_chunk: int = PREFILL_CHUNK  # prompt rows per step, over all prompts being prefilled
     default_max_tokens: int = 256  # for requests that omit max_tokens (capped by the context window)
     max_tokens_cap: int = 4096  # the most tokens one request may ask for: bounds how long it holds the engine
     queue_timeout_s: float | None = 120.0  # a request still queued after this gets a 503; None: no limit

@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..batch import PREFIX_CACHE_MB, Batch, Slot
+from ..batch import PREFILL_CHUNK, PREFIX_CACHE_MB, Batch, Slot
 from ..engine import Engine, GenerationConfig, GenerationResult
 from ..errors import MtpspecError
 from .metrics import Metrics
@@ -99,9 +99,15 @@ class Scheduler:
         speculation: str = "auto",
         queue_timeout_s: float | None = None,
         prefix_cache_mb: float = PREFIX_CACHE_MB,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
         self.batch = Batch(
-            engine.target, engine.drafter, max_batch, speculation=speculation, prefix_cache_mb=prefix_cache_mb
+            engine.target,
+            engine.drafter,
+            max_batch,
+            prefill_chunk=prefill_chunk,
+            speculation=speculation,
+            prefix_cache_mb=prefix_cache_mb,
         )
         self.max_queue = max_queue  # requests that may wait while every slot is busy
         self.queue_timeout_s = queue_timeout_s  # longest wait in the queue; None: no limit
