@@ -103,34 +103,41 @@ def test_batched_next_turns_find_the_slot_that_holds_their_prefix(gguf, drafter)
         assert result.token_ids == run(ref, result.prompt_ids, max_new_tokens=16, ignore_eos=True).token_ids
 
 
+def a_then_b_then_a(pipe, options: dict, opening: str = "", keep_cache: bool = True, **batch_options):
+    """Through one slot: conversation A's first turn, B's first turn, then A's second turn (each
+    prompt after `opening`). Returns the batch and the three slots."""
+    batch = Batch(pipe.target, pipe.engine.drafter, max_batch=1, **batch_options)
+    slots = []
+    for ids in (pipe.encode(opening + FIRST[0]), pipe.encode(opening + FIRST[1]), None):
+        slot = batch.add(ids or next_turn(pipe, slots[0].result, " more"), generation_config(**options))
+        while not slot.done:
+            batch.step()
+        batch.remove(slot, keep_cache)
+        slots.append(slot)
+    return batch, slots
+
+
+def cached(slots) -> list[int]:
+    return [slot.cached for slot in slots]
+
+
 def test_idle_caches_outlive_the_slots_within_their_budget(tiny_llama_gguf):
     """One slot, two conversations taking turns (A, B, then A's second turn): with room for idle
     caches, A's second turn still finds its first after B's ran; with none, B took A's sequence.
     Beyond the budget the least recently used idle cache goes; a failed generation's is forgotten."""
     pipe = pipeline(tiny_llama_gguf, "none")
-    options = generation_config(max_new_tokens=6, ignore_eos=True)
+    options = dict(max_new_tokens=6, ignore_eos=True)
 
-    def one_at_a_time(prefix_cache_mb=PREFIX_CACHE_MB, keep_cache=True) -> tuple[Batch, list[int]]:
-        batch = Batch(pipe.target, pipe.engine.drafter, max_batch=1, prefix_cache_mb=prefix_cache_mb)
-        first_a = None
-        cached = []
-        for ids in (pipe.encode(FIRST[0]), pipe.encode(FIRST[1]), None):
-            slot = batch.add(ids or next_turn(pipe, first_a, " more"), options)
-            while not slot.done:
-                batch.step()
-            batch.remove(slot, keep_cache)
-            first_a = first_a or slot.result
-            cached.append(slot.cached)
-        return batch, cached
-
-    roomy, cached = one_at_a_time()
-    assert cached[:2] == [0, 0] and cached[2] > len(pipe.encode(FIRST[0]))
+    roomy, slots = a_then_b_then_a(pipe, options)
+    assert cached(slots)[:2] == [0, 0] and cached(slots)[2] > len(pipe.encode(FIRST[0]))
     sizes = [s.cache_bytes for s in roomy._idle]  # B's sequence, then A's (used last)
     assert len(sizes) == 2 and roomy.idle_cache_bytes == sum(sizes) > 0
-    assert one_at_a_time(prefix_cache_mb=0)[1] == [0, 0, 0]
-    tight, cached = one_at_a_time(prefix_cache_mb=(max(sizes) + 1) / 2**20)  # room for one cache, not two
-    assert cached == [0, 0, 0] and len(tight._idle) == 1
-    assert one_at_a_time(keep_cache=False)[1] == [0, 0, 0]
+    assert cached(a_then_b_then_a(pipe, options, prefix_cache_mb=0)[1]) == [0, 0, 0]
+    tight, slots = a_then_b_then_a(
+        pipe, options, prefix_cache_mb=(max(sizes) + 1) / 2**20
+    )  # room for one cache, not two
+    assert cached(slots) == [0, 0, 0] and len(tight._idle) == 1
+    assert cached(a_then_b_then_a(pipe, options, keep_cache=False)[1]) == [0, 0, 0]
     with pytest.raises(ValueError, match="prefix_cache_mb"):
         Batch(pipe.target, pipe.engine.drafter, prefix_cache_mb=-1)
 
@@ -145,24 +152,19 @@ def test_a_shared_system_prompt_is_copied_and_leaves_the_conversation_that_holds
     n_system = len(pipe.encode(system))
     options = dict(max_new_tokens=12, ignore_eos=True)
 
-    def conversations(prefix_cache_mb: float) -> list[int]:
-        batch = Batch(pipe.target, pipe.engine.drafter, max_batch=1, prefix_cache_mb=prefix_cache_mb)
-        first_a, cached = None, []
-        for ids in (pipe.encode(system + FIRST[0]), pipe.encode(system + FIRST[1]), None):
-            slot = batch.add(ids or next_turn(pipe, first_a, " more"), generation_config(**options))
-            while not slot.done:
-                batch.step()
-            batch.remove(slot)
-            first_a = first_a or slot.result
+    for budget in (PREFIX_CACHE_MB, 0):
+        _, slots = a_then_b_then_a(pipe, options, system, prefix_cache_mb=budget)
+        for slot in slots:
             assert slot.result.token_ids == run(ref, slot.result.prompt_ids, **options).token_ids
-            cached.append(slot.cached)
-        return cached, first_a
-
-    (a1, b1, a2), first_a = conversations(PREFIX_CACHE_MB)
-    assert a1 == 0 and n_system - 2 <= b1 < n_system + 4  # the system prompt (and what the tokenizer joins to it)
-    assert a2 >= len(first_a.prompt_ids) + len(first_a.token_ids) - 1
-    (a1, b1, a2), _ = conversations(0)
-    assert b1 == a2 and b1 >= n_system - 2
+        a1, b1, a2 = cached(slots)
+        if budget:
+            first_a = slots[0].result
+            assert (
+                a1 == 0 and n_system - 2 <= b1 < n_system + 4
+            )  # the system prompt (and what the tokenizer joins to it)
+            assert a2 >= len(first_a.prompt_ids) + len(first_a.token_ids) - 1
+        else:
+            assert b1 == a2 and b1 >= n_system - 2
 
 
 def test_what_counts_as_cached(tiny_llama_gguf):

@@ -154,17 +154,17 @@ def _table(rows: list[Level], llama_label: str | None, turns: int = 1) -> list[s
             _num(v.latency_p50_s, 2),
             f"{v.prompt_tokens_mean:.0f}",
             _num(v.tau, 2),
-            _errors(v),
+            _errors(v, second),
         ]
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return out
 
 
-def _errors(v: Level) -> str:
+def _errors(v: Level, second_turns: bool) -> str:
     notes = [f"{v.errors} failed"] if v.errors else []
     if v.completion_tokens != v.expected_tokens:
         notes.append(f"{v.completion_tokens}/{v.expected_tokens} tokens")
-    if v.cached_prompt_tokens and v.second_ttft_p50_s is None:  # one turn: every prompt was to be prefilled
+    if v.cached_prompt_tokens and not second_turns:  # one turn: every prompt was to be prefilled
         notes.append(f"{v.cached_prompt_tokens} prompt tokens cached")
     return "; ".join(notes) or "0"
 
