@@ -86,9 +86,9 @@ def test_quantized_values_are_gguf_pys_round_trip(tiny_dirs, family, quantize):
 @pytest.mark.parametrize("quantize", TYPES)
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_forward_equals_transformers_on_the_dequantized_weights(tiny_dirs, family, quantize):
-    """The runtime's float32 forward over the quantized blocks equals transformers fp32 over their dequantized
-    values: logits to fp32 rounding, and the same greedy continuation."""
-    target = load_quantized(str(tiny_dirs[family]), quantize)
+    """The runtime's float32 forward (--dtype fp32) over the quantized blocks equals transformers fp32 over their
+    dequantized values: logits to fp32 rounding, and the same greedy continuation."""
+    target = load_quantized(str(tiny_dirs[family]), quantize, "fp32")
     hf = quantized_reference(tiny_dirs[family], quantize)
     ours, theirs = both_logits(target, hf)
     assert ours.shape == theirs.shape and ours.shape[0] > 12  # longer than Gemma's sliding window (8)
@@ -107,8 +107,8 @@ def test_quantization_changes_the_weights(tiny_dirs):
     from transformers import AutoModelForCausalLM
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.float32).eval()
-    q8, exact = both_logits(load_quantized(str(tiny_dirs["llama"]), "q8_0"), plain)
-    q4, _ = both_logits(load_quantized(str(tiny_dirs["llama"]), "q4_0"), plain)
+    q8, exact = both_logits(load_quantized(str(tiny_dirs["llama"]), "q8_0", "fp32"), plain)
+    q4, _ = both_logits(load_quantized(str(tiny_dirs["llama"]), "q4_0", "fp32"), plain)
     scale = exact.abs().max()
     assert 1e-4 * scale < (q8 - exact).abs().max() < (q4 - exact).abs().max()
 
@@ -133,7 +133,7 @@ def test_rows_that_are_not_whole_blocks_stay_in_their_float_format(tmp_path, cap
     build_tiny("llama", hidden_size=48, dtype=torch.bfloat16).save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
     capfd.readouterr()
-    target = load_quantized(str(path), "q4_0")
+    target = load_quantized(str(path), "q4_0", "fp32")
     err = capfd.readouterr().err
     kept = [line for line in err.splitlines() if "stay in their stored float format" in line]
     assert len(kept) == 1 and "token_embd.weight" in kept[0] and "blk.0.attn_q.weight" in kept[0]
@@ -196,7 +196,7 @@ def bad_dirs(tmp_path_factory):
     [
         ("gguf", [], "is a GGUF model, already quantized"),
         ("llama", ["--weights", "dequant"], "--weights dequant runs transformers"),
-        ("llama", ["--dtype", "bf16"], "--quantize computes in fp32"),
+        ("llama", ["--dtype", "bf16"], "--quantize runs the GGUF runtime, which takes --dtype auto, q8 or fp32"),
         ("qwen2", [], "--quantize runs llama (llama), gemma3 (gemma3_text) models on the GGUF runtime"),
         (
             "bias",
@@ -257,8 +257,9 @@ def test_fidelity_compares_each_type_on_a_directory(tiny_dirs, tmp_path, capsys)
     args = ["--model", str(tiny_dirs["llama"]), "--dataset", "mt-bench", "--limit", "2", "--max-new-tokens", "4"]
     assert fidelity.main([*args, "--quantize", "q8_0", "--out", str(tmp_path / "fid")]) == 0
     report = capsys.readouterr().out
-    assert "| gguf runtime, --quantize q8_0 (fp32) |" in report and "| transformers (bf16) |" in report
+    assert "| gguf runtime, --quantize q8_0 (--dtype fp32) |" in report and "| transformers (bf16) |" in report
+    assert "| gguf runtime, --quantize q8_0 (q8 activations) |" in report
     rows = json.loads((tmp_path / "fid.json").read_text())
-    assert len(rows) == 4 and all(0 <= r["max_first_logit_diff"] < 1 for r in rows)
+    assert len(rows) == 6 and all(0 <= r["max_first_logit_diff"] < 1 for r in rows)
     assert fidelity.main([*args, "--quantize", "q8_0,q3"]) == 2
     assert capsys.readouterr().err.strip() == "mtpspec: error: unknown --quantize q3: use q8_0, q4_0"

@@ -130,7 +130,7 @@ def test_a_chat_next_turn_from_the_prefix_cache_is_bit_for_bit_a_fresh_one(model
     assert first.stats.accepted_tokens > 0
     chat += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Which is the longest?"}]
     got = pipe.generate(chat, chat=True, max_new_tokens=48, ignore_eos=True)
-    assert got.stats.cached_prompt_tokens > len(first.prompt_ids) + 24
+    assert got.stats.cached_prompt_tokens > len(first.prompt_ids) + 16  # and some of the answer
     n = len(got.prompt_ids)
     reused = [t[:, :, :n].clone() for pair in pipe.target.cache for t in pair]
     pipe.target.prefix_cache = False

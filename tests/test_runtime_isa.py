@@ -17,7 +17,7 @@ import mtpspec
 from gguf_tiny import random_blocks
 from mtpspec.errors import MtpspecError
 from mtpspec.runtime.build import ISA_ENV, build_name, cpu_flags, isa_flags, ops, requested_isa
-from mtpspec.runtime.weights import NATIVE
+from mtpspec.runtime.weights import BLOCK_QUANTIZED, NATIVE
 
 # What vector_path() reports for each build; native is whichever of these the CPU has.
 PATHS = {"avx2": "avx2", "portable": "portable"}
@@ -36,7 +36,7 @@ def inputs() -> dict:
 
 def results(data: dict) -> dict[str, torch.Tensor]:
     """Everything the kernels compute on `data`, by name: dequantised rows, products of 1, 5 and 16 rows on one
-    and two threads, and the fused argmax."""
+    and two threads (float32 and, for the block formats, int8 activations), and the fused argmax."""
     out = {}
     before = torch.get_num_threads()
     try:
@@ -47,6 +47,11 @@ def results(data: dict) -> dict[str, torch.Tensor]:
                 torch.set_num_threads(threads)
                 for m in (1, 5, 16):
                     out[f"{name} linear M={m} threads={threads}"] = ops().qlinear(x[:m], w, qtype, K)
+                    if qtype in BLOCK_QUANTIZED:
+                        packed = ops().q8_pack(w, qtype, K)
+                        (out[f"{name} q8 M={m} threads={threads}"],) = ops().q8_linear_many(
+                            x[:m], [packed], [qtype], [w.shape[0]], K
+                        )
                 out[f"{name} argmax threads={threads}"] = ops().qargmax(x, w, qtype, K)
     finally:
         torch.set_num_threads(before)
@@ -55,7 +60,7 @@ def results(data: dict) -> dict[str, torch.Tensor]:
 
 def _subprocess_main(data_path: str, out_path: str) -> None:
     """Run in a subprocess under $MTPSPEC_RUNTIME_ISA: `results` and the compiled path, saved for the test."""
-    torch.save({"path": ops().vector_path(), **results(torch.load(data_path))}, out_path)
+    torch.save({"path": ops().vector_path(), "q8 path": ops().q8_path(), **results(torch.load(data_path))}, out_path)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:  # float32 compared as bits, so NaN == NaN and -0 != 0
@@ -88,7 +93,7 @@ def test_every_instruction_set_gives_the_native_bits(isa, native, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = torch.load(out_path)
-    assert theirs.pop("path") == PATHS[isa]
+    assert theirs.pop("path") == PATHS[isa] and theirs.pop("q8 path") == PATHS[isa]
     assert theirs.keys() == ours.keys()
     for key, value in ours.items():
         assert torch.equal(_bits(theirs[key]), _bits(value)), key

@@ -23,7 +23,7 @@ from .models import (
     quiet_transformers,
     resolve_model,
 )
-from .runtime import ARCHS, QUANTIZE, GgufModel, GgufTarget, GgufWeights, HfWeights
+from .runtime import ARCHS, DEFAULT_ACTIVATIONS, QUANTIZE, GgufModel, GgufTarget, GgufWeights, HfWeights
 from .sampling import SamplingParams
 from .target import Target
 from .text import encode_prompt
@@ -146,7 +146,7 @@ def load_target(
         return load_quantized(model, quantize, dtype, weights)
     tensors = runtime_weights(model, dtype, weights)
     if tensors is not None:
-        return load_gguf(tensors, model if model in BUNDLED else None)
+        return load_gguf(tensors, model if model in BUNDLED else None, RUNTIME_DTYPES[dtype])
     hf, tokenizer = load_hf(model, dtype)
     return Target(hf, tokenizer, exact=exact)
 
@@ -167,7 +167,7 @@ def runtime_weights(model: str, dtype: str = DEFAULT_DTYPE, weights: str = "auto
     if arch in ARCHS:
         if dtype not in RUNTIME_DTYPES:
             raise MtpspecError(
-                f"the GGUF runtime computes in fp32 on the file's own weights; --dtype {dtype} applies to --weights dequant"
+                f"the GGUF runtime takes --dtype auto, q8 or fp32 (its activations); --dtype {dtype} applies to --weights dequant"
             )
         return tensors
     if weights == "gguf":
@@ -185,7 +185,9 @@ def load_quantized(model: str, quantize: str, dtype: str = DEFAULT_DTYPE, weight
     if weights == "dequant":
         raise MtpspecError("--quantize runs the GGUF runtime and --weights dequant runs transformers in bf16: give one")
     if dtype not in RUNTIME_DTYPES:
-        raise MtpspecError(f"--quantize computes in fp32 on the GGUF runtime; --dtype {dtype} applies to transformers")
+        raise MtpspecError(
+            f"--quantize runs the GGUF runtime, which takes --dtype auto, q8 or fp32; --dtype {dtype} applies to transformers"
+        )
     if gguf_file(model) is not None:
         raise MtpspecError(
             f"--quantize requantises a Hugging Face directory; {model} is a GGUF model, already quantized: "
@@ -193,21 +195,24 @@ def load_quantized(model: str, quantize: str, dtype: str = DEFAULT_DTYPE, weight
         )
     path = resolve_model(model)
     source = HfWeights(path, quantize)
-    return runtime_target(source, source.config, path)
+    return runtime_target(source, source.config, path, RUNTIME_DTYPES[dtype])
 
 
-def load_gguf(gguf: Path | GgufWeights, name: str | None = None) -> GgufTarget:
-    """The GGUF runtime's target for a file; its config and tokenizer are read once into the cache."""
+def load_gguf(gguf: Path | GgufWeights, name: str | None = None, activations: str = DEFAULT_ACTIVATIONS) -> GgufTarget:
+    """The GGUF runtime's target for a file (`activations`: `q8` or `fp32`, see `runtime.model.ACTIVATIONS`);
+    its config and tokenizer are read once into the cache."""
     from transformers import AutoConfig
 
     weights = gguf if isinstance(gguf, GgufWeights) else GgufWeights(gguf)
     meta = gguf_metadata(weights.path, name)
     with quiet_transformers():
         config = AutoConfig.from_pretrained(meta)
-    return runtime_target(weights, config, meta)
+    return runtime_target(weights, config, meta, activations)
 
 
-def runtime_target(weights: GgufWeights | HfWeights, config, files: Path) -> GgufTarget:
+def runtime_target(
+    weights: GgufWeights | HfWeights, config, files: Path, activations: str = DEFAULT_ACTIVATIONS
+) -> GgufTarget:
     """The GGUF runtime's target over a weight source, with the tokenizer and generation config in `files`."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -222,4 +227,4 @@ def runtime_target(weights: GgufWeights | HfWeights, config, files: Path) -> Ggu
         # device (no memory) and whose RoPE buffers are real.
         with init_empty_weights(include_buffers=False):
             skeleton = AutoModelForCausalLM.from_config(config)
-    return GgufTarget(GgufModel(weights, config, skeleton.model.rotary_emb), tokenizer, generation)
+    return GgufTarget(GgufModel(weights, config, skeleton.model.rotary_emb, activations), tokenizer, generation)

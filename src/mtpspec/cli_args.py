@@ -12,7 +12,7 @@ from .api import generation_config
 from .drafters import DEFAULT as DEFAULT_DRAFTER
 from .drafters import parse_spec, shipped
 from .engine import GenerationConfig
-from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_NAMES, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
+from .models import DEFAULT_DTYPE, DEFAULT_MODEL, DTYPE_HELP, DTYPE_NAMES, MODEL_HELP, WEIGHTS, WEIGHTS_HELP
 from .runtime import QUANTIZE, QUANTIZE_HELP
 from .sampling import SamplingParams
 
@@ -59,8 +59,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default=DEFAULT_DTYPE,
         choices=DTYPE_NAMES,
-        help="compute dtype of a transformers model (auto: bf16); the GGUF runtime computes in fp32 on the "
-        f"file's own weights (default: {DEFAULT_DTYPE})",
+        help=f"{DTYPE_HELP} (default: {DEFAULT_DTYPE})",
     )
     p.add_argument(
         "--no-exact",

@@ -25,7 +25,8 @@ from .errors import MtpspecError
 from .paths import models_dir
 from .text import GEMMA_CHAT_TEMPLATE
 
-# `auto`: bf16 for a transformers model; the GGUF runtime always computes in fp32 (see `api.load_target`).
+# `auto`: bf16 for a transformers model. The GGUF runtime takes RUNTIME_DTYPES: `auto` and `q8` (int8
+# activations in the layers' products), `fp32` (float32 activations); see `runtime.model.ACTIVATIONS`.
 DTYPES = {
     "auto": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -33,9 +34,15 @@ DTYPES = {
     "fp32": torch.float32,
     "float32": torch.float32,
 }
-DTYPE_NAMES = ("auto", "bf16", "fp32")  # what the command line offers; DTYPES also takes torch's names
+DTYPE_NAMES = ("auto", "bf16", "fp32", "q8")  # what the command line offers; DTYPES also takes torch's names
 DEFAULT_DTYPE = "auto"
-RUNTIME_DTYPES = ("auto", "fp32", "float32")  # the GGUF runtime's activations are fp32
+RUNTIME_DTYPES = {"auto": "q8", "q8": "q8", "fp32": "fp32", "float32": "fp32"}  # -> the runtime's activations
+DTYPE_HELP = (
+    "what the model computes in: on the GGUF runtime (a GGUF model), auto or q8 quantizes each activation row "
+    "to int8 per 32 values for the layers' products, as llama.cpp does (fastest), and fp32 keeps float32 "
+    "activations (closest to transformers' float32 on the same weights); a transformers model computes in "
+    "bf16 (auto) or fp32"
+)
 
 
 def _gemma3_gguf() -> Path:
@@ -212,7 +219,8 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise MtpspecError(f"unknown dtype {dtype!r}: use bf16 or fp32")
+        hint = "; q8 is the GGUF runtime's (a GGUF model, or --quantize)" if dtype == "q8" else ""
+        raise MtpspecError(f"a transformers model computes in bf16 or fp32, not --dtype {dtype!r}{hint}")
     return DTYPES[dtype]
 
 

@@ -32,7 +32,9 @@ def register(subparsers) -> None:
         "(hf: transformers greedy/sampled generate; hf-pld: its prompt lookup; hf-assisted:MODEL: its assisted "
         "generation; llama.cpp: llama-cpp-python on the same GGUF; with --llama-cpp-bin, native llama.cpp on the same GGUF: "
         "llama.cpp-native: plain llama-completion, llama.cpp-lookup: llama-lookup drafting k tokens, llama.cpp-ngram[:TYPE]: "
-        "llama-speculative-simple --spec-type TYPE, ngram-simple by default, with its own draft sizes). `none` is always included (default: none,ngram)",
+        "llama-speculative-simple --spec-type TYPE, ngram-simple by default, with its own draft sizes). An mtpspec method "
+        "with @DTYPE (e.g. none@fp32) runs on a second copy of the target in that dtype, so activation types are "
+        "compared in one run (its agreement with none is reported, not required). `none` is always included (default: none,ngram)",
     )
     p.add_argument(
         "--dataset",
@@ -94,7 +96,9 @@ def register(subparsers) -> None:
         "--dtype",
         default=DEFAULT_DTYPE,
         choices=DTYPE_NAMES,
-        help=f"compute dtype of a transformers model and of the hf rows (auto: bf16); the GGUF runtime computes in fp32 (default: {DEFAULT_DTYPE})",
+        help="what the mtpspec methods compute in: on the GGUF runtime, auto or q8 (int8 activations in the layers' "
+        "products, as llama.cpp) or fp32 (float32 activations); a transformers model and the hf rows: auto (bf16), "
+        f"bf16 or fp32 (default: {DEFAULT_DTYPE})",
     )
     p.add_argument(
         "--profile",

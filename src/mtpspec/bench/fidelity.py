@@ -1,10 +1,11 @@
 """How close each mtpspec path is to the model: greedy output against transformers' fp32 `generate`.
 
 `python -m mtpspec.bench.fidelity --model gemma3-270m` loads the GGUF's reference (transformers,
-float32, the file's weights dequantised exactly) and the two mtpspec paths on the same file: the GGUF
-runtime (the file's own weights, fp32 activations) and `--weights dequant` (a bf16 copy). Given a
-Hugging Face directory, the reference is transformers fp32 on its weights, and the paths are the GGUF
-runtime with each `--quantize` type and the default transformers bf16 path. For each prompt it reports
+float32, the file's weights dequantised exactly) and the mtpspec paths on the same file: the GGUF
+runtime (the file's own weights) with int8 activations (the default) and with `--dtype fp32`, and
+`--weights dequant` (a bf16 copy). Given a Hugging Face directory, the reference is transformers fp32
+on its weights, and the paths are the GGUF runtime with each `--quantize` type and both activation
+types, and the default transformers bf16 path. For each prompt it reports
 whether the greedy continuation equals the reference's and, where it splits, at which token and by how
 small a margin the reference chose there (its top logit minus its logit of the token mtpspec chose): a split at a margin of 0.01 is a near-tie, one at 2.0 a real difference.
 """
@@ -30,7 +31,8 @@ from ..runtime import QUANTIZE
 from ..text import encode_prompt, ships_chat_template
 
 GGUF_PATHS = {
-    "gguf runtime (fp32)": dict(weights="gguf", dtype="auto"),
+    "gguf runtime (q8 activations, the default)": dict(weights="gguf", dtype="q8"),
+    "gguf runtime (--dtype fp32)": dict(weights="gguf", dtype="fp32"),
     "dequant (bf16)": dict(weights="dequant", dtype="bf16"),
 }
 HF_BF16 = {"transformers (bf16)": dict(dtype="bf16")}
@@ -91,7 +93,16 @@ def run(model: str, datasets: list[str], limit: int, max_new: int, quantize: lis
         path = resolve_model(model)
         print(f"mtpspec: loading the reference, transformers fp32 on {path}", file=sys.stderr)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        paths = {**{f"gguf runtime, --quantize {q} (fp32)": dict(quantize=q) for q in quantize}, **HF_BF16}
+        paths = {
+            **{
+                f"gguf runtime, --quantize {q} ({'q8 activations' if d == 'q8' else '--dtype fp32'})": dict(
+                    quantize=q, dtype=d
+                )
+                for q in quantize
+                for d in ("q8", "fp32")
+            },
+            **HF_BF16,
+        }
     reference.eval()
     targets = {name: load_target(model, **opts) for name, opts in paths.items()}
     tokenizer = next(iter(targets.values())).tokenizer

@@ -37,9 +37,10 @@ def render(
         "**acceptance by draft position**: share of drafts at depth 1, 2, ... accepted.",
         "- **TTFT**: prompt in to first token out (prefill). **peak RSS**: the whole bench process during the runs, "
         "every loaded model included; (+run) is the most a single generation added.",
-        "- Reference rows (transformers, llama.cpp) run their own kernels, which round bf16 differently from mtpspec's "
-        "exact attention, so their greedy text may drift from `none` after a near-tie; their agreement is reported, "
-        "not required. Every mtpspec row must match `none` token for token in greedy runs.",
+        "- Reference rows (transformers, llama.cpp, and mtpspec rows @DTYPE on a copy of the target in another dtype) "
+        "run other kernels or other activations, which round differently, so their greedy text may drift from `none` "
+        "after a near-tie; their agreement is reported, not required. Every other mtpspec row must match `none` token "
+        "for token in greedy runs.",
     ]
     if plots:
         lines += [""] + [f"![{p.removesuffix('.png')}]({p})" for p in plots]
@@ -85,10 +86,11 @@ def _setup_line(settings: dict, env: dict, datasets: list[Encoded]) -> str:
     commit = sha[:12] + (f"+{dirty} (uncommitted changes)" if dirty else "")
     kernel = f", bf16 linear kernel: {env['bf16_kernel']}" if env.get("bf16_kernel") else ""
     if settings.get("quantize"):
-        kernel += f"; mtpspec methods on the GGUF runtime with --quantize {settings['quantize']} (fp32 activations)"
+        kernel += f"; mtpspec methods on the GGUF runtime with --quantize {settings['quantize']}"
+    compute = f"GGUF runtime, {env['activations']} activations" if env.get("activations") else env["dtype"]
     return (
         f"{mode}; at most {settings['max_new_tokens']} new tokens; {settings['repeats']} repeat(s) after a warm-up; {sets}. "
-        f"{env['dtype']}, {env['threads']} thread{'s' if env['threads'] != 1 else ''} on {env['cpu']} ({env['logical_cpus']} logical CPUs){kernel}; "
+        f"{compute}, {env['threads']} thread{'s' if env['threads'] != 1 else ''} on {env['cpu']} ({env['logical_cpus']} logical CPUs){kernel}; "
         f"torch {env['torch']}, transformers {env['transformers']}; commit {commit}."
     )
 

@@ -10,11 +10,12 @@ the engine; reference methods run other implementations on the same model: trans
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..drafters import REGISTRY
 from ..errors import MtpspecError
+from ..models import DTYPE_NAMES
 from ..runtime import GgufTarget
 from ..runtime.profile import StepProfile, profiled
 from . import llamacpp
@@ -38,19 +39,26 @@ TREE_KINDS = ("mtp", "ngram", "hybrid")  # mtpspec drafters that draft trees (`-
 class Method:
     spec: str  # as written in --methods
     kind: str  # before the colon
-    arg: str  # after the colon ("" if none)
+    arg: str  # after the colon ("" if none), before any @DTYPE
     name: str = ""  # for tables and plots: the spec with a model path shortened to its last part
     note: str = ""  # after the row label: a native llama.cpp build's flags and thread count
+    dtype: str = ""  # after @: an mtpspec method on a second copy of the target in this dtype ("": --dtype's)
 
     def __post_init__(self):
         if not self.name:
-            short = f"{self.kind}:{Path(self.arg).name}" if "/" in self.arg else self.spec
-            object.__setattr__(self, "name", short)
+            short = f"{self.kind}:{Path(self.arg).name}" if "/" in self.arg else self.drafter
+            object.__setattr__(self, "name", short + (f"@{self.dtype}" if self.dtype else ""))
+
+    @property
+    def drafter(self) -> str:
+        """The drafter spec (an mtpspec method's spec without its @DTYPE)."""
+        return self.spec.partition("@")[0]
 
     @property
     def reference(self) -> bool:
-        """Not mtpspec: agreement with `none` is reported, not required (other kernels round differently)."""
-        return self.kind in REFERENCE_KINDS
+        """Not mtpspec at --dtype: agreement with `none` is reported, not required (other kernels, or other
+        activations, round differently)."""
+        return self.kind in REFERENCE_KINDS or bool(self.dtype)
 
     @property
     def drafts(self) -> bool:
@@ -90,7 +98,13 @@ def parse_methods(text: str) -> list[Method]:
     for spec in (s.strip() for s in text.split(",")):
         if not spec:
             continue
-        kind, _, arg = spec.partition(":")
+        drafter, at, dtype = spec.partition("@")
+        kind, _, arg = drafter.partition(":")
+        if at and (kind in REFERENCE_KINDS or dtype not in DTYPE_NAMES or dtype == "auto"):
+            raise MtpspecError(
+                f"{spec!r}: @DTYPE runs an mtpspec method in another dtype, one of {', '.join(DTYPE_NAMES[1:])} "
+                "(e.g. none@fp32)"
+            )
         if kind not in REFERENCE_KINDS and kind not in REGISTRY:
             known = ", ".join(list(REGISTRY) + list(REFERENCE_KINDS))
             raise MtpspecError(f"unknown method {spec!r}: use one of {known} (draft, hf-assisted: add :MODEL)")
@@ -101,9 +115,9 @@ def parse_methods(text: str) -> list[Method]:
         if kind in ("llama.cpp-native", "llama.cpp-lookup") and arg:
             raise MtpspecError(f"{kind} takes no argument, got {spec!r}")
         if spec not in [m.spec for m in methods]:
-            methods.append(Method(spec, kind, arg))
+            methods.append(Method(spec, kind, arg, dtype=dtype))
     if len({m.name for m in methods}) < len(methods):  # two models with the same last path part
-        methods = [Method(m.spec, m.kind, m.arg, name=m.spec) for m in methods]
+        methods = [replace(m, name=m.spec) for m in methods]
     return [Method("none", "none", "")] + [m for m in methods if m.spec != "none"]
 
 
@@ -175,19 +189,25 @@ def build_runners(
     profile: bool = False,
     quantize: str | None = None,
 ) -> dict[Method, Runner]:
-    """Load every model once: the mtpspec target (shared by all drafters) and what reference rows need.
-    `build` is required where rows run native llama.cpp binaries."""
+    """Load every model once: the mtpspec target (shared by all drafters; one more per @DTYPE) and what
+    reference rows need. `build` is required where rows run native llama.cpp binaries."""
     from ..api import Pipeline, load
 
     methods = list(dict.fromkeys(r.method for r in rows))
-    base = load(model, "none", dtype, weights=weights, quantize=quantize)
-    if hasattr(base.target, "prefix_cache"):  # every method prefills the prompts itself, not from another's cache
-        base.target.prefix_cache = False
+    bases = {}
+    for d in dict.fromkeys([dtype, *(m.dtype for m in methods if m.dtype)]):
+        bases[d] = load(model, "none", d, weights=weights, quantize=quantize)
+        if hasattr(
+            bases[d].target, "prefix_cache"
+        ):  # every method prefills the prompts itself, not from another's cache
+            bases[d].target.prefix_cache = False
+    base = bases[dtype]
     runners: dict[Method, Runner] = {}
     hf_model = None
     for m in methods:
-        if not m.reference:
-            runners[m] = MtpspecRunner(base if m.kind == "none" else Pipeline(base.target, m.spec, model), profile)
+        if m.kind in REGISTRY:
+            own = bases[m.dtype or dtype]
+            runners[m] = MtpspecRunner(own if m.drafter == "none" else Pipeline(own.target, m.drafter, model), profile)
         elif m.kind == "llama.cpp":
             runners[m] = LlamaCppRunner(model, threads, base.target.eos_token_ids)
         elif m.native:

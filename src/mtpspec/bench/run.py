@@ -14,6 +14,7 @@ from ..engine import GenerationConfig
 from ..errors import MtpspecError
 from ..models import DEFAULT_DTYPE
 from ..prompts import Dataset, load_dataset
+from ..runtime import GgufTarget
 from ..sampling import SamplingParams
 from ..text import ships_chat_template
 from . import markdown, plots, report
@@ -75,6 +76,8 @@ def benchmark(
     settings = {**asdict(config), "out": str(config.out), "greedy": decoding.greedy, "rows": [r.label for r in rows]}
     settings["llama_cpp_bin"] = str(config.llama_cpp_bin) if config.llama_cpp_bin else None
     env = report.environment(config.threads, config.dtype)
+    if isinstance(pipeline.target, GgufTarget):
+        env["activations"] = pipeline.target.gguf.activations
     if build:
         env["llama_cpp_native"] = {"dir": str(build.dir), "flags": build.flags, "threads": config.threads, **build.info}
     report.write_results(config.out / "results.json", settings, env, encoded, summaries, by_category, found, records)

@@ -25,7 +25,7 @@ from ..errors import MtpspecError
 from ..paths import kernels_dir
 
 # The products on the block formats, and the per-row ops between them (norms, RoPE).
-SOURCES = [Path(__file__).with_name(name) for name in ("quant.cpp", "rowops.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant.cpp", "q8.cpp", "rowops.cpp")]
 # No -ffast-math, and no contraction of a product into a sum unless the source asks (std::fma or an
 # FMA intrinsic): each value is rounded exactly where the source says, so dequantised weights equal
 # the reference's bits, and every output element's arithmetic is fixed (see quant.cpp).

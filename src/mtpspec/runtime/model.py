@@ -1,6 +1,7 @@
-"""A lean forward over a GGUF model's own weights: Gemma 3 and Llama-style decoders, in float32.
+"""A lean forward over a GGUF model's own weights: Gemma 3 and Llama-style decoders.
 
-Every projection is a `QMatrix` product (C++, on the file's blocks); norms, RoPE and activations are
+Every projection is a `QMatrix` product (C++, on the file's blocks: float32 activations, or with `q8` int8
+ones, see ACTIVATIONS); norms, RoPE and activations are
 a few PyTorch ops per layer on `[T, H]` rows; attention is the exact per-row kernel over the
 preallocated cache. The file is interpreted as transformers interprets it when it loads a GGUF:
 - llama.cpp stores Llama's Q and K rows permuted for its interleaved RoPE; `_unpermute` restores the
@@ -28,6 +29,12 @@ from .build import ops
 from .weights import GgufWeights, QMatrix
 
 ARCHS = ("gemma3", "llama")
+# What the layers' products take in (`--dtype` on the GGUF runtime): `q8`, each activation row quantized to
+# int8 per 32 values, as llama.cpp does, and multiplied in exact integer sums (q8.cpp); or `fp32`, float32
+# activations times the exactly dequantised weights (quant.cpp), the closest to transformers' float32.
+# The output head takes float32 activations either way.
+ACTIVATIONS = ("q8", "fp32")
+DEFAULT_ACTIVATIONS = "q8"
 
 
 @dataclass
@@ -81,7 +88,11 @@ def _unpermute(m: QMatrix, heads: int) -> QMatrix:
 class GgufModel:
     """Weights and forward of one GGUF decoder; `config` is the transformers config of the same file."""
 
-    def __init__(self, weights: GgufWeights, config, rotary):
+    def __init__(self, weights: GgufWeights, config, rotary, activations: str = DEFAULT_ACTIVATIONS):
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, not {activations!r}")
+        self.activations = activations
+        self.q8 = activations == "q8"
         self.arch = weights.architecture
         if self.arch not in ARCHS:
             raise MtpspecError(
@@ -104,6 +115,10 @@ class GgufModel:
         _ = self.head.screen  # the greedy head's int8 copy, packed now rather than in the first request
         self.final_norm = self._norm_weight(weights.vector("output_norm.weight"))
         self.layers = [self._layer(weights, i) for i in range(c.num_hidden_layers)]
+        if self.q8:  # the int8 copies, packed now rather than in the first request
+            for layer in self.layers:
+                for m in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+                    _ = m.packed
 
     def _norm_weight(self, w: torch.Tensor) -> torch.Tensor:
         return 1.0 + (w - 1.0) if self.gemma else w
@@ -166,7 +181,7 @@ class GgufModel:
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             h = self.norm(x, layer.attn_norm)
-            q, k, v = QMatrix.linear_many(h, [layer.q, layer.k, layer.v])
+            q, k, v = QMatrix.linear_many(h, [layer.q, layer.k, layer.v], self.q8)
             q = q.view(t, self.heads, self.head_dim)
             k, v = k.view(t, self.kv_heads, self.head_dim), v.view(t, self.kv_heads, self.head_dim)
             if self.gemma:
@@ -174,13 +189,13 @@ class GgufModel:
             cos, sin = tables[layer.kind]
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             a = self._attend(q, k, v, [s.cache[i] for s in segments], place, positions, layer.window)
-            a = layer.o.linear(a.reshape(t, -1))
+            a = layer.o.linear(a.reshape(t, -1), self.q8)
             if self.gemma:
                 a = self.norm(a, layer.post_attn_norm)
             x = x + a
             h = self.norm(x, layer.ffn_norm)
-            gate, up = QMatrix.linear_many(h, [layer.gate, layer.up])
-            m = layer.down.linear(self._act(gate) * up)
+            gate, up = QMatrix.linear_many(h, [layer.gate, layer.up], self.q8)
+            m = layer.down.linear(self._act(gate) * up, self.q8)
             if self.gemma:
                 m = self.norm(m, layer.post_ffn_norm)
             x = x + m

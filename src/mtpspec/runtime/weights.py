@@ -28,7 +28,8 @@ from .build import ops
 
 Q = GGMLQuantizationType
 # What the kernels multiply on directly.
-NATIVE = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+BLOCK_QUANTIZED = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K})
+NATIVE = BLOCK_QUANTIZED | {Q.F32, Q.F16, Q.BF16}
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,25 @@ class QMatrix:
     def shape(self) -> tuple[int, int]:
         return self.raw.shape[0], self.cols
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N] float32
-        """`x @ W.T` in float32; row i of a block has the same bits as row i alone."""
-        flat = x.reshape(-1, self.cols).float()
-        return ops().qlinear(flat, self.raw, int(self.qtype), self.cols).view(*x.shape[:-1], self.raw.shape[0])
+    def linear(self, x: torch.Tensor, q8: bool = False) -> torch.Tensor:  # [..., K] -> [..., N] float32
+        """`x @ W.T`, float32 out; row i of a block has the same bits as row i alone. With `q8` the rows are
+        quantized to int8 per 32 values first (`--dtype q8`, q8.cpp), where the format is block-quantized."""
+        (y,) = QMatrix.linear_many(x.reshape(-1, self.cols), [self], q8)
+        return y.view(*x.shape[:-1], self.raw.shape[0])
 
     @staticmethod
-    def linear_many(x: torch.Tensor, matrices: list[QMatrix]) -> list[torch.Tensor]:  # [T, K] -> [T, N_i] each
-        """`[m.linear(x) for m in matrices]`, the same bits, in one call (one thread wake-up)."""
-        cols = matrices[0].cols
-        raws, types = [m.raw for m in matrices], [int(m.qtype) for m in matrices]
-        return ops().qlinear_many(x.reshape(-1, cols).float(), raws, types, cols)
+    def linear_many(x: torch.Tensor, matrices: list[QMatrix], q8: bool = False) -> list[torch.Tensor]:
+        """`[m.linear(x, q8) for m in matrices]` (`[T, K]` -> `[T, N_i]` each), the same bits, in one call per
+        kind of product (one thread wake-up)."""
+        x = x.reshape(-1, matrices[0].cols).float()
+        ints = [i for i, m in enumerate(matrices) if q8 and m.packed is not None]
+        floats = [i for i in range(len(matrices)) if i not in ints]
+        out: list[torch.Tensor] = [x] * len(matrices)
+        for part, product in ((ints, _q8_products), (floats, _float_products)):
+            if part:
+                for i, y in zip(part, product(x, [matrices[i] for i in part]), strict=True):
+                    out[i] = y
+        return out
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
         """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index. A large Q8_0
@@ -72,6 +81,12 @@ class QMatrix:
             return None
         return screen_pack(self.raw, self.cols) if ops().screen_available() else None
 
+    @cached_property
+    def packed(self) -> torch.Tensor | None:
+        """The int8 codes and scales `q8_linear_many` reads (q8.cpp's layout, built on first use), or None for
+        the unquantized formats (F32, F16, BF16), whose products stay float32."""
+        return ops().q8_pack(self.raw, int(self.qtype), self.cols) if self.qtype in BLOCK_QUANTIZED else None
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, K] float32
         """Rows `ids`, dequantised (embedding lookups)."""
         return ops().dequantize(self.raw, ids.reshape(-1), int(self.qtype), self.cols).view(*ids.shape, self.cols)
@@ -82,6 +97,16 @@ class QMatrix:
 
 
 SCREEN_MIN_ROWS = 4096  # below this, the float32 argmax is cheap enough
+
+
+def _q8_products(x: torch.Tensor, ms: list[QMatrix]) -> list[torch.Tensor]:
+    return ops().q8_linear_many(
+        x, [m.packed for m in ms], [int(m.qtype) for m in ms], [m.shape[0] for m in ms], x.shape[1]
+    )
+
+
+def _float_products(x: torch.Tensor, ms: list[QMatrix]) -> list[torch.Tensor]:
+    return ops().qlinear_many(x, [m.raw for m in ms], [int(m.qtype) for m in ms], x.shape[1])
 
 
 def screen_pack(raw: torch.Tensor, cols: int) -> torch.Tensor | None:

@@ -207,9 +207,9 @@ def _register_self_distill(subparsers) -> None:
     add_weights_arg(p, "; on a GPU (--device), auto dequantises: the runtime runs on the CPU")
     p.add_argument(
         "--dtype",
-        choices=["auto", "bf16", "fp32"],
+        choices=["auto", "bf16", "fp32", "q8"],
         default="auto",
-        help="the dtype a transformers model generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32. The GGUF runtime computes in fp32 (default: auto)",
+        help="the dtype a transformers model generates in; auto: bf16 on GPUs that support it and on CPUs with bf16 instructions (AMX, AVX512-BF16), where it is the faster one, else fp32. The GGUF runtime's activations: auto or q8 (int8, its default), or fp32 (default: auto)",
     )
     p.add_argument(
         "--device",

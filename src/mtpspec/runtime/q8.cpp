@@ -1,0 +1,455 @@
+// Products with int8-quantized activations (`--dtype q8`): llama.cpp's numerics, in exact integer
+// dot products. Compiled in the same unit as quant.cpp, whose format helpers it uses.
+//
+// Weights. Each block-quantized weight is w = a_g * s + c_g: s a signed integer code (|s| <= 128), a_g
+// and c_g float32 per group g of 16 values (Q6_K) or 32 (the rest), c_g = 0 except in the formats with
+// a minimum (Q4_1, Q5_1, Q4_K, Q5_K, where c_g = 8 a_g + m or 16 a_g - dmin m_g, rounded once). The
+// unsigned code u = s + o (o = 128 for Q8_0's 8 bits, else 2^(bits - 1): 8, 16, 32 for 4, 5, 6 bits) is
+// what the products read. q8_pack lays the codes out once per matrix: per group of 16 output features and
+// per 32-value block b, a record of 512 code bytes in 8 chunks k of 16 features x 4 values (4k .. 4k + 3):
+// byte i = 64 k + 4 n + v holds feature n's value 4k + v. Stored
+//     8 bits: the 512 bytes u;
+//     4 to 6 bits: 256 bytes of nibbles (byte i: u_i & 15 low, u_(256 + i) & 15 high), then per bit
+//                  4 (and 5) of u a plane of 512 bits (bit i of the plane is that bit of u_i);
+// then a: 16 floats per group of the block (one or two groups), then c (formats with a minimum).
+// Activations. Each row is quantized per 32-value block: dx_b = max|x| / 127 (float32), xq = round(x * (127 /
+// max|x|)) in [-127, 127] (in double, half to even, the same on every path), so x ~ dx_b * xq. A block holding a
+// non-finite value gets dx_b = NaN, and the row's outputs are NaN.
+//
+// Output element (m, n) is always, in order over the blocks b and their groups g,
+//     acc = 0
+//     acc = fma(a_ng * dx_mb, float(S_mng), acc)         S_mng = sum of s * xq over g: an exact integer
+//     acc = fma(c_ng, t_mb, acc)     (minimum formats)    t_mb = dx_mb * float(sum of xq over b)
+//     y[m, n] = acc
+// The integer sums are exact whichever instructions form them (AVX-512 VNNI, AVX2's pairwise products,
+// or plain C++), and the float operations are the same on every path (this file, like quant.cpp, is
+// compiled with -ffp-contract=off), so every path gives the same bits, whatever M is, which rows share
+// a tile and which thread computes a feature.
+namespace {
+
+bool q8_g16(int64_t type) { return type == Q6_K; }  // scales per 16 values
+bool q8_min(int64_t type) { return type == Q4_1 || type == Q5_1 || type == Q4_K || type == Q5_K; }
+bool q8_packable(int64_t type) { return kFormat(type).block >= 32; }  // the block-quantized formats
+int q8_bits(int64_t type) {
+  switch (type) {
+    case Q8_0: return 8;
+    case Q5_0: case Q5_1: case Q5_K: return 5;
+    case Q6_K: return 6;
+  }
+  return 4;
+}
+constexpr int code_offset(int bits) { return bits == 8 ? 128 : 1 << (bits - 1); }
+constexpr int64_t code_bytes(int bits) { return bits == 8 ? 512 : 256 + 64 * (bits - 4); }
+int64_t q8_record(int64_t type) { return code_bytes(q8_bits(type)) + 64 * (q8_g16(type) ? 2 : 1) + (q8_min(type) ? 64 : 0); }
+
+// Code u of byte i (0 .. 511) of a record's codes, as laid out above (the portable path's reader).
+template <int BITS>
+inline int code_at(const uint8_t* rec, int i) {
+  if constexpr (BITS == 8) return rec[i];
+  int u = i < 256 ? rec[i] & 15 : rec[i - 256] >> 4;
+  for (int p = 0; p < BITS - 4; ++p) u |= ((rec[256 + 64 * p + i / 8] >> (i % 8)) & 1) << (4 + p);
+  return u;
+}
+
+// One format block's codes s[0 .. block) and, per 16 values, a and c (w = a * s + c).
+template <int64_t type>
+void codes_block(const uint8_t* b, int8_t* s, float* a, float* c) {
+  auto fill = [&](int from, int n, float av, float cv) {  // groups of 16 values [from, from + n)
+    for (int g = from / 16; g < (from + n) / 16; ++g) a[g] = av, c[g] = cv;
+  };
+  switch (type) {
+    case Q4_0:
+    case Q4_1: {
+      const bool one = type == Q4_1;
+      const float d = fp16(b), m = one ? fp16(b + 2) : 0.0f;
+      const uint8_t* qs = b + (one ? 4 : 2);
+      for (int j = 0; j < 16; ++j) s[j] = int8_t((qs[j] & 0xF) - 8), s[j + 16] = int8_t((qs[j] >> 4) - 8);
+      fill(0, 32, d, one ? 8.0f * d + m : 0.0f);
+      return;
+    }
+    case Q5_0:
+    case Q5_1: {
+      const bool one = type == Q5_1;
+      const float d = fp16(b), m = one ? fp16(b + 2) : 0.0f;
+      uint32_t qh;
+      std::memcpy(&qh, b + (one ? 4 : 2), 4);
+      const uint8_t* qs = b + (one ? 8 : 6);
+      for (int j = 0; j < 16; ++j) {
+        s[j] = int8_t(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
+        s[j + 16] = int8_t(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+      }
+      fill(0, 32, d, one ? 16.0f * d + m : 0.0f);
+      return;
+    }
+    case Q8_0:
+      std::memcpy(s, b + 2, 32);
+      fill(0, 32, fp16(b), 0.0f);
+      return;
+    case Q4_K:
+    case Q5_K: {
+      const bool five = type == Q5_K;
+      const int off = five ? 16 : 8;
+      const float d = fp16(b), dmin = fp16(b + 2);
+      const uint8_t* qh = b + 16;
+      const uint8_t* qs = b + (five ? 48 : 16);
+      for (int j = 0; j < 4; ++j)
+        for (int half = 0; half < 2; ++half) {  // sub-block 2j + half: values [64j + 32 half, +32)
+          uint8_t sc, m;
+          scale_min_k4(2 * j + half, b + 4, sc, m);
+          const float d1 = d * float(sc);
+          for (int l = 0; l < 32; ++l) {
+            int q = half ? qs[32 * j + l] >> 4 : qs[32 * j + l] & 0xF;
+            if (five) q |= ((qh[l] >> (2 * j + half)) & 1) << 4;
+            s[64 * j + 32 * half + l] = int8_t(q - off);
+          }
+          fill(64 * j + 32 * half, 32, d1, float(off) * d1 - dmin * float(m));
+        }
+      return;
+    }
+    case Q6_K: {
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      const float d = fp16(b + 208);
+      for (int half = 0; half < 2; ++half)
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t lo = ql[64 * half + l], hi = ql[64 * half + l + 32], h = qh[32 * half + l];
+          int8_t* o = s + 128 * half + l;
+          o[0] = int8_t(((lo & 0xF) | ((h & 3) << 4)) - 32);
+          o[32] = int8_t(((hi & 0xF) | (((h >> 2) & 3) << 4)) - 32);
+          o[64] = int8_t(((lo >> 4) | (((h >> 4) & 3) << 4)) - 32);
+          o[96] = int8_t(((hi >> 4) | (((h >> 6) & 3) << 4)) - 32);
+        }
+      for (int g = 0; g < 16; ++g) a[g] = d * float(sc[g]), c[g] = 0.0f;
+      return;
+    }
+  }
+  TORCH_CHECK(false, "mtpspec runtime: no int8 codes for GGML type ", type);
+}
+
+// w [N, row_bytes] in its format -> records [ceil(N / 16) * K / 32 * q8_record(type)] uint8 (layout above).
+at::Tensor q8_pack(const at::Tensor& w, int64_t type, int64_t K) {
+  const Format f = format_of(type);
+  TORCH_CHECK(q8_packable(type), "q8_pack: GGML type ", type, " is not block-quantized");
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && K % f.block == 0 &&
+                  w.size(1) == K / f.block * f.bytes,
+              "w must be contiguous rows of ", K, " values in GGML type ", type);
+  const int64_t N = w.size(0), nb = K / 32, groups = (N + 15) / 16, rec = q8_record(type);
+  const int na = q8_g16(type) ? 2 : 1, bits = q8_bits(type);
+  at::Tensor packed = at::zeros({groups * nb * rec}, w.options());
+  const uint8_t* src = w.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  dispatch(type, [&](auto t_) {
+    constexpr int64_t T = decltype(t_)::value;
+    if constexpr (kFormat(T).block >= 32) {
+      at::parallel_for(0, groups, 16, [&](int64_t begin, int64_t end) {
+        std::vector<int8_t> s(K);
+        std::vector<float> a(K / 16), c(K / 16);
+        for (int64_t g = begin; g < end; ++g)
+          for (int64_t r = 0; r < 16; ++r) {  // features past N: padding, s = 0
+            std::fill(s.begin(), s.end(), 0);
+            std::fill(a.begin(), a.end(), 0.0f);
+            std::fill(c.begin(), c.end(), 0.0f);
+            if (16 * g + r < N) {
+              const uint8_t* row = src + (16 * g + r) * w.size(1);
+              for (int64_t k = 0; k < K; k += f.block)
+                codes_block<T>(row + k / f.block * f.bytes, s.data() + k, a.data() + k / 16, c.data() + k / 16);
+            }
+            for (int64_t b = 0; b < nb; ++b) {
+              uint8_t* out = dst + (g * nb + b) * rec;
+              for (int j = 0; j < 32; ++j) {
+                const int i = 64 * (j / 4) + 4 * r + j % 4, u = s[32 * b + j] + code_offset(bits);
+                if (bits == 8) {
+                  out[i] = uint8_t(u);
+                  continue;
+                }
+                out[i % 256] |= uint8_t((u & 15) << (i < 256 ? 0 : 4));
+                for (int p = 0; p < bits - 4; ++p) out[256 + 64 * p + i / 8] |= uint8_t(((u >> (4 + p)) & 1) << (i % 8));
+              }
+              float* av = reinterpret_cast<float*>(out + code_bytes(bits));
+              for (int i = 0; i < na; ++i) av[16 * i + r] = a[2 * b + i];
+              if (q8_min(T)) av[16 * na + r] = c[2 * b];
+            }
+          }
+      });
+    }
+  });
+  return packed;
+}
+
+// One activation row, quantized (see the top of this file): per block b dx[b], t[b] = dx[b] * sum of xq,
+// xq packed 4 per int32 (xq4[8b .. 8b + 8)), and per 16 values sum16 = the sum of their xq.
+struct Q8Row {
+  std::vector<float> dx, t;
+  std::vector<int32_t> xq4, sum16;
+  explicit Q8Row(int64_t nb = 0) : dx(nb), t(nb), xq4(8 * nb), sum16(2 * nb) {}
+  void quantize(const float* x) {
+    for (size_t b = 0; b < dx.size(); ++b) {
+      const float* v = x + 32 * b;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int j = 0; j < 32; ++j) {
+        finite = finite && std::isfinite(v[j]);
+        amax = std::max(amax, std::fabs(v[j]));
+      }
+      int8_t q[32] = {};
+      if (finite && amax > 0.0f) {
+        const double inv = 127.0 / double(amax);  // in double: no overflow for any float amax > 0
+        for (int j = 0; j < 32; ++j) q[j] = int8_t(std::max(-127.0, std::min(127.0, std::nearbyint(double(v[j]) * inv))));
+      }
+      dx[b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      for (int h = 0; h < 2; ++h) {
+        int32_t sum = 0;
+        for (int j = 0; j < 16; ++j) sum += q[16 * h + j];
+        sum16[2 * b + h] = sum;
+      }
+      t[b] = dx[b] * float(sum16[2 * b] + sum16[2 * b + 1]);
+      std::memcpy(&xq4[8 * b], q, 32);
+    }
+  }
+};
+
+// acc[i][0 .. 16) = y[row i, the group's 16 features] for rows r[0 .. R) over the group's records at rec
+// (BITS-bit codes). The integer sums S of each block: two chains (values 0-15 and 16-31) so that one
+// row's products do not wait on each other's latency.
+#if MTPSPEC_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+const char* kQ8Path = "avx512-vnni";
+// The 8 chunks of codes u of a record, one register each.
+template <int BITS>
+inline void load_codes(const uint8_t* rec, __m512i* w) {
+  if constexpr (BITS == 8) {
+    for (int k = 0; k < 8; ++k) w[k] = _mm512_loadu_si512(rec + 64 * k);
+  } else {
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int k = 0; k < 4; ++k) {
+      const __m512i n = _mm512_loadu_si512(rec + 64 * k);
+      w[k] = _mm512_and_si512(n, low);
+      w[k + 4] = _mm512_and_si512(_mm512_srli_epi16(n, 4), low);
+    }
+    for (int p = 0; p < BITS - 4; ++p)
+      for (int k = 0; k < 8; ++k) {
+        __mmask64 bit;
+        std::memcpy(&bit, rec + 256 + 64 * p + 8 * k, 8);
+        w[k] = _mm512_mask_add_epi8(w[k], bit, w[k], _mm512_set1_epi8(char(16 << p)));
+      }
+  }
+}
+
+template <int BITS, bool G16, bool MIN, int R>
+void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, float (*acc)[16]) {
+  __m512 y[R];
+  for (int i = 0; i < R; ++i) y[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += bytes) {
+    __m512i w[8];
+    load_codes<BITS>(rec, w);
+    const float* av = reinterpret_cast<const float*>(rec + code_bytes(BITS));
+    const __m512 a0 = _mm512_loadu_ps(av);
+    const __m512 a1 = G16 || MIN ? _mm512_loadu_ps(av + 16) : a0;  // G16's second a, or c
+    for (int i = 0; i < R; ++i) {
+      const int32_t* x4 = r[i]->xq4.data() + 8 * b;
+      const int32_t* s16 = r[i]->sum16.data() + 2 * b;
+      // u = s + o times xq: start each sum at -o * (sum of xq) to leave sum of s * xq.
+      constexpr int o = code_offset(BITS);
+      __m512i lo = _mm512_set1_epi32(-o * s16[0]), hi = _mm512_set1_epi32(-o * s16[1]);
+      for (int k = 0; k < 4; ++k) {
+        lo = _mm512_dpbusd_epi32(lo, w[k], _mm512_set1_epi32(x4[k]));
+        hi = _mm512_dpbusd_epi32(hi, w[k + 4], _mm512_set1_epi32(x4[k + 4]));
+      }
+      const __m512 dx = _mm512_set1_ps(r[i]->dx[b]);
+      if constexpr (G16) {
+        y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a0, dx), _mm512_cvtepi32_ps(lo), y[i]);
+        y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a1, dx), _mm512_cvtepi32_ps(hi), y[i]);
+      } else {
+        y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a0, dx), _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), y[i]);
+        if constexpr (MIN) y[i] = _mm512_fmadd_ps(a1, _mm512_set1_ps(r[i]->t[b]), y[i]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc[i], y[i]);
+}
+constexpr int kQ8Rows = 8;
+#elif MTPSPEC_AVX512 || MTPSPEC_AVX2
+const char* kQ8Path = "avx2";
+// 32 bytes, 0xFF where bit i of m is set.
+inline __m256i expand_bits(uint32_t m) {
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ULL));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(m)), spread), bit), bit);
+}
+
+// The signed codes s of half h (features 8h .. 8h + 7) of a record's 8 chunks.
+template <int BITS>
+inline void load_codes(const uint8_t* rec, int h, __m256i* s) {
+  auto at = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + off)); };
+  if constexpr (BITS == 8) {
+    for (int k = 0; k < 8; ++k) s[k] = at(64 * k + 32 * h);
+  } else {
+    const __m256i low = _mm256_set1_epi8(15);
+    for (int k = 0; k < 4; ++k) {
+      const __m256i n = at(64 * k + 32 * h);
+      s[k] = _mm256_and_si256(n, low);
+      s[k + 4] = _mm256_and_si256(_mm256_srli_epi16(n, 4), low);
+    }
+    for (int p = 0; p < BITS - 4; ++p)
+      for (int k = 0; k < 8; ++k) {
+        uint32_t bit;
+        std::memcpy(&bit, rec + 256 + 64 * p + 8 * k + 4 * h, 4);
+        s[k] = _mm256_or_si256(s[k], _mm256_and_si256(expand_bits(bit), _mm256_set1_epi8(char(16 << p))));
+      }
+  }
+  for (int k = 0; k < 8; ++k) s[k] = _mm256_sub_epi8(s[k], _mm256_set1_epi8(char(code_offset(BITS))));
+}
+
+// Eight features at a time (half h of the group); s * xq as |s| times xq with s's sign, in pairs (at
+// most 2 * 128 * 127, within int16) then fours.
+template <int BITS, bool G16, bool MIN, int R>
+void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, float (*acc)[16]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 y[R];
+    for (int i = 0; i < R; ++i) y[i] = _mm256_setzero_ps();
+    const uint8_t* p = rec;
+    for (int64_t b = 0; b < nb; ++b, p += bytes) {
+      __m256i s[8], sa[8];
+      load_codes<BITS>(p, h, s);
+      for (int k = 0; k < 8; ++k) sa[k] = _mm256_abs_epi8(s[k]);
+      const float* av = reinterpret_cast<const float*>(p + code_bytes(BITS)) + 8 * h;
+      const __m256 a0 = _mm256_loadu_ps(av);
+      const __m256 a1 = G16 || MIN ? _mm256_loadu_ps(av + 16) : a0;  // G16's second a, or c
+      for (int i = 0; i < R; ++i) {
+        const int32_t* x4 = r[i]->xq4.data() + 8 * b;
+        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+        for (int k = 0; k < 8; ++k) {
+          const __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(sa[k], _mm256_sign_epi8(_mm256_set1_epi32(x4[k]), s[k])), ones);
+          if (k < 4) lo = _mm256_add_epi32(lo, prod);
+          else hi = _mm256_add_epi32(hi, prod);
+        }
+        const __m256 dx = _mm256_set1_ps(r[i]->dx[b]);
+        if constexpr (G16) {
+          y[i] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(lo), y[i]);
+          y[i] = _mm256_fmadd_ps(_mm256_mul_ps(a1, dx), _mm256_cvtepi32_ps(hi), y[i]);
+        } else {
+          y[i] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), y[i]);
+          if constexpr (MIN) y[i] = _mm256_fmadd_ps(a1, _mm256_set1_ps(r[i]->t[b]), y[i]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) _mm256_storeu_ps(acc[i] + 8 * h, y[i]);
+  }
+}
+constexpr int kQ8Rows = 4;
+#else
+const char* kQ8Path = "portable";
+template <int BITS, bool G16, bool MIN, int R>
+void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, float (*acc)[16]) {
+  for (int i = 0; i < R; ++i)
+    for (int n = 0; n < 16; ++n) {
+      float y = 0.0f;
+      const uint8_t* p = rec;
+      for (int64_t b = 0; b < nb; ++b, p += bytes) {
+        const int8_t* xq = reinterpret_cast<const int8_t*>(r[i]->xq4.data() + 8 * b);
+        int32_t sum[2] = {0, 0};
+        for (int j = 0; j < 32; ++j) sum[j / 16] += (code_at<BITS>(p, 64 * (j / 4) + 4 * n + j % 4) - code_offset(BITS)) * xq[j];
+        const float* av = reinterpret_cast<const float*>(p + code_bytes(BITS));
+        const float dx = r[i]->dx[b];
+        if constexpr (G16) {
+          y = std::fma(av[n] * dx, float(sum[0]), y);
+          y = std::fma(av[16 + n] * dx, float(sum[1]), y);
+        } else {
+          y = std::fma(av[n] * dx, float(sum[0] + sum[1]), y);
+          if constexpr (MIN) y = std::fma(av[16 + n], r[i]->t[b], y);
+        }
+      }
+      acc[i][n] = y;
+    }
+}
+constexpr int kQ8Rows = 4;
+#endif
+
+// q8_tile<r> for a run-time r <= R.
+template <int BITS, bool G16, bool MIN, int R>
+void q8_rows(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, int64_t rows, float (*acc)[16]) {
+  if constexpr (R > 1)
+    if (rows < R) return q8_rows<BITS, G16, MIN, R - 1>(rec, nb, bytes, r, rows, acc);
+  q8_tile<BITS, G16, MIN, R>(rec, nb, bytes, r, acc);
+}
+
+// fn(integral_constant<int, BITS>, integral_constant<bool, G16>, integral_constant<bool, MIN>) for `type`.
+template <class Fn>
+void q8_dispatch(int64_t type, Fn&& fn) {
+  using T = std::true_type;
+  using F = std::false_type;
+  switch (type) {
+    case Q8_0: return fn(std::integral_constant<int, 8>{}, F{}, F{});
+    case Q6_K: return fn(std::integral_constant<int, 6>{}, T{}, F{});
+    case Q5_0: return fn(std::integral_constant<int, 5>{}, F{}, F{});
+    case Q5_1: case Q5_K: return fn(std::integral_constant<int, 5>{}, F{}, T{});
+    case Q4_0: return fn(std::integral_constant<int, 4>{}, F{}, F{});
+    case Q4_1: case Q4_K: return fn(std::integral_constant<int, 4>{}, F{}, T{});
+  }
+  TORCH_CHECK(false, "mtpspec runtime: no int8 products for GGML type ", type);
+}
+
+// x @ w_i.T for matrices w_i packed by q8_pack (types[i], ns[i] output features), all reading x: x is
+// quantized once, and one parallel region covers every matrix's groups of 16 features.
+std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs, at::IntArrayRef types, at::IntArrayRef ns, int64_t K) {
+  TORCH_CHECK(packs.size() == types.size() && packs.size() == ns.size() && !packs.empty(), "q8_linear_many: one type and size per matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K && K % 32 == 0, "x must be float32 [M, K], K a multiple of 32");
+  const int64_t M = x.size(0), nb = K / 32;
+  std::vector<int64_t> first{0};  // first[i]: matrix i's first group in the joint range
+  std::vector<at::Tensor> ys;
+  for (size_t i = 0; i < packs.size(); ++i) {
+    TORCH_CHECK(q8_packable(types[i]) && K % kFormat(types[i]).block == 0, "q8_linear_many: GGML type ", types[i], " for K = ", K);
+    const int64_t groups = (ns[i] + 15) / 16;
+    TORCH_CHECK(packs[i].scalar_type() == at::kByte && packs[i].is_contiguous() && packs[i].numel() == groups * nb * q8_record(types[i]),
+                "packs[", i, "] is not q8_pack's layout for ", ns[i], " features of ", K, " values");
+    first.push_back(first.back() + groups);
+    ys.push_back(at::empty({M, ns[i]}, x.options()));
+  }
+  const at::Tensor xc = x.contiguous();
+  std::vector<Q8Row> rows(M, Q8Row(nb));
+  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / K), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) rows[m].quantize(xc.data_ptr<float>() + m * K);
+  });
+  std::vector<const Q8Row*> ptr(M);
+  for (int64_t m = 0; m < M; ++m) ptr[m] = &rows[m];
+  // Row blocks whose quantized activations stay in L2 while every group's records pass over them.
+  const int64_t mb = std::max<int64_t>(kQ8Rows, (1 << 16) / K);
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / (16 * K));
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    const int64_t rows_here = std::min(mb, M - m0);
+    at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
+      float acc[kQ8Rows][16];
+      for (int64_t t = begin; t < end; ++t) {
+        const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
+        const int64_t g = t - first[i], n0 = 16 * g, width = std::min<int64_t>(16, ns[i] - n0), bytes = q8_record(types[i]);
+        const uint8_t* rec = packs[i].data_ptr<uint8_t>() + g * nb * bytes;
+        float* y = ys[i].data_ptr<float>();
+        q8_dispatch(types[i], [&](auto bits, auto g16, auto min) {
+          for (int64_t m = m0; m < m0 + rows_here; m += kQ8Rows) {
+            const int64_t r = std::min<int64_t>(kQ8Rows, m0 + rows_here - m);
+            q8_rows<decltype(bits)::value, decltype(g16)::value, decltype(min)::value, kQ8Rows>(rec, nb, bytes, ptr.data() + m, r, acc);
+            for (int64_t j = 0; j < r; ++j) std::memcpy(y + (m + j) * ns[i] + n0, acc[j], width * sizeof(float));
+          }
+        });
+      }
+    });
+  }
+  return ys;
+}
+
+std::string q8_path() { return kQ8Path; }
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mtpspec_runtime, m) {
+  m.def("q8_pack(Tensor w, int type, int K) -> Tensor");
+  m.def("q8_linear_many(Tensor x, Tensor[] packs, int[] types, int[] ns, int K) -> Tensor[]");
+  m.def("q8_path() -> str", &q8_path);
+}
+
+TORCH_LIBRARY_IMPL(mtpspec_runtime, CPU, m) {
+  m.impl("q8_pack", &q8_pack);
+  m.impl("q8_linear_many", &q8_linear_many);
+}
