@@ -103,3 +103,11 @@ def test_bench_compares_activation_types_in_one_run(tiny_llama_gguf, tmp_path):
     assert results["settings"]["rows"] == ["none", "ngram k=4", "none@fp32", "ngram@fp32 k=4"]
     assert results["environment"]["activations"] == "q8" and results["lossless"]
     assert main([*args[:4], "hf@fp32", *args[5:], "--out", str(out)]) == 2
+
+
+def test_q8_is_refused_where_transformers_computes(tiny_dirs, capsys):
+    from mtpspec.cli import main
+
+    args = ["generate", "hi", "--model", str(tiny_dirs["llama"]), "--dtype", "q8", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    assert "a transformers model computes in bf16 or fp32, not --dtype 'q8'" in capsys.readouterr().err

@@ -197,9 +197,8 @@ def build_runners(
     bases = {}
     for d in dict.fromkeys([dtype, *(m.dtype for m in methods if m.dtype)]):
         bases[d] = load(model, "none", d, weights=weights, quantize=quantize)
-        if hasattr(
-            bases[d].target, "prefix_cache"
-        ):  # every method prefills the prompts itself, not from another's cache
+        # every method prefills the prompts itself, not from another's cache
+        if hasattr(bases[d].target, "prefix_cache"):
             bases[d].target.prefix_cache = False
     base = bases[dtype]
     runners: dict[Method, Runner] = {}

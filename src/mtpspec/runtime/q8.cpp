@@ -2,10 +2,10 @@
 // dot products. Compiled in the same unit as quant.cpp, whose format helpers it uses.
 //
 // Weights. Each block-quantized weight is w = a_g * s + c_g: s a signed integer code (|s| <= 128), a_g
-// and c_g float32 per group g of 16 values (Q6_K) or 32 (the rest), c_g = 0 except in the formats with
-// a minimum (Q4_1, Q5_1, Q4_K, Q5_K, where c_g = 8 a_g + m or 16 a_g - dmin m_g, rounded once). The
-// unsigned code u = s + o (o = 128 for Q8_0's 8 bits, else 2^(bits - 1): 8, 16, 32 for 4, 5, 6 bits) is
-// what the products read. q8_pack lays the codes out once per matrix: per group of 16 output features and
+// and c_g float32 per group g of 16 values (Q6_K) or 32 (the rest). The unsigned code u = s + o (o = 128
+// for Q8_0's 8 bits, else 2^(bits - 1): 8, 16, 32 for 4, 5, 6 bits) is what the products read. c_g = 0
+// except in the formats with a minimum: o a_g + m (Q4_1, Q5_1) or o a_g - dmin m_g (Q4_K, Q5_K), each
+// rounded once. q8_pack lays the codes out once per matrix: per group of 16 output features and
 // per 32-value block b, a record of 512 code bytes in 8 chunks k of 16 features x 4 values (4k .. 4k + 3):
 // byte i = 64 k + 4 n + v holds feature n's value 4k + v. Stored
 //     8 bits: the 512 bytes u;
