@@ -57,6 +57,10 @@ def test_unquantized_matrices_keep_float32_products():
     assert m.packed is None
     x = torch.randn(3, 64)
     assert torch.equal(m.linear(x, q8=True), m.linear(x))
+    q4 = _matrix(Q.Q4_0, n=18, k=64)  # sharing a call, each kind keeps its own product
+    mixed = QMatrix.linear_many(x, [q4, m, q4], q8=True)
+    assert torch.equal(mixed[0], q4.linear(x, q8=True)) and torch.equal(mixed[2], mixed[0])
+    assert torch.equal(mixed[1], m.linear(x))
 
 
 def test_a_q8_model_stays_close_to_its_float32_self(tiny_gemma3_gguf):

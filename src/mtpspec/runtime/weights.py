@@ -55,14 +55,12 @@ class QMatrix:
         """`[m.linear(x, q8) for m in matrices]` (`[T, K]` -> `[T, N_i]` each), the same bits, in one call per
         kind of product (one thread wake-up)."""
         x = x.reshape(-1, matrices[0].cols).float()
-        ints = [i for i, m in enumerate(matrices) if q8 and m.packed is not None]
-        floats = [i for i in range(len(matrices)) if i not in ints]
-        out: list[torch.Tensor] = [x] * len(matrices)
-        for part, product in ((ints, _q8_products), (floats, _float_products)):
-            if part:
-                for i, y in zip(part, product(x, [matrices[i] for i in part]), strict=True):
-                    out[i] = y
-        return out
+        ints = [q8 and m.packed is not None for m in matrices]
+        if all(ints) or not any(ints):  # a layer's matrices share a format family: one call
+            return (_q8_products if ints[0] else _float_products)(x, matrices)
+        ys = iter(_q8_products(x, [m for m, i in zip(matrices, ints, strict=True) if i]))
+        fs = iter(_float_products(x, [m for m, i in zip(matrices, ints, strict=True) if not i]))
+        return [next(ys) if i else next(fs) for i in ints]
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
         """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index. A large Q8_0

@@ -75,7 +75,7 @@ def load_greedy(
     device is the CPU (on a GPU, `--weights auto` dequantises: transformers there is far faster)."""
     from ..api import load_gguf, runtime_weights
     from ..devices import pick_device
-    from ..models import BUNDLED, RUNTIME_DTYPES
+    from ..models import BUNDLED, RUNTIME_DTYPES, parse_dtype
 
     dev = pick_device(device)
     if dev.type != "cpu":
@@ -87,10 +87,8 @@ def load_greedy(
         activations = RUNTIME_DTYPES[dtype]
         log(f"mtpspec: generating on the GGUF runtime (the file's own weights, {activations} activations)")
         return RuntimeGreedy(load_gguf(tensors, model if model in BUNDLED else None, activations))
-    if dtype == "q8":
-        raise MtpspecError(
-            "--dtype q8 is the GGUF runtime's (a GGUF model on the CPU); transformers generates in bf16 or fp32"
-        )
+    if dtype != "auto":
+        parse_dtype(dtype)  # what transformers computes in: q8 (the runtime's) is refused here
     return TransformersGreedy.load(model, dtype, dev, log)
 
 
