@@ -143,7 +143,7 @@ def test_fused_head_argmax_breaks_ties_like_argmax(threads):
 def screened(m: QMatrix, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax, candidates rechecked per row) from the int8-screened head; skips where it is not built."""
     if not ops().screen_available():
-        pytest.skip("the screened head needs AVX-512 VNNI")
+        pytest.skip("the screened head needs AVX2 or AVX-512 VNNI")
     packed = screen_pack(m.raw, m.cols)
     assert packed is not None
     return ops().qargmax_screened(x.float(), m.raw, packed, m.cols)

@@ -278,52 +278,71 @@ inline __m256i expand_bits(uint32_t m) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(int(m)), spread), bit), bit);
 }
 
-// The signed codes s of half h (features 8h .. 8h + 7) of a record's 8 chunks.
+// The codes u of half h (features 8h .. 8h + 7) of a record's 8 chunks.
 template <int BITS>
-inline void load_codes(const uint8_t* rec, int h, __m256i* s) {
+inline void load_codes(const uint8_t* rec, int h, __m256i* u) {
   auto at = [&](int off) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + off)); };
   if constexpr (BITS == 8) {
-    for (int k = 0; k < 8; ++k) s[k] = at(64 * k + 32 * h);
+    for (int k = 0; k < 8; ++k) u[k] = at(64 * k + 32 * h);
   } else {
     const __m256i low = _mm256_set1_epi8(15);
     for (int k = 0; k < 4; ++k) {
       const __m256i n = at(64 * k + 32 * h);
-      s[k] = _mm256_and_si256(n, low);
-      s[k + 4] = _mm256_and_si256(_mm256_srli_epi16(n, 4), low);
+      u[k] = _mm256_and_si256(n, low);
+      u[k + 4] = _mm256_and_si256(_mm256_srli_epi16(n, 4), low);
     }
     for (int p = 0; p < BITS - 4; ++p)
       for (int k = 0; k < 8; ++k) {
         uint32_t bit;
         std::memcpy(&bit, rec + 256 + 64 * p + 8 * k + 4 * h, 4);
-        s[k] = _mm256_or_si256(s[k], _mm256_and_si256(expand_bits(bit), _mm256_set1_epi8(char(16 << p))));
+        u[k] = _mm256_or_si256(u[k], _mm256_and_si256(expand_bits(bit), _mm256_set1_epi8(char(16 << p))));
       }
   }
-  for (int k = 0; k < 8; ++k) s[k] = _mm256_sub_epi8(s[k], _mm256_set1_epi8(char(code_offset(BITS))));
 }
 
-// Eight features at a time (half h of the group); s * xq as |s| times xq with s's sign, in pairs (at
-// most 2 * 128 * 127, within int16) then fours.
+// lo + hi = sum of u * xq per feature for 4- to 6-bit codes u (chunks 0-3 into lo, 4-7 into hi): u is
+// unsigned, so pairwise products apply to u and xq directly (at most 2 * 63 * 127 per pair), and up
+// to 32767 / (2 * (2^BITS - 1) * 127) of them (4 for 4 and 5 bits, 2 for 6) add in int16 before
+// widening.
+template <int BITS>
+inline void dot_u(const __m256i* u, const int32_t* x4, __m256i& lo, __m256i& hi) {
+  constexpr int run = BITS == 6 ? 2 : 4;
+  const __m256i ones = _mm256_set1_epi16(1);
+  lo = hi = _mm256_setzero_si256();
+  for (int k0 = 0; k0 < 8; k0 += run) {
+    __m256i pairs = _mm256_maddubs_epi16(u[k0], _mm256_set1_epi32(x4[k0]));
+    for (int k = k0 + 1; k < k0 + run; ++k) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(u[k], _mm256_set1_epi32(x4[k])));
+    (k0 < 4 ? lo : hi) = _mm256_add_epi32(k0 < 4 ? lo : hi, _mm256_madd_epi16(pairs, ones));
+  }
+}
+
+// Eight features at a time (half h of the group): 4- to 6-bit codes through dot_u, then less o times
+// the sum of xq; Q8_0's through dot_i8 on s = u - 128 (u * xq could reach 255 * 127, beyond int16).
 template <int BITS, bool G16, bool MIN, int R>
 void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, float (*acc)[16]) {
-  const __m256i ones = _mm256_set1_epi16(1);
+  constexpr int o = code_offset(BITS);
   for (int h = 0; h < 2; ++h) {
     __m256 y[R];
     for (int i = 0; i < R; ++i) y[i] = _mm256_setzero_ps();
     const uint8_t* p = rec;
     for (int64_t b = 0; b < nb; ++b, p += bytes) {
-      __m256i s[8], sa[8];
-      load_codes<BITS>(p, h, s);
-      for (int k = 0; k < 8; ++k) sa[k] = _mm256_abs_epi8(s[k]);
+      __m256i u[8], sa[8];
+      load_codes<BITS>(p, h, u);
+      if constexpr (BITS == 8)
+        for (int k = 0; k < 8; ++k) u[k] = _mm256_xor_si256(u[k], _mm256_set1_epi8(char(0x80))), sa[k] = _mm256_abs_epi8(u[k]);
       const float* av = reinterpret_cast<const float*>(p + code_bytes(BITS)) + 8 * h;
       const __m256 a0 = _mm256_loadu_ps(av);
       const __m256 a1 = G16 || MIN ? _mm256_loadu_ps(av + 16) : a0;  // G16's second a, or c
       for (int i = 0; i < R; ++i) {
         const int32_t* x4 = r[i]->xq4.data() + 8 * b;
-        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-        for (int k = 0; k < 8; ++k) {
-          const __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(sa[k], _mm256_sign_epi8(_mm256_set1_epi32(x4[k]), s[k])), ones);
-          if (k < 4) lo = _mm256_add_epi32(lo, prod);
-          else hi = _mm256_add_epi32(hi, prod);
+        const int32_t* s16 = r[i]->sum16.data() + 2 * b;
+        __m256i lo, hi;
+        if constexpr (BITS == 8) {
+          dot_i8(sa, u, x4, lo, hi);
+        } else {
+          dot_u<BITS>(u, x4, lo, hi);
+          lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(o * s16[0]));
+          hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(o * s16[1]));
         }
         const __m256 dx = _mm256_set1_ps(r[i]->dx[b]);
         if constexpr (G16) {

@@ -314,6 +314,21 @@ const char* kPath = "portable";
 inline V pin(V a) { return a; }
 #endif
 
+#if MTPSPEC_AVX512 || MTPSPEC_AVX2  // AVX2 integer products (the int8 paths without VNNI)
+// lo + hi (8 int32 lanes) = sum over 4-value groups n of q * x, exactly, for the 32-byte chunks q[0 .. 8)
+// of signed codes (qa = |q|, |q| <= 128) and 8 int32s x4 each holding 4 int8 values (|x| <= 127) that
+// every group of a chunk k multiplies: |q| times x with q's sign in pairs (at most 2 * 128 * 127, within
+// int16), then fours; chunks 0-3 into lo, 4-7 into hi (two chains).
+inline void dot_i8(const __m256i* qa, const __m256i* q, const int32_t* x4, __m256i& lo, __m256i& hi) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  lo = hi = _mm256_setzero_si256();
+  for (int k = 0; k < 8; ++k) {
+    const __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(qa[k], _mm256_sign_epi8(_mm256_set1_epi32(x4[k]), q[k])), ones);
+    (k < 4 ? lo : hi) = _mm256_add_epi32(k < 4 ? lo : hi, prod);
+  }
+}
+#endif
+
 // ---- Decoders: Dec<type>.load(unit bytes), then chunk(c) = values [16c, 16c + 16) of the unit ----
 
 // The portable path: the unit through the scalar reference decoder into a buffer.
@@ -759,7 +774,8 @@ at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
 // qargmax_screened gives the same index, bits and ties included, for about a quarter of the work:
 //   1. Each activation row is quantized to int8 per 32-value block (dx = max|x| / 127), and every
 //      vocabulary row's score A_n = sum_b d_nb * dx_b * sum_j q_nbj * xq_bj is taken with integer dot
-//      products (AVX-512 VNNI: 64 multiply-adds per instruction; the integer sums are exact).
+//      products (AVX-512 VNNI: 64 multiply-adds per instruction; AVX2: 32 per pairwise product; the
+//      integer sums are exact, so both give the same A_n).
 //   2. E_n bounds |A_n - qargmax's logit n| rigorously: the int8 rounding of x (half a step dx_b per
 //      value, weighed by a_nb = |d_nb| * sum_j |q_nbj|, stored rounded up), the float32 kernel's own
 //      rounding and A_n's, with margin. The row's float32 maximum is therefore some n with
@@ -772,7 +788,7 @@ at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
 // (fp16), then their a (fp16, rounded up).
 constexpr int64_t kRecord = 512 + 32 + 32;
 
-#if MTPSPEC_AVX512 && defined(__AVX512VNNI__)
+#if (MTPSPEC_AVX512 && defined(__AVX512VNNI__)) || MTPSPEC_AVX2  // not AVX-512 without VNNI
 #define MTPSPEC_SCREEN 1
 #endif
 
@@ -814,25 +830,50 @@ struct QRow {
   }
 };
 
-constexpr int kScreenRows = 8;  // activation rows per pass over a group's records (8 x 2 accumulators, 8 weight chunks)
-constexpr int64_t kAhead = 4;   // groups between the one scored and the one prefetched
+// |a|; the largest lane where bit i of valid is set (-inf where none is); the lanes where it is set and a >= t.
+#if MTPSPEC_AVX512
+inline V vabs(V a) { return {_mm512_abs_ps(a.v)}; }
+inline float vmax_where(V a, uint32_t valid) { return _mm512_mask_reduce_max_ps(__mmask16(valid), a.v); }
+inline uint32_t vge_where(V a, float t, uint32_t valid) { return _mm512_mask_cmp_ps_mask(__mmask16(valid), a.v, _mm512_set1_ps(t), _CMP_GE_OQ); }
+#else
+inline V vabs(V a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
+}
+inline float vmax_where(V a, uint32_t valid) {
+  alignas(32) float f[16];
+  vstore(f, a);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int j = 0; j < 16; ++j)
+    if (valid >> j & 1) m = std::max(m, f[j]);
+  return m;
+}
+inline uint32_t vge_where(V a, float t, uint32_t valid) {
+  const __m256 tv = _mm256_set1_ps(t);
+  const uint32_t lo = _mm256_movemask_ps(_mm256_cmp_ps(a.lo, tv, _CMP_GE_OQ)), hi = _mm256_movemask_ps(_mm256_cmp_ps(a.hi, tv, _CMP_GE_OQ));
+  return (lo | hi << 8) & valid;
+}
+#endif
+
+constexpr int64_t kAhead = 4;  // groups between the one scored and the one prefetched
 
 // A[i], B[i] (16 vocabulary rows each) for activation rows r[0 .. R) and the group of records at rec:
-// each block's 8 weight chunks are loaded once for all R rows, and each row sums them in two
+// each block's weight chunks are loaded once for all R rows, and each row sums them in two
 // independent integer chains (a single chain of 8 dependent products waits on their latency).
 // With next, each block also prefetches the same block of the group kAhead on: spread over the
 // products, the stream from memory overlaps them (prefetching a whole group at once, 8 rows took
 // ~1.3x as long: the requests queue up while the products wait).
+#if MTPSPEC_AVX512
+constexpr int kScreenRows = 8;  // activation rows per pass over a group's records (8 x 2 accumulators, 8 weight chunks)
 template <int R>
-inline void screen_tile(const uint8_t* rec, const uint8_t* next, int64_t nb, const QRow* r, __m512* A, __m512* B) {
-  for (int i = 0; i < R; ++i) A[i] = B[i] = _mm512_setzero_ps();
+inline void screen_tile(const uint8_t* rec, const uint8_t* next, int64_t nb, const QRow* r, V* A, V* B) {
+  for (int i = 0; i < R; ++i) A[i] = B[i] = vzero();
   for (int64_t b = 0; b < nb; ++b, rec += kRecord) {
     if (next)
       for (int64_t l = 0; l < kRecord; l += 64) __builtin_prefetch(next + b * kRecord + l, 0, 3);
     __m512i w[8];
     for (int k = 0; k < 8; ++k) w[k] = _mm512_loadu_si512(rec + 64 * k);
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 512)));
-    const __m512 a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 544)));
+    const __m512 d = halves(rec + 512).v, a = halves(rec + 544).v;
     for (int i = 0; i < R; ++i) {
       const int32_t* x4 = r[i].xq4.data() + 8 * b;
       __m512i lo = _mm512_set1_epi32(-128 * r[i].xsum[b]), hi = _mm512_setzero_si512();
@@ -841,15 +882,46 @@ inline void screen_tile(const uint8_t* rec, const uint8_t* next, int64_t nb, con
         hi = _mm512_dpbusd_epi32(hi, w[k + 4], _mm512_set1_epi32(x4[k + 4]));
       }
       const __m512 dx = _mm512_set1_ps(r[i].dx[b]);
-      A[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_mul_ps(d, dx), A[i]);
-      B[i] = _mm512_fmadd_ps(a, dx, B[i]);
+      A[i].v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), _mm512_mul_ps(d, dx), A[i].v);
+      B[i].v = _mm512_fmadd_ps(a, dx, B[i].v);
     }
   }
 }
+#else
+constexpr int kScreenRows = 4;  // 16 registers: 4 rows x 2 accumulators beside the chunks
+// Half h of the group (vocabulary rows 8h .. 8h + 7) at a time, over all blocks: q = u - 128, and
+// q * xq as |q| times xq with q's sign (dot_i8).
+template <int R>
+inline void screen_tile(const uint8_t* rec0, const uint8_t* next, int64_t nb, const QRow* r, V* A, V* B) {
+  for (int h = 0; h < 2; ++h) {
+    __m256 a_acc[R], b_acc[R];
+    for (int i = 0; i < R; ++i) a_acc[i] = b_acc[i] = _mm256_setzero_ps();
+    const uint8_t* rec = rec0;
+    for (int64_t b = 0; b < nb; ++b, rec += kRecord) {
+      if (next && h == 0)
+        for (int64_t l = 0; l < kRecord; l += 64) __builtin_prefetch(next + b * kRecord + l, 0, 3);
+      __m256i q[8], qa[8];
+      for (int k = 0; k < 8; ++k) {
+        q[k] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 64 * k + 32 * h)), _mm256_set1_epi8(char(0x80)));
+        qa[k] = _mm256_abs_epi8(q[k]);
+      }
+      const __m256 d = _mm256_cvtph_ps(load16(rec + 512 + 16 * h)), a = _mm256_cvtph_ps(load16(rec + 544 + 16 * h));
+      for (int i = 0; i < R; ++i) {
+        __m256i lo, hi;
+        dot_i8(qa, q, r[i].xq4.data() + 8 * b, lo, hi);
+        const __m256 dx = _mm256_set1_ps(r[i].dx[b]);
+        a_acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), _mm256_mul_ps(d, dx), a_acc[i]);
+        b_acc[i] = _mm256_fmadd_ps(a, dx, b_acc[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) (h ? A[i].hi : A[i].lo) = a_acc[i], (h ? B[i].hi : B[i].lo) = b_acc[i];
+  }
+}
+#endif
 
 // screen_tile<r> for a run-time r <= R.
 template <int R>
-inline void screen_rows(const uint8_t* rec, const uint8_t* next, int64_t nb, const QRow* r, int64_t rows, __m512* A, __m512* B) {
+inline void screen_rows(const uint8_t* rec, const uint8_t* next, int64_t nb, const QRow* r, int64_t rows, V* A, V* B) {
   if constexpr (R > 1)
     if (rows < R) return screen_rows<R - 1>(rec, next, nb, r, rows, A, B);
   screen_tile<R>(rec, next, nb, r, A, B);
@@ -889,7 +961,7 @@ at::Tensor q8_screen_pack(const at::Tensor& w, int64_t K) {
   });
   if (overflow) return at::empty({0}, w.options());
 #else
-  TORCH_CHECK(false, "q8_screen_pack needs AVX-512 VNNI (see screen_available)");
+  TORCH_CHECK(false, "q8_screen_pack needs AVX2 or AVX-512 VNNI (see screen_available)");
 #endif
   return packed;
 }
@@ -922,15 +994,15 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
   std::vector<std::vector<std::pair<int64_t, float>>> kept(slices * p.M);          // (n, upper bound)
   // Row slot i (a slice's row) meets 16 rows' bounds from n0: raise its best lower bound, keep the
   // rows whose upper bound reaches it.
-  auto keep = [&](int64_t i, int64_t n0, __mmask16 valid, __m512 A, __m512 B) {
-    const __m512 E = _mm512_fmadd_ps(_mm512_abs_ps(A), _mm512_set1_ps(0x1p-20f), _mm512_mul_ps(B, _mm512_set1_ps(c)));
-    const __m512 lower = _mm512_sub_ps(A, E), upper = _mm512_add_ps(A, E);
+  auto keep = [&](int64_t i, int64_t n0, uint32_t valid, V A, V B) {
+    const V E = vfma(vabs(A), splat(0x1p-20f), vmul(B, splat(c)));
+    const V lower = vsub(A, E), upper = vadd(A, E);
     float& bl = best[i];
-    bl = std::max(bl, _mm512_mask_reduce_max_ps(valid, lower));
-    __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, upper, _mm512_set1_ps(bl), _CMP_GE_OQ);
+    bl = std::max(bl, vmax_where(lower, valid));
+    uint32_t hit = vge_where(upper, bl, valid);
     if (!hit) return;
     alignas(64) float up[16];
-    _mm512_store_ps(up, upper);
+    vstore(up, upper);
     auto& list = kept[i];
     for (; hit; hit &= hit - 1) {
       const int j = __builtin_ctz(hit);
@@ -944,10 +1016,10 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
       for (int64_t g = s * groups / slices; g < (s + 1) * groups / slices; ++g) {
         const uint8_t* rec0 = base + g * nb * kRecord;
         const uint8_t* next = g + kAhead < groups ? rec0 + kAhead * nb * kRecord : nullptr;
-        const __mmask16 valid = __mmask16(p.N - 16 * g >= 16 ? 0xFFFF : (1u << (p.N - 16 * g)) - 1);
+        const uint32_t valid = p.N - 16 * g >= 16 ? 0xFFFF : (1u << (p.N - 16 * g)) - 1;
         for (int64_t m = 0; m < p.M; m += kScreenRows) {
           const int64_t r = std::min<int64_t>(kScreenRows, p.M - m);
-          __m512 A[kScreenRows], B[kScreenRows];
+          V A[kScreenRows], B[kScreenRows];
           screen_rows<kScreenRows>(rec0, m == 0 ? next : nullptr, nb, rows.data() + m, r, A, B);
           for (int64_t i = 0; i < r; ++i) keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
         }
@@ -980,7 +1052,7 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
     cnt[m] = int64_t(cand.size());
   }
 #else
-  TORCH_CHECK(false, "qargmax_screened needs AVX-512 VNNI (see screen_available)");
+  TORCH_CHECK(false, "qargmax_screened needs AVX2 or AVX-512 VNNI (see screen_available)");
 #endif
   return {out, counts};
 }

@@ -74,7 +74,7 @@ class QMatrix:
     @cached_property
     def screen(self) -> torch.Tensor | None:
         """The packed int8 copy `qargmax_screened` reads (built on first use), or None where the matrix is
-        not a screened one: not Q8_0, small, no AVX-512 VNNI, or `$MTPSPEC_HEAD_SCREEN` is 0."""
+        not a screened one: not Q8_0, small, a CPU with neither AVX2 nor AVX-512 VNNI, or `$MTPSPEC_HEAD_SCREEN` is 0."""
         if self.qtype != Q.Q8_0 or self.raw.shape[0] < SCREEN_MIN_ROWS or os.environ.get("MTPSPEC_HEAD_SCREEN") == "0":
             return None
         return screen_pack(self.raw, self.cols) if ops().screen_available() else None
