@@ -300,23 +300,20 @@ inline void load_codes(const uint8_t* rec, int h, __m256i* u) {
   }
 }
 
-// lo + hi = sum of u * xq per feature for 4- to 6-bit codes u (chunks 0-3 into lo, 4-7 into hi): u is
-// unsigned, so pairwise products apply to u and xq directly (at most 2 * 63 * 127 per pair), and up
-// to 32767 / (2 * (2^BITS - 1) * 127) of them (4 for 4 and 5 bits, 2 for 6) add in int16 before
-// widening.
-template <int BITS>
-inline void dot_u(const __m256i* u, const int32_t* x4, __m256i& lo, __m256i& hi) {
-  constexpr int run = BITS == 6 ? 2 : 4;
+// lo + hi (8 int32 lanes) = sum over 4-value groups n of q * x, exactly, for the 32-byte chunks q[0 .. 8)
+// of signed codes (qa = |q|, |q| <= 128) and 8 int32s x4 each holding 4 int8 values (|x| <= 127) that
+// every group of a chunk k multiplies: |q| times x with q's sign in pairs (at most 2 * 128 * 127, within
+// int16), then fours; chunks 0-3 into lo, 4-7 into hi (two chains).
+inline void dot_i8(const __m256i* qa, const __m256i* q, const int32_t* x4, __m256i& lo, __m256i& hi) {
   const __m256i ones = _mm256_set1_epi16(1);
   lo = hi = _mm256_setzero_si256();
-  for (int k0 = 0; k0 < 8; k0 += run) {
-    __m256i pairs = _mm256_maddubs_epi16(u[k0], _mm256_set1_epi32(x4[k0]));
-    for (int k = k0 + 1; k < k0 + run; ++k) pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(u[k], _mm256_set1_epi32(x4[k])));
-    (k0 < 4 ? lo : hi) = _mm256_add_epi32(k0 < 4 ? lo : hi, _mm256_madd_epi16(pairs, ones));
+  for (int k = 0; k < 8; ++k) {
+    const __m256i prod = _mm256_madd_epi16(_mm256_maddubs_epi16(qa[k], _mm256_sign_epi8(_mm256_set1_epi32(x4[k]), q[k])), ones);
+    (k < 4 ? lo : hi) = _mm256_add_epi32(k < 4 ? lo : hi, prod);
   }
 }
 
-// Eight features at a time (half h of the group): 4- to 6-bit codes through dot_u, then less o times
+// Eight features at a time (half h of the group): 4- to 6-bit codes u through dot_u8, then less o times
 // the sum of xq; Q8_0's through dot_i8 on s = u - 128 (u * xq could reach 255 * 127, beyond int16).
 template <int BITS, bool G16, bool MIN, int R>
 void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, float (*acc)[16]) {
@@ -340,7 +337,7 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
         if constexpr (BITS == 8) {
           dot_i8(sa, u, x4, lo, hi);
         } else {
-          dot_u<BITS>(u, x4, lo, hi);
+          dot_u8<BITS == 6 ? 2 : 4>(u, x4, lo, hi);  // at most 2 * 63 * 127 per pair
           lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(o * s16[0]));
           hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(o * s16[1]));
         }
