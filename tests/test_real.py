@@ -182,6 +182,9 @@ def test_screened_head_is_the_float32_argmax_on_real_hidden_states(model):
     m = target.gguf
     head = m.head
     assert head.screen is not None
+    # Rechecked rows: a handful with VNNI's x in [-127, 127]; AVX2 screens x in [-63, 63], a coarser step
+    # whose bound leaves more (a mean of ~60 of Gemma's 262k), still a small share of the vocabulary.
+    most = 64 if ops().q8_path() == "avx512-vnni" else head.shape[0] // 100
     for prompt in PROMPTS:
         ids = torch.tensor(target.tokenizer(prompt)["input_ids"])
         cache = [
@@ -192,4 +195,4 @@ def test_screened_head_is_the_float32_argmax_on_real_hidden_states(model):
             rows = hidden[i : i + 16].contiguous()
             got, counts = ops().qargmax_screened(rows, head.raw, head.screen, head.cols)
             assert torch.equal(got, ops().qargmax(rows, head.raw, int(head.qtype), head.cols))
-            assert counts.max() <= 64, counts  # of 49k-262k rows
+            assert counts.max() <= most, counts  # of 49k-262k rows

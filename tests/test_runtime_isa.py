@@ -17,7 +17,7 @@ import mtpspec
 from gguf_tiny import random_blocks
 from mtpspec.errors import MtpspecError
 from mtpspec.runtime.build import ISA_ENV, build_name, cpu_flags, isa_flags, ops, requested_isa
-from mtpspec.runtime.weights import BLOCK_QUANTIZED, NATIVE
+from mtpspec.runtime.weights import BLOCK_QUANTIZED, NATIVE, screen_pack
 
 # What vector_path() reports for each build; native is whichever of these the CPU has.
 PATHS = {"avx2": "avx2", "portable": "portable"}
@@ -30,13 +30,16 @@ def inputs() -> dict:
     mats = {t.name: (random_blocks(t, 1100, 512, seed=int(t), extreme=True), int(t), 512) for t in NATIVE}
     for t in (Q.F32, Q.F16, Q.BF16):
         mats[f"{t.name} K=40"] = (random_blocks(t, 37, 40, seed=int(t), extreme=True), int(t), 40)
+    # Scales the screened head can bound (an extreme one leaves a head unscreened): its argmax on every path.
+    mats["Q8_0 screened"] = (random_blocks(Q.Q8_0, 1100, 512, seed=1), int(Q.Q8_0), 512)
     x = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
     return {"mats": {k: (torch.from_numpy(w), t, K) for k, (w, t, K) in mats.items()}, "x": x}
 
 
 def results(data: dict) -> dict[str, torch.Tensor]:
     """Everything the kernels compute on `data`, by name: dequantised rows, products of 1, 5 and 16 rows on one
-    and two threads (float32 and, for the block formats, int8 activations), and the fused argmax."""
+    and two threads (float32 and, for the block formats, int8 activations), the fused argmax, and a Q8_0 head's
+    screened argmax (VNNI's and AVX2's screens, or qargmax in the portable build)."""
     out = {}
     before = torch.get_num_threads()
     try:
@@ -53,6 +56,14 @@ def results(data: dict) -> dict[str, torch.Tensor]:
                             x[:m], [packed], [qtype], [w.shape[0]], K
                         )
                 out[f"{name} argmax threads={threads}"] = ops().qargmax(x, w, qtype, K)
+                if name == "Q8_0 screened":  # the screen where the build has one; it must give qargmax's index
+                    screen = screen_pack(w, K) if ops().screen_available() else None
+                    ids = (
+                        ops().qargmax_screened(x, w, screen, K)[0]
+                        if screen is not None
+                        else ops().qargmax(x, w, qtype, K)
+                    )
+                    out[f"{name} screened argmax threads={threads}"] = ids
     finally:
         torch.set_num_threads(before)
     return out
