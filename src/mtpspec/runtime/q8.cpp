@@ -54,73 +54,38 @@ inline int code_at(const uint8_t* rec, int i) {
 // One format block's codes s[0 .. block) and, per 16 values, a and c (w = a * s + c).
 template <int64_t type>
 void codes_block(const uint8_t* b, int8_t* s, float* a, float* c) {
-  auto fill = [&](int from, int n, float av, float cv) {  // groups of 16 values [from, from + n)
-    for (int g = from / 16; g < (from + n) / 16; ++g) a[g] = av, c[g] = cv;
-  };
+  if constexpr (type == Q8_0) {
+    std::memcpy(s, b + 2, 32);
+    a[0] = a[1] = fp16(b), c[0] = c[1] = 0.0f;
+    return;
+  }
+  uint8_t u[256];
+  raw_codes<type>(b, u);
+  const int off = code_offset(q8_bits(type));  // s = u - off, centred as the file's own offsets are
+  for (int j = 0; j < kFormat(type).block; ++j) s[j] = int8_t(u[j] - off);
   switch (type) {
     case Q4_0:
-    case Q4_1: {
-      const bool one = type == Q4_1;
-      const float d = fp16(b), m = one ? fp16(b + 2) : 0.0f;
-      const uint8_t* qs = b + (one ? 4 : 2);
-      for (int j = 0; j < 16; ++j) s[j] = int8_t((qs[j] & 0xF) - 8), s[j + 16] = int8_t((qs[j] >> 4) - 8);
-      fill(0, 32, d, one ? 8.0f * d + m : 0.0f);
+    case Q5_0: a[0] = a[1] = fp16(b), c[0] = c[1] = 0.0f; return;
+    case Q4_1:
+    case Q5_1: {  // d * u + m = d * s + (off * d + m)
+      const float d = fp16(b);
+      a[0] = a[1] = d, c[0] = c[1] = float(off) * d + fp16(b + 2);
       return;
     }
-    case Q5_0:
-    case Q5_1: {
-      const bool one = type == Q5_1;
-      const float d = fp16(b), m = one ? fp16(b + 2) : 0.0f;
-      uint32_t qh;
-      std::memcpy(&qh, b + (one ? 4 : 2), 4);
-      const uint8_t* qs = b + (one ? 8 : 6);
-      for (int j = 0; j < 16; ++j) {
-        s[j] = int8_t(((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
-        s[j + 16] = int8_t(((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
-      }
-      fill(0, 32, d, one ? 16.0f * d + m : 0.0f);
-      return;
-    }
-    case Q8_0:
-      std::memcpy(s, b + 2, 32);
-      fill(0, 32, fp16(b), 0.0f);
-      return;
     case Q4_K:
-    case Q5_K: {
-      const bool five = type == Q5_K;
-      const int off = five ? 16 : 8;
+    case Q5_K: {  // per 32-value sub-block: (d * sc) * u - dmin * m = (d * sc) * s + (off * d * sc - dmin * m)
       const float d = fp16(b), dmin = fp16(b + 2);
-      const uint8_t* qh = b + 16;
-      const uint8_t* qs = b + (five ? 48 : 16);
-      for (int j = 0; j < 4; ++j)
-        for (int half = 0; half < 2; ++half) {  // sub-block 2j + half: values [64j + 32 half, +32)
-          uint8_t sc, m;
-          scale_min_k4(2 * j + half, b + 4, sc, m);
-          const float d1 = d * float(sc);
-          for (int l = 0; l < 32; ++l) {
-            int q = half ? qs[32 * j + l] >> 4 : qs[32 * j + l] & 0xF;
-            if (five) q |= ((qh[l] >> (2 * j + half)) & 1) << 4;
-            s[64 * j + 32 * half + l] = int8_t(q - off);
-          }
-          fill(64 * j + 32 * half, 32, d1, float(off) * d1 - dmin * float(m));
-        }
+      for (int k = 0; k < 8; ++k) {
+        uint8_t sc, m;
+        scale_min_k4(k, b + 4, sc, m);
+        const float d1 = d * float(sc);
+        a[2 * k] = a[2 * k + 1] = d1, c[2 * k] = c[2 * k + 1] = float(off) * d1 - dmin * float(m);
+      }
       return;
     }
-    case Q6_K: {
-      const uint8_t* ql = b;
-      const uint8_t* qh = b + 128;
+    case Q6_K: {  // (d * sc) * (u - 32), 16 scales of 16 values
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-      const float d = fp16(b + 208);
-      for (int half = 0; half < 2; ++half)
-        for (int l = 0; l < 32; ++l) {
-          const uint8_t lo = ql[64 * half + l], hi = ql[64 * half + l + 32], h = qh[32 * half + l];
-          int8_t* o = s + 128 * half + l;
-          o[0] = int8_t(((lo & 0xF) | ((h & 3) << 4)) - 32);
-          o[32] = int8_t(((hi & 0xF) | (((h >> 2) & 3) << 4)) - 32);
-          o[64] = int8_t(((lo >> 4) | (((h >> 4) & 3) << 4)) - 32);
-          o[96] = int8_t(((hi >> 4) | (((h >> 6) & 3) << 4)) - 32);
-        }
-      for (int g = 0; g < 16; ++g) a[g] = d * float(sc[g]), c[g] = 0.0f;
+      for (int g = 0; g < 16; ++g) a[g] = fp16(b + 208) * float(sc[g]), c[g] = 0.0f;
       return;
     }
   }

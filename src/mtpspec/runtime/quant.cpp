@@ -108,48 +108,89 @@ inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
   }
 }
 
+// The unsigned integer codes of one block of a 4- to 6-bit format, u[0 .. block) in value order: the
+// bits the file stores per value, before any offset or scale (dequant_block's and q8.cpp's one reader).
+template <int64_t type>
+inline void raw_codes(const uint8_t* b, uint8_t* u) {
+  switch (type) {
+    case Q4_0:
+    case Q4_1: {
+      const uint8_t* qs = b + (type == Q4_1 ? 4 : 2);
+      for (int j = 0; j < 16; ++j) u[j] = qs[j] & 0xF, u[j + 16] = qs[j] >> 4;
+      return;
+    }
+    case Q5_0:
+    case Q5_1: {
+      const bool one = type == Q5_1;
+      uint32_t qh;
+      std::memcpy(&qh, b + (one ? 4 : 2), 4);
+      const uint8_t* qs = b + (one ? 8 : 6);
+      for (int j = 0; j < 16; ++j) {
+        u[j] = uint8_t((qs[j] & 0xF) | (((qh >> j) & 1) << 4));
+        u[j + 16] = uint8_t((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4));
+      }
+      return;
+    }
+    case Q4_K:
+    case Q5_K: {  // 4 groups of 64 values: sub-block 2j the low nibbles, 2j + 1 the high ones
+      const bool five = type == Q5_K;
+      const uint8_t* qh = b + 16;  // Q5_K only: the fifth bits
+      const uint8_t* qs = b + (five ? 48 : 16);
+      for (int j = 0; j < 4; ++j)
+        for (int l = 0; l < 32; ++l) {
+          int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
+          if (five) {
+            lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+            hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+          }
+          u[64 * j + l] = uint8_t(lo), u[64 * j + 32 + l] = uint8_t(hi);
+        }
+      return;
+    }
+    case Q6_K: {  // two groups of 128 values
+      const uint8_t* ql = b;
+      const uint8_t* qh = b + 128;
+      for (int half = 0; half < 2; ++half)
+        for (int l = 0; l < 32; ++l) {
+          const uint8_t lo = ql[64 * half + l], hi = ql[64 * half + l + 32], h = qh[32 * half + l];
+          uint8_t* o = u + 128 * half + l;
+          o[0] = uint8_t((lo & 0xF) | ((h & 3) << 4));
+          o[32] = uint8_t((hi & 0xF) | (((h >> 2) & 3) << 4));
+          o[64] = uint8_t((lo >> 4) | (((h >> 4) & 3) << 4));
+          o[96] = uint8_t((hi >> 4) | (((h >> 6) & 3) << 4));
+        }
+      return;
+    }
+  }
+}
+
 // One block's values into out[0 .. block), by the reference formulas (same operations, same order):
 // the portable decoder, and the definition the vector decoders below match value for value.
 template <int64_t type>
 inline void dequant_block(const uint8_t* b, float* out) {
+  uint8_t u[256];
   switch (type) {
     case F32: std::memcpy(out, b, 4); return;
     case F16: out[0] = fp16(b); return;
     case BF16: out[0] = bf16(b); return;
     case Q4_0: {
       const float d = fp16(b);
-      for (int j = 0; j < 16; ++j) {
-        out[j] = d * float(int(b[2 + j] & 0xF) - 8);
-        out[j + 16] = d * float(int(b[2 + j] >> 4) - 8);
-      }
+      raw_codes<type>(b, u);
+      for (int j = 0; j < 32; ++j) out[j] = d * float(int(u[j]) - 8);
       return;
     }
     case Q4_1: {
       const float d = fp16(b), m = fp16(b + 2);
-      for (int j = 0; j < 16; ++j) {
-        out[j] = d * float(b[4 + j] & 0xF) + m;
-        out[j + 16] = d * float(b[4 + j] >> 4) + m;
-      }
+      raw_codes<type>(b, u);
+      for (int j = 0; j < 32; ++j) out[j] = d * float(u[j]) + m;
       return;
     }
     case Q5_0:
     case Q5_1: {
       const bool one = type == Q5_1;
       const float d = fp16(b), m = one ? fp16(b + 2) : 0.0f;
-      uint32_t qh;
-      std::memcpy(&qh, b + (one ? 4 : 2), 4);
-      const uint8_t* qs = b + (one ? 8 : 6);
-      for (int j = 0; j < 16; ++j) {
-        const int lo = (qs[j] & 0xF) | (((qh >> j) & 1) << 4);
-        const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-        if (one) {
-          out[j] = d * float(lo) + m;
-          out[j + 16] = d * float(hi) + m;
-        } else {
-          out[j] = d * float(lo - 16);
-          out[j + 16] = d * float(hi - 16);
-        }
-      }
+      raw_codes<type>(b, u);
+      for (int j = 0; j < 32; ++j) out[j] = one ? d * float(u[j]) + m : d * float(int(u[j]) - 16);
       return;
     }
     case Q8_0: {
@@ -159,51 +200,21 @@ inline void dequant_block(const uint8_t* b, float* out) {
     }
     case Q4_K:
     case Q5_K: {
-      const bool five = type == Q5_K;
       const float d = fp16(b), dmin = fp16(b + 2);
-      const uint8_t* scales = b + 4;
-      const uint8_t* qh = b + 16;                 // Q5_K only: the fifth bits
-      const uint8_t* qs = b + (five ? 48 : 16);
-      for (int j = 0; j < 4; ++j) {               // 4 groups of 64 values, two sub-blocks each
-        uint8_t sc1, m1, sc2, m2;
-        scale_min_k4(2 * j, scales, sc1, m1);
-        scale_min_k4(2 * j + 1, scales, sc2, m2);
-        const float d1 = d * float(sc1), dm1 = dmin * float(m1);
-        const float d2 = d * float(sc2), dm2 = dmin * float(m2);
-        for (int l = 0; l < 32; ++l) {
-          int lo = qs[32 * j + l] & 0xF, hi = qs[32 * j + l] >> 4;
-          if (five) {
-            lo |= ((qh[l] >> (2 * j)) & 1) << 4;
-            hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
-          }
-          out[64 * j + l] = d1 * float(lo) - dm1;
-          out[64 * j + 32 + l] = d2 * float(hi) - dm2;
-        }
+      raw_codes<type>(b, u);
+      for (int s = 0; s < 8; ++s) {  // 8 sub-blocks of 32 values, each with its scale and minimum
+        uint8_t sc, m;
+        scale_min_k4(s, b + 4, sc, m);
+        const float d1 = d * float(sc), dm1 = dmin * float(m);
+        for (int l = 0; l < 32; ++l) out[32 * s + l] = d1 * float(u[32 * s + l]) - dm1;
       }
       return;
     }
     case Q6_K: {
-      const uint8_t* ql = b;
-      const uint8_t* qh = b + 128;
       const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
       const float d = fp16(b + 208);
-      for (int half = 0; half < 2; ++half) {      // two groups of 128 values
-        const uint8_t* l0 = ql + 64 * half;
-        const uint8_t* h0 = qh + 32 * half;
-        const int8_t* s = sc + 8 * half;
-        float* o = out + 128 * half;
-        for (int l = 0; l < 32; ++l) {
-          const int is = l >= 16;
-          const int q1 = int((l0[l] & 0xF) | (((h0[l] >> 0) & 3) << 4)) - 32;
-          const int q2 = int((l0[l + 32] & 0xF) | (((h0[l] >> 2) & 3) << 4)) - 32;
-          const int q3 = int((l0[l] >> 4) | (((h0[l] >> 4) & 3) << 4)) - 32;
-          const int q4 = int((l0[l + 32] >> 4) | (((h0[l] >> 6) & 3) << 4)) - 32;
-          o[l] = d * float(s[is]) * float(q1);
-          o[l + 32] = d * float(s[is + 2]) * float(q2);
-          o[l + 64] = d * float(s[is + 4]) * float(q3);
-          o[l + 96] = d * float(s[is + 6]) * float(q4);
-        }
-      }
+      raw_codes<type>(b, u);
+      for (int j = 0; j < 256; ++j) out[j] = d * float(sc[j / 16]) * float(int(u[j]) - 32);  // 16 scales of 16 values
       return;
     }
   }
