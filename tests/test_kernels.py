@@ -253,6 +253,27 @@ def test_block_attention_is_row_invariant_and_correct(dtype, window, softcap):
         torch.testing.assert_close(block[0, t].double(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("groups", [2, 3, 4, 6])
+def test_attention_head_bits_do_not_depend_on_the_heads_beside_it(dtype, groups):
+    """The kernel computes up to four query heads of one KV head together (6 heads: a run of 4, then 2);
+    each head's bits equal those of the same head computed alone (one query head, one KV head)."""
+    from mtpspec.kernels.attention import exact_attention
+
+    gen = torch.Generator().manual_seed(groups)
+    hkv, d, length = 2, 32, 90
+    hq = hkv * groups
+    q = torch.randn(1, hq, 5, d, generator=gen).to(dtype)
+    k = torch.randn(1, hkv, length, d, generator=gen).to(dtype)
+    v = torch.randn(1, hkv, length, d, generator=gen).to(dtype)
+    positions = torch.tensor([3, 40, 41, 88, 89])
+    together = exact_attention(q, k, v, positions, None, d**-0.5, None)
+    for h in range(hq):
+        kv = slice(h // groups, h // groups + 1)
+        alone = exact_attention(q[:, h : h + 1], k[:, kv], v[:, kv], positions, None, d**-0.5, None)
+        assert torch.equal(alone[0, :, 0], together[0, :, h])
+
+
 def test_kernel_bench_times_both_baselines(ops):
     from mtpspec.kernels.bench import compare
 

@@ -3,10 +3,11 @@
 // `attention(q, k, v, positions, window, scaling, softcap, slots, tree_start)` is exact decode
 // attention for a block of query rows: row t (at absolute position positions[t]) attends to the
 // logical keys [start, positions[t]] of its KV head, with start = positions[t] + 1 - window for
-// sliding layers. Each (row, head) is one independent task with a fixed sequence of operations:
-// fp32 dot products in 8 lanes with one fixed horizontal sum, an fp32 softmax (a lane-wise vector
-// exp), and an fp32 weighted sum of values in key order, so a row's result depends only on its
-// position and the keys it reads, never on the block it came in.
+// sliding layers. Each (row, head) takes a fixed sequence of operations: fp32 dot products in 8
+// lanes with one fixed horizontal sum, an fp32 softmax (a lane-wise vector exp), and an fp32
+// weighted sum of values in key order, so a row's result depends only on its position and the keys
+// it reads, never on the block it came in nor on the heads computed beside it (a task is one row and
+// up to four query heads that share a KV head).
 //
 // Logical key j is read from cache slot j, except for a draft tree (`slots` given): there row t
 // reads its logical keys j >= tree_start from slot slots[t, j - tree_start] (its ancestors' slots,
@@ -66,74 +67,108 @@ template <class T> inline void store8(T* out, __m256 v) {
 // Gather: logical key j (in [start, stop)) is at cache slot slot[j - start]; otherwise at slot j.
 // A template parameter, so that the plain path's addressing is the untouched `k + j * D`; not
 // inlined, so that each variant is compiled on its own (inlined, plain decode ran ~3% slower).
-template <class T, bool Gather>
+//
+// NG query heads that share one KV head (q [NG, D], out [NG, Dv], scores [NG, stop - start]) in one
+// call, so that each key and value row is read once for all of them (a long context's keys and values
+// outgrow the core's caches, and reading them once per head made attention bound by their transfer).
+// Each head's arithmetic is what it would be alone: the grouping decides only which dot products and
+// value sums run side by side, never the order inside one.
+template <class T, bool Gather, int NG>
 __attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const int64_t* slot, int64_t D,
                                       int64_t Dv, int64_t start, int64_t stop, float scaling, float softcap,
                                       float* scores, T* out) {
   auto at = [&](int64_t j) { return Gather ? slot[j - start] : j; };
-  // Scores: each key's dot product is one chain over d in order, then one fixed horizontal sum;
-  // four keys at a time, so that four independent chains keep the multiply-add units busy.
+  const int64_t n = stop - start;
+  // Scores: each (head, key) dot product is one chain over d in order, then one fixed horizontal sum;
+  // NK keys at a time for the NG heads, so that NG * NK independent chains keep the multiply-add units busy.
   auto score = [&](__m256 acc) {
     float s = hsum(acc) * scaling;
     return softcap > 0.0f ? std::tanh(s / softcap) * softcap : s;
   };
+  constexpr int NK = NG <= 2 ? 4 : 2;
   int64_t j = start;
-  for (; j + 4 <= stop; j += 4) {
-    const T *k0 = k + at(j) * D, *k1 = k + at(j + 1) * D, *k2 = k + at(j + 2) * D, *k3 = k + at(j + 3) * D;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; j + NK <= stop; j += NK) {
+    const T* kk[NK];
+    for (int i = 0; i < NK; ++i) kk[i] = k + at(j + i) * D;
+    __m256 a[NG][NK];
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < NK; ++i) a[g][i] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
-      const __m256 qd = load8(q + d);
-      a0 = _mm256_fmadd_ps(qd, load8(k0 + d), a0);
-      a1 = _mm256_fmadd_ps(qd, load8(k1 + d), a1);
-      a2 = _mm256_fmadd_ps(qd, load8(k2 + d), a2);
-      a3 = _mm256_fmadd_ps(qd, load8(k3 + d), a3);
+      __m256 kd[NK];
+      for (int i = 0; i < NK; ++i) kd[i] = load8(kk[i] + d);
+      for (int g = 0; g < NG; ++g) {
+        const __m256 qd = load8(q + g * D + d);
+        for (int i = 0; i < NK; ++i) a[g][i] = _mm256_fmadd_ps(qd, kd[i], a[g][i]);
+      }
     }
-    scores[j - start] = score(a0);
-    scores[j - start + 1] = score(a1);
-    scores[j - start + 2] = score(a2);
-    scores[j - start + 3] = score(a3);
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < NK; ++i) scores[g * n + j - start + i] = score(a[g][i]);
   }
   for (; j < stop; ++j) {
     const T* kj = k + at(j) * D;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(load8(q + d), load8(kj + d), acc);
-    scores[j - start] = score(acc);
-  }
-  const int64_t n = stop - start;
-  float mx = scores[0];
-  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, scores[j]);
-  // exp(score - max), eight at a time (exp8: the same bits whichever lane a score is in), then
-  // their sum in key order.
-  int64_t e = 0;
-  for (; e + 8 <= n; e += 8) _mm256_storeu_ps(scores + e, exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + e), _mm256_set1_ps(mx))));
-  if (e < n) {
-    float tail[8] = {0};
-    std::copy(scores + e, scores + n, tail);
-    _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(mx))));
-    std::copy(tail, tail + (n - e), scores + e);
-  }
-  float total = 0.0f;
-  for (int64_t j = 0; j < n; ++j) total += scores[j];
-  const float inv = 1.0f / total;
-  // Weighted sum of values: each output lane accumulates over keys in order (fma(score, value, acc)).
-  // Eight lanes-of-8 at a time, keys outer: eight independent chains, each value row read in order
-  // (one chain per lane group, keys inner, is latency-bound, and reads the values column-wise).
-  int64_t d = 0;
-  for (; d + 64 <= Dv; d += 64) {
-    __m256 acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 s = _mm256_set1_ps(scores[j]);
-      const T* vj = v + at(start + j) * Dv + d;
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(s, load8(vj + 8 * i), acc[i]);
+    __m256 a[NG];
+    for (int g = 0; g < NG; ++g) a[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kd = load8(kj + d);
+      for (int g = 0; g < NG; ++g) a[g] = _mm256_fmadd_ps(load8(q + g * D + d), kd, a[g]);
     }
-    for (int i = 0; i < 8; ++i) store8(out + d + 8 * i, _mm256_mul_ps(acc[i], _mm256_set1_ps(inv)));
+    for (int g = 0; g < NG; ++g) scores[g * n + j - start] = score(a[g]);
   }
-  for (; d < Dv; d += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; ++j)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8(v + at(start + j) * Dv + d), acc);
-    store8(out + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+  float inv[NG];
+  for (int g = 0; g < NG; ++g) {
+    float* sg = scores + g * n;
+    float mx = sg[0];
+    for (int64_t j = 1; j < n; ++j) mx = std::max(mx, sg[j]);
+    // exp(score - max), eight at a time (exp8: the same bits whichever lane a score is in), then
+    // their sum in key order.
+    int64_t e = 0;
+    for (; e + 8 <= n; e += 8) _mm256_storeu_ps(sg + e, exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + e), _mm256_set1_ps(mx))));
+    if (e < n) {
+      float tail[8] = {0};
+      std::copy(sg + e, sg + n, tail);
+      _mm256_storeu_ps(tail, exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), _mm256_set1_ps(mx))));
+      std::copy(tail, tail + (n - e), sg + e);
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; ++j) total += sg[j];
+    inv[g] = 1.0f / total;
+  }
+  // Weighted sum of values: each output lane accumulates over keys in order (fma(score, value, acc)).
+  // CH lanes-of-8 of the NG heads at a time, keys outer: NG * CH independent chains, each value row's
+  // slice read once for all heads (one chain per lane group, keys inner, is latency-bound, and reads
+  // the values column-wise).
+  constexpr int CH = NG == 1 ? 8 : NG == 2 ? 4 : 2;
+  auto weigh = [&](auto width, int64_t d) {
+    constexpr int W = decltype(width)::value;
+    __m256 acc[NG][W];
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < W; ++i) acc[g][i] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vj = v + at(start + j) * Dv + d;
+      __m256 vd[W];
+      for (int i = 0; i < W; ++i) vd[i] = load8(vj + 8 * i);
+      for (int g = 0; g < NG; ++g) {
+        const __m256 s = _mm256_set1_ps(scores[g * n + j]);
+        for (int i = 0; i < W; ++i) acc[g][i] = _mm256_fmadd_ps(s, vd[i], acc[g][i]);
+      }
+    }
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < W; ++i) store8(out + g * Dv + d + 8 * i, _mm256_mul_ps(acc[g][i], _mm256_set1_ps(inv[g])));
+  };
+  int64_t d = 0;
+  for (; d + 8 * CH <= Dv; d += 8 * CH) weigh(std::integral_constant<int, CH>{}, d);
+  for (; d < Dv; d += 8) weigh(std::integral_constant<int, 1>{}, d);
+}
+
+// attend<T, Gather, ng> for a run-time ng in [1, 4].
+template <class T, bool Gather>
+void attend_heads(int ng, const T* q, const T* k, const T* v, const int64_t* slot, int64_t D, int64_t Dv, int64_t start,
+                  int64_t stop, float scaling, float softcap, float* scores, T* out) {
+  switch (ng) {
+    case 4: return attend<T, Gather, 4>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, out);
+    case 3: return attend<T, Gather, 3>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, out);
+    case 2: return attend<T, Gather, 2>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, out);
+    default: return attend<T, Gather, 1>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, out);
   }
 }
 
@@ -159,26 +194,29 @@ at::Tensor run_attention(const at::Tensor& q, const std::vector<Cache>& caches, 
   const int64_t* pos = positions.data_ptr<int64_t>();
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows * Hq, 1, [&](int64_t begin, int64_t end) {
+  // One task per row and run of up to 4 query heads that share a KV head; any task on any thread.
+  const int64_t ng = std::min<int64_t>(4, groups), runs = (groups + ng - 1) / ng;
+  at::parallel_for(0, rows * Hkv * runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> slot;  // cache slot of each logical key of a gathering row
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / Hq, h = task % Hq, kvh = h / groups;
+      const int64_t t = task / (Hkv * runs), kvh = task / runs % Hkv, h = kvh * groups + task % runs * ng;
+      const int heads = int(std::min(ng, kvh * groups + groups - h));
       const Cache& c = caches[seq[t]];
       const int64_t stop = pos[t] + 1, start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
-      scores.resize(stop - start);
+      scores.resize(heads * (stop - start));
       const T* qt = qp + (t * Hq + h) * D;
       const T* kh = static_cast<const T*>(c.k) + kvh * c.L * D;
       const T* vh = static_cast<const T*>(c.v) + kvh * c.L * Dv;
       T* ot = op + (t * Hq + h) * Dv;
       if (c.slots == nullptr || stop <= c.tree_start) {
-        attend<T, false>(qt, kh, vh, nullptr, D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
+        attend_heads<T, false>(heads, qt, kh, vh, nullptr, D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
         continue;
       }
       const int64_t* ts = c.slots + (t - c.first) * c.W;
       slot.resize(stop - start);
       for (int64_t j = start; j < stop; ++j) slot[j - start] = j < c.tree_start ? j : ts[j - c.tree_start];
-      attend<T, true>(qt, kh, vh, slot.data(), D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
+      attend_heads<T, true>(heads, qt, kh, vh, slot.data(), D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
     }
   });
   return out;

@@ -320,6 +320,75 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
   }
 }
 constexpr int kQ8Rows = 4;
+
+// Many rows (a prefill chunk): a group's codes are decoded once, into `codes` (per block, the 8 chunks
+// of 64 bytes of the 8-bit record layout), and every tile of R rows reads them from L1, both halves of
+// the group at once, so that one broadcast of a row's xq serves 16 features. Same integer sums, same
+// float chain as q8_tile.
+#define MTPSPEC_Q8_DECODED 1
+template <int BITS>
+void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes) {
+  for (int64_t b = 0; b < nb; ++b, rec += bytes)
+    for (int h = 0; h < 2; ++h) {
+      __m256i u[8];
+      load_codes<BITS>(rec, h, u);
+      for (int k = 0; k < 8; ++k) _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 512 * b + 64 * k + 32 * h), u[k]);
+    }
+}
+
+template <int BITS, bool G16, bool MIN, int R>
+void q8_tile_decoded(const uint8_t* codes, const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, float (*acc)[16]) {
+  static_assert(BITS < 8, "Q8_0's codes take q8_tile's sign trick");
+  constexpr int o = code_offset(BITS), RUN = BITS == 6 ? 2 : 4, NS = G16 ? 2 : 1;  // RUN * 2 * max u * 127 <= 32767
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 y[R][2];
+  for (int i = 0; i < R; ++i) y[i][0] = y[i][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b, rec += bytes, codes += 512) {
+    __m256i s[R][2][NS];  // per row and half: the sums over values 0-15 and 16-31 (one sum without G16)
+    for (int k0 = 0; k0 < 8; k0 += RUN) {
+      __m256i p[R][2];
+      for (int k = k0; k < k0 + RUN; ++k) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * k));
+        const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 64 * k + 32));
+        for (int i = 0; i < R; ++i) {
+          const __m256i xb = _mm256_set1_epi32(r[i]->xq4[8 * b + k]);
+          const __m256i t0 = _mm256_maddubs_epi16(c0, xb), t1 = _mm256_maddubs_epi16(c1, xb);
+          p[i][0] = k == k0 ? t0 : _mm256_add_epi16(p[i][0], t0);
+          p[i][1] = k == k0 ? t1 : _mm256_add_epi16(p[i][1], t1);
+        }
+      }
+      const int j = G16 ? k0 / 4 : 0;
+      const bool first = G16 ? k0 % 4 == 0 : k0 == 0;
+      for (int i = 0; i < R; ++i)
+        for (int h = 0; h < 2; ++h) {
+          const __m256i w = _mm256_madd_epi16(p[i][h], ones);
+          s[i][h][j] = first ? w : _mm256_add_epi32(s[i][h][j], w);
+        }
+    }
+    const float* av = reinterpret_cast<const float*>(rec + code_bytes(BITS));
+    for (int h = 0; h < 2; ++h) {
+      const __m256 a0 = _mm256_loadu_ps(av + 8 * h);
+      const __m256 a1 = G16 || MIN ? _mm256_loadu_ps(av + 16 + 8 * h) : a0;  // G16's second a, or c
+      for (int i = 0; i < R; ++i) {
+        const int32_t* s16 = r[i]->sum16.data() + 2 * b;
+        const __m256 dx = _mm256_set1_ps(r[i]->dx[b]);
+        if constexpr (G16) {
+          const __m256i lo = _mm256_sub_epi32(s[i][h][0], _mm256_set1_epi32(o * s16[0]));
+          const __m256i hi = _mm256_sub_epi32(s[i][h][1], _mm256_set1_epi32(o * s16[1]));
+          y[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(lo), y[i][h]);
+          y[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(a1, dx), _mm256_cvtepi32_ps(hi), y[i][h]);
+        } else {
+          const __m256i S = _mm256_sub_epi32(s[i][h][0], _mm256_set1_epi32(o * (s16[0] + s16[1])));
+          y[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(S), y[i][h]);
+          if constexpr (MIN) y[i][h] = _mm256_fmadd_ps(a1, _mm256_set1_ps(r[i]->t[b]), y[i][h]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm256_storeu_ps(acc[i], y[i][0]), _mm256_storeu_ps(acc[i] + 8, y[i][1]);
+}
+constexpr int kQ8DecodedRows = 2;     // rows per tile (more spill AVX2's 16 registers)
+constexpr int64_t kQ8DecodedMin = 2;  // from two rows, decoding a group's codes once pays
 #else
 const char* kQ8Path = "portable";
 template <int BITS, bool G16, bool MIN, int R>
@@ -347,14 +416,6 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
 }
 constexpr int kQ8Rows = 4;
 #endif
-
-// q8_tile<r> for a run-time r <= R.
-template <int BITS, bool G16, bool MIN, int R>
-void q8_rows(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* r, int64_t rows, float (*acc)[16]) {
-  if constexpr (R > 1)
-    if (rows < R) return q8_rows<BITS, G16, MIN, R - 1>(rec, nb, bytes, r, rows, acc);
-  q8_tile<BITS, G16, MIN, R>(rec, nb, bytes, r, acc);
-}
 
 // fn(integral_constant<int, BITS>, integral_constant<bool, G16>, integral_constant<bool, MIN>) for `type`.
 template <class Fn>
@@ -402,16 +463,35 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
     const int64_t rows_here = std::min(mb, M - m0);
     at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
       float acc[kQ8Rows][16];
+      std::vector<uint8_t> codes;
       for (int64_t t = begin; t < end; ++t) {
         const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
         const int64_t g = t - first[i], n0 = 16 * g, width = std::min<int64_t>(16, ns[i] - n0), bytes = q8_record(types[i]);
         const uint8_t* rec = packs[i].data_ptr<uint8_t>() + g * nb * bytes;
         float* y = ys[i].data_ptr<float>();
+        const auto put = [&](int64_t m, int64_t r) {
+          for (int64_t j = 0; j < r; ++j) std::memcpy(y + (m + j) * ns[i] + n0, acc[j], width * sizeof(float));
+        };
         q8_dispatch(types[i], [&](auto bits, auto g16, auto min) {
+          constexpr int B = decltype(bits)::value;
+          constexpr bool G = decltype(g16)::value, C = decltype(min)::value;
+#if MTPSPEC_Q8_DECODED
+          if constexpr (B < 8)
+            if (rows_here >= kQ8DecodedMin) {
+              codes.resize(512 * nb);
+              decode_group<B>(rec, nb, bytes, codes.data());
+              for (int64_t m = m0; m < m0 + rows_here; m += kQ8DecodedRows) {
+                const int64_t r = std::min<int64_t>(kQ8DecodedRows, m0 + rows_here - m);
+                with_rows<kQ8DecodedRows>(r, [&](auto n) { q8_tile_decoded<B, G, C, n()>(codes.data(), rec, nb, bytes, ptr.data() + m, acc); });
+                put(m, r);
+              }
+              return;
+            }
+#endif
           for (int64_t m = m0; m < m0 + rows_here; m += kQ8Rows) {
             const int64_t r = std::min<int64_t>(kQ8Rows, m0 + rows_here - m);
-            q8_rows<decltype(bits)::value, decltype(g16)::value, decltype(min)::value, kQ8Rows>(rec, nb, bytes, ptr.data() + m, r, acc);
-            for (int64_t j = 0; j < r; ++j) std::memcpy(y + (m + j) * ns[i] + n0, acc[j], width * sizeof(float));
+            with_rows<kQ8Rows>(r, [&](auto n) { q8_tile<B, G, C, n()>(rec, nb, bytes, ptr.data() + m, acc); });
+            put(m, r);
           }
         });
       }

@@ -37,6 +37,14 @@
 
 namespace {
 
+// fn(std::integral_constant<int, r>{}) for a run-time r in [1, R]: a tile's row count as a template argument.
+template <int R, class Fn>
+inline void with_rows(int64_t r, Fn&& fn) {
+  if constexpr (R > 1)
+    if (r < R) return with_rows<R - 1>(r, fn);
+  fn(std::integral_constant<int, R>{});
+}
+
 // GGML type ids (gguf.GGMLQuantizationType) of the formats multiplied here.
 enum Type : int64_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
                       Q4_K = 12, Q5_K = 13, Q6_K = 14, BF16 = 30 };
@@ -556,14 +564,6 @@ void tile(const Problem& p, const Row* const* row, int64_t units, const float* x
   for (int i = 0; i < R * NB; ++i) vstore(acc + 16 * i, pin(a[i]));
 }
 
-// tile<..., r> for a run-time r <= R.
-template <int64_t type, class D, int NB, int R, class Row>
-void tile_rows(const Problem& p, const Row* const* row, int64_t units, int64_t r, const float* x, float* acc, const Prefetch& pf) {
-  if constexpr (R > 1)
-    if (r < R) return tile_rows<type, D, NB, R - 1>(p, row, units, r, x, acc, pf);
-  tile<type, D, NB, R>(p, row, units, x, acc, pf);
-}
-
 constexpr int64_t SPAN = 1024;  // values per decoded span
 constexpr int64_t AHEAD = 2;    // tiles between the one computed and the one prefetched
 
@@ -587,7 +587,8 @@ void features(const Problem& p, int64_t n0, Scratch& s) {
   const uint8_t* next = p.w + ahead * p.row_bytes;
   if (groups == 1 && p.K % kUnit<type> == 0) {
     const int64_t units = p.K / kUnit<type>;
-    tile_rows<type, Dec<type>, NB, RMAX>(p, row, units, p.M, p.x, s.acc.data(), Prefetch{next, lines, (lines + units - 1) / units});
+    const Prefetch pf{next, lines, (lines + units - 1) / units};
+    with_rows<RMAX>(p.M, [&](auto r) { tile<type, Dec<type>, NB, r()>(p, row, units, p.x, s.acc.data(), pf); });
   } else {
     Prefetch{next, lines, lines}.step(0);
     const float* rows[NB];
@@ -597,7 +598,7 @@ void features(const Problem& p, int64_t n0, Scratch& s) {
       for (int j = 0; j < NB; ++j) decode_span<type>(row[j], k0, std::min(span, p.K - k0), span, s.wbuf.data() + j * SPAN);
       for (int64_t g = 0, m = 0; g < groups; ++g) {
         const int64_t r = (p.M - m + groups - g - 1) / (groups - g);
-        tile_rows<type, Decoded, NB, RMAX>(p, rows, span / kUnit<type>, r, p.x + m * p.Kp + k0, s.acc.data() + m * NB * 16, Prefetch{});
+        with_rows<RMAX>(r, [&](auto n) { tile<type, Decoded, NB, n()>(p, rows, span / kUnit<type>, p.x + m * p.Kp + k0, s.acc.data() + m * NB * 16, Prefetch{}); });
         m += r;
       }
     }
@@ -940,13 +941,6 @@ inline void screen_tile(const uint8_t* rec0, const uint8_t* next, int64_t nb, co
 }
 #endif
 
-// screen_tile<r> for a run-time r <= R.
-template <int R>
-inline void screen_rows(const uint8_t* rec, const uint8_t* next, int64_t nb, const QRow* r, int64_t rows, V* A, V* B) {
-  if constexpr (R > 1)
-    if (rows < R) return screen_rows<R - 1>(rec, next, nb, r, rows, A, B);
-  screen_tile<R>(rec, next, nb, r, A, B);
-}
 #endif
 
 // A Q8_0 matrix [N, K / 32 * 34] in qargmax_screened's layout ([groups * nb * kRecord] uint8), or an
@@ -1041,7 +1035,7 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
         for (int64_t m = 0; m < p.M; m += kScreenRows) {
           const int64_t r = std::min<int64_t>(kScreenRows, p.M - m);
           V A[kScreenRows], B[kScreenRows];
-          screen_rows<kScreenRows>(rec0, m == 0 ? next : nullptr, nb, rows.data() + m, r, A, B);
+          with_rows<kScreenRows>(r, [&](auto n) { screen_tile<n()>(rec0, m == 0 ? next : nullptr, nb, rows.data() + m, A, B); });
           for (int64_t i = 0; i < r; ++i) keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
         }
       }
