@@ -194,8 +194,11 @@ at::Tensor run_attention(const at::Tensor& q, const std::vector<Cache>& caches, 
   const int64_t* pos = positions.data_ptr<int64_t>();
   const T* qp = q.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  // One task per row and run of up to 4 query heads that share a KV head; any task on any thread.
-  const int64_t ng = std::min<int64_t>(4, groups), runs = (groups + ng - 1) / ng;
+  // One task per row and run of up to 4 query heads that share a KV head (fewer where that would leave
+  // threads idle, as one row of one KV head would); any task on any thread.
+  int64_t ng = std::min<int64_t>(4, groups);
+  while (ng > 1 && rows * Hkv * ((groups + ng - 1) / ng) < at::get_num_threads()) ng = (ng + 1) / 2;
+  const int64_t runs = (groups + ng - 1) / ng;
   at::parallel_for(0, rows * Hkv * runs, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     std::vector<int64_t> slot;  // cache slot of each logical key of a gathering row
