@@ -278,6 +278,17 @@ inline void dot_i8(const __m256i* qa, const __m256i* q, const int32_t* x4, __m25
   }
 }
 
+// y plus one block's term for one row (the float chain at the top of this file), from its exact integer
+// sums less o times the sum of xq: with G16, lo and hi (values 0-15 and 16-31) each times its own a;
+// otherwise lo, the whole block's, times a0, then (MIN) c = a1 times t.
+template <bool G16, bool MIN>
+inline __m256 block_term(__m256 y, __m256 a0, __m256 a1, __m256 dx, __m256i lo, __m256i hi, float t) {
+  y = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(lo), y);
+  if constexpr (G16) return _mm256_fmadd_ps(_mm256_mul_ps(a1, dx), _mm256_cvtepi32_ps(hi), y);
+  if constexpr (MIN) return _mm256_fmadd_ps(a1, _mm256_set1_ps(t), y);
+  return y;
+}
+
 // Eight features at a time (half h of the group): 4- to 6-bit codes u through dot_u8, then less o times
 // the sum of xq; Q8_0's through dot_i8 on s = u - 128 (u * xq could reach 255 * 127, beyond int16).
 template <int BITS, bool G16, bool MIN, int R>
@@ -306,14 +317,7 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
           lo = _mm256_sub_epi32(lo, _mm256_set1_epi32(o * s16[0]));
           hi = _mm256_sub_epi32(hi, _mm256_set1_epi32(o * s16[1]));
         }
-        const __m256 dx = _mm256_set1_ps(r[i]->dx[b]);
-        if constexpr (G16) {
-          y[i] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(lo), y[i]);
-          y[i] = _mm256_fmadd_ps(_mm256_mul_ps(a1, dx), _mm256_cvtepi32_ps(hi), y[i]);
-        } else {
-          y[i] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), y[i]);
-          if constexpr (MIN) y[i] = _mm256_fmadd_ps(a1, _mm256_set1_ps(r[i]->t[b]), y[i]);
-        }
+        y[i] = block_term<G16, MIN>(y[i], a0, a1, _mm256_set1_ps(r[i]->dx[b]), G16 ? lo : _mm256_add_epi32(lo, hi), hi, r[i]->t[b]);
       }
     }
     for (int i = 0; i < R; ++i) _mm256_storeu_ps(acc[i] + 8 * h, y[i]);
@@ -371,17 +375,9 @@ void q8_tile_decoded(const uint8_t* codes, const uint8_t* rec, int64_t nb, int64
       const __m256 a1 = G16 || MIN ? _mm256_loadu_ps(av + 16 + 8 * h) : a0;  // G16's second a, or c
       for (int i = 0; i < R; ++i) {
         const int32_t* s16 = r[i]->sum16.data() + 2 * b;
-        const __m256 dx = _mm256_set1_ps(r[i]->dx[b]);
-        if constexpr (G16) {
-          const __m256i lo = _mm256_sub_epi32(s[i][h][0], _mm256_set1_epi32(o * s16[0]));
-          const __m256i hi = _mm256_sub_epi32(s[i][h][1], _mm256_set1_epi32(o * s16[1]));
-          y[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(lo), y[i][h]);
-          y[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(a1, dx), _mm256_cvtepi32_ps(hi), y[i][h]);
-        } else {
-          const __m256i S = _mm256_sub_epi32(s[i][h][0], _mm256_set1_epi32(o * (s16[0] + s16[1])));
-          y[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(a0, dx), _mm256_cvtepi32_ps(S), y[i][h]);
-          if constexpr (MIN) y[i][h] = _mm256_fmadd_ps(a1, _mm256_set1_ps(r[i]->t[b]), y[i][h]);
-        }
+        const __m256i lo = _mm256_sub_epi32(s[i][h][0], _mm256_set1_epi32(o * (G16 ? s16[0] : s16[0] + s16[1])));
+        const __m256i hi = _mm256_sub_epi32(s[i][h][NS - 1], _mm256_set1_epi32(o * s16[1]));  // G16 only
+        y[i][h] = block_term<G16, MIN>(y[i][h], a0, a1, _mm256_set1_ps(r[i]->dx[b]), lo, hi, r[i]->t[b]);
       }
     }
   }
