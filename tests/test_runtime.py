@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
 import mtpspec
-from gguf_tiny import load_transformers, random_blocks, write_tiny_gguf
+from gguf_tiny import SMALL_VOCAB, load_transformers, random_blocks, write_tiny_gguf
 from mtpspec.api import load_gguf
 from mtpspec.cli import main
 from mtpspec.mtp import init_drafter, save_drafter
@@ -315,11 +315,11 @@ def test_bench_profile_reports_where_a_step_goes(tiny_llama_gguf, tmp_path):
     ]
     assert main([*args, "--max-new-tokens", "8", "--threads", "1", "--profile", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
-    assert "Where a decode step's time goes" in report and "| linear layers |" in report
+    assert "Where a decode step's time goes" in report and "| layers |" in report
     import json
 
     profile = json.loads((out / "profile.json").read_text())
-    assert profile["none"]["forwards"] > 0 and profile["none"]["linear layers"] > 0
+    assert profile["none"]["forwards"] > 0 and profile["none"]["layers"] > 0
 
 
 @pytest.mark.parametrize("kernels", ["1", "0"])
@@ -474,3 +474,65 @@ def test_bad_trees_and_paths_are_refused(tiny_llama_gguf):
     target.rollback(1)
     with pytest.raises(ValueError, match="still cached"):
         target.keep([0, 1])
+
+
+def _product(g, m: QMatrix, x: torch.Tensor) -> torch.Tensor:
+    """One matrix's product through the kernel the forward picks for it (int8 with q8 where it packs)."""
+    if g.q8 and m.packed is not None:
+        return ops().q8_linear_many(x, [m.packed], [int(m.qtype)], [m.shape[0]], m.cols)[0]
+    return ops().qlinear(x, m.raw, int(m.qtype), m.cols)
+
+
+@pytest.mark.parametrize("activations", ["q8", "fp32"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "gemma3-mixed"])
+def test_layer_ops_give_the_bits_of_the_layer_op_by_op(arch, activations, request, tmp_path):
+    """`attention_inputs` and `layer_output` (C++, one call each per layer) equal the layer written op by op:
+    the norms, each product alone, RoPE, and PyTorch's GELU or SiLU, multiply and add. The mixed model's
+    F16 and F32 matrices take float32 products while its block-quantized ones take int8 ones (q8)."""
+    types = {"attn_v": Q.F16, "ffn_up": Q.F32} if arch.endswith("-mixed") else None
+    if types:
+        path = write_tiny_gguf(tmp_path / "m.gguf", "gemma3", types=types, vocab_size=SMALL_VOCAB)
+    else:
+        path = request.getfixturevalue(f"tiny_{arch}_gguf")
+    g = load_gguf(path, activations=activations).gguf
+    gen = torch.Generator().manual_seed(0)
+    hidden, (heads, kv_heads, head_dim) = g.layers[0].attn_norm.shape[0], g.shape
+    positions = torch.tensor([0, 3, 9, 10, 40])
+    x = torch.randn(5, hidden, generator=gen)
+    a = torch.randn(5, heads, head_dim, generator=gen)
+    for layer, (qkv, out) in zip(g.layers, g._products, strict=True):
+        cos, sin = g.rope(layer.kind, positions)
+        q, k, v = ops().attention_inputs(
+            x, layer.attn_norm, g.eps, *qkv, layer.q_norm, layer.k_norm, cos, sin, *g.shape
+        )
+        h = ops().rms_norm(x, layer.attn_norm, g.eps)
+        q_, k_, v_ = (_product(g, m, h).view(5, -1, head_dim) for m in (layer.q, layer.k, layer.v))
+        if g.gemma:
+            q_, k_ = ops().rms_norm(q_, layer.q_norm, g.eps), ops().rms_norm(k_, layer.k_norm, g.eps)
+        assert torch.equal(q, ops().rope(q_, cos, sin)) and torch.equal(k, ops().rope(k_, cos, sin))
+        assert torch.equal(v, v_) and v.shape == (5, kv_heads, head_dim)
+
+        y = ops().layer_output(x, a, *out, layer.post_attn_norm, layer.ffn_norm, layer.post_ffn_norm, g.eps, g.gemma)
+        o = _product(g, layer.o, a.reshape(5, -1))
+        x_ = x + (ops().rms_norm(o, layer.post_attn_norm, g.eps) if g.gemma else o)
+        n = ops().rms_norm(x_, layer.ffn_norm, g.eps)
+        gate, up = _product(g, layer.gate, n), _product(g, layer.up, n)
+        act = torch.nn.functional.gelu(gate, approximate="tanh") if g.gemma else torch.nn.functional.silu(gate)
+        m = _product(g, layer.down, act * up)
+        assert torch.equal(y, x_ + (ops().rms_norm(m, layer.post_ffn_norm, g.eps) if g.gemma else m))
+    if types:
+        assert {layer.v.qtype for layer in g.layers} == {Q.F16} and g._products[0][0][1] == [int(g.q8), int(g.q8), 0]
+
+
+def test_rope_tables_hold_each_positions_own_values(tiny_gguf):
+    """The forward's RoPE lookups equal the rotary module's values for those positions alone, also past the
+    first table's positions (the table grows) and for a [B, T] grid."""
+    g = load_gguf(tiny_gguf).gguf
+    probe = torch.empty(0)
+    for kind in g.family.attention_types():
+        for positions in (torch.tensor([[5]]), torch.tensor([[0, 7, 1023, 1024, 3000]]), torch.arange(12).view(3, 4)):
+            cos, sin = g.rope(kind, positions)
+            for b, row in enumerate(positions):
+                for t, p in enumerate(row):
+                    alone = g.rotary(probe, p.view(1, 1), kind) if g.gemma else g.rotary(probe, p.view(1, 1))
+                    assert torch.equal(cos[b, t], alone[0][0, 0]) and torch.equal(sin[b, t], alone[1][0, 0])

@@ -103,7 +103,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="also report where each decode step's time goes on the GGUF runtime (linear layers, head, attention, rest of the forward, drafter, engine), in report.md and profile.json; the timers cost about 1%% of a step",
+        help="also report where each decode step's time goes on the GGUF runtime (layers: their products, norms, RoPE and activations; head, attention, rest of the forward, drafter, engine), in report.md and profile.json; the timers cost about 1%% of a step",
     )
     p.add_argument(
         "--chat",

@@ -101,7 +101,8 @@ def _profile_section(profiles: dict) -> str:
     parts = ["", "## Where a decode step's time goes (`--profile`)", ""]
     parts.append(
         "Per target forward (one verification block), averaged over every run of the method and every draft length. "
-        "Linear layers, head, attention and the rest of the forward are timed inside the runtime; the drafter's and "
+        "The layers (their products, norms, RoPE and activations), head, attention and the rest of the forward are "
+        "timed inside the runtime; the drafter's and "
         "the engine's shares come from the engine's statistics."
     )
     for name, p in profiles.items():

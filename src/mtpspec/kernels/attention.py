@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .extension import extension
@@ -44,39 +46,46 @@ _CHAIN = torch.empty(0, dtype=torch.long)  # a sequence's slots when its rows ar
 
 
 def append_attention(
-    query: torch.Tensor,  # [T, Hq, D]
-    key: torch.Tensor,  # [T, Hkv, D] the rows' new keys
-    value: torch.Tensor,  # [T, Hkv, Dv]
-    caches: list[tuple[torch.Tensor, torch.Tensor]],  # (keys, values) [1, Hkv, L, D] per sequence
     starts: list[int],  # first cache slot of each sequence's rows
     rows: list[int],  # each sequence's row count; the rows come in the sequences' order
     positions: torch.Tensor,  # [T] int64
-    sliding_window: int | None,
+    slots: list[torch.Tensor | None],  # per sequence, a tree's [rows, W] ancestor slots (tree_start: its start)
     scaling: float,
     softcap: float | None,
-    slots: list[torch.Tensor | None],  # per sequence, a tree's [rows, W] ancestor slots (tree_start: its start)
-) -> torch.Tensor | None:
-    """`[T, Hq, Dv]`, one call for a block whose rows continue several sequences: each row's key and
-    value are written at its sequence's next slots, then each row attends over its own sequence's
-    cache exactly as `exact_attention` would (the same per-row arithmetic). None where the kernel does
-    not apply (callers write and attend per sequence)."""
-    ext = _kernel(query, [key, value, *(t for cache in caches for t in cache)])
+    dtype: torch.dtype,
+    head_dim: int,
+) -> Callable[..., torch.Tensor] | None:
+    """For a block whose rows continue several sequences, placed as above: `attend(query, key, value,
+    keys, values, window)`, one kernel call per layer. It takes the rows' `query` `[T, Hq, D]`, new
+    `key` and `value` `[T, Hkv, D]` and each sequence's cache (`keys`, `values`: one `[1, Hkv, L, D]`
+    each), writes each row's key and value at its sequence's next slots, then has each row attend over
+    its own sequence's cache exactly as `exact_attention` would (the same per-row arithmetic), and
+    returns `[T, Hq, D]`. The places are prepared once, for every layer's call. None where the kernel
+    does not apply to caches of `dtype` and heads of `head_dim` (callers write and attend per sequence)."""
+    ext = extension() if dtype in (torch.bfloat16, torch.float32) and head_dim % 8 == 0 else None
     if ext is None:
         return None
-    return ext.append_attention(
-        query.contiguous(),
-        key.contiguous(),
-        value.contiguous(),
-        [k for k, _ in caches],
-        [v for _, v in caches],
-        starts,
-        rows,
-        positions.contiguous(),
-        sliding_window or 0,
-        float(scaling),
-        float(softcap or 0.0),
-        [_CHAIN if s is None else s.contiguous() for s in slots],
-    )
+    positions = positions.contiguous()
+    trees = [_CHAIN if s is None else s.contiguous() for s in slots]
+    scaling, softcap = float(scaling), float(softcap or 0.0)
+
+    def attend(query, key, value, keys, values, window: int | None) -> torch.Tensor:
+        return ext.append_attention(
+            query.contiguous(),
+            key.contiguous(),
+            value.contiguous(),
+            keys,
+            values,
+            starts,
+            rows,
+            positions,
+            window or 0,
+            scaling,
+            softcap,
+            trees,
+        )
+
+    return attend
 
 
 def _kernel(query: torch.Tensor, others: list[torch.Tensor]):

@@ -17,9 +17,9 @@ which other rows share the call (see quant.cpp for the products, kernels/attenti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import MtpspecError
 from ..families import family_for
@@ -34,6 +34,7 @@ ARCHS = ("gemma3", "llama")
 # activations times the exactly dequantised weights (quant.cpp), the closest to transformers' float32.
 # The output head takes float32 activations either way.
 ACTIVATIONS = ("q8", "fp32")
+ROPE_TABLE = 1024  # positions in a RoPE table at first (see GgufModel.rope)
 DEFAULT_ACTIVATIONS = "q8"
 
 
@@ -76,6 +77,15 @@ class Layer:
     post_attn_norm: torch.Tensor | None = None  # [H] Gemma's sandwich norms
     post_ffn_norm: torch.Tensor | None = None
 
+    def products(self, q8: bool) -> tuple[tuple, tuple]:
+        """The C++ layer ops' product arguments (`QMatrix.product_args`): q, k, v for `attention_inputs`;
+        o, gate, up, down, with their input sizes, for `layer_output`."""
+        out = (self.o, self.gate, self.up, self.down)
+        return QMatrix.product_args([self.q, self.k, self.v], q8), (
+            *QMatrix.product_args(out, q8),
+            [m.cols for m in out],
+        )
+
 
 def _unpermute(m: QMatrix, heads: int) -> QMatrix:
     """Undo llama.cpp's Q/K row permutation (transformers' `_reverse_permute_weights`, as a row order)."""
@@ -105,20 +115,20 @@ class GgufModel:
         c = config
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.shape = (self.heads, self.kv_heads, self.head_dim)
         self.eps = c.rms_norm_eps
         self.scaling = self.family.attention_scaling(0)
         self.softcap = getattr(c, "final_logit_softcapping", None)
         self.attn_softcap = getattr(c, "attn_logit_softcapping", None)
         self.embed_scale = torch.tensor(c.hidden_size**0.5) if self.gemma else None
+        self._rope_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> cos, sin [n, D]
         self.embedding = weights.matrix("token_embd.weight")
         self.head = weights.matrix("output.weight") if weights.has("output.weight") else self.embedding
         _ = self.head.screen  # the greedy head's int8 copy, packed now rather than in the first request
         self.final_norm = self._norm_weight(weights.vector("output_norm.weight"))
         self.layers = [self._layer(weights, i) for i in range(c.num_hidden_layers)]
-        if self.q8:  # the int8 copies, packed now rather than in the first request
-            for layer in self.layers:
-                for m in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
-                    _ = m.packed
+        # The int8 copies are packed now (with q8) rather than in the first request.
+        self._products = [layer.products(self.q8) for layer in self.layers]
 
     def _norm_weight(self, w: torch.Tensor) -> torch.Tensor:
         return 1.0 + (w - 1.0) if self.gemma else w
@@ -156,9 +166,18 @@ class GgufModel:
         return x * self.embed_scale if self.gemma else x
 
     def rope(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[1, T, D]` at `positions` `[1, T]` for layers of type `kind`."""
-        probe = torch.empty(0)
-        return self.rotary(probe, positions, kind) if self.gemma else self.rotary(probe, positions)
+        """cos, sin `[..., D]` at `positions` `[...]` (e.g. `[B, T]`) for layers of type `kind`, looked up in tables that the
+        rotary module computes once for positions 0 .. n - 1 (grown by doubling as positions reach n; a call
+        per forward cost as much as a layer of a small model). Each value is that position's own: the module
+        takes one product of a frequency and a position, then its cosine and sine, per value."""
+        need = int(positions.max()) + 1
+        table = self._rope_tables.get(kind)
+        if table is None or table[0].shape[0] < need:
+            n = max(need, 2 * table[0].shape[0] if table else ROPE_TABLE)
+            probe, grid = torch.empty(0), torch.arange(n)[None]
+            cos, sin = self.rotary(probe, grid, kind) if self.gemma else self.rotary(probe, grid)
+            self._rope_tables[kind] = table = (cos[0], sin[0])
+        return table[0][positions], table[1][positions]
 
     def forward(self, ids: torch.Tensor, start: int, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Hidden states `[T, H]` (after the final norm) of tokens `ids` `[T]` at positions start.., writing
@@ -176,54 +195,55 @@ class GgufModel:
         # (positions, slots) per segment: every tree is checked before any cache is written.
         layouts = [s.layout() for s in segments]
         positions = torch.cat([p for p, _ in layouts])
-        place = ([s.start for s in segments], [s.rows for s in segments], [slots for _, slots in layouts])
-        tables = {kind: self.rope(kind, positions[None]) for kind in self.family.attention_types()}
+        starts, rows, slots = [s.start for s in segments], [s.rows for s in segments], [tree for _, tree in layouts]
+        attend = append_attention(
+            starts, rows, positions, slots, self.scaling, self.attn_softcap, torch.float32, self.head_dim
+        )
+        if attend is None:  # no C++ attention kernels here
+            attend = partial(self._attend_per_sequence, starts, rows, positions, slots)
+        tables = {kind: self.rope(kind, positions) for kind in self.family.attention_types()}  # cos, sin [T, D]
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            h = self.norm(x, layer.attn_norm)
-            q, k, v = QMatrix.linear_many(h, [layer.q, layer.k, layer.v], self.q8)
-            q = q.view(t, self.heads, self.head_dim)
-            k, v = k.view(t, self.kv_heads, self.head_dim), v.view(t, self.kv_heads, self.head_dim)
-            if self.gemma:
-                q, k = self.norm(q, layer.q_norm), self.norm(k, layer.k_norm)
-            cos, sin = tables[layer.kind]
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            a = self._attend(q, k, v, [s.cache[i] for s in segments], place, positions, layer.window)
-            a = layer.o.linear(a.reshape(t, -1), self.q8)
-            if self.gemma:
-                a = self.norm(a, layer.post_attn_norm)
-            x = x + a
-            h = self.norm(x, layer.ffn_norm)
-            gate, up = QMatrix.linear_many(h, [layer.gate, layer.up], self.q8)
-            m = layer.down.linear(self._act(gate) * up, self.q8)
-            if self.gemma:
-                m = self.norm(m, layer.post_ffn_norm)
-            x = x + m
+            q, k, v = self._layer_inputs(i, x, *tables[layer.kind])
+            a = self._attend(attend, q, k, v, [s.cache[i] for s in segments], layer.window)
+            x = self._layer_outputs(i, x, a)
         return self.norm(x, self.final_norm)
 
-    def _act(self, g: torch.Tensor) -> torch.Tensor:
-        return F.gelu(g, approximate="tanh") if self.gemma else F.silu(g)
+    def _layer_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Layer i's q `[T, Hq, D]`, k and v `[T, Hkv, D]` from its input x `[T, H]` (one C++ call, layer.cpp)."""
+        layer, (qkv, _) = self.layers[i], self._products[i]
+        return ops().attention_inputs(
+            x, layer.attn_norm, self.eps, *qkv, layer.q_norm, layer.k_norm, cos, sin, *self.shape
+        )
 
-    def _attend(self, q, k, v, caches, place, positions, window) -> torch.Tensor:
-        """`[T, Hq, D]`: the rows' K/V (`k`, `v` `[T, Hkv, D]`) written into their sequences' `caches`
-        (one (keys, values) pair each) at `place` = (first slot, row count, tree slots or None) per
-        sequence, then each row's attention over exactly the keys its position may see (a tree row's
-        keys past its sequence's start through its ancestors' slots), one kernel call for all."""
-        starts, rows, slots = place
-        rule = (window, self.scaling, self.attn_softcap)
-        out = append_attention(q, k, v, caches, starts, rows, positions, *rule, slots)
-        if out is not None:
-            return out
-        # No C++ kernels here: per sequence, the same per-row arithmetic through PyTorch.
+    def _attend(
+        self, attend, q, k, v, caches: list[tuple[torch.Tensor, torch.Tensor]], window: int | None
+    ) -> torch.Tensor:
+        """`attend` (`append_attention`'s) on this layer's cache of every sequence (one (keys, values) pair each)."""
+        return attend(q, k, v, [keys for keys, _ in caches], [values for _, values in caches], window)
+
+    def _layer_outputs(self, i: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Layer i's output `[T, H]` from its input x and its attention's a `[T, Hq, D]` (one C++ call)."""
+        layer, (_, out) = self.layers[i], self._products[i]
+        return ops().layer_output(
+            x, a, *out, layer.post_attn_norm, layer.ffn_norm, layer.post_ffn_norm, self.eps, self.gemma
+        )
+
+    def _attend_per_sequence(self, starts, rows, positions, slots, q, k, v, keys, values, window) -> torch.Tensor:
+        """`append_attention`'s `attend` without the C++ kernels: per sequence, each row's key and value
+        written at its place, then the same per-row arithmetic through PyTorch."""
         from ..attention import per_row_attention
 
-        parts = []
+        parts, rule = [], (window, self.scaling, self.attn_softcap)
         pieces = zip(q.split(rows), k.split(rows), v.split(rows), positions.split(rows), strict=True)
-        for (keys, values), start, n, tree, (qs, ks, vs, pos) in zip(caches, starts, rows, slots, pieces, strict=True):
-            keys[0, :, start : start + n] = ks.transpose(0, 1)
-            values[0, :, start : start + n] = vs.transpose(0, 1)
+        sequences = zip(keys, values, starts, rows, slots, pieces, strict=True)
+        for cache_keys, cache_values, start, n, tree, (qs, ks, vs, pos) in sequences:
+            cache_keys[0, :, start : start + n] = ks.transpose(0, 1)
+            cache_values[0, :, start : start + n] = vs.transpose(0, 1)
             query = qs.transpose(0, 1)[None]  # [1, Hq, rows, D]
-            parts.append(per_row_attention(query, keys, values, pos, *rule, slots=tree, tree_start=start)[0])
+            parts.append(
+                per_row_attention(query, cache_keys, cache_values, pos, *rule, slots=tree, tree_start=start)[0]
+            )
         return torch.cat(parts)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, V] float32
@@ -238,8 +258,3 @@ class GgufModel:
 
             return argmax(self.logits(hidden))
         return self.head.argmax(hidden)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on `[T, heads, D]` with cos, sin `[1, T, D]` (transformers' rotate_half form, one C++ call)."""
-    return ops().rope(x, cos[0], sin[0])

@@ -1,5 +1,5 @@
-"""Where a decode step's time goes on the GGUF runtime: linear layers, head, attention, the rest of the
-forward, the drafter and the engine's own work.
+"""Where a decode step's time goes on the GGUF runtime: the layers (their products, norms, RoPE and
+activations), head, attention, the rest of the forward, the drafter and the engine's own work.
 
 `profiled(target)` wraps the runtime's methods with timers while it is active, so the forward itself
 carries no timing code. Times are exclusive (a call's time less that of the timed calls inside it)
@@ -19,7 +19,7 @@ from .model import GgufModel
 from .target import GgufTarget
 from .weights import QMatrix
 
-FORWARD_PARTS = ("linear layers", "head", "attention", "rest of the forward")
+FORWARD_PARTS = ("layers", "head", "attention", "rest of the forward")
 PARTS = (*FORWARD_PARTS, "drafter", "engine")
 
 
@@ -56,7 +56,7 @@ def profiled(target: GgufTarget, profile: StepProfile | None = None) -> Iterator
             if not stack and part != "rest of the forward":
                 return fn(*args, **kwargs)  # outside a target forward: prefill, or the drafter
             # The products inside the head's own calls are the head's.
-            name = "head" if part == "linear layers" and stack and stack[-1][0] == "head" else part
+            name = "head" if part == "layers" and stack and stack[-1][0] == "head" else part
             stack.append([name, 0.0])
             t = time.perf_counter()
             try:
@@ -77,9 +77,11 @@ def profiled(target: GgufTarget, profile: StepProfile | None = None) -> Iterator
         return forward
 
     timers = [
-        (QMatrix, "linear", "linear layers"),
-        (QMatrix, "argmax", "linear layers"),
-        (QMatrix, "linear_many", "linear layers"),
+        (QMatrix, "linear", "layers"),
+        (QMatrix, "argmax", "layers"),
+        (QMatrix, "linear_many", "layers"),
+        (GgufModel, "_layer_inputs", "layers"),
+        (GgufModel, "_layer_outputs", "layers"),
         (GgufModel, "_attend", "attention"),
         (GgufModel, "logits", "head"),
         (GgufModel, "greedy", "head"),

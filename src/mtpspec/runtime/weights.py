@@ -54,13 +54,15 @@ class QMatrix:
     def linear_many(x: torch.Tensor, matrices: list[QMatrix], q8: bool = False) -> list[torch.Tensor]:
         """`[m.linear(x, q8) for m in matrices]` (`[T, K]` -> `[T, N_i]` each), the same bits, in one call per
         kind of product (one thread wake-up)."""
-        x = x.reshape(-1, matrices[0].cols).float()
-        ints = [q8 and m.packed is not None for m in matrices]
-        if all(ints) or not any(ints):  # a layer's matrices share a format family: one call
-            return (_q8_products if ints[0] else _float_products)(x, matrices)
-        ys = iter(_q8_products(x, [m for m, i in zip(matrices, ints, strict=True) if i]))
-        fs = iter(_float_products(x, [m for m, i in zip(matrices, ints, strict=True) if not i]))
-        return [next(ys) if i else next(fs) for i in ints]
+        return ops().products(x, *QMatrix.product_args(matrices, q8), matrices[0].cols)
+
+    @staticmethod
+    def product_args(matrices: list[QMatrix], q8: bool) -> tuple[list[torch.Tensor], list[int], list[int], list[int]]:
+        """What the C++ `products` op takes for `matrices`: each one's bytes, whether they are q8_pack's int8
+        layout (with `q8`, where the format is block-quantized) or the file's blocks, its GGML type and rows."""
+        ints = [int(q8 and m.packed is not None) for m in matrices]
+        tensors = [m.packed if i else m.raw for m, i in zip(matrices, ints, strict=True)]
+        return tensors, ints, [int(m.qtype) for m in matrices], [m.shape[0] for m in matrices]
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T] int64
         """`argmax(x @ W.T, -1)` without writing the logits out; ties go to the lowest index. A large Q8_0
@@ -95,16 +97,6 @@ class QMatrix:
 
 
 SCREEN_MIN_ROWS = 4096  # below this, the float32 argmax is cheap enough
-
-
-def _q8_products(x: torch.Tensor, ms: list[QMatrix]) -> list[torch.Tensor]:
-    return ops().q8_linear_many(
-        x, [m.packed for m in ms], [int(m.qtype) for m in ms], [m.shape[0] for m in ms], x.shape[1]
-    )
-
-
-def _float_products(x: torch.Tensor, ms: list[QMatrix]) -> list[torch.Tensor]:
-    return ops().qlinear_many(x, [m.raw for m in ms], [int(m.qtype) for m in ms], x.shape[1])
 
 
 def screen_pack(raw: torch.Tensor, cols: int) -> torch.Tensor | None:
