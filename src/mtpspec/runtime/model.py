@@ -1,9 +1,9 @@
 """A lean forward over a GGUF model's own weights: Gemma 3 and Llama-style decoders.
 
 Every projection is a `QMatrix` product (C++, on the file's blocks: float32 activations, or with `q8` int8
-ones, see ACTIVATIONS); norms, RoPE and activations are
-a few PyTorch ops per layer on `[T, H]` rows; attention is the exact per-row kernel over the
-preallocated cache. The file is interpreted as transformers interprets it when it loads a GGUF:
+ones, see ACTIVATIONS). A layer is three calls on `[T, H]` rows: `attention_inputs` (norm, q/k/v products,
+Gemma's q/k norms, RoPE) and `layer_output` (o, norms, residuals, the feed-forward), both C++ (layer.cpp),
+around the exact per-row attention kernel over the preallocated cache. The file is interpreted as transformers interprets it when it loads a GGUF:
 - llama.cpp stores Llama's Q and K rows permuted for its interleaved RoPE; `_unpermute` restores the
   Hugging Face order (a row permutation, so it works on quantized rows), and RoPE is `rotate_half`;
 - llama.cpp stores Gemma's norm weights as 1 + w; transformers subtracts 1 and its norm adds it back,
