@@ -359,7 +359,9 @@ def test_one_call_for_several_sequences_writes_their_caches_and_gives_each_its_o
     tree_positions, tree_slots = tree_layout(parents, starts[1])
     positions = torch.cat([torch.arange(20, 23), tree_positions, torch.tensor([0])])
     slots = [None, tree_slots, None]
-    out = append_attention(q, k_new, v_new, caches, starts, rows, positions, window, scale, None, slots)
+    cache_keys, cache_values = [k for k, _ in caches], [v for _, v in caches]
+    attend = append_attention(starts, rows, positions, slots, scale, None, dtype, d)
+    out = attend(q, k_new, v_new, cache_keys, cache_values, window)
     first = 0
     for s, (n, start) in enumerate(zip(rows, starts, strict=True)):
         keys, values = before[s]
@@ -374,6 +376,10 @@ def test_one_call_for_several_sequences_writes_their_caches_and_gives_each_its_o
         assert torch.equal(out[part], alone[0]), s
         first += n
     with pytest.raises(RuntimeError, match="do not fit its cache"):
-        append_attention(q, k_new, v_new, caches, [30, 9, 0], rows, positions, window, scale, None, slots)
+        append_attention([30, 9, 0], rows, positions, slots, scale, None, dtype, d)(
+            q, k_new, v_new, cache_keys, cache_values, window
+        )
     with pytest.raises(RuntimeError, match="cover 8 rows, not 9"):
-        append_attention(q, k_new, v_new, caches, starts, [3, 5, 0], positions, window, scale, None, slots)
+        append_attention(starts, [3, 5, 0], positions, slots, scale, None, dtype, d)(
+            q, k_new, v_new, cache_keys, cache_values, window
+        )
