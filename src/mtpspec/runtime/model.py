@@ -205,7 +205,7 @@ class GgufModel:
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
             q, k, v = self._layer_inputs(i, x, *tables[layer.kind])
-            a = self._attend(attend, q, k, v, [s.cache[i] for s in segments], layer.window)
+            a = self._attend(attend, q, k, v, segments, i, layer.window)
             x = self._layer_outputs(i, x, a)
         return self.norm(x, self.final_norm)
 
@@ -216,11 +216,9 @@ class GgufModel:
             x, layer.attn_norm, self.eps, *qkv, layer.q_norm, layer.k_norm, cos, sin, *self.shape
         )
 
-    def _attend(
-        self, attend, q, k, v, caches: list[tuple[torch.Tensor, torch.Tensor]], window: int | None
-    ) -> torch.Tensor:
-        """`attend` (`append_attention`'s) on this layer's cache of every sequence (one (keys, values) pair each)."""
-        return attend(q, k, v, [keys for keys, _ in caches], [values for _, values in caches], window)
+    def _attend(self, attend, q, k, v, segments: list[Segment], i: int, window: int | None) -> torch.Tensor:
+        """`attend` (`append_attention`'s) over layer i's cache of every sequence."""
+        return attend(q, k, v, [s.cache[i][0] for s in segments], [s.cache[i][1] for s in segments], window)
 
     def _layer_outputs(self, i: int, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Layer i's output `[T, H]` from its input x and its attention's a `[T, Hq, D]` (one C++ call)."""
