@@ -17,7 +17,7 @@ from mtpspec.drafters.mtp import MtpDrafter, draw
 from mtpspec.drafters.mtp_tree import sampled_tree
 from mtpspec.drafters.ngram import NgramDrafter, continuations, lookup, trie
 from mtpspec.engine import Engine, GenerationConfig, GenerationResult
-from mtpspec.mtp import MtpOutput, init_drafter, layer_inputs, save_drafter
+from mtpspec.mtp import MtpOutput, init_drafter, save_drafter
 from mtpspec.sampling import SamplingParams, probabilities
 from mtpspec.target import Target
 from mtpspec.tree import tree_depths
@@ -74,7 +74,7 @@ def mtp(request, gguf):
 def root_output(drafter: MtpDrafter, state: DecodeState) -> MtpOutput:
     """The drafter's one row for the root: what the chain's first step computes."""
     target, p = state.target, state.length - 1
-    inputs = layer_inputs(target, drafter.kv_layers, p, drafter.keys)
+    inputs = drafter.layer_inputs(target, drafter.kv_layers, p, drafter.keys)
     embeds = target.embed(state.tokens[p : p + 1])[None]
     with torch.inference_mode():
         return drafter.model(embeds, state.last_hidden.view(1, 1, -1), inputs, drafter.lm_weight)
@@ -126,7 +126,7 @@ def test_one_branch_is_the_chain(mtp, gguf, params):
     draft = mtp.propose(state, 5, params, torch.Generator().manual_seed(4), 1)
     assert draft.parents is None and draft.tokens.shape == (5,)
     target, p = state.target, state.length - 1
-    inputs = layer_inputs(target, mtp.kv_layers, p, mtp.keys)
+    inputs = mtp.layer_inputs(target, mtp.kv_layers, p, mtp.keys)
     token, hidden, gen = state.tokens[p : p + 1], state.last_hidden.view(1, 1, -1), torch.Generator().manual_seed(4)
     for i in range(5):
         with torch.inference_mode():

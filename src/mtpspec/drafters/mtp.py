@@ -4,7 +4,8 @@ Step 1 of a round reads the target embedding of the last committed token and the
 post-norm hidden state at the row that produced it (`state.last_hidden`); step j > 1 reads the
 drafted token's embedding and the drafter's own state from step j − 1. Every step uses the
 position id of the last committed token and the same target K/V, so the K/V windows and RoPE are
-built once per round. The drafter keeps no cache: there is nothing to prefill or roll back.
+built once per round. The drafter keeps no cache: there is nothing to prefill or roll back. On a GGUF
+target the step runs on the runtime's kernels with the drafter's matrices in Q8_0 (mtp/quantized.py).
 With `branches` > 1 the round drafts a tree instead (mtp_tree.py): the nodes a depth expands are
 independent queries of that same kind, so they run as the rows of one call.
 
@@ -22,6 +23,7 @@ import torch
 
 from ..kernels import accelerate
 from ..mtp import CommittedKeys, MtpModel, MtpOutput, check_fits, layer_inputs
+from ..mtp.quantized import QuantizedMtp, quantizable
 from ..sampling import SamplingParams, probabilities, sample
 from ..target import Target
 from .base import EMPTY, DecodeState, Draft
@@ -34,10 +36,15 @@ class MtpDrafter:
     def __init__(self, model: MtpModel, target: Target, keys=None):
         self.min_confidence = model.config.min_confidence
         self.kv_layers = check_fits(model.config, target)
-        self.model = model.to(target.dtype).eval()
-        accelerate(self.model)  # the target's small-M linear kernel, where it can be built
         self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
         self.lm_weight = target.output_embedding if model.config.lm_head == "target" else None
+        if quantizable(model, target, self.keys):  # a GGUF target: the step on its kernels, matrices in Q8_0
+            self.model = QuantizedMtp(model, target)
+            self.layer_inputs = self.model.layer_inputs
+        else:
+            self.model = model.to(target.dtype).eval()
+            accelerate(self.model)  # the target's small-M linear kernel, where it can be built
+            self.layer_inputs = layer_inputs
 
     @property
     def concurrent(self) -> bool:
@@ -52,7 +59,7 @@ class MtpDrafter:
             return Draft(EMPTY)
         target = state.target
         p = state.length - 1  # position of the last committed token; its K/V are not cached yet
-        inputs = layer_inputs(target, self.kv_layers, p, self.keys)
+        inputs = self.layer_inputs(target, self.kv_layers, p, self.keys)
         if branches > 1:
             return self._tree(state, inputs, k, branches, params, generator)
         token = state.tokens[p : p + 1]

@@ -24,9 +24,10 @@ import torch
 from ..errors import MtpspecError
 from ..paths import kernels_dir
 
-# The products on the block formats, the per-row ops between them (norms, RoPE), and a layer's work around its
-# attention (layer.cpp, which calls the others: load_inline compiles the sources, in this order, as one file).
-SOURCES = [Path(__file__).with_name(name) for name in ("quant.cpp", "q8.cpp", "rowops.cpp", "layer.cpp")]
+# The products on the block formats, the per-row ops between them (norms, RoPE), a layer's work around its
+# attention (layer.cpp) and an MTP drafter's centroid head (head.cpp), which call the others: load_inline compiles
+# the sources, in this order, as one file.
+SOURCES = [Path(__file__).with_name(name) for name in ("quant.cpp", "q8.cpp", "rowops.cpp", "layer.cpp", "head.cpp")]
 # No -ffast-math, and no contraction of a product into a sum unless the source asks (std::fma or an
 # FMA intrinsic): each value is rounded exactly where the source says, so dequantised weights equal
 # the reference's bits, and every output element's arithmetic is fixed (see quant.cpp).

@@ -40,6 +40,14 @@ std::vector<at::Tensor> products(const at::Tensor& x, at::TensorList mats, at::I
   return out;
 }
 
+// A layer's queries [T, heads, D] from their product [T, heads * D]: Gemma's q norm (absent: none), then RoPE
+// with cos and sin [T, D].
+at::Tensor queries(const at::Tensor& q, const std::optional<at::Tensor>& q_norm, double eps, const at::Tensor& cos, const at::Tensor& sin,
+                   int64_t heads, int64_t head_dim) {
+  const at::Tensor h = q.view({q.size(0), heads, head_dim});
+  return rope(q_norm ? rms_norm(h, *q_norm, eps) : h, cos, sin);
+}
+
 // q [T, heads, D], k and v [T, kv_heads, D] of a layer's attention from its input x [T, H]: the RMS norm,
 // the q, k and v products (mats, ints, types, ns as in products), Gemma's q and k norms, then RoPE with
 // cos and sin [T, D].
@@ -48,14 +56,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_inputs(const at::Tensor
                                                                 const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                                                                 const at::Tensor& cos, const at::Tensor& sin, int64_t heads, int64_t kv_heads, int64_t head_dim) {
   TORCH_CHECK(mats.size() == 3 && q_norm.has_value() == k_norm.has_value(), "attention_inputs: q, k and v, and both q/k norms or neither");
-  const int64_t t = x.size(0);
   const std::vector<at::Tensor> qkv = products(rms_norm(x, norm, eps), mats, ints, types, ns, x.size(1));
-  at::Tensor q = qkv[0].view({t, heads, head_dim}), k = qkv[1].view({t, kv_heads, head_dim});
-  if (q_norm) {
-    q = rms_norm(q, *q_norm, eps);
-    k = rms_norm(k, *k_norm, eps);
-  }
-  return {rope(q, cos, sin), rope(k, cos, sin), qkv[2].view({t, kv_heads, head_dim})};
+  return {queries(qkv[0], q_norm, eps, cos, sin, heads, head_dim), queries(qkv[1], k_norm, eps, cos, sin, kv_heads, head_dim),
+          qkv[2].view({x.size(0), kv_heads, head_dim})};
+}
+
+// The queries [T, heads, D] of a layer that has no keys or values of its own (an MTP drafter's: it attends
+// to the target's): attention_inputs with the q product alone (mats: q).
+at::Tensor query_inputs(const at::Tensor& x, const at::Tensor& norm, double eps, at::TensorList mats, at::IntArrayRef ints, at::IntArrayRef types,
+                        at::IntArrayRef ns, const std::optional<at::Tensor>& q_norm, const at::Tensor& cos, const at::Tensor& sin, int64_t heads,
+                        int64_t head_dim) {
+  TORCH_CHECK(mats.size() == 1, "query_inputs: the q product alone");
+  const at::Tensor q = products(rms_norm(x, norm, eps), mats, ints, types, ns, x.size(1))[0];
+  return queries(q, q_norm, eps, cos, sin, heads, head_dim);
 }
 
 // The layer's output from its input x [T, H] and its attention's a [T, heads, D]: x + norm(o(a)), then
@@ -84,6 +97,9 @@ TORCH_LIBRARY_FRAGMENT(mtpspec_runtime, m) {
       "attention_inputs(Tensor x, Tensor norm, float eps, Tensor[] mats, int[] ints, int[] types, int[] ns, Tensor? q_norm, "
       "Tensor? k_norm, Tensor cos, Tensor sin, int heads, int kv_heads, int head_dim) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "query_inputs(Tensor x, Tensor norm, float eps, Tensor[] mats, int[] ints, int[] types, int[] ns, Tensor? q_norm, Tensor cos, "
+      "Tensor sin, int heads, int head_dim) -> Tensor");
+  m.def(
       "layer_output(Tensor x, Tensor a, Tensor[] mats, int[] ints, int[] types, int[] ns, int[] ks, Tensor? post_attn_norm, "
       "Tensor ffn_norm, Tensor? post_ffn_norm, float eps, bool gelu) -> Tensor");
 }
@@ -91,5 +107,6 @@ TORCH_LIBRARY_FRAGMENT(mtpspec_runtime, m) {
 TORCH_LIBRARY_IMPL(mtpspec_runtime, CPU, m) {
   m.impl("products", &products);
   m.impl("attention_inputs", &attention_inputs);
+  m.impl("query_inputs", &query_inputs);
   m.impl("layer_output", &layer_output);
 }
