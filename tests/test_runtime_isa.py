@@ -1,6 +1,7 @@
 """The runtime's kernels give the same bits on every instruction-set path: the AVX2 build and the portable build
-(`$MTPSPEC_RUNTIME_ISA`, each compiled and run in a subprocess, since a process loads one build) against this
-process's native build, on random blocks of every type with extreme scales."""
+(`$MTPSPEC_RUNTIME_ISA`, each compiled and run in a subprocess, since a process loads one build) and, on a CPU with
+AMX, the native build with its tiles off (`MTPSPEC_AMX=0`), against this process's native build, on random blocks of
+every type with extreme scales."""
 
 from __future__ import annotations
 
@@ -32,14 +33,15 @@ def inputs() -> dict:
         mats[f"{t.name} K=40"] = (random_blocks(t, 37, 40, seed=int(t), extreme=True), int(t), 40)
     # Scales the screened head can bound (an extreme one leaves a head unscreened): its argmax on every path.
     mats["Q8_0 screened"] = (random_blocks(Q.Q8_0, 1100, 512, seed=1), int(Q.Q8_0), 512)
-    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(0))
     return {"mats": {k: (torch.from_numpy(w), t, K) for k, (w, t, K) in mats.items()}, "x": x}
 
 
 def results(data: dict) -> dict[str, torch.Tensor]:
     """Everything the kernels compute on `data`, by name: dequantised rows, products of 1, 5 and 16 rows on one
-    and two threads (float32 and, for the block formats, int8 activations), the fused argmax, and a Q8_0 head's
-    screened argmax (VNNI's and AVX2's screens, or qargmax in the portable build)."""
+    and two threads (float32 and, for the block formats, int8 activations, also of 40 rows: AMX tiles of 16 and
+    register tiles for the last 8), the fused argmax, and a Q8_0 head's screened argmax (VNNI's and AVX2's
+    screens, or qargmax in the portable build)."""
     out = {}
     before = torch.get_num_threads()
     try:
@@ -48,20 +50,21 @@ def results(data: dict) -> dict[str, torch.Tensor]:
             x = data["x"][:, :K].contiguous()
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                for m in (1, 5, 16):
-                    out[f"{name} linear M={m} threads={threads}"] = ops().qlinear(x[:m], w, qtype, K)
+                for m in (1, 5, 16, 40):
+                    if m < 40:
+                        out[f"{name} linear M={m} threads={threads}"] = ops().qlinear(x[:m], w, qtype, K)
                     if qtype in BLOCK_QUANTIZED:
                         packed = ops().q8_pack(w, qtype, K)
                         (out[f"{name} q8 M={m} threads={threads}"],) = ops().q8_linear_many(
                             x[:m], [packed], [qtype], [w.shape[0]], K
                         )
-                out[f"{name} argmax threads={threads}"] = ops().qargmax(x, w, qtype, K)
+                out[f"{name} argmax threads={threads}"] = ops().qargmax(x[:16], w, qtype, K)
                 if name == "Q8_0 screened":  # the screen where the build has one; it must give qargmax's index
                     screen = screen_pack(w, K) if ops().screen_available() else None
                     ids = (
-                        ops().qargmax_screened(x, w, screen, K)[0]
+                        ops().qargmax_screened(x[:16], w, screen, K)[0]
                         if screen is not None
-                        else ops().qargmax(x, w, qtype, K)
+                        else ops().qargmax(x[:16], w, qtype, K)
                     )
                     out[f"{name} screened argmax threads={threads}"] = ids
     finally:
@@ -87,6 +90,26 @@ def native(tmp_path_factory):
     return path, results(data)
 
 
+def _results_elsewhere(native, tmp_path, **env) -> dict:
+    """`results` on the native fixture's inputs in a subprocess with `env` set, and the paths it compiled."""
+    data_path, _ = native
+    out_path = tmp_path / "theirs.pt"
+    src, tests = Path(mtpspec.__file__).parents[1], Path(__file__).parent
+    env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(src), str(tests)])}
+    code = (
+        f"from {Path(__file__).stem} import _subprocess_main; _subprocess_main({str(data_path)!r}, {str(out_path)!r})"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out_path)
+
+
+def _assert_same_bits(theirs: dict, ours: dict) -> None:
+    assert theirs.keys() == ours.keys()
+    for key, value in ours.items():
+        assert torch.equal(_bits(theirs[key]), _bits(value)), key
+
+
 @pytest.mark.slow  # compiles the kernels for the instruction set once per cache (~1 min)
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
 def test_every_instruction_set_gives_the_native_bits(isa, native, tmp_path):
@@ -94,26 +117,29 @@ def test_every_instruction_set_gives_the_native_bits(isa, native, tmp_path):
         isa_flags(isa)
     except MtpspecError as e:
         pytest.skip(str(e))
-    data_path, ours = native
-    out_path = tmp_path / f"{isa}.pt"
-    src, tests = Path(mtpspec.__file__).parents[1], Path(__file__).parent
-    env = {**os.environ, ISA_ENV: isa, "PYTHONPATH": os.pathsep.join([str(src), str(tests)])}
-    code = (
-        f"from {Path(__file__).stem} import _subprocess_main; _subprocess_main({str(data_path)!r}, {str(out_path)!r})"
-    )
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    theirs = torch.load(out_path)
+    theirs = _results_elsewhere(native, tmp_path, **{ISA_ENV: isa})
     assert theirs.pop("path") == PATHS[isa] and theirs.pop("q8 path") == PATHS[isa]
-    assert theirs.keys() == ours.keys()
-    for key, value in ours.items():
-        assert torch.equal(_bits(theirs[key]), _bits(value)), key
+    _assert_same_bits(theirs, native[1])
+
+
+def test_amx_tiles_give_the_bits_of_the_vector_products(native, tmp_path):
+    """On a CPU with AMX, products of 10 rows or more take tiles of 16 rows: the same bits as VNNI's products."""
+    if not ops().q8_path().endswith("+amx"):
+        pytest.skip("no AMX tiles on this CPU (or the OS does not grant them)")
+    theirs = _results_elsewhere(native, tmp_path, **{ISA_ENV: requested_isa(), "MTPSPEC_AMX": "0"})
+    assert theirs.pop("path") == ops().vector_path() and theirs.pop("q8 path") == "avx512-vnni"
+    _assert_same_bits(theirs, native[1])
 
 
 def test_the_loaded_build_reports_its_path():
     flags = set(cpu_flags().split())
     native = "avx512" if "avx512f" in flags else "avx2" if {"avx2", "fma", "f16c"} <= flags else "portable"
     assert ops().vector_path() == PATHS.get(requested_isa(), native)
+    # The int8 products: VNNI where AVX-512 has it, AVX2's otherwise; with AMX tiles where the OS grants them.
+    vnni = native == "avx512" and "avx512_vnni" in flags
+    q8 = PATHS.get(requested_isa()) or ("avx512-vnni" if vnni else "avx2" if native == "avx512" else native)
+    amx = requested_isa() == "native" and vnni and {"amx_tile", "amx_int8"} <= flags
+    assert ops().q8_path() in ({q8, q8 + "+amx"} if amx else {q8})
 
 
 def test_the_instruction_set_is_part_of_the_build_name_and_checked(monkeypatch):

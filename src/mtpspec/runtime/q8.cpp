@@ -25,6 +25,10 @@
 // or plain C++), and the float operations are the same on every path (this file, like quant.cpp, is
 // compiled with -ffp-contract=off), so every path gives the same bits, whatever M is, which rows share
 // a tile and which thread computes a feature.
+#include <cstdlib>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 namespace {
 
 bool q8_g16(int64_t type) { return type == Q6_K; }  // scales per 16 values
@@ -153,15 +157,31 @@ struct Q8Row {
       const float* v = x + 32 * b;
       float amax = 0.0f;
       bool finite = true;
+      int8_t q[32] = {};
+#if MTPSPEC_AVX512
+      // The same operations, 8 or 16 lanes at a time: max|v|, then each value times inv in double, rounded half
+      // to even (the default rounding mode, as nearbyint), clamped, narrowed.
+      const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+      finite = !(_mm512_fpclass_ps_mask(v0, 0x99) | _mm512_fpclass_ps_mask(v1, 0x99));  // NaN or infinity
+      amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      if (finite && amax > 0.0f) {
+        const __m512d inv = _mm512_set1_pd(127.0 / double(amax)), hi = _mm512_set1_pd(127.0), lo = _mm512_set1_pd(-127.0);
+        for (int j = 0; j < 32; j += 8) {
+          const __m512d d = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v + j)), inv);
+          const __m512d r = _mm512_max_pd(lo, _mm512_min_pd(hi, _mm512_roundscale_pd(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(r)));
+        }
+      }
+#else
       for (int j = 0; j < 32; ++j) {
         finite = finite && std::isfinite(v[j]);
         amax = std::max(amax, std::fabs(v[j]));
       }
-      int8_t q[32] = {};
       if (finite && amax > 0.0f) {
         const double inv = 127.0 / double(amax);  // in double: no overflow for any float amax > 0
         for (int j = 0; j < 32; ++j) q[j] = int8_t(std::max(-127.0, std::min(127.0, std::nearbyint(double(v[j]) * inv))));
       }
+#endif
       dx[b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
       for (int h = 0; h < 2; ++h) {
         int32_t sum = 0;
@@ -233,6 +253,130 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc[i], y[i]);
 }
 constexpr int kQ8Rows = 8;
+
+// A group's 4- to 6-bit codes u, decoded once for many rows: per block, the 8 chunks of 64 bytes of the
+// 8-bit record layout.
+template <int BITS>
+void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes) {
+  for (int64_t b = 0; b < nb; ++b, rec += bytes) {
+    __m512i w[8];
+    load_codes<BITS>(rec, w);
+    for (int k = 0; k < 8; ++k) _mm512_storeu_si512(codes + 512 * b + 64 * k, w[k]);
+  }
+}
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+// Many rows on CPUs with AMX (Intel Sapphire Rapids and later): one tile product per block gives the
+// integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * u[n]
+// (tdpbsud: signed xq times unsigned codes), the record's 8 chunks being the B tile's layout as they
+// are. Less o times the sum of xq, that is q8_tile's S exactly, and the float chain is q8_tile's.
+#define MTPSPEC_Q8_AMX 1
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles, in two sets (s = 0, 1) so that one unit's product runs while the last one's float chain does: s the sums
+// C (16 rows x 16 int32), 2 + s a unit's xq (16 rows x 16 or 32 bytes), 4 + s its codes (4 or 8 rows of 64
+// bytes). A unit is a block, or with 16-value scales (G16) half of one.
+void amx_configure(bool g16) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int s = 0; s < 2; ++s) {
+    cfg.rows[s] = 16, cfg.colsb[s] = 64;
+    cfg.rows[2 + s] = 16, cfg.colsb[2 + s] = g16 ? 16 : 32;
+    cfg.rows[4 + s] = g16 ? 4 : 8, cfg.colsb[4 + s] = 64;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 drops the stores above as dead without this
+  _tile_loadconfig(&cfg);
+}
+
+// Whether the OS lets this process use tile state (Linux >= 5.16), asked once; MTPSPEC_AMX=0 turns AMX off.
+bool amx_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("MTPSPEC_AMX");
+    if (env && std::string(env) == "0") return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return on;
+}
+
+// Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes). The
+// tile intrinsics name their tiles as literals.
+inline void amx_unit(int64_t j, const int8_t* xq, int64_t K, const uint8_t* codes) {
+  if (j % 2) {
+    _tile_zero(1);
+    _tile_loadd(3, xq, K);
+    _tile_loadd(5, codes, 64);
+    _tile_dpbsud(1, 3, 5);
+  } else {
+    _tile_zero(0);
+    _tile_loadd(2, xq, K);
+    _tile_loadd(4, codes, 64);
+    _tile_dpbsud(0, 2, 4);
+  }
+}
+
+// The activation rows as the tiles read them, per tile of 16 rows (T tiles): xq [16 T][K] (rows past M zero), and
+// per tile, block b and row i: dx, t, and the sums of xq over values 0-15, 16-31 and all 32 (xs[tile][b][h][i]).
+struct AmxRows {
+  int64_t K, nb;
+  std::vector<int8_t> xq;
+  std::vector<float> dx, t;
+  std::vector<int32_t> xs;
+  AmxRows(const std::vector<Q8Row>& rows, int64_t K) : K(K), nb(K / 32) {
+    const int64_t M = rows.size(), T = (M + 15) / 16;
+    xq.assign(16 * T * K, 0), dx.assign(T * nb * 16, 0.0f), t.assign(T * nb * 16, 0.0f), xs.assign(T * nb * 48, 0);
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
+      const int64_t tile = m / 16, i = m % 16;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t at = (tile * nb + b) * 16 + i;
+        dx[at] = rows[m].dx[b], t[at] = rows[m].t[b];
+        int32_t* x = xs.data() + (tile * nb + b) * 48 + i;
+        x[0] = rows[m].sum16[2 * b], x[16] = rows[m].sum16[2 * b + 1], x[32] = x[0] + x[16];
+      }
+    }
+  }
+};
+
+// acc[i] = y[row 16 tile + i] for i < R (R of the tile's 16 rows wanted) over a group's blocks: their codes (at codes,
+// code_stride apart: the decoded 8-bit layout, or Q8_0's records) and scales (rec, bytes apart). The tiles must be
+// configured for G16 (amx_configure).
+template <int BITS, bool G16, bool MIN, int R>
+void q8_tile_amx(const uint8_t* codes, int64_t code_stride, const uint8_t* rec, int64_t bytes, const AmxRows& rows,
+                 int64_t tile, float (*acc)[16]) {
+  constexpr int o = code_offset(BITS), W = G16 ? 16 : 32, U = 32 / W;  // values and units per block
+  const int64_t nb = rows.nb, K = rows.K;
+  const int8_t* xq = rows.xq.data() + 16 * tile * K;
+  const float* dx = rows.dx.data() + tile * nb * 16;
+  const float* t = rows.t.data() + tile * nb * 16;
+  const int32_t* xs = rows.xs.data() + tile * nb * 48;
+  alignas(64) int32_t c[2][16][16];
+  __m512 y[R];
+  for (int i = 0; i < R; ++i) y[i] = _mm512_setzero_ps();
+  const auto issue = [&](int64_t j) { amx_unit(j, xq + W * j, K, codes + (j / U) * code_stride + (j % U) * 256); };
+  issue(0);
+  for (int64_t j = 0; j < U * nb; ++j) {
+    if (j % 2) _tile_stored(1, c[1], 64);
+    else _tile_stored(0, c[0], 64);
+    if (j + 1 < U * nb) issue(j + 1);
+    const int32_t(*cj)[16] = c[j % 2];
+    const int64_t b = j / U, h = G16 ? j % U : 2;  // h: which sum of xq the unit's values take
+    const float* av = reinterpret_cast<const float*>(rec + b * bytes + code_bytes(BITS));
+    const __m512 a = _mm512_loadu_ps(av + 16 * (j % U));
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512i sums = _mm512_sub_epi32(_mm512_load_si512(cj[i]), _mm512_set1_epi32(o * xs[48 * b + 16 * h + i]));
+      y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[16 * b + i])), _mm512_cvtepi32_ps(sums), y[i]);
+      if constexpr (MIN) y[i] = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16), _mm512_set1_ps(t[16 * b + i]), y[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc[i], y[i]);
+}
+constexpr int64_t kQ8AmxMin = 10;  // rows from which a tile of 16 pays (fewer take q8_tile)
+#endif
 #elif MTPSPEC_AVX512 || MTPSPEC_AVX2
 const char* kQ8Path = "avx2";
 // 32 bytes, 0xFF where bit i of m is set.
@@ -452,14 +596,24 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
   });
   std::vector<const Q8Row*> ptr(M);
   for (int64_t m = 0; m < M; ++m) ptr[m] = &rows[m];
-  // Row blocks whose quantized activations stay in L2 while every group's records pass over them.
-  const int64_t mb = std::max<int64_t>(kQ8Rows, (1 << 16) / K);
+#if MTPSPEC_Q8_AMX
+  const bool amx = M >= kQ8AmxMin && amx_enabled();
+  const AmxRows amx_rows = amx ? AmxRows(rows, K) : AmxRows({}, K);
+#else
+  const bool amx = false;
+#endif
+  // Row blocks whose quantized activations stay in L2 while every group's records pass over them (whole tiles of
+  // 16 rows with AMX).
+  const int64_t mb = std::max<int64_t>(amx ? 16 : kQ8Rows, ((1 << 16) / K) & (amx ? ~int64_t(15) : ~int64_t(0)));
   const int64_t grain = std::max<int64_t>(1, (1 << 17) / (16 * K));
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
     const int64_t rows_here = std::min(mb, M - m0);
     at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
-      float acc[kQ8Rows][16];
+      float acc[16][16];
       std::vector<uint8_t> codes;
+#if MTPSPEC_Q8_AMX
+      int tiles = -1;  // the tiles' configuration: -1 none yet, else whether for G16
+#endif
       for (int64_t t = begin; t < end; ++t) {
         const size_t i = std::upper_bound(first.begin(), first.end(), t) - first.begin() - 1;
         const int64_t g = t - first[i], n0 = 16 * g, width = std::min<int64_t>(16, ns[i] - n0), bytes = q8_record(types[i]);
@@ -471,6 +625,24 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
         q8_dispatch(types[i], [&](auto bits, auto g16, auto min) {
           constexpr int B = decltype(bits)::value;
           constexpr bool G = decltype(g16)::value, C = decltype(min)::value;
+          int64_t m = m0;  // the first row left for the register tiles
+#if MTPSPEC_Q8_AMX
+          if (amx && rows_here >= kQ8AmxMin) {
+            const uint8_t* cd = rec;  // Q8_0: the records' own codes
+            int64_t stride = bytes;
+            if constexpr (B < 8) {
+              codes.resize(512 * nb);
+              decode_group<B>(rec, nb, bytes, codes.data());
+              cd = codes.data(), stride = 512;
+            }
+            if (tiles != int(G)) amx_configure(G), tiles = int(G);
+            for (; m + kQ8AmxMin <= m0 + rows_here; m += 16) {
+              const int64_t r = std::min<int64_t>(16, m0 + rows_here - m);
+              with_rows<16>(r, [&](auto n) { q8_tile_amx<B, G, C, n()>(cd, stride, rec, bytes, amx_rows, m / 16, acc); });
+              put(m, r);
+            }
+          }
+#endif
 #if MTPSPEC_Q8_DECODED
           if constexpr (B < 8)
             if (rows_here >= kQ8DecodedMin) {
@@ -484,19 +656,28 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
               return;
             }
 #endif
-          for (int64_t m = m0; m < m0 + rows_here; m += kQ8Rows) {
+          for (; m < m0 + rows_here; m += kQ8Rows) {
             const int64_t r = std::min<int64_t>(kQ8Rows, m0 + rows_here - m);
             with_rows<kQ8Rows>(r, [&](auto n) { q8_tile<B, G, C, n()>(rec, nb, bytes, ptr.data() + m, acc); });
             put(m, r);
           }
         });
       }
+#if MTPSPEC_Q8_AMX
+      if (tiles >= 0) _tile_release();
+#endif
     });
   }
   return ys;
 }
 
-std::string q8_path() { return kQ8Path; }
+// The int8 products' path: "avx512-vnni", "avx2" or "portable", with "+amx" where many rows take AMX tiles.
+std::string q8_path() {
+#if MTPSPEC_Q8_AMX
+  if (amx_enabled()) return std::string(kQ8Path) + "+amx";
+#endif
+  return kQ8Path;
+}
 
 }  // namespace
 
