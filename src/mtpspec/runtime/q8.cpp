@@ -158,9 +158,9 @@ struct Q8Row {
       float amax = 0.0f;
       bool finite = true;
       int8_t q[32] = {};
+      // The vector paths take the same operations, 4 to 16 lanes at a time: max|v|, then each value times inv in
+      // double, rounded half to even (the default rounding mode, as nearbyint), clamped, narrowed.
 #if MTPSPEC_AVX512
-      // The same operations, 8 or 16 lanes at a time: max|v|, then each value times inv in double, rounded half
-      // to even (the default rounding mode, as nearbyint), clamped, narrowed.
       const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
       finite = !(_mm512_fpclass_ps_mask(v0, 0x99) | _mm512_fpclass_ps_mask(v1, 0x99));  // NaN or infinity
       amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -171,6 +171,27 @@ struct Q8Row {
           const __m512d r = _mm512_max_pd(lo, _mm512_min_pd(hi, _mm512_roundscale_pd(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
           _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(r)));
         }
+      }
+#elif MTPSPEC_AVX2
+      __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+      for (int j = 0; j < 32; j += 8) {
+        const __m256 x = _mm256_loadu_ps(v + j);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_NEQ_UQ));  // NaN or infinity
+        m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x));
+      }
+      finite = _mm256_movemask_ps(bad) == 0;
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, m);
+      for (const float l : lanes) amax = std::max(amax, l);
+      if (finite && amax > 0.0f) {
+        const __m256d inv = _mm256_set1_pd(127.0 / double(amax)), hi = _mm256_set1_pd(127.0), lo = _mm256_set1_pd(-127.0);
+        __m128i w[8];
+        for (int j = 0; j < 32; j += 4) {
+          const __m256d d = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + j)), inv);
+          w[j / 4] = _mm256_cvtpd_epi32(_mm256_max_pd(lo, _mm256_min_pd(hi, _mm256_round_pd(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
+        }
+        for (int j = 0; j < 2; ++j)  // within [-127, 127]: the saturating packs narrow exactly
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), _mm_packs_epi16(_mm_packs_epi32(w[4 * j], w[4 * j + 1]), _mm_packs_epi32(w[4 * j + 2], w[4 * j + 3])));
       }
 #else
       for (int j = 0; j < 32; ++j) {
