@@ -4,7 +4,9 @@
 #
 #   scripts/build-llama-cpp.sh [DEST]     (default ~/.cache/mtpspec/llama.cpp/<version>)
 #
-# Env: PYTHON (default python3) runs pip; JOBS (default nproc) sets the build's parallelism.
+# Env: PYTHON (default python3) runs pip; JOBS (default nproc) sets the build's parallelism;
+# LLAMA_AMX=0 builds without llama.cpp's AMX backend (`-mno-amx-*`), which on some AMX machines
+# segfaults in ggml_backend_amx_mul_mat on Q4_K_M files (llama.cpp issue 20824; it did on ours).
 # DEST gets the three binaries the bench runs and build-info.json, which the bench reads to label
 # its rows with the build's flags. About 8 to 12 minutes on 2 cores.
 set -euo pipefail
@@ -29,6 +31,9 @@ CMAKE_FLAGS=(
   -DLLAMA_BUILD_EXAMPLES=ON
   -DLLAMA_BUILD_TOOLS=ON
 )
+if [[ ${LLAMA_AMX:-1} == 0 ]]; then
+  CMAKE_FLAGS+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
 
 log() { echo "[build-llama-cpp $(date +%H:%M:%S)] $*"; }
 

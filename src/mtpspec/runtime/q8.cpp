@@ -21,8 +21,8 @@
 //     acc = fma(a_ng * dx_mb, float(S_mng), acc)         S_mng = sum of s * xq over g: an exact integer
 //     acc = fma(c_ng, t_mb, acc)     (minimum formats)    t_mb = dx_mb * float(sum of xq over b)
 //     y[m, n] = acc
-// The integer sums are exact whichever instructions form them (AVX-512 VNNI, AVX2's pairwise products,
-// or plain C++), and the float operations are the same on every path (this file, like quant.cpp, is
+// The integer sums are exact whichever instructions form them (AMX tiles, AVX-512 VNNI, AVX2's pairwise
+// products, or plain C++), and the float operations are the same on every path (this file, like quant.cpp, is
 // compiled with -ffp-contract=off), so every path gives the same bits, whatever M is, which rows share
 // a tile and which thread computes a feature.
 #include <cstdlib>
@@ -275,6 +275,12 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
 }
 constexpr int kQ8Rows = 8;
 
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+// Many rows on CPUs with AMX (Intel Sapphire Rapids and later): one tile product per block gives the
+// integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * u[n]
+// (tdpbsud: signed xq times unsigned codes), the record's 8 chunks being the B tile's layout as they
+// are. Less o times the sum of xq, that is q8_tile's S exactly, and the float chain is q8_tile's.
+#define MTPSPEC_Q8_AMX 1
 // A group's 4- to 6-bit codes u, decoded once for many rows: per block, the 8 chunks of 64 bytes of the
 // 8-bit record layout.
 template <int BITS>
@@ -286,12 +292,6 @@ void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes)
   }
 }
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
-// Many rows on CPUs with AMX (Intel Sapphire Rapids and later): one tile product per block gives the
-// integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * u[n]
-// (tdpbsud: signed xq times unsigned codes), the record's 8 chunks being the B tile's layout as they
-// are. Less o times the sum of xq, that is q8_tile's S exactly, and the float chain is q8_tile's.
-#define MTPSPEC_Q8_AMX 1
 struct TileConfig {
   uint8_t palette, start_row, reserved[14];
   uint16_t colsb[16];
