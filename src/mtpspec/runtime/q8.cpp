@@ -25,10 +25,6 @@
 // products, or plain C++), and the float operations are the same on every path (this file, like quant.cpp, is
 // compiled with -ffp-contract=off), so every path gives the same bits, whatever M is, which rows share
 // a tile and which thread computes a feature.
-#include <cstdlib>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 namespace {
 
 bool q8_g16(int64_t type) { return type == Q6_K; }  // scales per 16 values
@@ -275,12 +271,11 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
 }
 constexpr int kQ8Rows = 8;
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#if MTPSPEC_AMX_TILES
 // Many rows on CPUs with AMX (Intel Sapphire Rapids and later): one tile product per block gives the
 // integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * u[n]
 // (tdpbsud: signed xq times unsigned codes), the record's 8 chunks being the B tile's layout as they
 // are. Less o times the sum of xq, that is q8_tile's S exactly, and the float chain is q8_tile's.
-#define MTPSPEC_Q8_AMX 1
 // A group's 4- to 6-bit codes u, decoded once for many rows: per block, the 8 chunks of 64 bytes of the
 // 8-bit record layout.
 template <int BITS>
@@ -289,53 +284,6 @@ void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes)
     __m512i w[8];
     load_codes<BITS>(rec, w);
     for (int k = 0; k < 8; ++k) _mm512_storeu_si512(codes + 512 * b + 64 * k, w[k]);
-  }
-}
-
-struct TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tiles, in two sets (s = 0, 1) so that one unit's product runs while the last one's float chain does: s the sums
-// C (16 rows x 16 int32), 2 + s a unit's xq (16 rows x 16 or 32 bytes), 4 + s its codes (4 or 8 rows of 64
-// bytes). A unit is a block, or with 16-value scales (G16) half of one.
-void amx_configure(bool g16) {
-  TileConfig cfg{};
-  cfg.palette = 1;
-  for (int s = 0; s < 2; ++s) {
-    cfg.rows[s] = 16, cfg.colsb[s] = 64;
-    cfg.rows[2 + s] = 16, cfg.colsb[2 + s] = g16 ? 16 : 32;
-    cfg.rows[4 + s] = g16 ? 4 : 8, cfg.colsb[4 + s] = 64;
-  }
-  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 drops the stores above as dead without this
-  _tile_loadconfig(&cfg);
-}
-
-// Whether the OS lets this process use tile state (Linux >= 5.16), asked once; MTPSPEC_AMX=0 turns AMX off.
-bool amx_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("MTPSPEC_AMX");
-    if (env && std::string(env) == "0") return false;
-    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  }();
-  return on;
-}
-
-// Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes). The
-// tile intrinsics name their tiles as literals.
-inline void amx_unit(int64_t j, const int8_t* xq, int64_t K, const uint8_t* codes) {
-  if (j % 2) {
-    _tile_zero(1);
-    _tile_loadd(3, xq, K);
-    _tile_loadd(5, codes, 64);
-    _tile_dpbsud(1, 3, 5);
-  } else {
-    _tile_zero(0);
-    _tile_loadd(2, xq, K);
-    _tile_loadd(4, codes, 64);
-    _tile_dpbsud(0, 2, 4);
   }
 }
 
@@ -396,7 +344,6 @@ void q8_tile_amx(const uint8_t* codes, int64_t code_stride, const uint8_t* rec, 
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc[i], y[i]);
 }
-constexpr int64_t kQ8AmxMin = 10;  // rows from which a tile of 16 pays (fewer take q8_tile)
 #endif
 #elif MTPSPEC_AVX512 || MTPSPEC_AVX2
 const char* kQ8Path = "avx2";
@@ -617,8 +564,8 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
   });
   std::vector<const Q8Row*> ptr(M);
   for (int64_t m = 0; m < M; ++m) ptr[m] = &rows[m];
-#if MTPSPEC_Q8_AMX
-  const bool amx = M >= kQ8AmxMin && amx_enabled();
+#if MTPSPEC_AMX_TILES
+  const bool amx = M >= kAmxMinRows && amx_enabled();
   const AmxRows amx_rows = amx ? AmxRows(rows, K) : AmxRows({}, K);
 #else
   const bool amx = false;
@@ -632,7 +579,7 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
     at::parallel_for(0, first.back(), grain, [&](int64_t begin, int64_t end) {
       float acc[16][16];
       std::vector<uint8_t> codes;
-#if MTPSPEC_Q8_AMX
+#if MTPSPEC_AMX_TILES
       int tiles = -1;  // the tiles' configuration: -1 none yet, else whether for G16
 #endif
       for (int64_t t = begin; t < end; ++t) {
@@ -647,8 +594,8 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
           constexpr int B = decltype(bits)::value;
           constexpr bool G = decltype(g16)::value, C = decltype(min)::value;
           int64_t m = m0;  // the first row left for the register tiles
-#if MTPSPEC_Q8_AMX
-          if (amx && rows_here >= kQ8AmxMin) {
+#if MTPSPEC_AMX_TILES
+          if (amx && rows_here >= kAmxMinRows) {
             const uint8_t* cd = rec;  // Q8_0: the records' own codes
             int64_t stride = bytes;
             if constexpr (B < 8) {
@@ -657,7 +604,7 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
               cd = codes.data(), stride = 512;
             }
             if (tiles != int(G)) amx_configure(G), tiles = int(G);
-            for (; m + kQ8AmxMin <= m0 + rows_here; m += 16) {
+            for (; m + kAmxMinRows <= m0 + rows_here; m += 16) {
               const int64_t r = std::min<int64_t>(16, m0 + rows_here - m);
               with_rows<16>(r, [&](auto n) { q8_tile_amx<B, G, C, n()>(cd, stride, rec, bytes, amx_rows, m / 16, acc); });
               put(m, r);
@@ -684,7 +631,7 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
           }
         });
       }
-#if MTPSPEC_Q8_AMX
+#if MTPSPEC_AMX_TILES
       if (tiles >= 0) _tile_release();
 #endif
     });
@@ -694,7 +641,7 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
 
 // The int8 products' path: "avx512-vnni", "avx2" or "portable", with "+amx" where many rows take AMX tiles.
 std::string q8_path() {
-#if MTPSPEC_Q8_AMX
+#if MTPSPEC_AMX_TILES
   if (amx_enabled()) return std::string(kQ8Path) + "+amx";
 #endif
   return kQ8Path;

@@ -31,6 +31,9 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+#include <cstdlib>
+#include <sys/syscall.h>
+#include <unistd.h>
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -783,6 +786,61 @@ at::Tensor qargmax(const at::Tensor& x, const at::Tensor& w, int64_t type, int64
   return out;
 }
 
+// ---- AMX tiles (Intel Sapphire Rapids and later): the integer sums of 16 rows at once, for the screened head
+// and the int8 products (q8.cpp) ----
+#if MTPSPEC_AVX512 && defined(__AVX512VNNI__) && defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#define MTPSPEC_AMX_TILES 1
+constexpr int64_t kAmxMinRows = 10;  // rows from which a tile of 16 pays (fewer take the register tiles)
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Tiles, in two sets (s = 0, 1) so that one unit's product runs while the last one's float chain does: s the sums
+// C (16 rows x 16 int32), 2 + s a unit's xq (16 rows x 16 or 32 bytes), 4 + s its codes (4 or 8 rows of 64
+// bytes). A unit is a block, or with 16-value scales (G16) half of one.
+void amx_configure(bool g16) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int s = 0; s < 2; ++s) {
+    cfg.rows[s] = 16, cfg.colsb[s] = 64;
+    cfg.rows[2 + s] = 16, cfg.colsb[2 + s] = g16 ? 16 : 32;
+    cfg.rows[4 + s] = g16 ? 4 : 8, cfg.colsb[4 + s] = 64;
+  }
+  asm volatile("" : : "r"(&cfg) : "memory");  // GCC 12 drops the stores above as dead without this
+  _tile_loadconfig(&cfg);
+}
+
+// Whether the OS lets this process use tile state (Linux >= 5.16), asked once; MTPSPEC_AMX=0 turns AMX off.
+bool amx_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("MTPSPEC_AMX");
+    if (env && std::string(env) == "0") return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return on;
+}
+
+// Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes). The
+// tile intrinsics name their tiles as literals.
+inline void amx_unit(int64_t j, const int8_t* xq, int64_t K, const uint8_t* codes) {
+  if (j % 2) {
+    _tile_zero(1);
+    _tile_loadd(3, xq, K);
+    _tile_loadd(5, codes, 64);
+    _tile_dpbsud(1, 3, 5);
+  } else {
+    _tile_zero(0);
+    _tile_loadd(2, xq, K);
+    _tile_loadd(4, codes, 64);
+    _tile_dpbsud(0, 2, 4);
+  }
+}
+
+#endif
+
 // ---- The screened head: argmax over a Q8_0 head, int8 products first, float32 only where it decides ----
 // qargmax costs 168M float32 multiply-adds per row on Gemma's 262k x 640 head, most of a batched step.
 // qargmax_screened gives the same index, bits and ties included, for about a quarter of the work:
@@ -911,6 +969,56 @@ inline void screen_tile(const uint8_t* rec, const uint8_t* next, int64_t nb, con
     }
   }
 }
+#if MTPSPEC_AMX_TILES
+// The activation rows as the screen's tiles read them, per tile of 16 rows: xq [16 T][K] (rows past M zero), and
+// per tile, block b and row i: dx and the sum of xq.
+struct ScreenTiles {
+  int64_t K, nb;
+  std::vector<int8_t> xq;
+  std::vector<float> dx;
+  std::vector<int32_t> xsum;
+  ScreenTiles(const std::vector<QRow>& rows, int64_t K) : K(K), nb(K / 32) {
+    const int64_t M = rows.size(), T = (M + 15) / 16;
+    xq.assign(16 * T * K, 0), dx.assign(T * nb * 16, 0.0f), xsum.assign(T * nb * 16, 0);
+    for (int64_t m = 0; m < M; ++m) {
+      std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t at = ((m / 16) * nb + b) * 16 + m % 16;
+        dx[at] = rows[m].dx[b], xsum[at] = rows[m].xsum[b];
+      }
+    }
+  }
+};
+
+// screen_tile for rows 16 tile .. 16 tile + R of `rows` (R <= 16), its integer sums from AMX tiles (the records'
+// codes are the B tile's layout), then the same float chain. The tiles must be configured (amx_configure(false)).
+template <int R>
+inline void screen_tile_amx(const uint8_t* rec, const uint8_t* next, const ScreenTiles& rows, int64_t tile, V* A, V* B) {
+  const int64_t nb = rows.nb, K = rows.K;
+  const int8_t* xq = rows.xq.data() + 16 * tile * K;
+  const float* dx = rows.dx.data() + tile * nb * 16;
+  const int32_t* xsum = rows.xsum.data() + tile * nb * 16;
+  alignas(64) int32_t c[2][16][16];
+  for (int i = 0; i < R; ++i) A[i] = B[i] = vzero();
+  amx_unit(0, xq, K, rec);
+  for (int64_t b = 0; b < nb; ++b) {
+    if (next)
+      for (int64_t l = 0; l < kRecord; l += 64) __builtin_prefetch(next + b * kRecord + l, 0, 3);
+    if (b % 2) _tile_stored(1, c[1], 64);
+    else _tile_stored(0, c[0], 64);
+    if (b + 1 < nb) amx_unit(b + 1, xq + 32 * (b + 1), K, rec + (b + 1) * kRecord);
+    const uint8_t* r = rec + b * kRecord;
+    const __m512 d = halves(r + 512).v, a = halves(r + 544).v;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const __m512i S = _mm512_sub_epi32(_mm512_load_si512(c[b % 2][i]), _mm512_set1_epi32(128 * xsum[16 * b + i]));
+      const __m512 dxi = _mm512_set1_ps(dx[16 * b + i]);
+      A[i].v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), _mm512_mul_ps(d, dxi), A[i].v);
+      B[i].v = _mm512_fmadd_ps(a, dxi, B[i].v);
+    }
+  }
+}
+#endif
 #else
 constexpr int kScreenRows = 4;  // 16 registers: 4 rows x 2 accumulators beside the chunks
 // Half h of the group (vocabulary rows 8h .. 8h + 7) at a time, over all blocks: the codes u = q + 128
@@ -1026,19 +1134,40 @@ std::tuple<at::Tensor, at::Tensor> qargmax_screened(const at::Tensor& x, const a
     if (list.size() > 4096)  // prune by the bound reached so far
       list.erase(std::remove_if(list.begin(), list.end(), [&](const auto& e) { return e.second < bl; }), list.end());
   };
+#if MTPSPEC_AMX_TILES
+  // From kAmxMinRows rows, AMX tiles of 16 rows form the sums (the rows past the last whole tile, if fewer, take the
+  // register tiles): the same integers, the same float chain, so the same bounds.
+  const bool amx = p.M >= kAmxMinRows && amx_enabled();
+  const ScreenTiles tiles = amx ? ScreenTiles(rows, K) : ScreenTiles({}, K);
+#endif
   at::parallel_for(0, slices, 1, [&](int64_t begin, int64_t end) {
+#if MTPSPEC_AMX_TILES
+    if (amx) amx_configure(false);
+#endif
     for (int64_t s = begin; s < end; ++s)
       for (int64_t g = s * groups / slices; g < (s + 1) * groups / slices; ++g) {
         const uint8_t* rec0 = base + g * nb * kRecord;
         const uint8_t* next = g + kAhead < groups ? rec0 + kAhead * nb * kRecord : nullptr;
         const uint32_t valid = p.N - 16 * g >= 16 ? 0xFFFF : (1u << (p.N - 16 * g)) - 1;
-        for (int64_t m = 0; m < p.M; m += kScreenRows) {
+        int64_t m = 0;
+#if MTPSPEC_AMX_TILES
+        for (; amx && m + kAmxMinRows <= p.M; m += 16) {
+          const int64_t r = std::min<int64_t>(16, p.M - m);
+          V A[16], B[16];
+          with_rows<16>(r, [&](auto n) { screen_tile_amx<n()>(rec0, m == 0 ? next : nullptr, tiles, m / 16, A, B); });
+          for (int64_t i = 0; i < r; ++i) keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
+        }
+#endif
+        for (; m < p.M; m += kScreenRows) {
           const int64_t r = std::min<int64_t>(kScreenRows, p.M - m);
           V A[kScreenRows], B[kScreenRows];
           with_rows<kScreenRows>(r, [&](auto n) { screen_tile<n()>(rec0, m == 0 ? next : nullptr, nb, rows.data() + m, A, B); });
           for (int64_t i = 0; i < r; ++i) keep(s * p.M + m + i, 16 * g, valid, A[i], B[i]);
         }
       }
+#if MTPSPEC_AMX_TILES
+    if (amx) _tile_release();
+#endif
   });
   int64_t* o = out.data_ptr<int64_t>();
   int64_t* cnt = counts.data_ptr<int64_t>();
