@@ -276,6 +276,7 @@ constexpr int kQ8Rows = 8;
 // integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * u[n]
 // (tdpbsud: signed xq times unsigned codes), the record's 8 chunks being the B tile's layout as they
 // are. Less o times the sum of xq, that is q8_tile's S exactly, and the float chain is q8_tile's.
+
 // A group's 4- to 6-bit codes u, decoded once for many rows: per block, the 8 chunks of 64 bytes of the
 // 8-bit record layout.
 template <int BITS>
