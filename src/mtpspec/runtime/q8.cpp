@@ -295,19 +295,15 @@ struct AmxRows {
   std::vector<int8_t> xq;
   std::vector<float> dx, t;
   std::vector<int32_t> xs;
-  AmxRows(const std::vector<Q8Row>& rows, int64_t K) : K(K), nb(K / 32) {
-    const int64_t M = rows.size(), T = (M + 15) / 16;
-    xq.assign(16 * T * K, 0), dx.assign(T * nb * 16, 0.0f), t.assign(T * nb * 16, 0.0f), xs.assign(T * nb * 48, 0);
-    for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
-      const int64_t tile = m / 16, i = m % 16;
+  AmxRows(const std::vector<Q8Row>& rows, int64_t K) : K(K), nb(K / 32), xq(tile_xq(rows, K)) {
+    dx.assign(xq.size() / 32, 0.0f), t.assign(xq.size() / 32, 0.0f), xs.assign(3 * xq.size() / 32, 0);  // 16 T nb each
+    for (int64_t m = 0; m < int64_t(rows.size()); ++m)
       for (int64_t b = 0; b < nb; ++b) {
-        const int64_t at = (tile * nb + b) * 16 + i;
+        const int64_t at = tile_slot(m, b, nb);
         dx[at] = rows[m].dx[b], t[at] = rows[m].t[b];
-        int32_t* x = xs.data() + (tile * nb + b) * 48 + i;
+        int32_t* x = xs.data() + 3 * (at - m % 16) + m % 16;  // [tile][b][h][i]
         x[0] = rows[m].sum16[2 * b], x[16] = rows[m].sum16[2 * b + 1], x[32] = x[0] + x[16];
       }
-    }
   }
 };
 

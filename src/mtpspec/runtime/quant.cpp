@@ -31,7 +31,7 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
-#include <cstdlib>
+#include <cstdlib>  // the AMX switch (getenv) and permission (syscall)
 #include <sys/syscall.h>
 #include <unistd.h>
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
@@ -823,6 +823,17 @@ bool amx_enabled() {
   return on;
 }
 
+// Activation rows (Q8Row or QRow, each with its xq packed in xq4) as the tiles read them: xq [16 T][K] int8 for T
+// tiles of 16 rows, rows past M zero. Per-row, per-block values go side by side for a tile's 16 rows, row m's value
+// of block b at tile_slot(m, b, nb) = [tile][b][row in tile].
+template <class Row>
+std::vector<int8_t> tile_xq(const std::vector<Row>& rows, int64_t K) {
+  std::vector<int8_t> xq(16 * ((rows.size() + 15) / 16) * K, 0);
+  for (size_t m = 0; m < rows.size(); ++m) std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
+  return xq;
+}
+inline int64_t tile_slot(int64_t m, int64_t b, int64_t nb) { return ((m / 16) * nb + b) * 16 + m % 16; }
+
 // Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes). The
 // tile intrinsics name their tiles as literals.
 inline void amx_unit(int64_t j, const int8_t* xq, int64_t K, const uint8_t* codes) {
@@ -977,16 +988,10 @@ struct ScreenTiles {
   std::vector<int8_t> xq;
   std::vector<float> dx;
   std::vector<int32_t> xsum;
-  ScreenTiles(const std::vector<QRow>& rows, int64_t K) : K(K), nb(K / 32) {
-    const int64_t M = rows.size(), T = (M + 15) / 16;
-    xq.assign(16 * T * K, 0), dx.assign(T * nb * 16, 0.0f), xsum.assign(T * nb * 16, 0);
-    for (int64_t m = 0; m < M; ++m) {
-      std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t at = ((m / 16) * nb + b) * 16 + m % 16;
-        dx[at] = rows[m].dx[b], xsum[at] = rows[m].xsum[b];
-      }
-    }
+  ScreenTiles(const std::vector<QRow>& rows, int64_t K) : K(K), nb(K / 32), xq(tile_xq(rows, K)) {
+    dx.assign(xq.size() / 32, 0.0f), xsum.assign(xq.size() / 32, 0);  // 16 T nb values each
+    for (int64_t m = 0; m < int64_t(rows.size()); ++m)
+      for (int64_t b = 0; b < nb; ++b) dx[tile_slot(m, b, nb)] = rows[m].dx[b], xsum[tile_slot(m, b, nb)] = rows[m].xsum[b];
   }
 };
 
