@@ -273,69 +273,59 @@ constexpr int kQ8Rows = 8;
 
 #if MTPSPEC_AMX_TILES
 // Many rows on CPUs with AMX (Intel Sapphire Rapids and later): one tile product per block gives the
-// integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * u[n]
-// (tdpbsud: signed xq times unsigned codes), the record's 8 chunks being the B tile's layout as they
-// are. Less o times the sum of xq, that is q8_tile's S exactly, and the float chain is q8_tile's.
+// integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * s[n] (tdpbssd:
+// signed xq times signed codes), that is q8_tile's S exactly, and the float chain is q8_tile's.
 
-// A group's 4- to 6-bit codes u, decoded once for many rows: per block, the 8 chunks of 64 bytes of the
-// 8-bit record layout.
+// A group's codes as signed s = u - o, decoded once for all the rows of a call: per block, the 8 chunks of 64
+// bytes of the record layout, which is the B tile's.
 template <int BITS>
 void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes) {
+  const __m512i o = _mm512_set1_epi8(char(code_offset(BITS)));  // 128 wraps to -128: u - 128 in 8 bits
   for (int64_t b = 0; b < nb; ++b, rec += bytes) {
     __m512i w[8];
     load_codes<BITS>(rec, w);
-    for (int k = 0; k < 8; ++k) _mm512_storeu_si512(codes + 512 * b + 64 * k, w[k]);
+    for (int k = 0; k < 8; ++k) _mm512_storeu_si512(codes + 512 * b + 64 * k, _mm512_sub_epi8(w[k], o));
   }
 }
 
 // The activation rows as the tiles read them, per tile of 16 rows (T tiles): xq [16 T][K] (rows past M zero), and
-// per tile, block b and row i: dx, t, and the sums of xq over values 0-15, 16-31 and all 32 (xs[tile][b][h][i]).
+// per tile, block b and row i: dx and t (at tile_slot).
 struct AmxRows {
   int64_t K, nb;
   std::vector<int8_t> xq;
   std::vector<float> dx, t;
-  std::vector<int32_t> xs;
   AmxRows(const std::vector<Q8Row>& rows, int64_t K) : K(K), nb(K / 32), xq(tile_xq(rows, K)) {
-    dx.assign(xq.size() / 32, 0.0f), t.assign(xq.size() / 32, 0.0f), xs.assign(3 * xq.size() / 32, 0);  // 16 T nb each
+    dx.assign(xq.size() / 32, 0.0f), t.assign(xq.size() / 32, 0.0f);  // 16 T nb each
     for (int64_t m = 0; m < int64_t(rows.size()); ++m)
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t at = tile_slot(m, b, nb);
-        dx[at] = rows[m].dx[b], t[at] = rows[m].t[b];
-        int32_t* x = xs.data() + 3 * (at - m % 16) + m % 16;  // [tile][b][h][i]
-        x[0] = rows[m].sum16[2 * b], x[16] = rows[m].sum16[2 * b + 1], x[32] = x[0] + x[16];
-      }
+      for (int64_t b = 0; b < nb; ++b) dx[tile_slot(m, b, nb)] = rows[m].dx[b], t[tile_slot(m, b, nb)] = rows[m].t[b];
   }
 };
 
-// acc[i] = y[row 16 tile + i] for i < R (R of the tile's 16 rows wanted) over a group's blocks: their codes (at codes,
-// code_stride apart: the decoded 8-bit layout, or Q8_0's records) and scales (rec, bytes apart). The tiles must be
-// configured for G16 (amx_configure).
+// acc[i] = y[row 16 tile + i] for i < R (R of the tile's 16 rows wanted) over a group's blocks: their signed codes
+// (decode_group's) and BITS-bit records' scales (rec, bytes apart). The tiles must be configured for G16 (amx_configure).
 template <int BITS, bool G16, bool MIN, int R>
-void q8_tile_amx(const uint8_t* codes, int64_t code_stride, const uint8_t* rec, int64_t bytes, const AmxRows& rows,
-                 int64_t tile, float (*acc)[16]) {
-  constexpr int o = code_offset(BITS), W = G16 ? 16 : 32, U = 32 / W;  // values and units per block
+void q8_tile_amx(const uint8_t* codes, const uint8_t* rec, int64_t bytes, const AmxRows& rows, int64_t tile, float (*acc)[16]) {
+  constexpr int W = G16 ? 16 : 32, U = 32 / W;  // values and units per block
   const int64_t nb = rows.nb, K = rows.K;
   const int8_t* xq = rows.xq.data() + 16 * tile * K;
   const float* dx = rows.dx.data() + tile * nb * 16;
   const float* t = rows.t.data() + tile * nb * 16;
-  const int32_t* xs = rows.xs.data() + tile * nb * 48;
   alignas(64) int32_t c[2][16][16];
   __m512 y[R];
   for (int i = 0; i < R; ++i) y[i] = _mm512_setzero_ps();
-  const auto issue = [&](int64_t j) { amx_unit(j, xq + W * j, K, codes + (j / U) * code_stride + (j % U) * 256); };
+  const auto issue = [&](int64_t j) { amx_unit<true>(j, xq + W * j, K, codes + 16 * W * j); };
   issue(0);
   for (int64_t j = 0; j < U * nb; ++j) {
     if (j % 2) _tile_stored(1, c[1], 64);
     else _tile_stored(0, c[0], 64);
     if (j + 1 < U * nb) issue(j + 1);
     const int32_t(*cj)[16] = c[j % 2];
-    const int64_t b = j / U, h = G16 ? j % U : 2;  // h: which sum of xq the unit's values take
+    const int64_t b = j / U;
     const float* av = reinterpret_cast<const float*>(rec + b * bytes + code_bytes(BITS));
     const __m512 a = _mm512_loadu_ps(av + 16 * (j % U));
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      const __m512i sums = _mm512_sub_epi32(_mm512_load_si512(cj[i]), _mm512_set1_epi32(o * xs[48 * b + 16 * h + i]));
-      y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[16 * b + i])), _mm512_cvtepi32_ps(sums), y[i]);
+      y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[16 * b + i])), _mm512_cvtepi32_ps(_mm512_load_si512(cj[i])), y[i]);
       if constexpr (MIN) y[i] = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16), _mm512_set1_ps(t[16 * b + i]), y[i]);
     }
   }
@@ -567,9 +557,9 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
 #else
   const bool amx = false;
 #endif
-  // Row blocks whose quantized activations stay in L2 while every group's records pass over them (whole tiles of
-  // 16 rows with AMX).
-  const int64_t mb = std::max<int64_t>(amx ? 16 : kQ8Rows, ((1 << 16) / K) & (amx ? ~int64_t(15) : ~int64_t(0)));
+  // Row blocks whose quantized activations stay in L2 while every group's records pass over them: 64 KB of them for the
+  // register tiles, 1 MB in whole tiles of 16 rows for AMX's tile loads (a group's codes are decoded once per block).
+  const int64_t mb = amx ? std::max<int64_t>(16, ((1 << 20) / K) & ~int64_t(15)) : std::max<int64_t>(kQ8Rows, (1 << 16) / K);
   const int64_t grain = std::max<int64_t>(1, (1 << 17) / (16 * K));
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
     const int64_t rows_here = std::min(mb, M - m0);
@@ -593,17 +583,12 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
           int64_t m = m0;  // the first row left for the register tiles
 #if MTPSPEC_AMX_TILES
           if (amx && rows_here >= kAmxMinRows) {
-            const uint8_t* cd = rec;  // Q8_0: the records' own codes
-            int64_t stride = bytes;
-            if constexpr (B < 8) {
-              codes.resize(512 * nb);
-              decode_group<B>(rec, nb, bytes, codes.data());
-              cd = codes.data(), stride = 512;
-            }
+            codes.resize(512 * nb);
+            decode_group<B>(rec, nb, bytes, codes.data());
             if (tiles != int(G)) amx_configure(G), tiles = int(G);
             for (; m + kAmxMinRows <= m0 + rows_here; m += 16) {
               const int64_t r = std::min<int64_t>(16, m0 + rows_here - m);
-              with_rows<16>(r, [&](auto n) { q8_tile_amx<B, G, C, n()>(cd, stride, rec, bytes, amx_rows, m / 16, acc); });
+              with_rows<16>(r, [&](auto n) { q8_tile_amx<B, G, C, n()>(codes.data(), rec, bytes, amx_rows, m / 16, acc); });
               put(m, r);
             }
           }

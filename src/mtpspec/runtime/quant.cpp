@@ -834,19 +834,22 @@ std::vector<int8_t> tile_xq(const std::vector<Row>& rows, int64_t K) {
 }
 inline int64_t tile_slot(int64_t m, int64_t b, int64_t nb) { return ((m / 16) * nb + b) * 16 + m % 16; }
 
-// Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes). The
-// tile intrinsics name their tiles as literals.
+// Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes), the codes
+// signed (tdpbssd) or unsigned (tdpbsud). The tile intrinsics name their tiles as literals.
+template <bool SIGNED>
 inline void amx_unit(int64_t j, const int8_t* xq, int64_t K, const uint8_t* codes) {
   if (j % 2) {
     _tile_zero(1);
     _tile_loadd(3, xq, K);
     _tile_loadd(5, codes, 64);
-    _tile_dpbsud(1, 3, 5);
+    if constexpr (SIGNED) _tile_dpbssd(1, 3, 5);
+    else _tile_dpbsud(1, 3, 5);
   } else {
     _tile_zero(0);
     _tile_loadd(2, xq, K);
     _tile_loadd(4, codes, 64);
-    _tile_dpbsud(0, 2, 4);
+    if constexpr (SIGNED) _tile_dpbssd(0, 2, 4);
+    else _tile_dpbsud(0, 2, 4);
   }
 }
 
@@ -1005,13 +1008,13 @@ inline void screen_tile_amx(const uint8_t* rec, const uint8_t* next, const Scree
   const int32_t* xsum = rows.xsum.data() + tile * nb * 16;
   alignas(64) int32_t c[2][16][16];
   for (int i = 0; i < R; ++i) A[i] = B[i] = vzero();
-  amx_unit(0, xq, K, rec);
+  amx_unit<false>(0, xq, K, rec);
   for (int64_t b = 0; b < nb; ++b) {
     if (next)
       for (int64_t l = 0; l < kRecord; l += 64) __builtin_prefetch(next + b * kRecord + l, 0, 3);
     if (b % 2) _tile_stored(1, c[1], 64);
     else _tile_stored(0, c[0], 64);
-    if (b + 1 < nb) amx_unit(b + 1, xq + 32 * (b + 1), K, rec + (b + 1) * kRecord);
+    if (b + 1 < nb) amx_unit<false>(b + 1, xq + 32 * (b + 1), K, rec + (b + 1) * kRecord);
     const uint8_t* r = rec + b * kRecord;
     const __m512 d = halves(r + 512).v, a = halves(r + 544).v;
 #pragma GCC unroll 16
