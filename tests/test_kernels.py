@@ -274,6 +274,57 @@ def test_attention_head_bits_do_not_depend_on_the_heads_beside_it(dtype, groups)
         assert torch.equal(alone[0, :, 0], together[0, :, h])
 
 
+def test_avx512_attention_gives_the_avx2_bits(ops):
+    """Where the CPU has AVX-512, attention's 16-lane code (two heads per register, hsum8x16) gives the bits of the
+    8-lane code: runs of 2 to 4 heads (1: 8 lanes either way), head sizes with a half-register tail, windows,
+    softcaps, trees, bf16, a NaN key, and every row count from a decode row to a prefill block."""
+    from mtpspec.kernels.extension import avx512_allowed
+
+    if not ops.use_avx512(True):
+        pytest.skip("this CPU has no AVX-512")
+    gen = torch.Generator().manual_seed(0)
+    cases, threads_before = 0, torch.get_num_threads()
+    try:
+        for (hq, hkv), d, dv, dtype in [
+            ((4, 1), 256, 256, torch.float32),
+            ((8, 2), 64, 40, torch.float32),
+            ((9, 3), 24, 24, torch.bfloat16),
+            ((2, 1), 8, 8, torch.float32),
+            ((6, 2), 64, 64, torch.bfloat16),
+            ((12, 3), 40, 64, torch.float32),
+        ]:
+            length = 300
+            k = (torch.randn(hkv, length, d, generator=gen) * 2).to(dtype)
+            v = torch.randn(hkv, length, dv, generator=gen).to(dtype)
+            k[0, 7, 3] = float("nan")  # rows past position 7 read it
+            for rows, first, window, softcap, tree in [
+                (1, 0, 0, 0.0, False),
+                (1, 37, 0, 0.0, False),
+                (1, 299, 0, 0.0, False),
+                (5, 100, 0, 50.0, False),
+                (17, 250, 64, 0.0, False),
+                (3, 200, 0, 0.0, True),
+                (40, 3, 0, 0.0, False),
+            ]:
+                q = (torch.randn(rows, hq, d, generator=gen) * 3).to(dtype)
+                positions = torch.arange(first, first + rows)
+                slots = torch.randint(0, length, (rows, 64), generator=gen) if tree else None
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    outs = []
+                    for on in (False, True):
+                        ops.use_avx512(on)
+                        outs.append(ops.attention(q, k, v, positions, window, d**-0.5, softcap, slots, first))
+                    assert torch.equal(outs[0].float().view(torch.int32), outs[1].float().view(torch.int32)), (
+                        hq, hkv, d, dv, dtype, rows, first, window, softcap, tree, threads,
+                    )
+                    cases += 1
+    finally:
+        ops.use_avx512(avx512_allowed())
+        torch.set_num_threads(threads_before)
+    assert cases == 84
+
+
 def test_kernel_bench_times_both_baselines(ops):
     from mtpspec.kernels.bench import compare
 

@@ -21,6 +21,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -64,6 +65,24 @@ template <class T> inline void store8(T* out, __m256 v) {
   for (int i = 0; i < 8; ++i) out[i] = static_cast<T>(lanes[i]);
 }
 
+// A score from its chain's 8 lanes: the fixed horizontal sum, times scaling, then the softcap (0: none).
+inline float score8(__m256 acc, float scaling, float softcap) {
+  const float s = hsum(acc) * scaling;
+  return softcap > 0.0f ? std::tanh(s / softcap) * softcap : s;
+}
+
+// One key's scores for NG query heads (q [NG, D]): each one chain over d in order, 8 lanes; scores[g * n] for head g.
+template <class T, int NG>
+inline void score_heads(const T* q, const T* kj, int64_t D, float scaling, float softcap, float* scores, int64_t n) {
+  __m256 a[NG];
+  for (int g = 0; g < NG; ++g) a[g] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 kd = load8(kj + d);
+    for (int g = 0; g < NG; ++g) a[g] = _mm256_fmadd_ps(load8(q + g * D + d), kd, a[g]);
+  }
+  for (int g = 0; g < NG; ++g) scores[g * n] = score8(a[g], scaling, softcap);
+}
+
 // Gather: logical key j (in [start, stop)) is at cache slot slot[j - start]; otherwise at slot j.
 // A template parameter, so that the plain path's addressing is the untouched `k + j * D`; not
 // inlined, so that each variant is compiled on its own (inlined, plain decode ran ~3% slower).
@@ -81,10 +100,6 @@ __attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const 
   const int64_t n = stop - start;
   // Scores: each (head, key) dot product is one chain over d in order, then one fixed horizontal sum;
   // NK keys at a time for the NG heads, so that NG * NK independent chains keep the multiply-add units busy.
-  auto score = [&](__m256 acc) {
-    float s = hsum(acc) * scaling;
-    return softcap > 0.0f ? std::tanh(s / softcap) * softcap : s;
-  };
   constexpr int NK = NG <= 2 ? 4 : 2;
   int64_t j = start;
   for (; j + NK <= stop; j += NK) {
@@ -102,18 +117,9 @@ __attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const 
       }
     }
     for (int g = 0; g < NG; ++g)
-      for (int i = 0; i < NK; ++i) scores[g * n + j - start + i] = score(a[g][i]);
+      for (int i = 0; i < NK; ++i) scores[g * n + j - start + i] = score8(a[g][i], scaling, softcap);
   }
-  for (; j < stop; ++j) {
-    const T* kj = k + at(j) * D;
-    __m256 a[NG];
-    for (int g = 0; g < NG; ++g) a[g] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 kd = load8(kj + d);
-      for (int g = 0; g < NG; ++g) a[g] = _mm256_fmadd_ps(load8(q + g * D + d), kd, a[g]);
-    }
-    for (int g = 0; g < NG; ++g) scores[g * n + j - start] = score(a[g]);
-  }
+  for (; j < stop; ++j) score_heads<T, NG>(q, k + at(j) * D, D, scaling, softcap, scores + j - start, n);
   float inv[NG];
   for (int g = 0; g < NG; ++g) {
     float* sg = scores + g * n;
@@ -160,10 +166,176 @@ __attribute__((noinline)) void attend(const T* q, const T* k, const T* v, const 
   for (; d < Dv; d += 8) weigh(std::integral_constant<int, 1>{}, d);
 }
 
-// attend<T, Gather, ng> for a run-time ng in [1, 4].
+// ---- AVX-512, where the CPU has it (use_avx512): `attend`'s operations, each value's arithmetic the same ----
+// The scores take two query heads per 16-lane register, lanes 0-7 one head's 8-lane chain and lanes 8-15 the
+// other's (the query's pairs interleaved once per task, each key's 8 values broadcast to both halves), and
+// hsum8x16 forms 16 chains' horizontal sums at once, each with hsum's additions in hsum's order. The softmax
+// and the weighted sum are lane-wise (16 lanes). So every score, weight and output has `attend`'s bits.
+bool g_avx512 = false;
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq")
+
+template <class T> inline __m512 load16(const T* p, __mmask16 m);
+template <> inline __m512 load16<float>(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+template <> inline __m512 load16<at::BFloat16>(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// Values p[0 .. 8) in both halves.
+template <class T> inline __m512 load8x2(const T* p);
+template <> inline __m512 load8x2<float>(const float* p) { return _mm512_broadcast_f32x8(_mm256_loadu_ps(p)); }
+template <> inline __m512 load8x2<at::BFloat16>(const at::BFloat16* p) {
+  const __m256i h = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+template <class T> inline void store16(T* out, __m512 v, __mmask16 m) {
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, v);
+  for (int i = 0; i < 16; ++i)
+    if (m >> i & 1) out[i] = static_cast<T>(lanes[i]);
+}
+template <> inline void store16<float>(float* out, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(out, m, v); }
+
+// exp8, 16 lanes.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(_knot_mask16(tiny), _mm512_mul_ps(p, _mm512_castsi512_ps(bits)));
+}
+
+// hsum of the 16 8-lane chains in a[0 .. 8) (each register's halves), in hsum's order: the 4-lane quarters'
+// sums lo + hi, then their lanes 0 + 2 and 1 + 3, then those two. The sum of a[q]'s half h is in lane
+// 4 (2 (q % 2) + h) + q / 2.
+inline __m512 hsum8x16(const __m512* a) {
+  __m512 z[4];
+  for (int m = 0; m < 4; ++m)  // 128-bit lanes: a[2m]'s halves, then a[2m + 1]'s, each its 4 sums lo + hi
+    z[m] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a[2 * m], a[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  __m512 t[2];
+  for (int m = 0; m < 2; ++m)  // per 128-bit lane: z[2m]'s chain's sums 0 + 2 and 1 + 3, then z[2m + 1]'s
+    t[m] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * m], z[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(z[2 * m], z[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// `attend` for NG in [2, 4] query heads: P pairs of heads (the last head twice where NG is odd), NK keys at a
+// time (8 registers of sums). pairs: scratch for the interleaved query, 4 D floats.
+template <class T, bool Gather, int NG>
+__attribute__((noinline)) void attend512(const T* q, const T* k, const T* v, const int64_t* slot, int64_t D,
+                                         int64_t Dv, int64_t start, int64_t stop, float scaling, float softcap,
+                                         float* scores, float* pairs, T* out) {
+  static_assert(NG >= 2 && NG <= 4, "two to four heads");
+  constexpr int P = (NG + 1) / 2, NK = 8 / P;
+  auto at = [&](int64_t j) { return Gather ? slot[j - start] : j; };
+  const int64_t n = stop - start, S = D / 8;
+  // pairs [P][S][16]: step s of pair p holds values 8s .. 8s + 7 of head 2p, then of head 2p + 1.
+  for (int p = 0; p < P; ++p)
+    for (int h = 0; h < 2; ++h) {
+      const T* qg = q + std::min(2 * p + h, NG - 1) * D;
+      for (int64_t s = 0; s < S; ++s)
+        for (int l = 0; l < 8; ++l) pairs[(p * S + s) * 16 + 8 * h + l] = static_cast<float>(qg[8 * s + l]);
+    }
+  // Score (head g, key i of NK) comes out of hsum8x16 at lane[g NK + i] (its register p NK + i, p = g / 2).
+  constexpr auto lane = [] {
+    std::array<int32_t, 16> idx{};
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < NK; ++i) {
+        const int a = g / 2 * NK + i;
+        idx[g * NK + i] = 4 * (2 * (a % 2) + g % 2) + a / 2;
+      }
+    return idx;
+  }();
+  const __m512i order = _mm512_loadu_si512(lane.data());
+  int64_t j = start;
+  for (; j + NK <= stop; j += NK) {
+    const T* kk[NK];
+    for (int i = 0; i < NK; ++i) kk[i] = k + at(j + i) * D;
+    __m512 a[8];
+    for (auto& x : a) x = _mm512_setzero_ps();
+    for (int64_t s = 0; s < S; ++s) {
+      __m512 kd[NK];
+      for (int i = 0; i < NK; ++i) kd[i] = load8x2(kk[i] + 8 * s);
+      for (int p = 0; p < P; ++p) {
+        const __m512 qd = _mm512_loadu_ps(pairs + (p * S + s) * 16);
+        for (int i = 0; i < NK; ++i) a[p * NK + i] = _mm512_fmadd_ps(qd, kd[i], a[p * NK + i]);
+      }
+    }
+    alignas(64) float sc[16];
+    _mm512_store_ps(sc, _mm512_mul_ps(_mm512_permutexvar_ps(order, hsum8x16(a)), _mm512_set1_ps(scaling)));
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < NK; ++i) {
+        const float x = sc[g * NK + i];
+        scores[g * n + j - start + i] = softcap > 0.0f ? std::tanh(x / softcap) * softcap : x;
+      }
+  }
+  for (; j < stop; ++j) score_heads<T, NG>(q, k + at(j) * D, D, scaling, softcap, scores + j - start, n);
+  float inv[NG], total[NG] = {};
+  for (int g = 0; g < NG; ++g) {
+    float* sg = scores + g * n;
+    // std::max's chain from sg[0]: a NaN later is passed over (max_ps keeps its second operand), a NaN first stays.
+    float mx = sg[0];
+    if (!std::isnan(mx)) {
+      __m512 m = _mm512_set1_ps(mx);
+      int64_t e = 0;
+      for (; e + 16 <= n; e += 16) m = _mm512_max_ps(_mm512_loadu_ps(sg + e), m);
+      for (; e < n; ++e) mx = std::max(mx, sg[e]);
+      mx = std::max(mx, _mm512_reduce_max_ps(m));
+    }
+    for (int64_t e = 0; e < n; e += 16) {
+      const __mmask16 m = n - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - e)) - 1);
+      _mm512_mask_storeu_ps(sg + e, m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + e), _mm512_set1_ps(mx))));
+    }
+  }
+  for (int64_t e = 0; e < n; ++e)  // each head's sum in key order
+    for (int g = 0; g < NG; ++g) total[g] += scores[g * n + e];
+  for (int g = 0; g < NG; ++g) inv[g] = 1.0f / total[g];
+  constexpr int CH = NG == 2 ? 8 : 4;  // registers of 16 lanes per head at a time
+  auto weigh = [&](auto width, int64_t d, __mmask16 last) {
+    constexpr int W = decltype(width)::value;
+    __m512 acc[NG][W];
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < W; ++i) acc[g][i] = _mm512_setzero_ps();
+    for (int64_t e = 0; e < n; ++e) {
+      const T* ve = v + at(start + e) * Dv + d;
+      __m512 vd[W];
+      for (int i = 0; i < W; ++i) vd[i] = load16(ve + 16 * i, i == W - 1 ? last : __mmask16(0xFFFF));
+      for (int g = 0; g < NG; ++g) {
+        const __m512 s = _mm512_set1_ps(scores[g * n + e]);
+        for (int i = 0; i < W; ++i) acc[g][i] = _mm512_fmadd_ps(s, vd[i], acc[g][i]);
+      }
+    }
+    for (int g = 0; g < NG; ++g)
+      for (int i = 0; i < W; ++i)
+        store16(out + g * Dv + d + 16 * i, _mm512_mul_ps(acc[g][i], _mm512_set1_ps(inv[g])), i == W - 1 ? last : __mmask16(0xFFFF));
+  };
+  int64_t d = 0;
+  for (; d + 16 * CH <= Dv; d += 16 * CH) weigh(std::integral_constant<int, CH>{}, d, __mmask16(0xFFFF));
+  for (; d < Dv; d += 16) weigh(std::integral_constant<int, 1>{}, d, Dv - d >= 16 ? __mmask16(0xFFFF) : __mmask16(0x00FF));
+}
+
+#pragma GCC pop_options
+
+// attend<T, Gather, ng> (attend512's where it runs, for two heads or more) for a run-time ng in [1, 4].
 template <class T, bool Gather>
 void attend_heads(int ng, const T* q, const T* k, const T* v, const int64_t* slot, int64_t D, int64_t Dv, int64_t start,
-                  int64_t stop, float scaling, float softcap, float* scores, T* out) {
+                  int64_t stop, float scaling, float softcap, float* scores, float* pairs, T* out) {
+  if (g_avx512) switch (ng) {
+      case 4: return attend512<T, Gather, 4>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, pairs, out);
+      case 3: return attend512<T, Gather, 3>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, pairs, out);
+      case 2: return attend512<T, Gather, 2>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, pairs, out);
+    }
   switch (ng) {
     case 4: return attend<T, Gather, 4>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, out);
     case 3: return attend<T, Gather, 3>(q, k, v, slot, D, Dv, start, stop, scaling, softcap, scores, out);
@@ -200,7 +372,7 @@ at::Tensor run_attention(const at::Tensor& q, const std::vector<Cache>& caches, 
   while (ng > 1 && rows * Hkv * ((groups + ng - 1) / ng) < at::get_num_threads()) ng = (ng + 1) / 2;
   const int64_t runs = (groups + ng - 1) / ng;
   at::parallel_for(0, rows * Hkv * runs, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, pairs(4 * D);  // pairs: attend512's interleaved query
     std::vector<int64_t> slot;  // cache slot of each logical key of a gathering row
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / (Hkv * runs), kvh = task / runs % Hkv, h = kvh * groups + task % runs * ng;
@@ -213,13 +385,13 @@ at::Tensor run_attention(const at::Tensor& q, const std::vector<Cache>& caches, 
       const T* vh = static_cast<const T*>(c.v) + kvh * c.L * Dv;
       T* ot = op + (t * Hq + h) * Dv;
       if (c.slots == nullptr || stop <= c.tree_start) {
-        attend_heads<T, false>(heads, qt, kh, vh, nullptr, D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
+        attend_heads<T, false>(heads, qt, kh, vh, nullptr, D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), pairs.data(), ot);
         continue;
       }
       const int64_t* ts = c.slots + (t - c.first) * c.W;
       slot.resize(stop - start);
       for (int64_t j = start; j < stop; ++j) slot[j - start] = j < c.tree_start ? j : ts[j - c.tree_start];
-      attend_heads<T, true>(heads, qt, kh, vh, slot.data(), D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), ot);
+      attend_heads<T, true>(heads, qt, kh, vh, slot.data(), D, Dv, start, stop, (float)scaling, (float)softcap, scores.data(), pairs.data(), ot);
     }
   });
   return out;
@@ -341,7 +513,15 @@ at::Tensor append_attention(const at::Tensor& q, const at::Tensor& k_new, const 
   return dispatch_attention(q, caches, seq, positions, Hkv, Dv, window, scaling, softcap);
 }
 
+// Whether attention takes its AVX-512 code: where `on` and the CPU has AVX-512 (F, BW, DQ, VL). Set at load.
+bool use_avx512(bool on) {
+  g_avx512 = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+             && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return g_avx512;
+}
+
 TORCH_LIBRARY_FRAGMENT(mtpspec_kernels, m) {
+  m.def("use_avx512(bool on) -> bool", &use_avx512);
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor positions, int window, float scaling, float softcap, "
         "Tensor? slots=None, int tree_start=0) -> Tensor");
   m.def("append_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!)[] keys, Tensor(b!)[] values, int[] starts, "

@@ -3,7 +3,8 @@
 The sources are package files beside this module (`linear.cpp`, `attention.cpp`, `simd.h`). The
 build goes to `$MTPSPEC_CACHE/kernels/<name>` (default `~/.cache/mtpspec`), where `<name>` hashes
 the sources' contents, the flags and the torch version, so a changed kernel or torch rebuilds and
-an unchanged one loads without compiling. Where it cannot be built (no compiler or ninja, no AVX2/FMA),
+an unchanged one loads without compiling. Attention takes AVX-512 where the CPU has it and
+`$MTPSPEC_RUNTIME_ISA` does not pin `avx2` or `portable`. Where it cannot be built (no compiler or ninja, no AVX2/FMA),
 `extension()` returns None after saying why in one line on stderr, and callers keep PyTorch's
 linear; under `MTPSPEC_KERNELS=0` it returns None silently.
 """
@@ -103,4 +104,14 @@ def _load():
         build_directory=str(build_dir),
         is_python_module=False,
     )
-    return torch.ops.mtpspec_kernels
+    ops = torch.ops.mtpspec_kernels
+    ops.use_avx512(avx512_allowed())
+    return ops
+
+
+def avx512_allowed() -> bool:
+    """Whether attention may take its AVX-512 code where the CPU has it: unless `$MTPSPEC_RUNTIME_ISA` pins
+    `avx2` or `portable` (the same bits either way; see attention.cpp)."""
+    from ..runtime.build import requested_isa
+
+    return requested_isa() == "native"
