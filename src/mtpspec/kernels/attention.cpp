@@ -22,8 +22,10 @@
 #include <torch/library.h>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -371,11 +373,29 @@ at::Tensor run_attention(const at::Tensor& q, const std::vector<Cache>& caches, 
   int64_t ng = std::min<int64_t>(4, groups);
   while (ng > 1 && rows * Hkv * ((groups + ng - 1) / ng) < at::get_num_threads()) ng = (ng + 1) / 2;
   const int64_t runs = (groups + ng - 1) / ng;
-  at::parallel_for(0, rows * Hkv * runs, 1, [&](int64_t begin, int64_t end) {
+  // The tasks are handed out as threads come free, in an order that keeps a sequence's rows together (they read
+  // the same keys and values, which then stay in a core's cache) and takes the costliest first: sequences by the
+  // most keys a row of theirs reads, rows by their keys. Equal shares of rows would leave a thread idle, as a
+  // prefill chunk's rows read from one to thousands of keys.
+  const auto keys = [&](int64_t t) { return window > 0 ? std::min<int64_t>(pos[t] + 1, window) : pos[t] + 1; };
+  std::vector<int64_t> order(rows), most(caches.size(), 0);
+  for (int64_t t = 0; t < rows; ++t) most[seq[t]] = std::max(most[seq[t]], keys(t));
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t sa = seq[a], sb = seq[b];
+    if (sa != sb) return most[sa] != most[sb] ? most[sa] > most[sb] : sa < sb;
+    return keys(a) > keys(b);
+  });
+  // A thread claims a quarter of its share at a time, so that the claims keep some of a sequence's rows together.
+  const int64_t tasks = rows * Hkv * runs, threads = std::min<int64_t>(tasks, at::get_num_threads());
+  const int64_t claim = std::max<int64_t>(1, tasks / (4 * threads));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scores, pairs(4 * D);  // pairs: attend512's interleaved query
     std::vector<int64_t> slot;  // cache slot of each logical key of a gathering row
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / (Hkv * runs), kvh = task / runs % Hkv, h = kvh * groups + task % runs * ng;
+    for (int64_t first; (first = next.fetch_add(claim, std::memory_order_relaxed)) < tasks;)
+    for (int64_t task = first; task < std::min(first + claim, tasks); ++task) {
+      const int64_t t = order[task / (Hkv * runs)], kvh = task / runs % Hkv, h = kvh * groups + task % runs * ng;
       const int heads = int(std::min(ng, kvh * groups + groups - h));
       const Cache& c = caches[seq[t]];
       const int64_t stop = pos[t] + 1, start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
