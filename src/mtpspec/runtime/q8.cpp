@@ -142,14 +142,13 @@ at::Tensor q8_pack(const at::Tensor& w, int64_t type, int64_t K) {
   return packed;
 }
 
-// One activation row, quantized (see the top of this file): per block b dx[b], t[b] = dx[b] * sum of xq,
-// xq packed 4 per int32 (xq4[8b .. 8b + 8)), and per 16 values sum16 = the sum of their xq.
+// One activation row, quantized (see the top of this file), in a Q8Rows' arrays: per block b dx[b], t[b] = dx[b] * sum
+// of xq, xq packed 4 per int32 (xq4[8b .. 8b + 8)), and per 16 values sum16 = the sum of their xq.
 struct Q8Row {
-  std::vector<float> dx, t;
-  std::vector<int32_t> xq4, sum16;
-  explicit Q8Row(int64_t nb = 0) : dx(nb), t(nb), xq4(8 * nb), sum16(2 * nb) {}
-  void quantize(const float* x) {
-    for (size_t b = 0; b < dx.size(); ++b) {
+  float *dx, *t;
+  int32_t *xq4, *sum16;
+  void quantize(const float* x, int64_t nb) {
+    for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + 32 * b;
       float amax = 0.0f;
       bool finite = true;
@@ -211,6 +210,25 @@ struct Q8Row {
   }
 };
 
+// A call's activation rows x [M, K], quantized in parallel, each array one allocation for all rows (row m's blocks
+// at m nb ..). The rows are padded with zero rows to Mp, a whole number of AMX tiles of 16 (whose tiles read xq4 as
+// the int8 matrix [Mp][K]).
+struct Q8Rows {
+  int64_t nb;
+  std::vector<float> dx, t;
+  std::vector<int32_t> xq4, sum16;
+  std::vector<Q8Row> rows;
+  Q8Rows(const float* x, int64_t M, int64_t K) : nb(K / 32), rows(M) {
+    const int64_t mp = (M + 15) / 16 * 16;
+    dx.assign(mp * nb, 0.0f), t.assign(mp * nb, 0.0f), xq4.assign(mp * 8 * nb, 0), sum16.assign(mp * 2 * nb, 0);
+    for (int64_t m = 0; m < M; ++m)
+      rows[m] = {dx.data() + m * nb, t.data() + m * nb, xq4.data() + m * 8 * nb, sum16.data() + m * 2 * nb};
+    at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / K), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) rows[m].quantize(x + m * K, nb);
+    });
+  }
+};
+
 // acc[i][0 .. 16) = y[row i, the group's 16 features] for rows r[0 .. R) over the group's records at rec
 // (BITS-bit codes). The integer sums S of each block: two chains (values 0-15 and 16-31) so that one
 // row's products do not wait on each other's latency.
@@ -248,8 +266,8 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
     const __m512 a0 = _mm512_loadu_ps(av);
     const __m512 a1 = G16 || MIN ? _mm512_loadu_ps(av + 16) : a0;  // G16's second a, or c
     for (int i = 0; i < R; ++i) {
-      const int32_t* x4 = r[i]->xq4.data() + 8 * b;
-      const int32_t* s16 = r[i]->sum16.data() + 2 * b;
+      const int32_t* x4 = r[i]->xq4 + 8 * b;
+      const int32_t* s16 = r[i]->sum16 + 2 * b;
       // u = s + o times xq: start each sum at -o * (sum of xq) to leave sum of s * xq.
       constexpr int o = code_offset(BITS);
       __m512i lo = _mm512_set1_epi32(-o * s16[0]), hi = _mm512_set1_epi32(-o * s16[1]);
@@ -288,28 +306,15 @@ void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes)
   }
 }
 
-// The activation rows as the tiles read them, per tile of 16 rows (T tiles): xq [16 T][K] (rows past M zero), and
-// per tile, block b and row i: dx and t (at tile_slot).
-struct AmxRows {
-  int64_t K, nb;
-  std::vector<int8_t> xq;
-  std::vector<float> dx, t;
-  AmxRows(const std::vector<Q8Row>& rows, int64_t K) : K(K), nb(K / 32), xq(tile_xq(rows, K)) {
-    dx.assign(xq.size() / 32, 0.0f), t.assign(xq.size() / 32, 0.0f);  // 16 T nb each
-    for (int64_t m = 0; m < int64_t(rows.size()); ++m)
-      for (int64_t b = 0; b < nb; ++b) dx[tile_slot(m, b, nb)] = rows[m].dx[b], t[tile_slot(m, b, nb)] = rows[m].t[b];
-  }
-};
-
 // acc[i] = y[row 16 tile + i] for i < R (R of the tile's 16 rows wanted) over a group's blocks: their signed codes
 // (decode_group's) and BITS-bit records' scales (rec, bytes apart). The tiles must be configured for G16 (amx_configure).
 template <int BITS, bool G16, bool MIN, int R>
-void q8_tile_amx(const uint8_t* codes, const uint8_t* rec, int64_t bytes, const AmxRows& rows, int64_t tile, float (*acc)[16]) {
+void q8_tile_amx(const uint8_t* codes, const uint8_t* rec, int64_t bytes, const Q8Rows& rows, int64_t tile, float (*acc)[16]) {
   constexpr int W = G16 ? 16 : 32, U = 32 / W;  // values and units per block
-  const int64_t nb = rows.nb, K = rows.K;
-  const int8_t* xq = rows.xq.data() + 16 * tile * K;
-  const float* dx = rows.dx.data() + tile * nb * 16;
-  const float* t = rows.t.data() + tile * nb * 16;
+  const int64_t nb = rows.nb, K = 32 * nb;
+  const int8_t* xq = reinterpret_cast<const int8_t*>(rows.xq4.data()) + 16 * tile * K;
+  const float* dx = rows.dx.data() + 16 * tile * nb;
+  const float* t = rows.t.data() + 16 * tile * nb;
   alignas(64) int32_t c[2][16][16];
   __m512 y[R];
   for (int i = 0; i < R; ++i) y[i] = _mm512_setzero_ps();
@@ -325,8 +330,8 @@ void q8_tile_amx(const uint8_t* codes, const uint8_t* rec, int64_t bytes, const 
     const __m512 a = _mm512_loadu_ps(av + 16 * (j % U));
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[16 * b + i])), _mm512_cvtepi32_ps(_mm512_load_si512(cj[i])), y[i]);
-      if constexpr (MIN) y[i] = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16), _mm512_set1_ps(t[16 * b + i]), y[i]);
+      y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[i * nb + b])), _mm512_cvtepi32_ps(_mm512_load_si512(cj[i])), y[i]);
+      if constexpr (MIN) y[i] = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16), _mm512_set1_ps(t[i * nb + b]), y[i]);
     }
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc[i], y[i]);
@@ -406,8 +411,8 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
       const __m256 a0 = _mm256_loadu_ps(av);
       const __m256 a1 = G16 || MIN ? _mm256_loadu_ps(av + 16) : a0;  // G16's second a, or c
       for (int i = 0; i < R; ++i) {
-        const int32_t* x4 = r[i]->xq4.data() + 8 * b;
-        const int32_t* s16 = r[i]->sum16.data() + 2 * b;
+        const int32_t* x4 = r[i]->xq4 + 8 * b;
+        const int32_t* s16 = r[i]->sum16 + 2 * b;
         __m256i lo, hi;
         if constexpr (BITS == 8) {
           dot_i8(sa, u, x4, lo, hi);
@@ -473,7 +478,7 @@ void q8_tile_decoded(const uint8_t* codes, const uint8_t* rec, int64_t nb, int64
       const __m256 a0 = _mm256_loadu_ps(av + 8 * h);
       const __m256 a1 = G16 || MIN ? _mm256_loadu_ps(av + 16 + 8 * h) : a0;  // G16's second a, or c
       for (int i = 0; i < R; ++i) {
-        const int32_t* s16 = r[i]->sum16.data() + 2 * b;
+        const int32_t* s16 = r[i]->sum16 + 2 * b;
         const __m256i lo = _mm256_sub_epi32(s[i][h][0], _mm256_set1_epi32(o * (G16 ? s16[0] : s16[0] + s16[1])));
         const __m256i hi = _mm256_sub_epi32(s[i][h][NS - 1], _mm256_set1_epi32(o * s16[1]));  // G16 only
         y[i][h] = block_term<G16, MIN>(y[i][h], a0, a1, _mm256_set1_ps(r[i]->dx[b]), lo, hi, r[i]->t[b]);
@@ -493,7 +498,7 @@ void q8_tile(const uint8_t* rec, int64_t nb, int64_t bytes, const Q8Row* const* 
       float y = 0.0f;
       const uint8_t* p = rec;
       for (int64_t b = 0; b < nb; ++b, p += bytes) {
-        const int8_t* xq = reinterpret_cast<const int8_t*>(r[i]->xq4.data() + 8 * b);
+        const int8_t* xq = reinterpret_cast<const int8_t*>(r[i]->xq4 + 8 * b);
         int32_t sum[2] = {0, 0};
         for (int j = 0; j < 32; ++j) sum[j / 16] += (code_at<BITS>(p, 64 * (j / 4) + 4 * n + j % 4) - code_offset(BITS)) * xq[j];
         const float* av = reinterpret_cast<const float*>(p + code_bytes(BITS));
@@ -545,15 +550,11 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
     ys.push_back(at::empty({M, ns[i]}, x.options()));
   }
   const at::Tensor xc = x.contiguous();
-  std::vector<Q8Row> rows(M, Q8Row(nb));
-  at::parallel_for(0, M, std::max<int64_t>(1, (1 << 14) / K), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) rows[m].quantize(xc.data_ptr<float>() + m * K);
-  });
+  const Q8Rows q8(xc.data_ptr<float>(), M, K);
   std::vector<const Q8Row*> ptr(M);
-  for (int64_t m = 0; m < M; ++m) ptr[m] = &rows[m];
+  for (int64_t m = 0; m < M; ++m) ptr[m] = &q8.rows[m];
 #if MTPSPEC_AMX_TILES
   const bool amx = M >= kAmxMinRows && amx_enabled();
-  const AmxRows amx_rows = amx ? AmxRows(rows, K) : AmxRows({}, K);
 #else
   const bool amx = false;
 #endif
@@ -588,7 +589,7 @@ std::vector<at::Tensor> q8_linear_many(const at::Tensor& x, at::TensorList packs
             if (tiles != int(G)) amx_configure(G), tiles = int(G);
             for (; m + kAmxMinRows <= m0 + rows_here; m += 16) {
               const int64_t r = std::min<int64_t>(16, m0 + rows_here - m);
-              with_rows<16>(r, [&](auto n) { q8_tile_amx<B, G, C, n()>(codes.data(), rec, bytes, amx_rows, m / 16, acc); });
+              with_rows<16>(r, [&](auto n) { q8_tile_amx<B, G, C, n()>(codes.data(), rec, bytes, q8, m / 16, acc); });
               put(m, r);
             }
           }

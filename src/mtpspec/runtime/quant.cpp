@@ -823,16 +823,6 @@ bool amx_enabled() {
   return on;
 }
 
-// Activation rows (Q8Row or QRow, each with its xq packed in xq4) as the tiles read them: xq [16 T][K] int8 for T
-// tiles of 16 rows, rows past M zero. Per-row, per-block values go side by side for a tile's 16 rows, row m's value
-// of block b at tile_slot(m, b, nb) = [tile][b][row in tile].
-template <class Row>
-std::vector<int8_t> tile_xq(const std::vector<Row>& rows, int64_t K) {
-  std::vector<int8_t> xq(16 * ((rows.size() + 15) / 16) * K, 0);
-  for (size_t m = 0; m < rows.size(); ++m) std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
-  return xq;
-}
-inline int64_t tile_slot(int64_t m, int64_t b, int64_t nb) { return ((m / 16) * nb + b) * 16 + m % 16; }
 
 // Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes), the codes
 // signed (tdpbssd) or unsigned (tdpbsud). The tile intrinsics name their tiles as literals.
@@ -984,17 +974,22 @@ inline void screen_tile(const uint8_t* rec, const uint8_t* next, int64_t nb, con
   }
 }
 #if MTPSPEC_AMX_TILES
-// The activation rows as the screen's tiles read them, per tile of 16 rows: xq [16 T][K] (rows past M zero), and
-// per tile, block b and row i: dx and the sum of xq.
+// The activation rows as the screen's tiles read them, per tile of 16 rows: xq [16 T][K] (rows past M zero), and per
+// tile, block b and row i: dx and the sum of xq ([tile][b][i]).
 struct ScreenTiles {
   int64_t K, nb;
   std::vector<int8_t> xq;
   std::vector<float> dx;
   std::vector<int32_t> xsum;
-  ScreenTiles(const std::vector<QRow>& rows, int64_t K) : K(K), nb(K / 32), xq(tile_xq(rows, K)) {
+  ScreenTiles(const std::vector<QRow>& rows, int64_t K) : K(K), nb(K / 32), xq(16 * ((rows.size() + 15) / 16) * K, 0) {
     dx.assign(xq.size() / 32, 0.0f), xsum.assign(xq.size() / 32, 0);  // 16 T nb values each
-    for (int64_t m = 0; m < int64_t(rows.size()); ++m)
-      for (int64_t b = 0; b < nb; ++b) dx[tile_slot(m, b, nb)] = rows[m].dx[b], xsum[tile_slot(m, b, nb)] = rows[m].xsum[b];
+    for (int64_t m = 0; m < int64_t(rows.size()); ++m) {
+      std::memcpy(xq.data() + m * K, rows[m].xq4.data(), K);
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t at = ((m / 16) * nb + b) * 16 + m % 16;
+        dx[at] = rows[m].dx[b], xsum[at] = rows[m].xsum[b];
+      }
+    }
   }
 };
 
