@@ -34,7 +34,24 @@ def inputs() -> dict:
     # Scales the screened head can bound (an extreme one leaves a head unscreened): its argmax on every path.
     mats["Q8_0 screened"] = (random_blocks(Q.Q8_0, 1100, 512, seed=1), int(Q.Q8_0), 512)
     x = torch.randn(40, 512, generator=torch.Generator().manual_seed(0))
-    return {"mats": {k: (torch.from_numpy(w), t, K) for k, (w, t, K) in mats.items()}, "x": x}
+    return {"mats": {k: (torch.from_numpy(w), t, K) for k, (w, t, K) in mats.items()}, "x": x, "edges": edge_rows()}
+
+
+def edge_rows() -> torch.Tensor:
+    """40 activation rows whose 32-value blocks test the int8 quantization: values that scale to exact halves
+    (rounded half to even), a zero block, subnormal and huge maxima, a lone value at the maximum, NaN and infinity."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 512, generator=gen)
+    x[:, :32] = torch.tensor([127.0] + [k + 0.5 for k in range(-16, 15)])  # scale 127 / 127 = 1: x itself
+    x[:, 32:64] = torch.tensor([-254.0] + [2.0 * k + 1 for k in range(-16, 15)])  # scale 1/2: halves again
+    x[1, 96:128] = 0.0
+    x[2, 128:160] = torch.randn(32, generator=gen) * 1e-40  # subnormal maximum
+    x[3, 160:192] = torch.randn(32, generator=gen) * 1e37
+    x[4, 192:224] = 0.0
+    x[4, 200] = -3.0
+    x[5, 224] = float("nan")
+    x[6, 256] = float("inf")
+    return x
 
 
 def results(data: dict) -> dict[str, torch.Tensor]:
@@ -58,6 +75,10 @@ def results(data: dict) -> dict[str, torch.Tensor]:
                         (out[f"{name} q8 M={m} threads={threads}"],) = ops().q8_linear_many(
                             x[:m], [packed], [qtype], [w.shape[0]], K
                         )
+                        if K == 512:
+                            (out[f"{name} q8 edges M={m} threads={threads}"],) = ops().q8_linear_many(
+                                data["edges"][:m], [packed], [qtype], [w.shape[0]], K
+                            )
                 out[f"{name} argmax threads={threads}"] = ops().qargmax(x[:16], w, qtype, K)
                 if name == "Q8_0 screened":  # the screen where the build has one; it must give qargmax's index
                     screen = screen_pack(w, K) if ops().screen_available() else None

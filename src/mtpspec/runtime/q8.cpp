@@ -154,18 +154,19 @@ struct Q8Row {
       bool finite = true;
       int8_t q[32] = {};
       // The vector paths take the same operations, 4 to 16 lanes at a time: max|v|, then each value times inv in
-      // double, rounded half to even (the default rounding mode, as nearbyint), clamped, narrowed.
+      // double, rounded half to even (the default rounding mode, as nearbyint), clamped, narrowed. Since |v| <= amax,
+      // |v * inv| < 127.5, so the clamp never acts, and the vector conversions round (in the default mode) by themselves.
 #if MTPSPEC_AVX512
       const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
       finite = !(_mm512_fpclass_ps_mask(v0, 0x99) | _mm512_fpclass_ps_mask(v1, 0x99));  // NaN or infinity
       amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
       if (finite && amax > 0.0f) {
-        const __m512d inv = _mm512_set1_pd(127.0 / double(amax)), hi = _mm512_set1_pd(127.0), lo = _mm512_set1_pd(-127.0);
-        for (int j = 0; j < 32; j += 8) {
-          const __m512d d = _mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v + j)), inv);
-          const __m512d r = _mm512_max_pd(lo, _mm512_min_pd(hi, _mm512_roundscale_pd(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
-          _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j), _mm256_cvtepi32_epi8(_mm512_cvtpd_epi32(r)));
-        }
+        const __m512d inv = _mm512_set1_pd(127.0 / double(amax));
+        __m256i r[4];
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_cvtpd_epi32(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(v + 8 * j)), inv));
+        const __m128i lo = _mm512_cvtepi32_epi8(_mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1));
+        const __m128i hi = _mm512_cvtepi32_epi8(_mm512_inserti64x4(_mm512_castsi256_si512(r[2]), r[3], 1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_set_m128i(hi, lo));
       }
 #elif MTPSPEC_AVX2
       __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
@@ -179,12 +180,9 @@ struct Q8Row {
       _mm256_store_ps(lanes, m);
       for (const float l : lanes) amax = std::max(amax, l);
       if (finite && amax > 0.0f) {
-        const __m256d inv = _mm256_set1_pd(127.0 / double(amax)), hi = _mm256_set1_pd(127.0), lo = _mm256_set1_pd(-127.0);
+        const __m256d inv = _mm256_set1_pd(127.0 / double(amax));
         __m128i w[8];
-        for (int j = 0; j < 32; j += 4) {
-          const __m256d d = _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + j)), inv);
-          w[j / 4] = _mm256_cvtpd_epi32(_mm256_max_pd(lo, _mm256_min_pd(hi, _mm256_round_pd(d, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC))));
-        }
+        for (int j = 0; j < 32; j += 4) w[j / 4] = _mm256_cvtpd_epi32(_mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(v + j)), inv));
         for (int j = 0; j < 2; ++j)  // within [-127, 127]: the saturating packs narrow exactly
           _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * j), _mm_packs_epi16(_mm_packs_epi32(w[4 * j], w[4 * j + 1]), _mm_packs_epi32(w[4 * j + 2], w[4 * j + 3])));
       }
@@ -199,11 +197,19 @@ struct Q8Row {
       }
 #endif
       dx[b] = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+#if MTPSPEC_AVX512 || MTPSPEC_AVX2
+      // Each 8 bytes' sum of xq + 128 (xor 0x80: unsigned), less 8 * 128, exactly.
+      const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)), _mm256_set1_epi8(char(0x80)));
+      const __m256i e = _mm256_sad_epu8(u, _mm256_setzero_si256());
+      sum16[2 * b] = int32_t(_mm256_extract_epi64(e, 0) + _mm256_extract_epi64(e, 1)) - 2048;
+      sum16[2 * b + 1] = int32_t(_mm256_extract_epi64(e, 2) + _mm256_extract_epi64(e, 3)) - 2048;
+#else
       for (int h = 0; h < 2; ++h) {
         int32_t sum = 0;
         for (int j = 0; j < 16; ++j) sum += q[16 * h + j];
         sum16[2 * b + h] = sum;
       }
+#endif
       t[b] = dx[b] * float(sum16[2 * b] + sum16[2 * b + 1]);
       std::memcpy(&xq4[8 * b], q, 32);
     }
