@@ -27,6 +27,7 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "linear.cpp", HERE / "attention.cpp")  # one translation unit each
 HEADERS = (HERE / "simd.h",)
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+ISA_ENV = "MTPSPEC_RUNTIME_ISA"  # the native code's instruction set: see avx512_allowed and runtime/build.py
 
 
 def enabled() -> bool:
@@ -111,7 +112,5 @@ def _load():
 
 def avx512_allowed() -> bool:
     """Whether attention may take its AVX-512 code where the CPU has it: unless `$MTPSPEC_RUNTIME_ISA` pins
-    `avx2` or `portable` (the same bits either way; see attention.cpp)."""
-    from ..runtime.build import requested_isa
-
-    return requested_isa() == "native"
+    `avx2` or `portable` (the same bits either way; see attention.cpp). The GGUF runtime's build checks the value."""
+    return os.environ.get(ISA_ENV, "").strip().lower() not in ("avx2", "portable")

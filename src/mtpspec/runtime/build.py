@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MtpspecError
+from ..kernels.extension import ISA_ENV
 from ..paths import kernels_dir
 
 # The products on the block formats, the per-row ops between them (norms, RoPE), a layer's work around its
@@ -33,7 +34,6 @@ SOURCES = [Path(__file__).with_name(name) for name in ("quant.cpp", "q8.cpp", "r
 # the reference's bits, and every output element's arithmetic is fixed (see quant.cpp).
 FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 
-ISA_ENV = "MTPSPEC_RUNTIME_ISA"
 ISAS = ("native", "avx2", "portable")
 # What x86-64-v3 code may use, as /proc/cpuinfo names it: an avx2 build refuses a CPU without these.
 AVX2_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "bmi1", "bmi2", "movbe")
