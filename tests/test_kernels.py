@@ -315,9 +315,9 @@ def test_avx512_attention_gives_the_avx2_bits(ops):
                     for on in (False, True):
                         ops.use_avx512(on)
                         outs.append(ops.attention(q, k, v, positions, window, d**-0.5, softcap, slots, first))
-                    assert torch.equal(outs[0].float().view(torch.int32), outs[1].float().view(torch.int32)), (
-                        hq, hkv, d, dv, dtype, rows, first, window, softcap, tree, threads,
-                    )
+                    case = f"{hq}/{hkv} heads, D {d}/{dv}, {dtype}, {rows} rows from {first}, window {window}"
+                    case += f", softcap {softcap}, tree {tree}, {threads} threads"
+                    assert torch.equal(outs[0].float().view(torch.int32), outs[1].float().view(torch.int32)), case
                     cases += 1
     finally:
         ops.use_avx512(avx512_allowed())
