@@ -300,8 +300,8 @@ constexpr int kQ8Rows = 8;
 // integer sums of 16 rows x 16 features, C[m][n] = sum over the block's values of xq[m] * s[n] (tdpbssd:
 // signed xq times signed codes), that is q8_tile's S exactly, and the float chain is q8_tile's.
 
-// A group's codes as signed s = u - o, decoded once for all the rows of a call: per block, the 8 chunks of 64
-// bytes of the record layout, which is the B tile's.
+// A group's codes as signed s = u - o, decoded once per call (per block of rows, up to 1 MB of them): per block,
+// the 8 chunks of 64 bytes of the record layout, which is the B tile's.
 template <int BITS>
 void decode_group(const uint8_t* rec, int64_t nb, int64_t bytes, uint8_t* codes) {
   const __m512i o = _mm512_set1_epi8(char(code_offset(BITS)));  // 128 wraps to -128: u - 128 in 8 bits
