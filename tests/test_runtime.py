@@ -17,8 +17,9 @@ from mtpspec.cli import main
 from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.runtime import QMatrix
 from mtpspec.runtime.build import ops
-from mtpspec.runtime.target import GgufTarget
+from mtpspec.runtime.target import LAST, GgufTarget
 from mtpspec.runtime.weights import NATIVE, screen_pack
+from mtpspec.sampling import argmax
 from mtpspec.tree import tree_path
 
 TYPES = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32]
@@ -340,12 +341,16 @@ def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf, kernels, monkey
     seqs = [solo.fork() for _ in prompts]
     for s in seqs:
         s.reset(32)
-    # Prefills with the fused greedy head (False) and without a head (None: the hidden states only).
-    heads = [False, None, False]
+    # Prefills with the fused greedy head (False), without a head (None: the hidden states only) and with the
+    # argmax of the last row only (LAST: a greedy prompt's last chunk).
+    heads = [False, None, LAST]
     prefills = GgufTarget.forward_many([(s, p[:-1], h) for s, p, h in zip(seqs, prompts, heads, strict=True)])
     assert prefills[1].logits is None and prefills[1].best is None and prefills[0].best is not None
     solo.reset(32)
     assert torch.equal(prefills[1].hidden, solo.hidden_states(prompts[1][:-1]))
+    solo.reset(32)
+    assert prefills[2].logits is None and prefills[2].best.shape == (1,)
+    assert torch.equal(prefills[2].best, argmax(solo.forward(prompts[2][:-1]).logits[-1:]))
     lasts = GgufTarget.forward_many([(s, p[-1:], True) for s, p in zip(seqs, prompts, strict=True)])
     steps = GgufTarget.forward_many([(s, b, i == 1) for i, (s, b) in enumerate(zip(seqs, blocks, strict=True))])
     for i, ((logits, best), last, step) in enumerate(zip(expected, lasts, steps, strict=True)):

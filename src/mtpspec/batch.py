@@ -45,6 +45,7 @@ import torch
 
 from .drafters import Drafter
 from .engine import Chunk, Generation, GenerationConfig, GenerationResult
+from .runtime.target import LAST
 from .target import check_prompt
 
 PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
@@ -264,7 +265,9 @@ class Batch:
                 continue
             if budget > 0:
                 n = min(budget, g.n_prompt - slot.fed)
-                calls.append((slot.target, g.tokens[slot.fed : slot.fed + n], None))
+                # A greedy prompt's last chunk: the argmax of its last row, in the pass's head for decoding rows.
+                head = LAST if slot.fed + n == g.n_prompt and not g.wants_logits else None
+                calls.append((slot.target, g.tokens[slot.fed : slot.fed + n], head))
                 owners.append(slot)
                 budget -= n
         decoding = [slot for slot in self.active if not slot.done and slot.generation.prefilled]
@@ -291,7 +294,7 @@ class Batch:
                 slot.fed += ids.shape[0]
                 if slot.fed < slot.generation.n_prompt:
                     continue
-                step = slot.target.last_row(step.hidden)
+                step = slot.target.last_row(step.hidden, step.best)
                 step.cached = slot.cached
             out.append((slot, slot.generation.advance(step)))
         return out

@@ -168,7 +168,7 @@ class Generation:
         res = self.result
         self.state = DecodeState(self.target, self.tokens, self.n_prompt, step.hidden[-1])
         if self.params.greedy:
-            token = int(argmax(step.logits[-1]))
+            token = int(argmax(step.logits[-1])) if step.best is None else int(step.best[-1])
         else:
             token = int(sample(probabilities(step.logits[-1], self.params), self.generator))
         res.stats.prefill_s = time.perf_counter() - self._t_start

@@ -24,6 +24,8 @@ from ..tree import Block, keep_plan
 from .model import GgufModel, Segment
 from .weights import QMatrix
 
+LAST = "last"  # forward_many's `logits` for a prompt's last chunk: the argmax of its last row only
+
 
 @dataclass
 class TargetStep:
@@ -164,8 +166,11 @@ class GgufTarget:
         step.cached = keep
         return step
 
-    def last_row(self, hidden: torch.Tensor) -> TargetStep:
-        """A prefill's step: the last row's hidden state and logits (what `start` returns)."""
+    def last_row(self, hidden: torch.Tensor, best: torch.Tensor | None = None) -> TargetStep:
+        """A prefill's step: the last row's hidden state and logits (what `start` returns), or with `best`
+        (its argmax, from `forward_many`'s LAST) no logits."""
+        if best is not None:
+            return TargetStep(hidden[-1:], best=best)
         return TargetStep(hidden[-1:], logits=self.gguf.logits(hidden[-1:]))
 
     def forward(self, ids: torch.Tensor, logits: bool = True, parents: torch.Tensor | None = None) -> TargetStep:
@@ -182,7 +187,8 @@ class GgufTarget:
         """`target.forward(ids, logits, parents)` for each call, a tuple (target, ids, logits) or (target,
         ids, logits, parents), in one pass over the weights: the targets are sequences of one model (see
         `fork`). Each step equals the one the call would give alone, bit for bit. `logits=None` runs no
-        head (a prefill chunk): the step has hidden states only."""
+        head (a prefill chunk): the step has hidden states only; `logits=LAST` (a prompt's last chunk, for a
+        greedy first token) gives the argmax of its last row only, as `best` [1]."""
         calls = [(*call, None) if len(call) == 3 else tuple(call) for call in calls]
         model = calls[0][0].gguf
         segments = []
@@ -199,14 +205,18 @@ class GgufTarget:
             target._block = Block(s.start, s.rows, s.parents)
             target.ids[s.start : s.start + s.rows] = ids
             target._length += s.rows
-        # One pass over the head for all calls that want logits, one for all that want argmaxes.
-        for want, head, field in ((True, model.logits, "logits"), (False, model.greedy, "best")):
-            group = [
-                step for step, call in zip(steps, calls, strict=True) if call[2] is not None and bool(call[2]) is want
-            ]
+        # One pass over the head for all the rows that want logits, one for all that want argmaxes.
+        groups: dict[str, list] = {"logits": [], "best": []}  # field -> [(step, its rows' hidden states)]
+        for step, (_, _, want, _) in zip(steps, calls, strict=True):
+            if want is LAST:
+                groups["best"].append((step, step.hidden[-1:]))
+            elif want is not None:
+                groups["logits" if want else "best"].append((step, step.hidden))
+        for field, head in (("logits", model.logits), ("best", model.greedy)):
+            group = groups[field]
             if group:
-                out = head(group[0].hidden if len(group) == 1 else torch.cat([g.hidden for g in group]))
-                for step, part in zip(group, out.split([g.hidden.shape[0] for g in group]), strict=True):
+                out = head(group[0][1] if len(group) == 1 else torch.cat([rows for _, rows in group]))
+                for (step, _), part in zip(group, out.split([rows.shape[0] for _, rows in group]), strict=True):
                     setattr(step, field, part)
         return steps
 
