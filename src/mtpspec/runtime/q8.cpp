@@ -321,23 +321,29 @@ void q8_tile_amx(const uint8_t* codes, const uint8_t* rec, int64_t bytes, const 
   const int8_t* xq = reinterpret_cast<const int8_t*>(rows.xq4.data()) + 16 * tile * K;
   const float* dx = rows.dx.data() + 16 * tile * nb;
   const float* t = rows.t.data() + 16 * tile * nb;
-  alignas(64) int32_t c[2][16][16];
+  // The units' tile products and stores first, kCU at a time, then their float chains: the tiles and the vector
+  // units overlap little, and storing a tile just before its chain reads it waits on the store.
+  constexpr int64_t kCU = 4;
+  alignas(64) int32_t c[kCU][16][16];
   __m512 y[R];
   for (int i = 0; i < R; ++i) y[i] = _mm512_setzero_ps();
-  const auto issue = [&](int64_t j) { amx_unit<true>(j, xq + W * j, K, codes + 16 * W * j); };
-  issue(0);
-  for (int64_t j = 0; j < U * nb; ++j) {
-    if (j % 2) _tile_stored(1, c[1], 64);
-    else _tile_stored(0, c[0], 64);
-    if (j + 1 < U * nb) issue(j + 1);
-    const int32_t(*cj)[16] = c[j % 2];
-    const int64_t b = j / U;
-    const float* av = reinterpret_cast<const float*>(rec + b * bytes + code_bytes(BITS));
-    const __m512 a = _mm512_loadu_ps(av + 16 * (j % U));
+  for (int64_t j0 = 0; j0 < U * nb; j0 += kCU) {
+    const int64_t j1 = std::min(j0 + kCU, U * nb);
+    for (int64_t j = j0; j < j1; ++j) {
+      amx_unit<true>(j, xq + W * j, K, codes + 16 * W * j);
+      if (j % 2) _tile_stored(1, c[j - j0], 64);
+      else _tile_stored(0, c[j - j0], 64);
+    }
+    for (int64_t j = j0; j < j1; ++j) {
+      const int32_t(*cj)[16] = c[j - j0];
+      const int64_t b = j / U;
+      const float* av = reinterpret_cast<const float*>(rec + b * bytes + code_bytes(BITS));
+      const __m512 a = _mm512_loadu_ps(av + 16 * (j % U));
 #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[i * nb + b])), _mm512_cvtepi32_ps(_mm512_load_si512(cj[i])), y[i]);
-      if constexpr (MIN) y[i] = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16), _mm512_set1_ps(t[i * nb + b]), y[i]);
+      for (int i = 0; i < R; ++i) {
+        y[i] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_set1_ps(dx[i * nb + b])), _mm512_cvtepi32_ps(_mm512_load_si512(cj[i])), y[i]);
+        if constexpr (MIN) y[i] = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16), _mm512_set1_ps(t[i * nb + b]), y[i]);
+      }
     }
   }
   for (int i = 0; i < R; ++i) _mm512_storeu_ps(acc[i], y[i]);
