@@ -798,7 +798,8 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
-// Tiles, in two sets (s = 0, 1) so that one unit's product runs while the last one's float chain does: s the sums
+// Tiles, in two sets (s = 0, 1) that successive units alternate between, so that one unit's product can run while
+// the last one's sums are stored or read: s the sums
 // C (16 rows x 16 int32), 2 + s a unit's xq (16 rows x 16 or 32 bytes), 4 + s its codes (4 or 8 rows of 64
 // bytes). A unit is a block, or with 16-value scales (G16) half of one.
 void amx_configure(bool g16) {
@@ -822,7 +823,6 @@ bool amx_enabled() {
   }();
   return on;
 }
-
 
 // Unit j's sums into tile set j % 2: C = xq (16 rows from xq, row stride K) . codes (rows of 64 bytes), the codes
 // signed (tdpbssd) or unsigned (tdpbsud). The tile intrinsics name their tiles as literals.
