@@ -11,10 +11,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace {
+
+constexpr int64_t kNormRows = 16;  // rows whose sums of squares run side by side
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm takes float32");
@@ -27,14 +30,20 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   const float* wt = wc.data_ptr<float>();
   float* dst = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* a = src + r * H;
-      float* b = dst + r * H;
-      float ss = 0.0f;
-      for (int64_t i = 0; i < H; ++i) ss += a[i] * a[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + e);
-      for (int64_t i = 0; i < H; ++i) b[i] = (a[i] * inv) * wt[i];
+  at::parallel_for(0, rows, kNormRows, [&](int64_t begin, int64_t end) {
+    for (int64_t r0 = begin; r0 < end; r0 += kNormRows) {
+      const int64_t n = std::min(kNormRows, end - r0);
+      // kNormRows rows' sums side by side: independent chains (vector lanes where the compiler can), where one
+      // row's chain alone would wait on every addition before the next.
+      float ss[kNormRows] = {};
+      for (int64_t i = 0; i < H; ++i)
+        for (int64_t r = 0; r < n; ++r) ss[r] += src[(r0 + r) * H + i] * src[(r0 + r) * H + i];
+      for (int64_t r = 0; r < n; ++r) {
+        const float* a = src + (r0 + r) * H;
+        float* b = dst + (r0 + r) * H;
+        const float inv = 1.0f / std::sqrt(ss[r] / static_cast<float>(H) + e);
+        for (int64_t i = 0; i < H; ++i) b[i] = (a[i] * inv) * wt[i];
+      }
     }
   });
   return y;
