@@ -2,13 +2,12 @@
 //
 // On a decode step of one to a few rows every op is tiny, and the Python calls between them (about
 // 150 us a layer) were a quarter of SmolLM2's step and a tenth of Gemma's. These ops run the same
-// kernels in the same order as the forward written op by op in Python would: the products, norms and
-// RoPE of this extension, and ATen's own GELU, SiLU, multiply and add, so every value keeps its bits.
+// kernels in the same order as the forward written op by op in Python would: the products, norms, RoPE and
+// gated GELU of this extension, and ATen's own SiLU, multiply and add, so every value keeps its bits.
 //
 // load_inline compiles the runtime's sources as one translation unit (build.py's SOURCES, this file
-// last): q8_linear_many, qlinear_many, rms_norm and rope are the functions defined before it.
+// last): q8_linear_many, qlinear_many, rms_norm, rope and gelu_mul are the functions defined before it.
 #include <ATen/ops/add.h>
-#include <ATen/ops/gelu.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/silu.h>
 
@@ -83,8 +82,7 @@ at::Tensor layer_output(const at::Tensor& x, const at::Tensor& a, at::TensorList
   if (post_attn_norm) attended = rms_norm(attended, *post_attn_norm, eps);
   const at::Tensor h = at::add(x, attended);
   const std::vector<at::Tensor> gate_up = products(rms_norm(h, ffn_norm, eps), mats.slice(1, 2), ints.slice(1, 2), types.slice(1, 2), ns.slice(1, 2), ks[1]);
-  const at::Tensor act = gelu ? at::gelu(gate_up[0], "tanh") : at::silu(gate_up[0]);
-  at::Tensor m = one(at::mul(act, gate_up[1]), 3);
+  at::Tensor m = one(gelu ? gelu_mul(gate_up[0], gate_up[1]) : at::mul(at::silu(gate_up[0]), gate_up[1]), 3);
   if (post_ffn_norm) m = rms_norm(m, *post_ffn_norm, eps);
   return at::add(h, m);
 }

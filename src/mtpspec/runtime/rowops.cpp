@@ -1,4 +1,5 @@
-// Per-row ops of the forward between the products: RMS norm and rotary embedding, one call for all rows.
+// Per-row ops of the forward between the products: RMS norm, rotary embedding and the gated GELU, one call for
+// all rows.
 //
 // Each replaces a chain of PyTorch ops (six for a norm, eight for RoPE), whose per-call overhead was a
 // quarter of a decode step. Row and thread invariance by construction: a row is computed by one
@@ -7,6 +8,10 @@
 //     rms_norm: y = (x * (1 / sqrt(sum(x^2) / H + eps))) * w
 //     rope:     y = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x[D/2:], x[:D/2]]
 // with every product and sum rounded on its own (the file is compiled with -ffp-contract=off).
+//     gelu_mul: y = gelu(g) * u, GELU's tanh form 0.5 g (1 + tanh(v)) = g / (1 + exp(-2v)),
+//               v = sqrt(2 / pi) (g + 0.044715 g^3)
+// Its exp is this file's (exp_approx), plain float operations that the compiler may run in vector lanes
+// or not, with the same bits: so every build (native, AVX2, portable) gives the same values.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 namespace {
 
@@ -49,6 +55,44 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// exp(z) as Cephes' expf computes it: z = n ln2 + r with n = round(z / ln2) (half to even, by adding and subtracting
+// 1.5 * 2^23) and |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, times 2^n built in the exponent bits. z is clamped
+// to [-87, 89] first: below, exp(-87) (a normal float); above 88.4 (n = 128), infinity.
+inline float exp_approx(float z) {
+  z = z < -87.0f ? -87.0f : (z > 89.0f ? 89.0f : z);
+  const float n = (z * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (z - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * (r * r) + r) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// gelu(g) * u elementwise (GELU's tanh form), g and u of one shape: a gated feed-forward's activations in one pass.
+at::Tensor gelu_mul(const at::Tensor& g, const at::Tensor& u) {
+  TORCH_CHECK(g.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat && g.sizes() == u.sizes(), "gelu_mul takes two float32 tensors of one shape");
+  const at::Tensor gc = g.contiguous(), uc = u.contiguous();
+  at::Tensor y = at::empty(gc.sizes(), gc.options());
+  const float* a = gc.data_ptr<float>();
+  const float* b = uc.data_ptr<float>();
+  float* dst = y.data_ptr<float>();
+  at::parallel_for(0, gc.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float x = a[i];
+      const float v = 0.7978845608028654f * (x + 0.044715f * ((x * x) * x));
+      dst[i] = (x / (1.0f + exp_approx(-2.0f * v))) * b[i];
+    }
+  });
+  return y;
+}
+
 // x [T, heads, D], cos and sin [T, D]
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3, "rope takes float32 [T, heads, D]");
@@ -78,9 +122,11 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 TORCH_LIBRARY_FRAGMENT(mtpspec_runtime, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("gelu_mul(Tensor g, Tensor u) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mtpspec_runtime, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("rope", &rope);
+  m.impl("gelu_mul", &gelu_mul);
 }
