@@ -48,7 +48,7 @@ from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .runtime.target import LAST
 from .target import check_prompt
 
-PREFILL_CHUNK = 256  # prompt rows per step, over all prefilling generations
+PREFILL_CHUNK = 512  # prompt rows per step, over all prefilling generations
 PREFIX_CACHE_MB = 1024  # memory for idle sequences' caches, kept for the prompts that start with their tokens
 TAKE_OVER_SLACK = 16  # cached tokens a prompt may leave out of an idle sequence and still take it over
 PROBE_EVERY = 8  # a lone generation the cost rule keeps from drafting drafts one token every this many rounds
