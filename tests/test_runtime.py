@@ -547,7 +547,7 @@ def _gelu_mul_reference(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 def test_gelu_mul_is_its_float32_operations_and_close_to_gelu():
     """The gated GELU's bits are its documented float32 operations, whatever rows share the call (vector lanes or
     not); it is within 3e-6 of GELU (tanh form) in float64 wherever that is above 1e-6, also in the negative tail
-    where 1 + tanh cancels; the infinities and NaN give GELU's limits."""
+    where 1 + tanh cancels; infinity, a huge negative value and NaN give GELU's limits."""
     gen = torch.Generator().manual_seed(11)
     g = torch.cat([torch.randn(37, 96, generator=gen) * 4, torch.linspace(-20, 20, 96)[None]])
     u = torch.randn(g.shape, generator=gen)

@@ -4,14 +4,14 @@
 // Each replaces a chain of PyTorch ops (six for a norm, eight for RoPE), whose per-call overhead was a
 // quarter of a decode step. Row and thread invariance by construction: a row is computed by one
 // thread, in one fixed order, whatever the number of rows in the call (a norm's sum of squares is
-// accumulated left to right in float32). The arithmetic is transformers' (Llama / Gemma 3):
+// accumulated left to right in float32). The norm and RoPE are transformers' arithmetic (Llama / Gemma 3):
 //     rms_norm: y = (x * (1 / sqrt(sum(x^2) / H + eps))) * w
 //     rope:     y = x * cos + rotate_half(x) * sin,  rotate_half(x) = [-x[D/2:], x[:D/2]]
-// with every product and sum rounded on its own (the file is compiled with -ffp-contract=off).
 //     gelu_mul: y = gelu(g) * u, GELU's tanh form 0.5 g (1 + tanh(v)) = g / (1 + exp(-2v)),
 //               v = sqrt(2 / pi) (g + 0.044715 g^3)
-// Its exp is this file's (exp_approx), plain float operations that the compiler may run in vector lanes
-// or not, with the same bits: so every build (native, AVX2, portable) gives the same values.
+// with every product and sum rounded on its own (the file is compiled with -ffp-contract=off). gelu_mul's exp is
+// this file's (exp_approx): plain float operations that the compiler may run in vector lanes or not, with the same
+// bits, so every build (native, AVX2, portable) gives the same values.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
