@@ -8,7 +8,7 @@ import pytest
 
 import mtpspec
 from mtpspec.api import load_gguf
-from mtpspec.batch import PROBE_EVERY, Batch, StepCosts, draft_limits
+from mtpspec.batch import PROBE_EVERY, Batch, StepCosts, draft_limits, prompt_rows
 from mtpspec.engine import GenerationConfig
 from mtpspec.mtp import init_drafter, save_drafter
 from mtpspec.stats import Stats
@@ -98,14 +98,32 @@ def test_batch_refuses_bad_input(tiny_llama_gguf):
 
 
 def test_a_prompt_is_prefilled_a_chunk_per_step(tiny_llama_gguf):
+    """At most prefill_chunk rows a step, whose keys read stay within its square: the deeper the chunk,
+    the fewer its rows."""
     pipe = mtpspec.Pipeline(load_gguf(tiny_llama_gguf), "none")
     batch = Batch(pipe.target, pipe.engine.drafter, max_batch=2, prefill_chunk=5)
-    slot = batch.add(list(range(10, 22)), GenerationConfig(max_new_tokens=2))
+    slot = batch.add(list(range(10, 30)), GenerationConfig(max_new_tokens=2))
     fed = []
     while not slot.generation.prefilled:
         batch.step()
         fed.append(slot.fed)
-    assert fed == [5, 10, 12]
+    # rows 0-4 read 1 + ... + 5 = 15 keys; 5-7 read 21 (a 4th row would make 30 > 25); 8-9 read 19; then 2 a step
+    # while 2 rows read at most 25 keys (positions up to 11), then 1
+    assert fed == [5, 8, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+
+
+def test_keys_read_counts_each_rows_keys_within_its_layers_window(tiny_gemma3_gguf):
+    """keys_read is the mean over layers of min(p + 1, window) summed over the rows (Gemma 3: 5 sliding
+    layers with window 8, 1 full); prompt_rows takes the most rows within a key budget, and at least one."""
+    target = load_gguf(tiny_gemma3_gguf)
+    windows = [layer.window for layer in target.gguf.layers]
+    assert windows.count(8) == 5 and windows.count(None) == 1
+    for start, n in [(0, 1), (0, 8), (0, 20), (5, 3), (7, 2), (30, 9), (3, 0)]:
+        brute = sum(min(p + 1, w or p + 1) for w in windows for p in range(start, start + n)) / len(windows)
+        assert target.keys_read(start, n) == pytest.approx(brute), (start, n)
+    assert prompt_rows(target, 0, 8, 64) == 8
+    assert prompt_rows(target, 100, 8, 64) == 2  # about (5 * 8 + 101) / 6 keys a row: 2 rows 47.2, 3 would be 71
+    assert prompt_rows(target, 100, 8, 1) == 1
 
 
 def _generation(acceptance: list[tuple[int, int]], k: int = 4, greedy: bool = True):

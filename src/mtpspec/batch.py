@@ -6,7 +6,9 @@ what every active generation needs — the next chunk of a prompt being prefille
 round's last token and drafts — and runs them in one `GgufTarget.forward_many` pass: the weights are
 read once for all rows, and every row's arithmetic is the one it has alone, so each generation's
 output is its solo output bit for bit, whoever shares its steps. Generations join and leave between
-steps; a long prompt is prefilled a chunk per step, so it never stalls the others.
+steps; a long prompt is prefilled a chunk per step, so it never stalls the others (at most
+`prefill_chunk` rows a step, which read at most its square of keys in all: deep into a long prompt,
+where every row attends to thousands of keys, a step takes fewer rows and stays about as long).
 
 Prefix caching: a finished generation's sequence stays idle with its cache, up to `prefix_cache_mb`
 of idle caches (the least recently used go first). A later prompt that starts with cached tokens
@@ -48,7 +50,7 @@ from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .runtime.target import LAST
 from .target import check_prompt
 
-PREFILL_CHUNK = 512  # prompt rows per step, over all prefilling generations
+PREFILL_CHUNK = 512  # prompt rows per step, over all prefilling generations; their keys read at most its square
 PREFIX_CACHE_MB = 1024  # memory for idle sequences' caches, kept for the prompts that start with their tokens
 TAKE_OVER_SLACK = 16  # cached tokens a prompt may leave out of an idle sequence and still take it over
 PROBE_EVERY = 8  # a lone generation the cost rule keeps from drafting drafts one token every this many rounds
@@ -166,6 +168,16 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
     return limits
 
 
+def prompt_rows(target, start: int, most: int, keys: float) -> int:
+    """The most prompt rows from position `start`, at most `most` and at least one, whose keys read
+    (`target.keys_read`) stay within `keys`."""
+    lo, hi = 1, most
+    while lo < hi:  # keys_read grows with the rows
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if target.keys_read(start, mid) <= keys else (lo, mid - 1)
+    return lo
+
+
 def batchable(target, drafter: Drafter) -> bool:
     """Whether generations on `target` with `drafter` can share passes."""
     return hasattr(target, "forward_many") and getattr(drafter, "concurrent", False)
@@ -258,18 +270,21 @@ class Batch:
         if not self.batched:
             return [(slot, self._solo(slot)) for slot in self.active if not slot.done]
         calls, owners = [], []
-        budget = self.prefill_chunk
+        # Prompt rows: at most prefill_chunk a step, which read at most prefill_chunk² keys in all (the attention
+        # of a chunk deep into a long prompt grows with the keys before each row, so such chunks get fewer rows).
+        budget, keys = self.prefill_chunk, self.prefill_chunk**2
         for slot in self.active:
             g = slot.generation
             if slot.done or g.prefilled:
                 continue
-            if budget > 0:
-                n = min(budget, g.n_prompt - slot.fed)
+            if budget > 0 and keys > 0:
+                n = prompt_rows(slot.target, slot.fed, min(budget, g.n_prompt - slot.fed), keys)
                 # A greedy prompt's last chunk: the argmax of its last row, in the pass's head for decoding rows.
                 head = LAST if slot.fed + n == g.n_prompt and not g.wants_logits else None
                 calls.append((slot.target, g.tokens[slot.fed : slot.fed + n], head))
                 owners.append(slot)
                 budget -= n
+                keys -= slot.target.keys_read(slot.fed, n)
         decoding = [slot for slot in self.active if not slot.done and slot.generation.prefilled]
         limits = [None] * len(decoding)
         if self.speculation == "auto":

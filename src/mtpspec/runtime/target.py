@@ -112,6 +112,16 @@ class GgufTarget:
         """The output head `[V, H]` (tied to the input embedding where the model ties them)."""
         return self.gguf.head
 
+    def keys_read(self, start: int, n: int) -> float:
+        """Keys that rows at positions start .. start + n - 1 attend to in all, averaged over the layers: a
+        row at position p reads p + 1, or its layer's sliding window if that is smaller."""
+        total = 0
+        for layer in self.gguf.layers:
+            w = layer.window or start + n  # no window: every row reads all the keys before it
+            a = min(max(w - start, 0), n)  # rows that read fewer keys than the window: p + 1 <= w
+            total += (2 * start + 1 + a) * a // 2 + (n - a) * w
+        return total / len(self.gguf.layers)
+
     def fork(self) -> GgufTarget:
         """Another sequence over the same weights, with its own (empty) cache: sequences of one
         model can share a pass (`forward_many`)."""

@@ -74,7 +74,8 @@ def register(subparsers) -> None:
         default=ServerSettings.prefill_chunk,
         metavar="N",
         help="prompt rows a step prefills, over all prompts being prefilled, next to the running requests' "
-        "decoding rows: a smaller chunk keeps the pauses of running streams shorter while a long prompt comes in, "
+        "decoding rows; those rows read at most N² keys in all, so a chunk deep into a long prompt has fewer rows. "
+        "A smaller chunk keeps the pauses of running streams shorter while a long prompt comes in, "
         f"a larger one prefills faster (default: {ServerSettings.prefill_chunk})",
     )
     p.add_argument(
