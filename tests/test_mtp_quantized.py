@@ -112,7 +112,7 @@ def test_shipped_drafters_draft_what_their_float_modules_draft(model):
     ids = pipe.generate(chat, chat=True, max_new_tokens=96, ignore_eos=True).token_ids
     tokens = torch.tensor(pipe.encode(chat, chat=True) + ids)
     first = target.start(tokens[:1], tokens.shape[0]).hidden
-    hidden = torch.cat([first, target.hidden_states(tokens[1:])])  # [T, H]: row i gave token i + 1
+    hidden = torch.cat([first, target.hidden_states(tokens[1:]).hidden])  # [T, H]: row i gave token i + 1
     drafter = MtpDrafter(load_drafter(shipped()[model], torch.float32), target)
     assert isinstance(drafter.model, QuantizedMtp)
     module = load_drafter(shipped()[model], torch.float32)

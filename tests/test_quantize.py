@@ -56,7 +56,7 @@ def quantized_reference(path, quantize: str):
 
 def both_logits(target, hf, text=PROMPT) -> tuple[torch.Tensor, torch.Tensor]:  # [T, V] each
     ids = torch.tensor(target.tokenizer.encode(text))
-    ours = torch.cat([target.start(ids[:1], 128).logits, target.gguf.logits(target.hidden_states(ids[1:]))])
+    ours = torch.cat([target.start(ids[:1], 128).logits, target.gguf.logits(target.hidden_states(ids[1:]).hidden)])
     with torch.inference_mode():
         theirs = hf(ids[None]).logits[0].float()
     return ours, theirs
@@ -165,7 +165,9 @@ def test_multimodal_gemma3_runs_its_language_model(tiny_dirs, tmp_path):
     logits = []
     for source in (path, tiny_dirs["gemma3"]):
         target = load_quantized(str(source), "q8_0")
-        logits.append(torch.cat([target.start(ids[:1], 128).logits, target.gguf.logits(target.hidden_states(ids[1:]))]))
+        logits.append(
+            torch.cat([target.start(ids[:1], 128).logits, target.gguf.logits(target.hidden_states(ids[1:]).hidden)])
+        )
     assert torch.equal(*logits)
 
 

@@ -220,7 +220,7 @@ def _logits_both(path, text):
     target = load_gguf(path, activations="fp32")
     hf, tok = load_transformers(path)
     ids = torch.tensor(tok.encode(text))
-    ours = torch.cat([target.start(ids[:1], 64).logits, target.gguf.logits(target.hidden_states(ids[1:]))])
+    ours = torch.cat([target.start(ids[:1], 64).logits, target.gguf.logits(target.hidden_states(ids[1:]).hidden)])
     with torch.inference_mode():
         theirs = hf(ids[None]).logits[0].float()
     return ours, theirs
@@ -347,7 +347,7 @@ def test_sequences_sharing_a_pass_get_their_solo_bits(tiny_gguf, kernels, monkey
     prefills = GgufTarget.forward_many([(s, p[:-1], h) for s, p, h in zip(seqs, prompts, heads, strict=True)])
     assert prefills[1].logits is None and prefills[1].best is None and prefills[0].best is not None
     solo.reset(32)
-    assert torch.equal(prefills[1].hidden, solo.hidden_states(prompts[1][:-1]))
+    assert torch.equal(prefills[1].hidden, solo.hidden_states(prompts[1][:-1]).hidden)
     solo.reset(32)
     assert prefills[2].logits is None and prefills[2].best.shape == (1,)
     assert torch.equal(prefills[2].best, argmax(solo.forward(prompts[2][:-1]).logits[-1:]))

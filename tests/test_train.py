@@ -549,6 +549,44 @@ def test_self_distill_on_the_runtime_writes_rows_resumes_and_refuses_bad_weights
     assert "--stop-loops must be >= 0" in capsys.readouterr().err
 
 
+def test_sampled_self_distill_draws_seeded_rows_whatever_the_batch(tiny_llama_gguf, tiny_dirs, tmp_path, capsys):
+    """--temperature: N rows per prompt, each drawn with its own seed (the same rows at any batch size, and on
+    a rerun), unlike each other and unlike the greedy answer; --samples without a temperature is refused."""
+    import json
+
+    from mtpspec.cli import main
+
+    def rows(out, *flags):
+        args = ["self-distill", "--target", str(tiny_llama_gguf), "--prompts", "instructions", "--per-source", "3"]
+        assert main([*args, "--max-new-tokens", "12", "--stop-loops", "0", *flags, "--out", str(out)]) == 0
+        return {r["id"]: r["text"] for r in map(json.loads, out.read_text().splitlines())}
+
+    drawn = rows(tmp_path / "a.jsonl", "--temperature", "1.5", "--samples", "2", "--batch-size", "4")
+    assert rows(tmp_path / "b.jsonl", "--temperature", "1.5", "--samples", "2", "--batch-size", "1") == drawn
+    greedy = rows(tmp_path / "g.jsonl")
+    assert len(drawn) == 6 and len(greedy) == 3
+    for prompt, answer in greedy.items():
+        first, second = drawn[f"{prompt}~t1.5#0"], drawn[f"{prompt}~t1.5#1"]
+        assert first != second and answer not in (first, second)
+    assert rows(tmp_path / "a.jsonl", "--temperature", "1.5", "--samples", "2") == drawn  # resumed: nothing new
+    assert "6 of 6 prompts already" in capsys.readouterr().out
+    assert main(["self-distill", "--samples", "2", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "--samples N > 1 needs --temperature" in capsys.readouterr().err
+
+
+def test_transformers_self_distill_draws_seeded_answers(tiny_dirs):
+    """Through transformers a batch draws from one generator, seeded by its first prompt's seed."""
+    from mtpspec.sampling import SamplingParams
+    from mtpspec.training.greedy import TransformersGreedy
+
+    greedy = TransformersGreedy.load(str(tiny_dirs["llama"]), "fp32", torch.device("cpu"), log=lambda *a: None)
+    prompts, params = [[1, 5, 6, 7], [1, 9, 10]], SamplingParams(temperature=1.5)
+    plain = list(greedy.answers(prompts, 12, 2))
+    drawn = list(greedy.answers(prompts, 12, 2, sampling=params, seeds=[3, 4]))
+    assert drawn != plain and drawn == list(greedy.answers(prompts, 12, 2, sampling=params, seeds=[3, 4]))
+    assert drawn != list(greedy.answers(prompts, 12, 2, sampling=params, seeds=[5, 4]))
+
+
 def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     import dataclasses
 

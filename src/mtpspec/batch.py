@@ -309,7 +309,7 @@ class Batch:
                 slot.fed += ids.shape[0]
                 if slot.fed < slot.generation.n_prompt:
                     continue
-                step = slot.target.last_row(step.hidden, step.best)
+                step = slot.target.last_row(step)
                 step.cached = slot.cached
             out.append((slot, slot.generation.advance(step)))
         return out
@@ -326,22 +326,22 @@ def as_finished(
     target,
     drafter: Drafter,
     prompts: list[list[int]],
-    config: GenerationConfig,
+    config: GenerationConfig | list[GenerationConfig],
     max_batch: int = 8,
     speculation: str = "auto",
     until: Callable[[int, GenerationResult], bool] | None = None,
     prefix_cache_mb: float = PREFIX_CACHE_MB,
 ) -> Iterator[tuple[int, GenerationResult]]:
     """(index, result) for every prompt as its generation finishes, `max_batch` at a time, the next
-    prompt joining as one finishes. `until(index, result)`, asked after every step, ends a
-    generation early."""
+    prompt joining as one finishes; `config` is every prompt's, or one per prompt. `until(index,
+    result)`, asked after every step, ends a generation early."""
     batch = Batch(target, drafter, max_batch, speculation=speculation, prefix_cache_mb=prefix_cache_mb)
     waiting = list(range(len(prompts)))[::-1]
     index: dict[Slot, int] = {}
     while waiting or batch.active:
         while waiting and not batch.full:
             i = waiting.pop()
-            index[batch.add(prompts[i], config)] = i
+            index[batch.add(prompts[i], config[i] if isinstance(config, list) else config)] = i
         batch.step()
         for slot in [s for s in batch.active if s.done or (until is not None and until(index[s], s.result))]:
             batch.remove(slot)

@@ -65,6 +65,7 @@ class Generation:
 
     def __init__(self, target: Target, drafter: Drafter, prompt_ids: list[int], config: GenerationConfig, result=None):
         self.target, self.drafter, self.config = target, drafter, config
+        target.feature_layers = getattr(drafter, "feature_layers", ())  # its steps carry what the drafter reads
         self.result = res = result if result is not None else GenerationResult(list(prompt_ids))
         self.params = config.sampling
         self.generator = torch.Generator().manual_seed(config.seed if config.seed is not None else torch.seed())
@@ -146,6 +147,7 @@ class Generation:
         stats.verify_s += time.perf_counter() - self._t_step
 
         state.last_hidden = step.hidden[path[-1]]
+        state.last_features = None if step.features is None else step.features[path[-1]]
         pending = draft.tokens[[row - 1 for row in path[1:]]].tolist() + [verdict.next_token]
         # Commit token by token: EOS, stop strings and the budget can end a generation mid-block.
         self.done = self._commit(pending)
@@ -166,7 +168,8 @@ class Generation:
 
     def _first(self, step) -> Chunk:
         res = self.result
-        self.state = DecodeState(self.target, self.tokens, self.n_prompt, step.hidden[-1])
+        features = None if step.features is None else step.features[-1]
+        self.state = DecodeState(self.target, self.tokens, self.n_prompt, step.hidden[-1], features)
         if self.params.greedy:
             token = int(argmax(step.logits[-1])) if step.best is None else int(step.best[-1])
         else:

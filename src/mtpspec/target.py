@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, StaticLayer
 from .attention import positions_mask
 from .families import family_for
 from .paths import row_invariance_store
+from .runtime.model import feature_norm
 from .runtime.target import TargetStep, check_prompt, needs_new_cache, stop_token_ids
 from .tree import Block, keep_plan, tree_layout
 
@@ -32,6 +33,7 @@ PROBE_ROWS = 16  # largest block (draft tokens + 1) whose row-invariance the pro
 
 class Target:
     supports_trees = True  # forward(..., parents) verifies a draft tree; keep(path) commits a path
+    feature_layers: tuple[int, ...] = ()  # layers whose outputs each step also returns (`TargetStep.features`)
 
     def __init__(self, model, tokenizer, exact: bool = True):
         self.model = model
@@ -66,8 +68,9 @@ class Target:
             self.cache = Cache(layers=[StaticLayer(capacity) for _ in range(self.family.num_cache_layers())])
         else:
             self.rollback(self.length)
-        hidden = self._body(prompt_ids, exact=False)[-1:]
-        return TargetStep(hidden, logits=self._head(hidden))
+        hidden, features = self._body(prompt_ids, exact=False)
+        last = None if features is None else features[-1:]
+        return TargetStep(hidden[-1:], last, logits=self._head(hidden[-1:]))
 
     def forward(self, ids: torch.Tensor, logits: bool = True, parents: torch.Tensor | None = None) -> TargetStep:
         """Run `ids` `[T]` at the next T cache slots; their K/V stay in the cache until rolled back.
@@ -89,11 +92,13 @@ class Target:
             # One row at a time through the output head too: a block's head would round rows differently.
             # Row i is written at slot start + i, after its ancestors.
             one = [None] * rows if slots is None else slots.split(1)
-            hidden = [self._body(ids[i : i + 1], True, positions[i : i + 1], one[i], start) for i in range(rows)]
-            step = TargetStep(torch.cat(hidden), logits=torch.cat([self._head(h) for h in hidden]))
+            parts = [self._body(ids[i : i + 1], True, positions[i : i + 1], one[i], start) for i in range(rows)]
+            hidden = torch.cat([h for h, _ in parts])
+            features = torch.cat([f for _, f in parts]) if self.feature_layers else None
+            step = TargetStep(hidden, features, logits=torch.cat([self._head(h) for h, _ in parts]))
         else:
-            hidden = self._body(ids, self.exact, positions, slots, start)
-            step = TargetStep(hidden, logits=self._head(hidden))
+            hidden, features = self._body(ids, self.exact, positions, slots, start)
+            step = TargetStep(hidden, features, logits=self._head(hidden))
         self._block = Block(start, rows, parents)
         return step
 
@@ -111,10 +116,11 @@ class Target:
         self.rollback(self.length - length)
         self._block = None
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states `[T, H]` of `ids` at the next T positions, with prefill arithmetic
-        and no output head (for callers that score the vocabulary themselves, e.g. training)."""
-        return self._body(ids, exact=False)
+    def hidden_states(self, ids: torch.Tensor) -> TargetStep:
+        """The step of `ids` at the next T positions with prefill arithmetic and no output head: hidden
+        states, and features with `feature_layers` (for callers that score the vocabulary themselves,
+        e.g. training)."""
+        return TargetStep(*self._body(ids, exact=False))
 
     def rollback(self, n: int) -> None:
         """Forget the last `n` positions."""
@@ -153,8 +159,9 @@ class Target:
         positions: torch.Tensor | None = None,  # [T] int64; default: the next T positions
         slots: torch.Tensor | None = None,  # [T, W] int64 a tree's ancestor slots (`mtpspec.tree.tree_layout`)
         tree_start: int = 0,  # the tree's root slot
-    ) -> torch.Tensor:
-        """Hidden states `[T, H]`, the rows' K/V written at the next T slots."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states `[T, H]` and the `feature_layers`' outputs `[T, F·H]` (None without them), the rows'
+        K/V written at the next T slots."""
         self._block = None  # a forward sets it after this
         if positions is None:
             positions = torch.arange(self.length, self.length + ids.shape[0], device=ids.device)
@@ -165,8 +172,14 @@ class Target:
             cache=self.cache,
             use_cache=True,
             mtpspec_exact=exact,
+            output_hidden_states=bool(self.feature_layers),
         )
-        return out.last_hidden_state[0]
+        if not self.feature_layers:
+            return out.last_hidden_state[0], None
+        eps = self.config.rms_norm_eps  # hidden_states[i + 1]: layer i's output
+        return out.last_hidden_state[0], torch.cat(
+            [feature_norm(out.hidden_states[i + 1][0], eps) for i in self.feature_layers], -1
+        )
 
     @torch.inference_mode()
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:

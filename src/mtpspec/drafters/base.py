@@ -33,6 +33,7 @@ class DecodeState:
     tokens: torch.Tensor  # [capacity] int64 buffer: prompt, then generated tokens
     length: int  # committed tokens in `tokens`
     last_hidden: torch.Tensor  # [H] target hidden state at the row that produced tokens[length-1]
+    last_features: torch.Tensor | None = None  # [F·H] that row's `TargetStep.features`, where the target has some
 
     @property
     def committed(self) -> torch.Tensor:
@@ -69,6 +70,8 @@ def tree_draft(tokens: list[int], parents: list[int], q: torch.Tensor | None = N
 class Drafter(Protocol):
     name: str
     concurrent: bool  # one instance may serve several generations at once (no per-generation state)
+    # Optional: target layers whose outputs the drafter reads (`DecodeState.last_features`); none if absent.
+    feature_layers: tuple[int, ...]
 
     def begin(self, state: DecodeState) -> None:
         """A new generation: the prompt is prefilled and one token committed."""

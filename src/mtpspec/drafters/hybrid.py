@@ -21,6 +21,7 @@ class HybridDrafter:
 
     def __init__(self, mtp: MtpDrafter, min_match: int = 2, max_n: int = 3):
         self.mtp, self.min_match, self.max_n = mtp, min_match, max_n
+        self.feature_layers = mtp.feature_layers
 
     @property
     def concurrent(self) -> bool:

@@ -1,7 +1,8 @@
 """The MTP drafter in the loop: k query-only passes over the target's cache, all at one position.
 
 Step 1 of a round reads the target embedding of the last committed token and the target's
-post-norm hidden state at the row that produced it (`state.last_hidden`); step j > 1 reads the
+post-norm hidden state at the row that produced it (`state.last_hidden`, fused with the outputs of
+the drafter's `feature_layers` there, `state.last_features`, where it has some); step j > 1 reads the
 drafted token's embedding and the drafter's own state from step j − 1. Every step uses the
 position id of the last committed token and the same target K/V, so the K/V windows and RoPE are
 built once per round. The drafter keeps no cache: there is nothing to prefill or roll back. On a GGUF
@@ -36,6 +37,7 @@ class MtpDrafter:
     def __init__(self, model: MtpModel, target: Target, keys=None):
         self.min_confidence = model.config.min_confidence
         self.kv_layers = check_fits(model.config, target)
+        self.feature_layers = model.config.feature_layers  # what step 1 reads besides the last hidden state
         self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
         self.lm_weight = target.output_embedding if model.config.lm_head == "target" else None
         if quantizable(model, target, self.keys):  # a GGUF target: the step on its kernels, matrices in Q8_0
@@ -63,7 +65,7 @@ class MtpDrafter:
         if branches > 1:
             return self._tree(state, inputs, k, branches, params, generator)
         token = state.tokens[p : p + 1]
-        hidden = state.last_hidden.view(1, 1, -1)
+        hidden = self.model.entry(state.last_hidden, state.last_features).view(1, 1, -1)
         tokens, qs = [], []
         for _ in range(k):
             out = self.model(target.embed(token)[None], hidden, inputs, self.lm_weight)
@@ -87,7 +89,7 @@ class MtpDrafter:
         def step(tokens: torch.Tensor, hidden: torch.Tensor) -> MtpOutput:  # [R], [R, H_t]
             return self.model(target.embed(tokens)[None], hidden[None], inputs, self.lm_weight)
 
-        root, hidden = int(state.tokens[state.length - 1]), state.last_hidden
+        root, hidden = int(state.tokens[state.length - 1]), self.model.entry(state.last_hidden, state.last_features)
         if params.greedy:
             return greedy_tree(step, root, hidden, k, branches, self.min_confidence)
         return sampled_tree(step, root, hidden, k, branches, params, generator, self.min_confidence)

@@ -5,7 +5,7 @@ the official checkpoint layout, `MtpModel` is the network (batched, for training
 `drafters/mtp.py` runs it in the speculative loop.
 """
 
-from .checkpoint import check_fits, init_drafter, load_drafter, save_drafter
+from .checkpoint import check_fits, init_drafter, load_drafter, save_drafter, with_features
 from .config import MtpConfig
 from .model import LayerInputs, MtpModel, MtpOutput
 from .reading import CommittedKeys, TransformersKeys, layer_inputs
@@ -22,4 +22,5 @@ __all__ = [
     "layer_inputs",
     "load_drafter",
     "save_drafter",
+    "with_features",
 ]

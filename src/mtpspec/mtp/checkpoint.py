@@ -7,6 +7,7 @@ their own). `lm_head.weight` may be absent: it is tied to `model.embed_tokens.we
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,12 +38,14 @@ def init_drafter(
     centroid_top_k: int = 32,
     seed: int = 0,
     std: float = 0.02,
+    feature_layers: tuple[int, ...] = (),
 ) -> MtpModel:
     """A randomly initialised drafter shaped for `target_model` (a Hugging Face causal LM, or an mtpspec target).
 
     Layers are [sliding × (n − 1), full] when the target has sliding layers, else all full; each
-    reads the last target layer of its type that computes its own K/V. Untrained, it drafts
-    poorly but the output stays exactly the target's.
+    reads the last target layer of its type that computes its own K/V. With `feature_layers` step 1
+    also reads those target layers' outputs (`with_features`). Untrained, it drafts poorly but the
+    output stays exactly the target's.
     """
     tc = target_model.config
     if not is_supported(tc):
@@ -72,6 +75,7 @@ def init_drafter(
         final_logit_softcapping=getattr(tc, "final_logit_softcapping", None),
         target_family=tc.model_type,
         kv_layers=kv_layers,
+        feature_layers=tuple(feature_layers),
     )
     model = MtpModel(config)
     gen = torch.Generator().manual_seed(seed)
@@ -81,7 +85,29 @@ def init_drafter(
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         if model.masked_embedding is not None:  # random clusters until training clusters the embeddings
             model.masked_embedding.token_ordering.copy_(torch.randperm(config.vocab_size, generator=gen))
+    if model.fuse is not None:
+        _pass_hidden_through(model.fuse)
     return model.to(target_model.dtype).eval()  # transformers models and mtpspec targets both say their dtype
+
+
+def with_features(model: MtpModel, feature_layers: tuple[int, ...]) -> MtpModel:
+    """`model` with step 1 also reading the outputs of target layers `feature_layers` (EAGLE-3's fused
+    input), its other weights kept. The new fuse layer starts by passing the last hidden state through
+    and ignoring the features, so the drafter drafts as before until training gives them weight."""
+    if model.config.feature_layers:
+        raise MtpspecError(f"the drafter already reads target layers {list(model.config.feature_layers)}")
+    wider = MtpModel(replace(model.config, feature_layers=tuple(feature_layers)))
+    wider.load_state_dict(model.state_dict(), strict=False)
+    _pass_hidden_through(wider.fuse)
+    return wider.to(next(model.parameters()).dtype)
+
+
+def _pass_hidden_through(fuse: torch.nn.Linear) -> None:
+    """fuse([features; hidden]) = hidden: zeros over the features, the identity over the hidden state."""
+    width = fuse.out_features
+    with torch.no_grad():
+        fuse.weight.zero_()
+        fuse.weight[:, -width:] = torch.eye(width)
 
 
 def save_drafter(model: MtpModel, path: str | Path) -> Path:
@@ -159,6 +185,12 @@ def check_fits(config: MtpConfig, target) -> tuple[int, ...]:
         if config.num_attention_heads % config.num_key_value_heads[i]:
             raise MtpspecError(
                 f"drafter layer {i}: {config.num_attention_heads} query heads are not a multiple of {config.num_key_value_heads[i]} KV heads"
+            )
+    for layer in config.feature_layers:  # the last layer's output is the last hidden state, read anyway
+        if layer >= tc.num_hidden_layers - 1:
+            raise MtpspecError(
+                f"the drafter reads features of target layer {layer}; the target's layers below its last are "
+                f"0..{tc.num_hidden_layers - 2}"
             )
     if SLIDING in config.layer_types:
         window = family.sliding_window(kv_layers[config.layer_types.index(SLIDING)])

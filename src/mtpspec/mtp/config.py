@@ -44,6 +44,9 @@ class MtpConfig:
     # Drafting policy, tuned per drafter (like transformers' assistant_confidence_threshold): a round stops before
     # a position whose most likely token the drafter gives less than this probability (0: always draft k).
     min_confidence: float = 0.0
+    # EAGLE-3's richer input: target layers whose outputs (RMS-normalised, no weight) join the last hidden
+    # state in step 1's input through `fuse`; empty: the last hidden state alone, as in Gemma 4's assistants.
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         n = len(self.layer_types)
@@ -61,6 +64,10 @@ class MtpConfig:
             raise MtpspecError("MTP config: sliding layers need a sliding_window")
         if not 0.0 <= self.min_confidence < 1.0:
             raise MtpspecError(f"MTP config: min_confidence must be in [0, 1), got {self.min_confidence}")
+        if any(layer < 0 for layer in self.feature_layers) or len(set(self.feature_layers)) != len(self.feature_layers):
+            raise MtpspecError(
+                f"MTP config: feature_layers must be distinct layer indices, got {list(self.feature_layers)}"
+            )
         if self.lm_head not in LM_HEADS:
             raise MtpspecError(f"MTP config: lm_head must be one of {LM_HEADS}, got {self.lm_head!r}")
         if self.num_centroids and (self.vocab_size % self.num_centroids or self.centroid_top_k > self.num_centroids):
@@ -122,6 +129,7 @@ class MtpConfig:
             "target_family": self.target_family,
             "kv_layers": list(self.kv_layers) if self.kv_layers is not None else None,
             "min_confidence": self.min_confidence,
+            "feature_layers": list(self.feature_layers),
         }
         return out
 
@@ -160,6 +168,7 @@ class MtpConfig:
             target_family=ours.get("target_family"),
             kv_layers=tuple(kv_layers) if kv_layers is not None else None,
             min_confidence=ours.get("min_confidence", 0.0),
+            feature_layers=tuple(ours.get("feature_layers", ())),
         )
 
     def save(self, path: Path) -> None:

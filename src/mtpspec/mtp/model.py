@@ -3,13 +3,16 @@
 One draft step maps (target embedding of a token, a target-width hidden state) to logits for the
 next token and a new target-width state, which feeds the following step:
 
+    hidden = fuse([features; hidden])               # step 1 only, with feature layers: (F+1)·H_t -> H_t
     x = pre_projection([embed; hidden])             # 2·H_t -> H_d
     x = layer_i(x) for each decoder layer           # queries only; K/V are the target's
     x = norm(x)
     state = post_projection(x)                      # H_d -> H_t, the next step's `hidden`
     logits = head(x or state)                       # see head.py
 
-The network owns no cache and knows nothing about where its K/V come from: callers hand each
+With `feature_layers` (EAGLE-3's fused input) step 1 also reads the outputs of a few lower target
+layers, each RMS-normalised (`runtime.model.feature_norm`); `entry` turns them and the last hidden state into
+step 1's `hidden`. The network owns no cache and knows nothing about where its K/V come from: callers hand each
 layer a `LayerInputs` (the target's keys/values for that layer, the RoPE of the query position,
 an optional mask). All draft steps of one round share them, and so do all unrolled training
 steps from one anchor position. Parameter names follow the official checkpoints.
@@ -153,6 +156,19 @@ class MtpModel(nn.Module):
         self.pre_projection = nn.Linear(2 * config.backbone_hidden_size, config.hidden_size, bias=False)
         self.post_projection = nn.Linear(config.hidden_size, config.backbone_hidden_size, bias=False)
         self.masked_embedding = CentroidHead(config) if config.num_centroids else None
+        width = config.backbone_hidden_size
+        self.fuse = (
+            nn.Linear((len(config.feature_layers) + 1) * width, width, bias=False) if config.feature_layers else None
+        )
+
+    def entry(self, hidden: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Step 1's `hidden` `[..., H_t]` from the target's last hidden state `[..., H_t]` and, for a drafter
+        with feature layers, their normed outputs `[..., F·H_t]` (`runtime.model.feature_norm`, in `feature_layers` order)."""
+        if self.fuse is None:
+            return hidden
+        if features is None:
+            raise ValueError("this drafter reads target features: the target must compute its feature_layers")
+        return self.fuse(torch.cat([features.to(hidden.dtype), hidden], -1))
 
     def forward(
         self,

@@ -58,7 +58,8 @@ def quantizable(model: MtpModel, target, keys) -> bool:
     8), and every matrix's input size a multiple of 32."""
     c = model.config
     attended = (c.num_attention_heads * d for d in c.head_dims)  # the o products' inputs
-    widths = (2 * c.backbone_hidden_size, c.hidden_size, c.intermediate_size, c.head_width, *attended)
+    fused = (len(c.feature_layers) + 1) * c.backbone_hidden_size  # the fuse product's input
+    widths = (2 * c.backbone_hidden_size, fused, c.hidden_size, c.intermediate_size, c.head_width, *attended)
     return (
         isinstance(target, GgufTarget)
         and isinstance(keys, CommittedKeys)
@@ -80,6 +81,7 @@ class QuantizedMtp:
         self.gelu = ACTIVATIONS[c.hidden_activation]
         self.pre = q8_0(model.pre_projection.weight)
         self.post = q8_0(model.post_projection.weight)
+        self.fuse = q8_0(model.fuse.weight) if model.fuse is not None else None
         self.layers = [_Layer(layer, self.q8) for layer in model.model.layers]
         self.norm = model.model.norm.weight.detach().float()
         head = model.masked_embedding
@@ -99,6 +101,14 @@ class QuantizedMtp:
                 cos, sin = target.rope(layer, torch.tensor([[p]]))
                 made[layer] = CacheInputs(k[0], v[0], stop, stop - start, cos.view(-1), sin.view(-1))
         return [made[layer] for layer in kv_layers]
+
+    def entry(self, hidden: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """`MtpModel.entry`: step 1's hidden state `[H_t]` (or `[R, H_t]`)."""
+        if self.fuse is None:
+            return hidden
+        if features is None:
+            raise ValueError("this drafter reads target features: the target must compute its feature_layers")
+        return self.fuse.linear(torch.cat([features, hidden], -1), self.q8)
 
     def __call__(
         self,

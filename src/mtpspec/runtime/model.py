@@ -87,6 +87,13 @@ class Layer:
         )
 
 
+def feature_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A target layer's output as an MTP drafter feature: RMS-normalised in float32, without a weight (the
+    residual stream's scale grows with depth; the fuse layer learns the weights)."""
+    xf = x.float()
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def _unpermute(m: QMatrix, heads: int) -> QMatrix:
     """Undo llama.cpp's Q/K row permutation (transformers' `_reverse_permute_weights`, as a row order)."""
     n = m.shape[0]
@@ -179,12 +186,21 @@ class GgufModel:
             self._rope_tables[kind] = table = (cos[0], sin[0])
         return table[0][positions], table[1][positions]
 
-    def forward(self, ids: torch.Tensor, start: int, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        start: int,
+        cache: list[tuple[torch.Tensor, torch.Tensor]],
+        feature_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Hidden states `[T, H]` (after the final norm) of tokens `ids` `[T]` at positions start.., writing
-        their K/V into `cache` (one (keys, values) `[1, Hkv, capacity, D]` pair per layer)."""
-        return self.forward_segments(ids, [Segment(cache, start, ids.shape[0])])
+        their K/V into `cache` (one (keys, values) `[1, Hkv, capacity, D]` pair per layer); with `feature_layers`
+        also those layers' outputs for an MTP drafter, `[T, F·H]` (`feature_norm`), else None."""
+        return self.forward_segments(ids, [Segment(cache, start, ids.shape[0])], feature_layers)
 
-    def forward_segments(self, ids: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
+    def forward_segments(
+        self, ids: torch.Tensor, segments: list[Segment], feature_layers: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward` for several sequences in one pass: `segments` cover `ids` `[T]` in order, each
         segment's rows continuing its own sequence in its own cache. The projections read each weight
         once for all T rows; attention runs per segment over that segment's cache. Every row's result
@@ -202,12 +218,15 @@ class GgufModel:
         if attend is None:  # no C++ attention kernels here
             attend = partial(self._attend_per_sequence, starts, rows, positions, slots)
         tables = {kind: self.rope(kind, positions) for kind in self.family.attention_types()}  # cos, sin [T, D]
-        x = self.embed(ids)
+        x, kept = self.embed(ids), {}
         for i, layer in enumerate(self.layers):
             q, k, v = self._layer_inputs(i, x, *tables[layer.kind])
             a = self._attend(attend, q, k, v, segments, i, layer.window)
             x = self._layer_outputs(i, x, a)
-        return self.norm(x, self.final_norm)
+            if i in feature_layers:
+                kept[i] = feature_norm(x, self.eps)
+        features = torch.cat([kept[i] for i in feature_layers], -1) if feature_layers else None
+        return self.norm(x, self.final_norm), features
 
     def _layer_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Layer i's q `[T, Hq, D]`, k and v `[T, Hkv, D]` from its input x `[T, H]` (one C++ call, layer.cpp)."""

@@ -32,6 +32,7 @@ class TargetStep:
     """What one target forward yields for its T rows."""
 
     hidden: torch.Tensor  # [T, H] last layer, after the final norm
+    features: torch.Tensor | None = None  # [T, F·H] the outputs of the target's `feature_layers` (an MTP drafter's)
     logits: torch.Tensor | None = None  # [T, V]; None when only the greedy tokens were asked for
     best: torch.Tensor | None = None  # [T] int64 argmax of each row's logits, when computed fused
     cached: int = 0  # a prefill's step: prompt positions whose K/V an earlier request left in the cache
@@ -80,6 +81,7 @@ class GgufTarget:
     prefix_cache = True  # whether a prompt reuses the K/V its cached prefix left (`cached_prefix`)
     supports_trees = True  # forward(..., parents) verifies a draft tree; keep(path) commits a path
     dtype = torch.float32  # activations, K/V and logits
+    feature_layers: tuple[int, ...] = ()  # layers whose outputs each step also returns (`TargetStep.features`)
 
     def __init__(self, model: GgufModel, tokenizer, generation_config=None):
         self.gguf = model
@@ -128,6 +130,7 @@ class GgufTarget:
         other = GgufTarget(self.gguf, self.tokenizer)
         other.eos_token_ids = self.eos_token_ids
         other.prefix_cache = self.prefix_cache
+        other.feature_layers = self.feature_layers
         return other
 
     @property
@@ -176,12 +179,13 @@ class GgufTarget:
         step.cached = keep
         return step
 
-    def last_row(self, hidden: torch.Tensor, best: torch.Tensor | None = None) -> TargetStep:
-        """A prefill's step: the last row's hidden state and logits (what `start` returns), or with `best`
-        (its argmax, from `forward_many`'s LAST) no logits."""
-        if best is not None:
-            return TargetStep(hidden[-1:], best=best)
-        return TargetStep(hidden[-1:], logits=self.gguf.logits(hidden[-1:]))
+    def last_row(self, step: TargetStep) -> TargetStep:
+        """A prefill's step: its last row's hidden state (and features) and logits (what `start` returns), or
+        with `best` (its argmax, from `forward_many`'s LAST) no logits."""
+        features = None if step.features is None else step.features[-1:]
+        if step.best is not None:
+            return TargetStep(step.hidden[-1:], features, best=step.best)
+        return TargetStep(step.hidden[-1:], features, logits=self.gguf.logits(step.hidden[-1:]))
 
     def forward(self, ids: torch.Tensor, logits: bool = True, parents: torch.Tensor | None = None) -> TargetStep:
         """Run `ids` `[T]` at the next T cache slots; their K/V stay cached until rolled back. With
@@ -209,8 +213,12 @@ class GgufTarget:
                 raise RuntimeError(f"cache overflow: {target._length} + {ids.shape[0]} > {target.capacity}")
             parents = None if parents is None else torch.as_tensor(parents, dtype=torch.long)
             segments.append(Segment(target.cache, target._length, ids.shape[0], parents))
-        hidden = model.forward_segments(torch.cat([call[1] for call in calls]), segments)
-        steps = [TargetStep(rows) for rows in hidden.split([s.rows for s in segments])]
+        hidden, features = model.forward_segments(
+            torch.cat([call[1] for call in calls]), segments, calls[0][0].feature_layers
+        )
+        counts = [s.rows for s in segments]
+        parts = [None] * len(segments) if features is None else features.split(counts)
+        steps = [TargetStep(rows, part) for rows, part in zip(hidden.split(counts), parts, strict=True)]
         for (target, ids, *_), s in zip(calls, segments, strict=True):
             target._block = Block(s.start, s.rows, s.parents)
             target.ids[s.start : s.start + s.rows] = ids
@@ -243,8 +251,8 @@ class GgufTarget:
             self.ids[dest] = self.ids[source]
         self._block = None
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
-        """Last-layer hidden states `[T, H]` of `ids` at the next T positions, without the head."""
+    def hidden_states(self, ids: torch.Tensor) -> TargetStep:
+        """The step of `ids` at the next T positions without the head: hidden states (and features)."""
         return self._body(ids)
 
     def rollback(self, n: int) -> None:
@@ -268,12 +276,13 @@ class GgufTarget:
         return self.gguf.rope(self.family.layer_type(layer), positions)
 
     @torch.inference_mode()
-    def _body(self, ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.gguf.forward(ids, self._length, self.cache)
+    def _body(self, ids: torch.Tensor) -> TargetStep:
+        """The rows' hidden states (and features), their K/V cached; no head."""
+        step = TargetStep(*self.gguf.forward(ids, self._length, self.cache, self.feature_layers))
         self.ids[self._length : self._length + ids.shape[0]] = ids
         self._block = None  # a prefill is no block to keep a path of
         self._length += ids.shape[0]
-        return hidden
+        return step
 
     def _allocate(self, capacity: int) -> None:
         m = self.gguf

@@ -9,10 +9,10 @@ and over, and only the first epoch pays for the target; a second run with other 
 (learning rate, depth, width with the same K/V layers) pays for nothing.
 
 Layout: `DIR/meta.json` says what the cache is valid for (target, dtype, data, seed, chunk length,
-top-K, K/V layers); a run with different settings is refused rather than fed another teacher's
+top-K, K/V layers, feature layers); a run with different settings is refused rather than fed another teacher's
 signal. `DIR/chunks/NNNNNNNNN.safetensors` holds stream chunk N: its tokens, the target's hidden
-states and the K/V of the layers the drafter reads in the target's dtype (so bit-exact), and the
-top-K ids and probabilities for every row. Each file is written under a temporary name and
+states (and the drafter's feature layers' outputs) and the K/V of the layers the drafter reads in
+the target's dtype (so bit-exact), and the top-K ids and probabilities for every row. Each file is written under a temporary name and
 renamed, so an interrupted run leaves only whole chunks, and ranks of a data-parallel run may
 share DIR (on one machine, or on a shared file system).
 """
@@ -69,7 +69,8 @@ class TeacherCache:
             return None
         t = load_file(path, device=str(device))
         kv = {layer: (t[f"k{layer}"].float(), t[f"v{layer}"].float()) for layer in self.meta["kv_layers"]}
-        return ChunkSignal(t["tokens"].long(), t["hidden"].float(), t["top_ids"].long(), t["top_probs"], kv)
+        features = t["features"].float() if "features" in t else None
+        return ChunkSignal(t["tokens"].long(), t["hidden"].float(), t["top_ids"].long(), t["top_probs"], kv, features)
 
     def save(self, index: int, signal: ChunkSignal, dtype: torch.dtype) -> None:
         """Store `signal` (hidden states and K/V as `dtype`, the target's, so nothing is rounded)."""
@@ -79,6 +80,8 @@ class TeacherCache:
             "top_ids": signal.top_ids.int(),
             "top_probs": signal.top_probs,
         }
+        if signal.features is not None:
+            tensors["features"] = signal.features.to(dtype)
         for layer, (k, v) in signal.kv.items():
             tensors[f"k{layer}"], tensors[f"v{layer}"] = k.to(dtype), v.to(dtype)
         path = self._path(index)

@@ -79,6 +79,15 @@ def register(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=None, help=f"drafter decoder layers (default: {D.num_layers})")
     p.add_argument("--hidden-size", type=int, default=None, help="drafter width (default: the target's)")
     p.add_argument(
+        "--feature-layers",
+        default=None,
+        metavar="L,L,...|auto",
+        help="EAGLE-3's richer input: the draft round's first step also reads these target layers' outputs (0-based "
+        "decoder layers, each RMS-normalised), fused with the last hidden state by a learned projection; auto = "
+        "a low, a middle and a high layer (2, n/2, n - 3 of n layers). With --init, a drafter without them gets "
+        "them, starting as it was (default: none, the last hidden state alone)",
+    )
+    p.add_argument(
         "--centroids",
         type=int,
         default=None,
@@ -216,7 +225,26 @@ def _register_self_distill(subparsers) -> None:
         default="auto",
         help="where the target generates: cpu, cuda, cuda:N, or auto: cuda where PyTorch sees a GPU, else cpu (default: auto)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing the prompts (default: 0)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: greedy answers; above 0: answers drawn at this temperature, which repeat themselves less and "
+        "give more text per prompt, each row seeded by --seed and its id (default: 0)",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --temperature: answers drawn per prompt, rows <prompt id>~t<T>#0 .. #N-1 (default: 1)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed for drawing the prompts, and the answers with --temperature (default: 0)",
+    )
     p.add_argument(
         "--skip",
         type=int,
@@ -240,7 +268,9 @@ def cmd_self_distill(args) -> int:
     from ..prompts import write_jsonl
     from .selfgen import self_distill, self_prompts
 
-    for name in ("per_source", "max_new_tokens", "batch_size"):
+    if args.samples > 1 and args.temperature <= 0:
+        raise MtpspecError("--samples N > 1 needs --temperature above 0: greedy answers to one prompt are all the same")
+    for name in ("per_source", "max_new_tokens", "batch_size", "samples"):
         if getattr(args, name) < 1:
             raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("skip", "stop_loops"):
@@ -268,6 +298,8 @@ def cmd_self_distill(args) -> int:
         args.device,
         args.weights,
         stop_loops=args.stop_loops,
+        temperature=args.temperature,
+        samples=args.samples,
     )
     return 0
 

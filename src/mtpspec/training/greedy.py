@@ -1,8 +1,8 @@
 """Greedy answers to many prompts at once, for self-distillation: on the GGUF runtime or through transformers.
 
-Both backends give `answers(prompts, max_new_tokens, batch_size, loop_tokens)`: each prompt's greedy
-continuation, up to and including its first stop id or the end of its first loop (`LoopWatch`), in
-the order of `prompts`.
+Both backends give `answers(prompts, max_new_tokens, batch_size, loop_tokens, sampling, seeds)`: each
+prompt's greedy continuation (or, with `sampling`, one drawn with the seed given for it), up to and
+including its first stop id or the end of its first loop (`LoopWatch`), in the order of `prompts`.
 
 - `RuntimeGreedy` (a GGUF model, the default): continuous batching (`mtpspec.batch`): up to
   `batch_size` sequences share every forward, each over its own cache, and a sequence that finishes
@@ -26,7 +26,7 @@ from ..drafters import NoDrafter
 from ..engine import GenerationConfig
 from ..errors import MtpspecError
 from ..runtime.target import GgufTarget, stop_token_ids
-from ..sampling import argmax
+from ..sampling import SamplingParams, argmax, probabilities, sample
 
 
 def until_stop(row: list[int], stops: Iterable[int]) -> list[int]:
@@ -102,13 +102,22 @@ class RuntimeGreedy:
         return sorted(self.target.eos_token_ids)
 
     def answers(
-        self, prompts: list[list[int]], max_new_tokens: int, batch_size: int, loop_tokens: int = 0
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        batch_size: int,
+        loop_tokens: int = 0,
+        sampling: SamplingParams | None = None,
+        seeds: list[int] | None = None,
     ) -> Iterator[list[int]]:
-        """Each prompt's greedy answer, in order: continuous batching (`mtpspec.batch`) of plain
-        decoding, up to `batch_size` sequences per forward, each stopped at the end of its first
-        repeat of `loop_tokens` ids (`LoopWatch`). Finished answers wait until those of earlier
-        prompts are out."""
-        config = GenerationConfig(max_new_tokens=max_new_tokens)
+        """Each prompt's greedy answer (with `sampling`, drawn with its own seed from `seeds`, so it does not
+        depend on the batch), in order: continuous batching (`mtpspec.batch`) of plain decoding, up to
+        `batch_size` sequences per forward, each stopped at the end of its first repeat of `loop_tokens`
+        ids (`LoopWatch`). Finished answers wait until those of earlier prompts are out."""
+        if sampling is None:
+            config = GenerationConfig(max_new_tokens=max_new_tokens)
+        else:
+            config = [GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, seed=s) for s in seeds]
         watches = [LoopWatch(loop_tokens) for _ in prompts]
         done: dict[int, list[int]] = {}
         emitted = 0
@@ -148,26 +157,42 @@ class TransformersGreedy:
         return cls(hf.to(device).eval(), AutoTokenizer.from_pretrained(path), device)
 
     def answers(
-        self, prompts: list[list[int]], max_new_tokens: int, batch_size: int, loop_tokens: int = 0
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        batch_size: int,
+        loop_tokens: int = 0,
+        sampling: SamplingParams | None = None,
+        seeds: list[int] | None = None,
     ) -> Iterator[list[int]]:
         """Each prompt's greedy answer, in order, `batch_size` left-padded prompts per batch, cut at the
-        end of its first repeat of `loop_tokens` ids, as `RuntimeGreedy` stops it."""
+        end of its first repeat of `loop_tokens` ids, as `RuntimeGreedy` stops it. With `sampling` a
+        batch draws from one generator, seeded by its first prompt's seed."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stops[0]
         for start in range(0, len(prompts), batch_size):
             rows = prompts[start : start + batch_size]
             width = max(map(len, rows))
             ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            generator = None if sampling is None else torch.Generator(self.device).manual_seed(seeds[start])
             with torch.inference_mode():
-                new = greedy_batch(self.model, ids, mask, max_new_tokens, self.stops, pad)
+                new = greedy_batch(self.model, ids, mask, max_new_tokens, self.stops, pad, sampling, generator)
             for row in new.tolist():
                 yield LoopWatch(loop_tokens).cut(until_stop(row, self.stops))
 
 
 def greedy_batch(
-    model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stops: list[int], pad: int
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    stops: list[int],
+    pad: int,
+    sampling: SamplingParams | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Greedy continuations `[B, ≤ max_new_tokens]` of left-padded prompts, `pad` after a row's stop token.
+    """Greedy continuations `[B, ≤ max_new_tokens]` of left-padded prompts, `pad` after a row's stop token
+    (with `sampling`, drawn continuations).
 
     The same tokens as transformers' `generate(do_sample=False)` (a test compares them): positions
     count only real tokens, and the attention mask grows by one column per step. A plain loop,
@@ -180,7 +205,9 @@ def greedy_batch(
     done = torch.zeros(len(ids), dtype=torch.bool, device=ids.device)
     new = []
     for step in range(max_new_tokens):
-        token = argmax(out.logits[:, -1]).masked_fill(done, pad)
+        logits = out.logits[:, -1]
+        token = argmax(logits) if sampling is None else sample(probabilities(logits, sampling), generator)
+        token = token.masked_fill(done, pad)
         new.append(token)
         done |= torch.isin(token, stop)
         if done.all() or step == max_new_tokens - 1:

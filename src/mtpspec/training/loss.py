@@ -1,6 +1,7 @@
 """The multi-step unrolled ("training-time test") distillation loss.
 
-Step 1 reads the target's hidden state; step j ≥ 2 reads the state the drafter itself returned at
+Step 1 reads the target's hidden state (fused with its feature layers' outputs, where the drafter
+reads some); step j ≥ 2 reads the state the drafter itself returned at
 step j − 1 (gradients flow through it), exactly as `drafters/mtp.py` drafts, so depth-2+ drafting
 is trained on the drafter's own states rather than on the target's. Each depth is taught the
 target's next-token distribution (its top-K, renormalised) with KL(p ‖ q), and, as in EAGLE,
@@ -39,7 +40,8 @@ class StepRecord:
 def unroll(drafter: MtpModel, batch: TeacherBatch, depth: int) -> list[StepRecord]:
     """Run `depth` draft steps from every anchor of `batch`, feeding each step the previous one's state."""
     anchors = batch.anchors
-    hidden = batch.hidden[:, anchors - 1]  # [B, T, H_t]: the row that produced token p
+    features = None if batch.features is None else batch.features[:, anchors - 1]
+    hidden = drafter.entry(batch.hidden[:, anchors - 1], features)  # [B, T, H_t]: from the row that produced token p
     records = []
     for j in range(depth):
         rows = anchors + j

@@ -31,6 +31,9 @@ class TrainOptions:
     warmup: int = 20  # linear warm-up steps, then cosine decay to 10%
     num_layers: int = 1  # drafter decoder layers
     hidden_size: int = 0  # drafter width (0: the target's)
+    feature_layers: str = (
+        ""  # target layers whose outputs step 1 fuses with the last hidden state: "L,L,...", "auto" or "" (none)
+    )
     centroids: int = -1  # centroid-head clusters (-1: 2048 for vocabularies over 65,536 tokens, else a full head)
     centroid_top_k: int = 4  # clusters whose tokens get exact logits when drafting (written into the saved drafter)
     negatives: int = 1024  # with a centroid head: random tokens q is normalised over besides top-K and a cluster (0: full vocabulary)

@@ -30,12 +30,15 @@ from __future__ import annotations
 import ast
 import json
 import sysconfig
+import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from random import Random
 
 from ..errors import MtpspecError
 from ..prompts import GSM_INSTRUCTION, Prompt, gsm_examples
+from ..sampling import SamplingParams
 from .data import GSM_TRAIN_SEED
 
 TOPICS = (
@@ -325,15 +328,22 @@ def self_distill(
     weights: str = "auto",
     log=print,
     stop_loops: int = 0,
+    temperature: float = 0.0,
+    samples: int = 1,
 ) -> int:
     """Generate and append rows to `out`; return how many were written. `stop_loops` N > 0 ends an answer
-    at the end of its first repeat of N tokens (`greedy.LoopWatch`)."""
+    at the end of its first repeat of N tokens (`greedy.LoopWatch`). With `temperature` > 0 answers are
+    drawn instead, `samples` per prompt, each with a seed of its own row id (`sample_seed`), so a rerun
+    draws the same rows whatever the batch."""
     from tqdm import tqdm
 
     from ..text import encode_prompt, ships_chat_template
     from .greedy import load_greedy
 
     prompts = self_prompts(sources, per_source, seed, skip)
+    sampling = SamplingParams(temperature=temperature) if temperature > 0 else None
+    if sampling is not None:  # one row per draw, told apart by its id
+        prompts = [replace(p, id=f"{p.id}~t{temperature:g}#{k}") for p in prompts for k in range(samples)]
     done = done_ids(out)
     todo = [p for p in prompts if p.id not in done]
     if done:
@@ -348,7 +358,8 @@ def self_distill(
     out.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", dynamic_ncols=True)
     written = generated = 0
-    answers = greedy.answers([encoded[i] for i in order], max_new_tokens, batch_size, stop_loops)
+    seeds = [sample_seed(seed, todo[i].id) for i in order]
+    answers = greedy.answers([encoded[i] for i in order], max_new_tokens, batch_size, stop_loops, sampling, seeds)
     with out.open("a", encoding="utf-8") as f:
         for i, answer in zip(order, answers, strict=True):
             generated += len(answer)
@@ -365,6 +376,11 @@ def self_distill(
         f"train with --data {out},…"
     )
     return written
+
+
+def sample_seed(seed: int, row_id: str) -> int:
+    """A drawn answer's seed: from `--seed` and the row's id, stable across runs and batches."""
+    return zlib.crc32(f"{seed}/{row_id}".encode())
 
 
 def _drop_bos(tokenizer, ids: list[int]) -> list[int]:

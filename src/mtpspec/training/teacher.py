@@ -27,6 +27,7 @@ class TeacherBatch:
     tokens: torch.Tensor  # [B, L]
     embeds: torch.Tensor  # [B, L, H_t] the target's input embeddings (scaled where it scales)
     hidden: torch.Tensor  # [B, L, H_t] last-layer hidden states after the final norm
+    features: torch.Tensor | None  # [B, L, F·H_t] the drafter's feature layers' outputs (None: it has none)
     top_ids: torch.Tensor  # [B, L, K] the target's K most likely next tokens per row
     top_probs: torch.Tensor  # [B, L, K] their probabilities, renormalised over the K
     inputs: list[LayerInputs]  # one per drafter layer, queries at the anchors
@@ -46,6 +47,7 @@ class ChunkSignal:
     top_ids: torch.Tensor  # [L, K] (zeros on rows no step is taught)
     top_probs: torch.Tensor  # [L, K]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # target layer → keys, values [1, Hkv, L, D]
+    features: torch.Tensor | None = None  # [L, F·H_t] with feature layers
 
 
 def anchor_mask(anchors: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
@@ -64,6 +66,7 @@ class Teacher:
         target: Target,
         kv_layers: tuple[int, ...],
         top_k: int = 32,
+        feature_layers: tuple[int, ...] = (),
         row_block: int = 128,
         logits_dtype: torch.dtype = torch.float32,
     ):
@@ -71,6 +74,7 @@ class Teacher:
         products are slow on CPUs without bf16 instructions; bf16 where they are fast (a bf16 target
         computes its own logits in bf16 when it serves, so the top-K is then the served one)."""
         self.target = target
+        target.feature_layers = feature_layers  # the target's steps then carry the drafter's features
         self.kv_layers = kv_layers
         self.top_k = top_k
         self.row_block = row_block  # rows whose vocabulary-wide logits exist at once
@@ -109,6 +113,7 @@ class Teacher:
             tokens=tokens,
             embeds=embeds,
             hidden=torch.stack([s.hidden for s in signals]),
+            features=None if signals[0].features is None else torch.stack([s.features for s in signals]),
             top_ids=torch.stack([s.top_ids for s in signals]),
             top_probs=torch.stack([s.top_probs for s in signals]),
             inputs=[made[layer] for layer in self.kv_layers],
@@ -123,7 +128,8 @@ class Teacher:
         # Target.forward would also compute every row's logits, in the model dtype and per row block of
         # its own; the teacher computes them in `logits_dtype` (see __init__).
         rest = target.hidden_states(ids[1:])
-        hidden = torch.cat([first.hidden, rest]).float().clone()  # clone: leave inference mode
+        hidden = torch.cat([first.hidden, rest.hidden]).float().clone()  # clone: leave inference mode
+        features = None if first.features is None else torch.cat([first.features, rest.features]).float().clone()
         if taught is None:
             top, top_probs = self._top(hidden)
         else:
@@ -134,7 +140,7 @@ class Teacher:
         for layer in set(self.kv_layers):
             k, v = target.kv(layer, ids.shape[0])
             kv[layer] = (k.float().clone(), v.float().clone())
-        return ChunkSignal(ids, hidden, top, top_probs, kv)
+        return ChunkSignal(ids, hidden, top, top_probs, kv, features)
 
     def _top(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The target's top-K next tokens `[L, K]` and their probabilities renormalised over the K `[L, K]`.

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..devices import pick_device, wants_bf16
 from ..errors import MtpspecError
 from ..models import load_hf
-from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter
+from ..mtp import MtpModel, check_fits, init_drafter, load_drafter, save_drafter, with_features
 from ..target import Target
 from .cache import TeacherCache
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -69,7 +69,11 @@ class Trainer:
         # With bf16 products and a bf16 target, the teacher's top-K logits are bf16 too, as the target serves them.
         logits_dtype = torch.bfloat16 if self.autocast and hf.dtype == torch.bfloat16 else torch.float32
         self.teacher = Teacher(
-            target, check_fits(self.drafter.config, target), opts.teacher_top_k, logits_dtype=logits_dtype
+            target,
+            check_fits(self.drafter.config, target),
+            opts.teacher_top_k,
+            self.drafter.config.feature_layers,
+            logits_dtype=logits_dtype,
         )
         self.lm_weight = None
         if self.drafter.config.lm_head == "target":  # bf16 under autocast: the loss gathers rows of it, half the bytes
@@ -104,6 +108,8 @@ class Trainer:
             top_k=o.teacher_top_k,
             kv_layers=sorted(set(self.teacher.kv_layers)),
         )
+        if self.drafter.config.feature_layers:  # absent: no features, as in caches made before they existed
+            meta["feature_layers"] = list(self.drafter.config.feature_layers)
         if (
             self.teacher.lm_weight.dtype != torch.float32
         ):  # absent: float32 top-K logits, as in caches made before the choice
@@ -127,10 +133,15 @@ class Trainer:
             model.load_state_dict(ckpt.model)
             return model
         o = self.opts
+        layers = feature_layers(o.feature_layers, hf.config.num_hidden_layers)
         if o.init:
             path = init_path(o.init, o.target)
             self.log(f"mtpspec: fine-tuning the drafter in {path}")
-            return load_drafter(path, torch.float32)
+            drafter = load_drafter(path, torch.float32)
+            if layers and layers != drafter.config.feature_layers:
+                self.log(f"mtpspec: step 1 now also reads target layers {', '.join(map(str, layers))}")
+                drafter = with_features(drafter, layers)
+            return drafter
         vocab = hf.get_output_embeddings().weight.shape[0]
         centroids = (
             o.centroids
@@ -145,6 +156,7 @@ class Trainer:
             num_centroids=centroids,
             centroid_top_k=min(o.centroid_top_k, centroids or o.centroid_top_k),
             seed=o.seed,
+            feature_layers=layers,
         ).float()
         if centroids:
             self.log(f"mtpspec: clustering {vocab} output embeddings into {centroids} clusters")
@@ -281,6 +293,26 @@ class Trainer:
             dist.barrier()
             dist.destroy_process_group()
         return out
+
+
+def feature_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """`--feature-layers`: "" (none), "auto" (EAGLE-3's low, middle and high layers) or a comma list, of
+    the layers below the last (whose output is the last hidden state, read anyway)."""
+    if not spec:
+        return ()
+    if num_layers < 2:
+        raise MtpspecError("--feature-layers: the target has no layer below its last")
+    if spec == "auto":
+        return tuple(
+            sorted({x for x in (min(2, num_layers - 2), num_layers // 2, num_layers - 3) if 0 <= x < num_layers - 1})
+        )
+    try:
+        layers = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise MtpspecError(f"--feature-layers takes auto or a comma list of layer numbers, not {spec!r}") from None
+    if any(not 0 <= x < num_layers - 1 for x in layers) or len(set(layers)) != len(layers):
+        raise MtpspecError(f"--feature-layers {spec}: need distinct layers in 0..{num_layers - 2}")
+    return layers
 
 
 def init_path(init: str, target: str) -> Path:
