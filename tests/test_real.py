@@ -190,7 +190,7 @@ def test_screened_head_is_the_float32_argmax_on_real_hidden_states(model):
         cache = [
             (torch.zeros(1, m.kv_heads, 64, m.head_dim), torch.zeros(1, m.kv_heads, 64, m.head_dim)) for _ in m.layers
         ]
-        hidden = m.forward(ids, 0, cache)
+        hidden, _ = m.forward(ids, 0, cache)
         for i in range(0, len(ids), 16):
             rows = hidden[i : i + 16].contiguous()
             got, counts = ops().qargmax_screened(rows, head.raw, head.screen, head.cols)
