@@ -92,8 +92,11 @@ def build_tiny(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     return model.to(dtype).eval()
 
 
-def save_tiny(family: str, path: Path, seed: int = 0, **overrides) -> Path:
+def save_tiny(family: str, path: Path, seed: int = 0, sharpen: float = 1.0, **overrides) -> Path:
+    """`sharpen` scales the final norm, and so the logits: a draft model sure enough of its guesses to draft."""
     model = build_tiny(family, seed, **overrides)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(sharpen)
     model.config._attn_implementation = "sdpa"  # a plain HF directory, loadable anywhere
     model.save_pretrained(path)
     byte_tokenizer().save_pretrained(path)
@@ -111,7 +114,7 @@ def tiny_dirs(tmp_path_factory):
     return {
         "gemma3": save_tiny("gemma3", root / "gemma3"),
         "llama": save_tiny("llama", root / "llama"),
-        "llama-draft": save_tiny("llama", root / "llama-draft", seed=1, num_hidden_layers=1),
+        "llama-draft": save_tiny("llama", root / "llama-draft", seed=1, sharpen=8.0, num_hidden_layers=1),
     }
 
 

@@ -39,6 +39,13 @@ def run(target, drafter, prompt, **options):
     return res
 
 
+def unsure(model, tok) -> float:
+    """A confidence threshold the model's own next-token distributions fall below about half the time."""
+    target, ids = Target(model, tok), torch.tensor(sum(random_prompts(), []))
+    target.start(ids[:1], ids.shape[0])
+    return float(target.forward(ids[1:]).logits.float().softmax(-1).amax(-1).median())
+
+
 class RandomDrafter:
     """Useless drafts: uniformly random tokens."""
 
@@ -99,10 +106,11 @@ def drafters_for(model, tok):
     yield (
         "draft-model",
         lambda: DraftModelDrafter(
-            build_tiny("llama", seed=1, dtype=next(model.parameters()).dtype, num_hidden_layers=1), tok
+            build_tiny("llama", seed=1, dtype=next(model.parameters()).dtype, num_hidden_layers=1), tok, 0.0
         ),
     )
-    yield "self-draft", lambda: DraftModelDrafter(model, tok)
+    yield "self-draft", lambda: DraftModelDrafter(model, tok, 0.0)
+    yield "self-draft, unsure stops", lambda: DraftModelDrafter(model, tok, unsure(model, tok))
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
@@ -119,10 +127,23 @@ def test_greedy_speculative_equals_plain(model, tok, k):
 
 def test_self_drafting_accepts_everything(model, tok):
     target = Target(model, tok)
-    res = run(target, DraftModelDrafter(model, tok), random_prompts()[0], max_new_tokens=33, num_draft_tokens=4)
+    res = run(target, DraftModelDrafter(model, tok, 0.0), random_prompts()[0], max_new_tokens=33, num_draft_tokens=4)
     assert res.stats.drafted_tokens > 0
     assert res.stats.accepted_tokens == res.stats.drafted_tokens
     assert res.stats.tau > 4.5  # 5 tokens per forward, but for the last, budget-limited round
+
+
+def test_an_unsure_draft_model_stops_its_round_and_stays_in_step(model, tok):
+    """Rounds that stop early (the draft model less sure than its threshold) leave its cache in step with the
+    committed text: drafting for itself, every draft is still accepted."""
+    target = Target(model, tok)
+    drafter = DraftModelDrafter(model, tok, unsure(model, tok))
+    stats = run(target, drafter, random_prompts()[0], max_new_tokens=40, num_draft_tokens=8).stats
+    rounds = stats.drafted_per_position  # [i]: rounds that drafted at depth i + 1
+    full = rounds[7] if len(rounds) > 7 else 0
+    assert rounds and rounds[0] - full >= 2  # rounds that drafted and stopped short (besides a budget-limited last)
+    assert stats.target_forwards > rounds[0]  # and rounds that drafted nothing
+    assert stats.accepted_tokens == stats.drafted_tokens
 
 
 def test_random_drafter_accepts_almost_nothing_but_stays_exact(model, tok):

@@ -94,3 +94,17 @@ def test_cli_generates_with_an_mtp_drafter(tmp_path, tiny_dirs, capsys):
     assert main(args + ["--drafter", f"mtp:{path}", "--num-draft-tokens", "3"]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert spec["token_ids"] == plain["token_ids"] and spec["stats"]["drafted_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [("min_confidence", 1.5, "min_confidence must be in"), ("max_draft_tokens", -1, "max_draft_tokens must be 0")],
+)
+def test_bad_drafting_policy_in_config(tmp_path, key, value, message):
+    """A hand-edited policy value out of range is refused when the drafter loads."""
+    path = saved(tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["mtpspec"][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MtpspecError, match=message):
+        make_drafter(f"mtp:{path}", target())

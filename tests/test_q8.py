@@ -104,7 +104,7 @@ def test_bench_compares_activation_types_in_one_run(tiny_llama_gguf, tmp_path):
     report = (out / "report.md").read_text()
     assert "GGUF runtime, q8 activations" in report
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["rows"] == ["none", "ngram k=4", "none@fp32", "ngram@fp32 k=4"]
+    assert results["settings"]["rows"] == ["none", "ngram k=16", "none@fp32", "ngram@fp32 k=16"]
     assert results["environment"]["activations"] == "q8" and results["lossless"]
     assert main([*args[:4], "hf@fp32", *args[5:], "--out", str(out)]) == 2
 

@@ -621,7 +621,9 @@ def test_init_fine_tunes_an_existing_drafter(tiny_dirs, corpus, tmp_path):
     assert not any(
         torch.equal(trainer.drafter.state_dict()[n], t.float()) for n, t in start.state_dict().items() if t.dim() == 2
     )
-    assert load_drafter(tmp_path / "tuned").config == dataclasses.replace(start.config, min_confidence=0.25)
+    # Saved with the threshold asked for, and drafting no deeper than the 4 steps it was trained to unroll.
+    tuned = load_drafter(tmp_path / "tuned").config
+    assert tuned == dataclasses.replace(start.config, min_confidence=0.25, max_draft_tokens=4)
     with pytest.raises(MtpspecError, match="no drafter there"):
         Trainer(
             build_options(

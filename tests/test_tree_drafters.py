@@ -15,7 +15,7 @@ from mtpspec.drafters.base import DecodeState, Draft, tree_draft
 from mtpspec.drafters.hybrid import HybridDrafter
 from mtpspec.drafters.mtp import MtpDrafter, draw
 from mtpspec.drafters.mtp_tree import sampled_tree
-from mtpspec.drafters.ngram import NgramDrafter, continuations, lookup, trie
+from mtpspec.drafters.ngram import NgramDrafter, continuations, lookup, match_length, trie
 from mtpspec.engine import Engine, GenerationConfig, GenerationResult
 from mtpspec.mtp import MtpOutput, init_drafter, save_drafter
 from mtpspec.sampling import SamplingParams, probabilities
@@ -151,6 +151,44 @@ def test_min_confidence_holds_back_an_unsure_tree(mtp, gguf):
         mtp.min_confidence = 0.0
 
 
+def draft_depth(draft: Draft) -> int:
+    return draft.tokens.shape[0] if draft.parents is None else int(tree_depths(draft.block_parents).max())
+
+
+@pytest.mark.parametrize("branches", [1, 2])
+def test_max_draft_tokens_bounds_a_chain_and_a_trees_depth(mtp, gguf, branches):
+    """An MTP drafter drafts no deeper than its `max_draft_tokens`, whatever k: a chain is the start of the
+    unlimited one, a tree spends its k nodes above that depth."""
+    state = decode_state(gguf)
+    free = mtp.propose(state, 8, GREEDY, None, branches)
+    mtp.max_draft_tokens = 2
+    try:
+        capped = mtp.propose(state, 8, GREEDY, None, branches)
+    finally:
+        mtp.max_draft_tokens = 0
+    assert draft_depth(free) > 2 and draft_depth(capped) == 2
+    if branches == 1:
+        assert capped.tokens.tolist() == free.tokens[:2].tolist()
+    else:
+        assert capped.tokens.shape[0] == 2 + 4  # two children at depth 1, two each at depth 2
+
+
+def test_lookup_drafts_twice_its_match_and_goes_on_around_a_loop():
+    """A chain is twice as long as the occurrence it continues matches, up to k; a continuation that runs into
+    the end of the text copies its own output, so the loop repeats."""
+    #      x  a  b  c  d  a  b  c  d  a  b
+    loop = torch.tensor([9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2])
+    assert lookup(loop, 7).tolist() == [3, 4, 1, 2, 3, 4, 1]  # matches 6 back: 7 tokens, round the loop
+    assert lookup(loop, 32).tolist() == [3, 4, 1, 2] * 3  # 6 matched: 12
+    assert match_length(loop, 7, 32) == 6 and match_length(loop, 7, 3) == 3
+    assert lookup(torch.tensor([5, 5, 5]), 4).tolist() == [5, 5, 5, 5]
+    chance = torch.tensor([1, 2, 3, 4, 5, 6, 1, 2])  # "a b" once before: 2 matched, 4 drafted
+    assert lookup(chance, 16).tolist() == [3, 4, 5, 6] and lookup(chance, 3).tolist() == [3, 4, 5]
+    assert lookup(torch.tensor([1, 2, 3, 1, 2, 8, 8]), 3).tolist() == [8, 8]  # "8" alone matched: 2
+    assert continuations(loop, 16, 3, max_n=3, min_n=1) == [[3, 4, 1, 2] * 3]  # the 2-matched copy is its prefix
+    assert continuations(loop[:7], 5, 3, max_n=2, min_n=1) == [[3, 4, 1, 2]]  # "b" copies what "a b" does
+
+
 def test_ngram_trie_merges_continuations_most_recent_first():
     #      a  b  c  X  Y  -  a  b  c  X  Z  -  a  b  c  W  -  a  b  c
     text = [1, 2, 3, 7, 8, 0, 1, 2, 3, 7, 9, 0, 1, 2, 3, 6, 0, 1, 2, 3]
@@ -214,7 +252,7 @@ def test_sampled_trees_keep_the_target_distribution():
     params, root = SamplingParams(temperature=1.0), 0
     first, second = torch.zeros(vocab), torch.zeros(vocab, vocab)
     for _ in range(trials):
-        draft = sampled_tree(step, root, torch.zeros(1), 4, 2, params, gen, 0.0)
+        draft = sampled_tree(step, root, torch.zeros(1), 4, 2, params, gen, 0.0, 4)
         check_tree(draft, 4, 2)
         if draft.parents is None:  # a chain, verified here as the tree it is
             draft = Draft(draft.tokens, draft.q, torch.arange(-1, draft.tokens.shape[0] - 1))

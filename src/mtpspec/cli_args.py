@@ -37,7 +37,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=k,
         metavar="K",
-        help=f"tokens the drafter proposes per round (default: {k})",
+        help="the most tokens a round drafts: prompt lookup drafts twice as many as the text it copies matched, "
+        "up to K; model drafters stop sooner where they are unsure (and an MTP drafter at its max_draft_tokens, "
+        f"the depth it was trained to) (default: {k})",
     )
     p.add_argument(
         "--draft-branches",

@@ -29,7 +29,9 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_new_tokens past end-of-sequence tokens (benchmarks, load tests)
-    num_draft_tokens: int = 4  # k: drafts per round (the cap when adaptive)
+    # k: the most tokens a round drafts (the cap when adaptive). Lookup drafts up to it where the text repeats
+    # at length; model drafters stop sooner by themselves (their confidence, an MTP drafter's max_draft_tokens).
+    num_draft_tokens: int = 16
     adaptive: bool = False  # shrink/grow k each round from the last round's acceptance
     branches: int = 1  # children a draft token may have: 1 drafts a chain of k, more a tree of k tokens
 

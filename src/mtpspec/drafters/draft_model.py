@@ -1,4 +1,10 @@
-"""An independent small causal LM that shares the target's tokenizer and drafts autoregressively."""
+"""An independent small causal LM that shares the target's tokenizer and drafts autoregressively.
+
+A round stops before a position whose most likely token the draft model gives less than `min_confidence`
+(0.4 by default, the default of transformers' `assistant_confidence_threshold`), so a round drafts up to k
+tokens only where the draft model is sure. As for the MTP drafter, the decision reads the distribution of a position
+not yet drafted, never a drawn token, so sampled drafts stay unbiased draws from their q.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from ..sampling import argmax, probabilities, sample
 from ..target import Target
 from .base import EMPTY, DecodeState, Draft
 
+MIN_CONFIDENCE = 0.4
+
 
 class DraftModelDrafter:
     """Keeps its own KV cache in step with the committed tokens: after each verification it rolls
@@ -17,10 +25,12 @@ class DraftModelDrafter:
     name = "draft"
     concurrent = False  # its own cache follows one generation
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, min_confidence: float = MIN_CONFIDENCE):
         # Same arithmetic as a target: a model drafting for itself then agrees with every verification.
         self.lm = Target(model, tokenizer)
+        self.min_confidence = min_confidence
         self.synced = 0  # leading committed tokens whose K/V are in the drafter's cache
+        self.fed = 0  # drafts of the last round whose K/V follow them there
 
     def check_compatible(self, target: Target) -> None:
         ours, theirs = self.lm.tokenizer, target.tokenizer
@@ -43,23 +53,26 @@ class DraftModelDrafter:
         # Feed what the drafter has not seen yet (1 token, or 2 after a fully accepted round).
         logits = self.lm.forward(state.committed[self.synced :]).logits[-1]
         self.synced = state.length
-        tokens, qs = [], []
+        tokens, qs, self.fed = [], [], 0
         for i in range(k):
-            if params.greedy:
+            q = None if params.greedy else probabilities(logits, params)
+            if float((torch.softmax(logits.float(), -1) if q is None else q).max()) < self.min_confidence:
+                break
+            if q is None:
                 tok = argmax(logits)
             else:
-                q = probabilities(logits, params)
                 tok = sample(q, generator)
                 qs.append(q)
             tokens.append(tok)
             if i + 1 < k:
                 logits = self.lm.forward(tok.view(1)).logits[-1]
-        draft = torch.stack(tokens)
-        return Draft(draft, torch.stack(qs) if qs else None)
+                self.fed += 1
+        if not tokens:
+            return Draft(EMPTY)
+        return Draft(torch.stack(tokens), torch.stack(qs) if qs else None)
 
     def commit(self, state, draft, accepted) -> None:
-        # The cache holds committed[:synced] then drafts 1..k-1; drafts past `accepted` are wrong.
-        fed = max(draft.tokens.shape[0] - 1, 0)
-        keep = min(accepted, fed)
-        self.lm.rollback(fed - keep)
+        # The cache holds committed[:synced] then the drafts fed; those past `accepted` are wrong.
+        keep = min(accepted, self.fed)
+        self.lm.rollback(self.fed - keep)
         self.synced += keep

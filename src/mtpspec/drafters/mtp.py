@@ -36,6 +36,7 @@ class MtpDrafter:
 
     def __init__(self, model: MtpModel, target: Target, keys=None):
         self.min_confidence = model.config.min_confidence
+        self.max_draft_tokens = model.config.max_draft_tokens  # 0: no limit of its own
         self.kv_layers = check_fits(model.config, target)
         self.feature_layers = model.config.feature_layers  # what step 1 reads besides the last hidden state
         self.keys = keys or CommittedKeys()  # which cached keys each layer reads (see mtp/reading.py)
@@ -59,15 +60,16 @@ class MtpDrafter:
     def propose(self, state, k, params, generator, branches=1) -> Draft:
         if k == 0:
             return Draft(EMPTY)
+        depth = min(k, self.max_draft_tokens or k)  # a chain's length, a tree's depth
         target = state.target
         p = state.length - 1  # position of the last committed token; its K/V are not cached yet
         inputs = self.layer_inputs(target, self.kv_layers, p, self.keys)
         if branches > 1:
-            return self._tree(state, inputs, k, branches, params, generator)
+            return self._tree(state, inputs, k, depth, branches, params, generator)
         token = state.tokens[p : p + 1]
         hidden = self.model.entry(state.last_hidden, state.last_features).view(1, 1, -1)
         tokens, qs = [], []
-        for _ in range(k):
+        for _ in range(depth):
             out = self.model(target.embed(token)[None], hidden, inputs, self.lm_weight)
             if self.min_confidence and top_probability(out, params) < self.min_confidence:
                 break
@@ -82,7 +84,7 @@ class MtpDrafter:
             return Draft(EMPTY)
         return Draft(torch.cat(tokens), torch.stack(qs) if qs else None)
 
-    def _tree(self, state, inputs, k, branches, params, generator) -> Draft:
+    def _tree(self, state, inputs, k, depth, branches, params, generator) -> Draft:
         """A draft tree (see mtp_tree.py): each depth's expanded nodes are the rows of one drafter call."""
         target = state.target
 
@@ -91,8 +93,8 @@ class MtpDrafter:
 
         root, hidden = int(state.tokens[state.length - 1]), self.model.entry(state.last_hidden, state.last_features)
         if params.greedy:
-            return greedy_tree(step, root, hidden, k, branches, self.min_confidence)
-        return sampled_tree(step, root, hidden, k, branches, params, generator, self.min_confidence)
+            return greedy_tree(step, root, hidden, k, branches, self.min_confidence, depth)
+        return sampled_tree(step, root, hidden, k, branches, params, generator, self.min_confidence, depth)
 
     def commit(self, state, draft, accepted) -> None:
         self.keys.commit(state, draft.tokens.shape[0], accepted)

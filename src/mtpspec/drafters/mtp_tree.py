@@ -82,8 +82,11 @@ class Tree:
         return tree_draft([self.tokens[n] for n in order], parents, q)
 
 
-def greedy_tree(step: Step, root: int, hidden: torch.Tensor, k: int, branches: int, min_confidence: float) -> Draft:
-    """The k best nodes of an EAGLE-2 exploration from the root token `root` and its state `hidden` `[H_t]`."""
+def greedy_tree(
+    step: Step, root: int, hidden: torch.Tensor, k: int, branches: int, min_confidence: float, depth: int
+) -> Draft:
+    """The k best nodes, none deeper than `depth`, of an EAGLE-2 exploration from the root token `root` and
+    its state `hidden` `[H_t]`."""
     tree = Tree()
     frontier, tokens, states, base = [-1], torch.tensor([root]), hidden[None], [0.0]
     while True:
@@ -96,7 +99,7 @@ def greedy_tree(step: Step, root: int, hidden: torch.Tensor, k: int, branches: i
                     break
                 made.append(tree.add(token, parent, base[row] + lp, out.state[0, row]))
         frontier = worth_expanding(tree, made, k, branches)
-        if not frontier:
+        if not frontier or tree.depths[frontier[0]] == depth:
             break
         tokens, states = tree.inputs(frontier)
         base = [tree.scores[n] for n in frontier]
@@ -132,8 +135,10 @@ def sampled_tree(
     params: SamplingParams,
     generator: torch.Generator | None,
     min_confidence: float,
+    depth: int,
 ) -> Draft:
-    """At most k nodes drawn depth by depth, each node's children without replacement (see the module docstring)."""
+    """At most k nodes, none deeper than `depth`, drawn depth by depth, each node's children without replacement
+    (see the module docstring)."""
     tree = Tree()
     frontier, tokens, states, base = [-1], torch.tensor([root]), hidden[None], [0.0]
     while True:
@@ -147,7 +152,7 @@ def sampled_tree(
                 token = x if ids is None else int(ids[x])
                 score = base[row] + math.log(float(q[row, x]))
                 made.append(tree.add(token, frontier[row], score, out.state[0, row], vocab_wide(q_x, ids, out)))
-        if not made or len(tree) >= k:
+        if not made or len(tree) >= k or tree.depths[made[0]] == depth:
             break
         frontier = made
         tokens, states = tree.inputs(frontier)

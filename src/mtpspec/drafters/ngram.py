@@ -1,5 +1,15 @@
 """Prompt-lookup drafting: continue the most recent earlier occurrence of the current suffix.
 
+A continuation that runs into the end of the text is a loop, the text since that occurrence repeating,
+so it goes on around the loop: every token of the draft is the one the copied text would give next,
+including the draft's own (small models loop, and a loop of 10 tokens then drafts 16 where it gave 10).
+
+A chain drafts twice as many tokens as the occurrence matches, up to k: the text before it that equals
+the text before the end, at least the n-gram. Text that has repeated for m tokens tends to go on
+repeating, while a match of two or three tokens is often chance, so a long repeat (a loop) drafts
+long and a short match drafts little, and a round's k can be large (16 by default) without the short
+matches paying for verification rows they waste.
+
 With `branches` > 1 the draft is a trie of several continuations: those of earlier occurrences of the
 longest matching suffix, most recent first, then of shorter suffixes, until `branches` of them each add
 a token; shared prefixes are one node, so no node has more than `branches` children.
@@ -44,14 +54,33 @@ def lookup_draft(tokens: torch.Tensor, k: int, branches: int, max_n: int = 3, mi
 
 
 def lookup(tokens: torch.Tensor, k: int, max_n: int = 3, min_n: int = 1) -> torch.Tensor:
-    """tokens: [L]. Up to k tokens that followed the latest earlier match of the longest suffix."""
+    """tokens: [L]. The tokens that followed the latest earlier match of the longest suffix: twice as many as
+    that occurrence matches, up to k."""
     length = tokens.shape[0]
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         hits = occurrences(tokens, n)
         if hits.numel():
             start = int(hits[-1]) + n
-            return tokens[start : min(start + k, length)].clone()
+            return continuation(tokens, start, copy_length(tokens, start, k))
     return EMPTY
+
+
+def copy_length(tokens: torch.Tensor, start: int, k: int) -> int:
+    """Tokens to copy from `start`: twice as many as match before it, up to k."""
+    return min(k, 2 * match_length(tokens, start, (k + 1) // 2))
+
+
+def match_length(tokens: torch.Tensor, start: int, most: int) -> int:
+    """How many tokens before `start` equal those before the end of `tokens`, counting back, up to `most`."""
+    span = min(most, start)
+    same = tokens[start - span : start].flip(0) == tokens[tokens.shape[0] - span :].flip(0)
+    return int(same.cumprod(0).sum())
+
+
+def continuation(tokens: torch.Tensor, start: int, k: int) -> torch.Tensor:
+    """The k tokens that copying `tokens[start:]` gives: past the end of `tokens` the copy reads its own
+    output, so the last `L - start` tokens repeat."""
+    return tokens[start + torch.arange(k) % (tokens.shape[0] - start)]
 
 
 def occurrences(tokens: torch.Tensor, n: int) -> torch.Tensor:
@@ -64,16 +93,16 @@ def occurrences(tokens: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def continuations(tokens: torch.Tensor, k: int, branches: int, max_n: int, min_n: int) -> list[list[int]]:
-    """Up to `branches` continuations (each up to k tokens), best first: the latest occurrence of the longest
-    matching suffix first (what `lookup` proposes). One that another already holds as a prefix is skipped."""
+    """Up to `branches` continuations, best first, each as long as `lookup` would draft it: the latest occurrence
+    of the longest matching suffix first (what `lookup` proposes). One that another already holds is skipped."""
     length, found = tokens.shape[0], []
     if k < 1:
         return found
     for n in range(min(max_n, length - 1), min_n - 1, -1):
         for start in (occurrences(tokens, n).flip(0)[:MAX_OCCURRENCES] + n).tolist():
-            continuation = tokens[start : min(start + k, length)].tolist()
-            if not any(other[: len(continuation)] == continuation for other in found):
-                found.append(continuation)
+            copy = continuation(tokens, start, copy_length(tokens, start, k)).tolist()
+            if not any(other[: len(copy)] == copy for other in found):
+                found.append(copy)
                 if len(found) == branches:
                     return found
     return found

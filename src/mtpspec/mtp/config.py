@@ -44,6 +44,9 @@ class MtpConfig:
     # Drafting policy, tuned per drafter (like transformers' assistant_confidence_threshold): a round stops before
     # a position whose most likely token the drafter gives less than this probability (0: always draft k).
     min_confidence: float = 0.0
+    # and a round drafts at most this many tokens (a chain's length, a tree's depth), so a drafter stops where it
+    # was not trained to go on (`train-drafter --depth`); 0: as many as the engine asks for.
+    max_draft_tokens: int = 0
     # EAGLE-3's richer input: target layers whose outputs (RMS-normalised, no weight) join the last hidden
     # state in step 1's input through `fuse`; empty: the last hidden state alone, as in Gemma 4's assistants.
     feature_layers: tuple[int, ...] = ()
@@ -64,6 +67,10 @@ class MtpConfig:
             raise MtpspecError("MTP config: sliding layers need a sliding_window")
         if not 0.0 <= self.min_confidence < 1.0:
             raise MtpspecError(f"MTP config: min_confidence must be in [0, 1), got {self.min_confidence}")
+        if self.max_draft_tokens < 0:
+            raise MtpspecError(
+                f"MTP config: max_draft_tokens must be 0 (no limit) or more, got {self.max_draft_tokens}"
+            )
         if any(layer < 0 for layer in self.feature_layers) or len(set(self.feature_layers)) != len(self.feature_layers):
             raise MtpspecError(
                 f"MTP config: feature_layers must be distinct layer indices, got {list(self.feature_layers)}"
@@ -129,6 +136,7 @@ class MtpConfig:
             "target_family": self.target_family,
             "kv_layers": list(self.kv_layers) if self.kv_layers is not None else None,
             "min_confidence": self.min_confidence,
+            "max_draft_tokens": self.max_draft_tokens,
             "feature_layers": list(self.feature_layers),
         }
         return out
@@ -168,6 +176,7 @@ class MtpConfig:
             target_family=ours.get("target_family"),
             kv_layers=tuple(kv_layers) if kv_layers is not None else None,
             min_confidence=ours.get("min_confidence", 0.0),
+            max_draft_tokens=ours.get("max_draft_tokens", 0),
             feature_layers=tuple(ours.get("feature_layers", ())),
         )
 

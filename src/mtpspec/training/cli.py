@@ -70,7 +70,12 @@ def register(subparsers) -> None:
     p.add_argument(
         "--anchors", type=int, default=None, help="drafting rounds sampled per chunk; 0 = every position (default: 0)"
     )
-    p.add_argument("--depth", type=int, default=None, help=f"unrolled draft steps trained (default: {D.depth})")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help=f"unrolled draft steps trained, saved as the drafter's max_draft_tokens: it drafts no deeper (default: {D.depth})",
+    )
     p.add_argument("--lr", type=float, default=None, help=f"peak AdamW learning rate (default: {D.lr})")
     p.add_argument("--weight-decay", type=float, default=None, help=f"AdamW weight decay (default: {D.weight_decay})")
     p.add_argument(

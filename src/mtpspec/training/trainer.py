@@ -58,9 +58,10 @@ class Trainer:
         self.cache_hits = self.cache_reads = 0  # chunks found in the teacher cache, chunks looked up (this run)
         ckpt = self._resume_point()
         self.drafter = self._build_drafter(hf, ckpt).float().to(self.device).train()
+        # Evaluated and saved with it; it drafts no deeper than it was trained to.
         self.drafter.config = replace(
-            self.drafter.config, min_confidence=opts.min_confidence
-        )  # evaluated and saved with it
+            self.drafter.config, min_confidence=opts.min_confidence, max_draft_tokens=opts.depth
+        )
         self.autocast = wants_bf16(
             opts.train_dtype, self.device
         )  # the drafter's matrix products in bf16 (torch.autocast)
