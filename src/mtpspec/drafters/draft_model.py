@@ -56,7 +56,7 @@ class DraftModelDrafter:
         tokens, qs, self.fed = [], [], 0
         for i in range(k):
             q = None if params.greedy else probabilities(logits, params)
-            if float((torch.softmax(logits.float(), -1) if q is None else q).max()) < self.min_confidence:
+            if self.min_confidence and self._confidence(logits, q) < self.min_confidence:
                 break
             if q is None:
                 tok = argmax(logits)
@@ -70,6 +70,11 @@ class DraftModelDrafter:
         if not tokens:
             return Draft(EMPTY)
         return Draft(torch.stack(tokens), torch.stack(qs) if qs else None)
+
+    @staticmethod
+    def _confidence(logits: torch.Tensor, q: torch.Tensor | None) -> float:
+        """The probability of the most likely next token: from q when sampling, else the softmax of the logits."""
+        return float((torch.softmax(logits.float(), -1) if q is None else q).max())
 
     def commit(self, state, draft, accepted) -> None:
         # The cache holds committed[:synced] then the drafts fed; those past `accepted` are wrong.
