@@ -72,6 +72,33 @@ def test_generate_batch_api_sampled_with_seeds_reproduces_solo(tiny_llama_gguf):
     ]
 
 
+@pytest.mark.parametrize("drafter", ["ngram", "hybrid"])
+def test_a_batch_prices_copied_drafts_apart_from_a_models(tiny_llama_gguf, centroid_drafter, drafter):
+    """Each generation counts its rounds by kind (`Draft.copied`), and the batch's drafting cost is
+    measured on a model's drafts only: a lookup drafts for free, so ngram leaves it unmeasured."""
+    spec = f"hybrid:{centroid_drafter}" if drafter == "hybrid" else drafter
+    pipe = mtpspec.Pipeline(load_gguf(tiny_llama_gguf), spec)
+    batch = Batch(pipe.target, pipe.engine.drafter, max_batch=4)
+    config = GenerationConfig(max_new_tokens=24, ignore_eos=True, num_draft_tokens=6)
+    slots = [batch.add(pipe.encode(p), config) for p in PROMPTS[:4]]
+    copies = []
+    while not all(s.done for s in slots):
+        copies += [s.generation.copy_length() for s in batch.active if s.generation.prefilled and not s.done]
+        batch.step()
+    for slot in slots:
+        g = slot.generation
+        assert g.rounds[True].target_forwards + g.rounds[False].target_forwards == g.result.stats.target_forwards
+        assert g.rounds[True].drafted_tokens + g.rounds[False].drafted_tokens == g.result.stats.drafted_tokens
+    copied = sum(s.generation.rounds[True].drafted_tokens for s in slots)
+    modelled = sum(s.generation.rounds[False].drafted_tokens for s in slots)
+    assert copied > 0
+    if drafter == "ngram":  # no lookup to peek at: priced by all its rounds, at the (unmeasured) model cost
+        assert set(copies) == {None} and modelled == 0 and batch.costs.per_draft == 0.0
+    else:
+        assert None not in copies and 0 in copies and max(copies) > 0
+        assert modelled > 0 and batch.costs.per_draft > 0.0
+
+
 def test_unbatchable_targets_run_one_at_a_time(tiny_dirs):
     """A transformers target cannot share passes: the same API runs the prompts in turn."""
     pipe = mtpspec.load(str(tiny_dirs["llama"]), "ngram")
@@ -126,10 +153,18 @@ def test_keys_read_counts_each_rows_keys_within_its_layers_window(tiny_gemma3_gg
     assert prompt_rows(target, 100, 8, 1) == 1
 
 
-def _generation(acceptance: list[tuple[int, int]], k: int = 4, greedy: bool = True):
-    """A stand-in with what `draft_limits` reads: (drafted, accepted) counts per depth."""
-    stats = Stats(drafted_per_position=[d for d, _ in acceptance], accepted_per_position=[a for _, a in acceptance])
-    return SimpleNamespace(result=SimpleNamespace(stats=stats), params=SimpleNamespace(greedy=greedy), k=k)
+def _stats(acceptance: list[tuple[int, int]]) -> Stats:
+    return Stats(drafted_per_position=[d for d, _ in acceptance], accepted_per_position=[a for _, a in acceptance])
+
+
+def _generation(acceptance: list[tuple[int, int]], k: int = 4, greedy: bool = True, copied=None):
+    """A stand-in with what `draft_limits` reads: (drafted, accepted) counts per depth, over all rounds
+    and (`copied`, else the same) over the rounds whose draft was copied."""
+    stats = _stats(acceptance)
+    rounds = {False: stats, True: stats if copied is None else _stats(copied)}
+    return SimpleNamespace(
+        result=SimpleNamespace(stats=stats), rounds=rounds, params=SimpleNamespace(greedy=greedy), k=k
+    )
 
 
 def _costs(fixed: float, per_row: float, per_draft: float = 0.0) -> StepCosts:
@@ -201,3 +236,19 @@ def test_draft_lengths_follow_costs_and_acceptance():
     one_size = StepCosts()
     one_size.add_pass(10, 0.02)
     assert draft_limits([_generation(good), _generation(good, greedy=False)], one_size, 0) == [0, None]
+
+
+def test_copied_drafts_cost_their_rows_only_and_run_as_far_as_the_copy():
+    fair = [(100, 50), (50, 20)]
+    costs = _costs(0.010, 0.001, per_draft=0.004)  # a model's draft costs 4 rows more than a copied one
+    # A model drafting at this rate does not pay in a batch of 8; the same drafts copied from the text do.
+    assert draft_limits([_generation(fair)] * 8, costs, 0, [0] * 8) == [0] * 8
+    assert draft_limits([_generation(fair)] * 8, costs, 0, [1] * 8) == [1] * 8
+    # Each kind is priced by its own rounds: a hybrid's copies are accepted more than its model's drafts.
+    hybrid = _generation(fair, copied=[(100, 95), (95, 90), (90, 85)], k=16)
+    assert draft_limits([hybrid] * 8, costs, 0, [3] * 8) == [3] * 8  # at most the copy
+    assert draft_limits([hybrid] * 8, costs, 0, [0] * 8) == [0] * 8
+    # Depths a copy has not reached yet are expected to hold as the copy has so far (a model's decay).
+    lone = _generation([], copied=[(10, 9)], k=16)
+    assert draft_limits([lone], _costs(0.010, 0.001), 0, [12]) == [12]
+    assert draft_limits([lone], _costs(0.010, 0.001), 0, [0])[0] < 12

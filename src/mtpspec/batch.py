@@ -21,12 +21,15 @@ is taken over.
 Speculation under load: drafts that pay for themselves alone may not in a batch, where every
 drafted row adds per-row work to a pass that already yields a token for each generation. With
 `speculation="auto"`, each greedy generation's draft length is chosen every step from measured
-costs (`StepCosts`: a pass over R rows takes a + b·R seconds, a draft d seconds) and its own
+costs (`StepCosts`: a pass over R rows takes a + b·R seconds, a model's draft d seconds) and its own
 acceptance so far, to maximise the step's expected tokens per second (`draft_limits`); with no
 drafts at all that is plain batched decoding, which the rule falls back to wherever drafts do not
-pay, alone or in a batch. A generation kept from drafting still drafts one token every
-`PROBE_EVERY` rounds (times the number of decoding generations, since the whole batch pays for a
-probe's row), so that its acceptance stays measured as its text changes. Sampled
+pay, alone or in a batch. A drafter that copies from the text where it can and runs a model
+elsewhere (`hybrid`) is asked first what it would copy (`Generation.copy_length`): a copy costs
+only its rows and is accepted far more often than a model's drafts, so each kind is priced by its
+own cost and by the generation's own rounds of that kind. A generation kept from drafting still
+drafts one token every `PROBE_EVERY` rounds (times the number of decoding generations, since the
+whole batch pays for a probe's row), so that its acceptance stays measured as its text changes. Sampled
 generations keep their configured k, since their random draws depend on it (a seeded request
 reproduces its solo output). Draft lengths never change a greedy output, only its speed.
 
@@ -48,12 +51,16 @@ import torch
 from .drafters import Drafter
 from .engine import Chunk, Generation, GenerationConfig, GenerationResult
 from .runtime.target import LAST
+from .stats import Stats
 from .target import check_prompt
 
 PREFILL_CHUNK = 512  # prompt rows per step, over all prefilling generations; their keys read at most its square
 PREFIX_CACHE_MB = 1024  # memory for idle sequences' caches, kept for the prompts that start with their tokens
 TAKE_OVER_SLACK = 16  # cached tokens a prompt may leave out of an idle sequence and still take it over
 PROBE_EVERY = 8  # a lone generation the cost rule keeps from drafting drafts one token every this many rounds
+# draft_gain's prior for a depth not measured yet, as a share of the depth before: a model's drafts are
+# accepted less the deeper they go; a copy is expected to hold as it has so far.
+MODEL_DECAY, COPY_DECAY = 0.6, 1.0
 SPECULATION = ("auto", "fixed")  # draft lengths under load: chosen from measured costs, or always k
 
 
@@ -114,24 +121,27 @@ class StepCosts:
         return max(ms - per_row * mr, 0.0), per_row
 
 
-def draft_gain(generation: Generation, depth: int) -> float:
+def draft_gain(stats: Stats, depth: int, decay: float = MODEL_DECAY) -> float:
     """Expected tokens a draft at `depth` (1-based) adds: the chance the drafts up to it are all
-    accepted, from this generation's acceptance so far (smoothed towards a prior that decays with
-    depth, so depths it has not tried yet stay worth trying)."""
-    stats = generation.result.stats
+    accepted, from the acceptance in `stats` (a generation's rounds; smoothed towards a prior of
+    `decay` times the depth before, so depths it has not tried yet stay worth trying)."""
     gain = 1.0
     for j in range(depth):
         drafted = stats.drafted_per_position[j] if j < len(stats.drafted_per_position) else 0
         accepted = stats.accepted_per_position[j] if j < len(stats.accepted_per_position) else 0
-        prior = 0.6 * gain
+        prior = decay * gain
         gain = min(gain, (accepted + 2 * prior) / (drafted + 2))
     return gain
 
 
-def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: int) -> list[int | None]:
+def draft_limits(
+    generations: list[Generation], costs: StepCosts, other_rows: int, copies: list[int | None] | None = None
+) -> list[int | None]:
     """Drafts per decoding generation this step (None: its configured k), chosen greedily while a
     draft's expected tokens raise the step's tokens per second; `other_rows` (prefill chunks) share
-    the pass."""
+    the pass. `copies` (`Generation.copy_length`) sets a generation's price: a draft copied from the
+    text (n > 0 tokens, at most n drafted) costs its rows, priced by the generation's copied rounds;
+    a model's (0) costs its rows and the drafting, priced by its model rounds; None, by all its rounds."""
     fit = costs.fit()
     if fit is None:
         # At most one pass size measured. None yet: draft k. A drafted size: this pass plain, the second
@@ -142,20 +152,31 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
             return [0 if g.params.greedy else None for g in generations]
         return [None] * len(generations)
     fixed, per_row = fit
-    unit = per_row + costs.per_draft  # what one more draft costs the step
+    copies = copies or [None] * len(generations)
+    rounds = [g.result.stats if n is None else g.rounds[n > 0] for g, n in zip(generations, copies, strict=True)]
+    units = [per_row if n else per_row + costs.per_draft for n in copies]  # what one more draft costs the step
+    caps = [n or g.k for g, n in zip(generations, copies, strict=True)]
+    # A model's drafts are accepted less the deeper they go; a copy is as long as the text it copies has
+    # matched, so until its depths are measured it is expected to hold as well as it has so far.
+    decays = [COPY_DECAY if n else MODEL_DECAY for n in copies]
     tokens, seconds = float(len(generations)), fixed + per_row * (len(generations) + other_rows)
     limits: list[int | None] = [None if not g.params.greedy else 0 for g in generations]
-    heap = [(-draft_gain(g, 1), i) for i, g in enumerate(generations) if limits[i] == 0 and g.k > 0]
+    # Most expected tokens per second of cost first.
+    heap = [
+        (-draft_gain(rounds[i], 1, decays[i]) / units[i], i)
+        for i in range(len(generations))
+        if limits[i] == 0 and caps[i] > 0
+    ]
     heapq.heapify(heap)
     while heap:
-        gain, i = heapq.heappop(heap)
-        gain = -gain
-        if gain * seconds <= unit * tokens:  # tokens/seconds would not rise: no draft is worth more
+        rate, i = heapq.heappop(heap)
+        gain = -rate * units[i]
+        if gain * seconds <= units[i] * tokens:  # tokens/seconds would not rise: no draft is worth more
             break
         limits[i] += 1
-        tokens, seconds = tokens + gain, seconds + unit
-        if limits[i] < generations[i].k:
-            heapq.heappush(heap, (-draft_gain(generations[i], limits[i] + 1), i))
+        tokens, seconds = tokens + gain, seconds + units[i]
+        if limits[i] < caps[i]:
+            heapq.heappush(heap, (-draft_gain(rounds[i], limits[i] + 1, decays[i]) / units[i], i))
     # Acceptance is measured only where drafts are made: without a probe now and then, a generation
     # kept from drafting by a poor start (or a costly moment) would never draft again. The batch pays
     # for every probe's row, so each of n generations probes every PROBE_EVERY·n rounds: a probe row
@@ -163,7 +184,7 @@ def draft_limits(generations: list[Generation], costs: StepCosts, other_rows: in
     # about a tenth of their throughput).
     every = PROBE_EVERY * len(generations)
     for i, g in enumerate(generations):
-        if limits[i] == 0 and g.k > 0 and g.result.stats.target_forwards % every == every - 1:
+        if limits[i] == 0 and caps[i] > 0 and g.result.stats.target_forwards % every == every - 1:
             limits[i] = 1
     return limits
 
@@ -288,21 +309,26 @@ class Batch:
         decoding = [slot for slot in self.active if not slot.done and slot.generation.prefilled]
         limits = [None] * len(decoding)
         if self.speculation == "auto":
-            limits = draft_limits([s.generation for s in decoding], self.costs, sum(c[1].shape[0] for c in calls))
-        t = time.perf_counter()
-        drafted = 0
+            generations = [s.generation for s in decoding]
+            copies = [g.copy_length() for g in generations]
+            limits = draft_limits(generations, self.costs, sum(c[1].shape[0] for c in calls), copies)
+        rows, modelled, drafting = 0, 0, 0.0  # drafts in the pass; those a model made, and its time
         for slot, limit in zip(decoding, limits, strict=True):
+            t = time.perf_counter()
             ids = slot.generation.need(limit)  # [last committed, drafts...]
-            drafted += ids.shape[0] - 1
+            rows += ids.shape[0] - 1
+            if not slot.generation.draft.copied:  # copied drafts cost nothing to make: not a drafting cost
+                modelled += ids.shape[0] - 1
+                drafting += time.perf_counter() - t
             calls.append((slot.target, ids, slot.generation.wants_logits, slot.generation.parents))
             owners.append(slot)
-        self.costs.add_drafts(drafted, time.perf_counter() - t)
+        self.costs.add_drafts(modelled, drafting)
         if not calls:
             return []
         t = time.perf_counter()
         steps = type(self.target).forward_many(calls)
         if len(decoding) == len(calls):  # decoding rows only (prefill rows skip the head: another cost)
-            self.costs.add_pass(len(decoding) + drafted, time.perf_counter() - t)
+            self.costs.add_pass(len(decoding) + rows, time.perf_counter() - t)
         out = []
         for slot, (_, ids, *_), step in zip(owners, calls, steps, strict=True):
             if not slot.generation.prefilled:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .drafters import DecodeState, Drafter
+from .drafters import DecodeState, Draft, Drafter
 from .errors import MtpspecError
 from .sampling import SamplingParams, argmax, probabilities, sample
 from .stats import Stats
@@ -84,6 +84,9 @@ class Generation:
         self.state: DecodeState | None = None  # set once the prompt is prefilled
         self.done = False
         self._draft = None
+        # The rounds again, by whether their draft was copied from the text (`Draft.copied`): a drafter
+        # that copies where it can and runs a model elsewhere is accepted at different rates for each.
+        self.rounds = {False: Stats(), True: Stats()}
         self._t_start = self._t_step = time.perf_counter()
         self._t_decode = 0.0
         res.stats.generated_tokens = 0
@@ -103,12 +106,29 @@ class Generation:
         if self.state is None:
             return self.tokens[: self.n_prompt]
         state, stats = self.state, self.result.stats
-        k = min(self.k, self.max_new - len(self.result.token_ids) - 1, self.k if limit is None else limit)
+        k = self._ceiling() if limit is None else min(self._ceiling(), limit)
         self._draft = _timed(
             stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator, self.branches
         )
         self._t_step = time.perf_counter()
         return torch.cat([state.tokens[state.length - 1 : state.length], self._draft.tokens])
+
+    @property
+    def draft(self) -> Draft | None:
+        """The draft `need()` gave last (None before the first round)."""
+        return self._draft
+
+    def copy_length(self) -> int | None:
+        """How many tokens this round's draft copies from the text at no cost (`Drafter.lookup`; 0: the
+        drafter's model drafts this round), or None for a drafter that does not tell them apart."""
+        lookup = getattr(self.drafter, "lookup", None)
+        if lookup is None:
+            return None
+        return lookup(self.state, self._ceiling(), self.branches).tokens.shape[0]
+
+    def _ceiling(self) -> int:
+        """Drafts this round may have: k, within the tokens left to generate."""
+        return min(self.k, self.max_new - len(self.result.token_ids) - 1)
 
     @property
     def parents(self) -> torch.Tensor | None:
@@ -155,6 +175,7 @@ class Generation:
         self.done = self._commit(pending)
         depth = draft.tokens.shape[0] if draft.parents is None else int(tree_depths(draft.block_parents).max())
         stats.record_round(draft.tokens.shape[0], verdict.accepted, len(pending), depth)
+        self.rounds[draft.copied].record_round(draft.tokens.shape[0], verdict.accepted, len(pending), depth)
         if not self.done:
             _timed(stats, "draft_s", self.drafter.commit, state, draft, verdict.accepted)
         if self.config.adaptive:

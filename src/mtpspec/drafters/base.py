@@ -46,6 +46,7 @@ class Draft:
     q: torch.Tensor | None = None  # [k', V] draft probabilities, or None for one-hot drafts
     parents: torch.Tensor | None = None  # [k'] int64: each token's parent draft index (-1: the last
     # committed token), parents[i] < i; None for a chain
+    copied: bool = False  # copied from the text (prompt lookup): it cost nothing to make, only its rows
 
     @property
     def block_parents(self) -> torch.Tensor | None:
@@ -84,6 +85,10 @@ class Drafter(Protocol):
 
     def commit(self, state: DecodeState, draft: Draft, accepted: int) -> None:
         """Verification kept `accepted` drafts and added one token; `state` is already updated."""
+
+    # Optional, for drafters that copy from the text where they can and run a model elsewhere (`hybrid`):
+    # def lookup(self, state, k, branches) -> Draft: the copied draft `propose` would return (EMPTY where
+    # there is none), at no cost. The batcher reads it to price a round before the model runs.
 
 
 class NoDrafter:

@@ -11,7 +11,7 @@ alike (lookup drafts as one-hot q), so the output stays the target's.
 
 from __future__ import annotations
 
-from .base import DecodeState, Draft
+from .base import EMPTY, DecodeState, Draft
 from .mtp import MtpDrafter
 from .ngram import lookup_draft
 
@@ -30,11 +30,14 @@ class HybridDrafter:
     def begin(self, state: DecodeState) -> None:
         self.mtp.begin(state)
 
+    def lookup(self, state, k, branches=1) -> Draft:
+        """The draft copied from the text (EMPTY where the last `min_match` tokens did not occur before)."""
+        return lookup_draft(state.committed, k, branches, self.max_n, self.min_match) if k else Draft(EMPTY)
+
     def propose(self, state, k, params, generator, branches=1) -> Draft:
-        if k:
-            found = lookup_draft(state.committed, k, branches, self.max_n, self.min_match)
-            if found.tokens.numel():
-                return found
+        found = self.lookup(state, k, branches)
+        if found.tokens.numel():
+            return found
         return self.mtp.propose(state, k, params, generator, branches)
 
     def commit(self, state, draft, accepted) -> None:

@@ -48,9 +48,13 @@ class NgramDrafter:
 
 def lookup_draft(tokens: torch.Tensor, k: int, branches: int, max_n: int = 3, min_n: int = 1) -> Draft:
     """tokens: [L]. The lookup chain (`branches` == 1) or trie of continuations, one-hot (q None)."""
-    if branches == 1:
-        return Draft(lookup(tokens, k, max_n, min_n))
-    return trie(continuations(tokens, k, branches, max_n, min_n), k)
+    draft = (
+        Draft(lookup(tokens, k, max_n, min_n))
+        if branches == 1
+        else trie(continuations(tokens, k, branches, max_n, min_n), k)
+    )
+    draft.copied = True
+    return draft
 
 
 def lookup(tokens: torch.Tensor, k: int, max_n: int = 3, min_n: int = 1) -> torch.Tensor:
