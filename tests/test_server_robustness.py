@@ -5,6 +5,7 @@ Real HTTP on loopback, with the official `openai` client where it can say it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -21,10 +23,11 @@ import pytest
 from mtpspec import api
 from mtpspec.cli import main
 from mtpspec.engine import Generation
-from mtpspec.server.app import create_app
+from mtpspec.server.app import _sse, create_app
 from mtpspec.server.config import ServerSettings, drafter_name
 from mtpspec.server.openai_format import longest_token_chars
 from mtpspec.server.runner import BackgroundServer
+from mtpspec.server.scheduler import Finished
 from test_server import LONG, LONG_PROMPT, MODEL, metric, scrape, wait_until
 
 APP_ORIGIN, PROXY_HOST = "https://app.example", "api.example"  # allowed by the `strict` server
@@ -333,3 +336,34 @@ def test_serve_flags_end_to_end(tiny_dirs):
 def test_bad_serve_flags_fail_before_the_model_loads(flags, message, capsys):
     assert main(["serve", "--model", "/nonexistent", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("turns", range(6))
+def test_a_stream_cancelled_as_its_next_event_arrives_ends(turns):
+    """Shutdown and disconnects end a stream by cancelling its task; the cancellation must reach it even
+    when the next event arrives in the same turn of the loop (asyncio.wait_for on Python 3.11 returned the
+    event instead, and the stream went on to its `[DONE]`)."""
+
+    async def run() -> list[str]:
+        job = SimpleNamespace(events=asyncio.Queue())
+        reply = SimpleNamespace(opening=list, delta=lambda text: {"text": text}, closing=lambda result, usage: [])
+        sent: list[str] = []
+
+        async def stream() -> None:
+            async for line in _sse(job, reply, include_usage=False):
+                sent.append(line)
+
+        task = asyncio.create_task(stream())
+        job.events.put_nowait("a")
+        while not sent:
+            await asyncio.sleep(0)
+        job.events.put_nowait("b")
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        job.events.put_nowait(Finished(None, "cancelled"))  # what stopping the scheduler sends next
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return sent
+
+    assert "data: [DONE]\n\n" not in asyncio.run(run())

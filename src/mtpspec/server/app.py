@@ -6,7 +6,6 @@ unexpected one becomes a 500, and neither stops the server.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hmac
 import json
@@ -237,9 +236,12 @@ async def _sse(job: Job, reply: fmt.Reply, include_usage: bool) -> AsyncIterator
     for chunk in reply.opening():
         yield _event(chunk)
     while True:
-        try:
-            item = await asyncio.wait_for(job.events.get(), KEEPALIVE_S)
-        except asyncio.TimeoutError:  # queued or prefilling: an SSE comment keeps idle clients from timing out
+        # Not asyncio.wait_for: on Python 3.11 it returns an event that arrives as the stream is cancelled
+        # (shutdown, a client gone) and drops the cancellation, and the stream went on to its end.
+        item = None
+        with anyio.move_on_after(KEEPALIVE_S):
+            item = await job.events.get()
+        if item is None:  # queued or prefilling: an SSE comment keeps idle clients from timing out
             yield ": keep-alive\n\n"
             continue
         if isinstance(item, str):
