@@ -310,7 +310,7 @@ class Batch:
         limits = [None] * len(decoding)
         if self.speculation == "auto":
             generations = [s.generation for s in decoding]
-            copies = [g.copy_length() for g in generations]
+            copies = [g.copy_length() if g.params.greedy else None for g in generations]  # sampled: k as configured
             limits = draft_limits(generations, self.costs, sum(c[1].shape[0] for c in calls), copies)
         rows, modelled, drafting = 0, 0, 0.0  # drafts in the pass; those a model made, and its time
         for slot, limit in zip(decoding, limits, strict=True):
