@@ -62,7 +62,8 @@ def register(subparsers) -> None:
         choices=SPECULATION,
         default="auto",
         help="draft lengths of greedy requests. auto: each step, each greedy request's draft length is chosen "
-        "from the measured cost of a pass, of a row and of a draft, and the request's acceptance so far, to "
+        "from the measured cost of a pass, of a row and of a model's draft (a copy of repeated text costs its "
+        "rows only), and the request's acceptance so far for each kind of draft, to "
         "maximise the step's tokens per second, alone or in a batch (no drafts at all is plain decoding, so "
         "speculation does not lower throughput; a request kept from drafting drafts one token every 8 rounds "
         "to keep measuring); sampled requests keep --num-draft-tokens. fixed: every request drafts "
