@@ -189,6 +189,17 @@ def test_lookup_drafts_twice_its_match_and_goes_on_around_a_loop():
     assert continuations(loop[:7], 5, 3, max_n=2, min_n=1) == [[3, 4, 1, 2]]  # "b" copies what "a b" does
 
 
+def test_a_lookup_cut_short_is_the_lookup_at_that_length():
+    """What lets the batcher peek a round's copy at k and draft it cut to a smaller limit (`Generation.need`)."""
+    g = torch.Generator().manual_seed(0)
+    texts = [torch.randint(0, 5, (n,), generator=g) for n in (6, 20, 60, 120) for _ in range(10)]
+    texts.append(torch.tensor([9, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2]))
+    for text in texts:
+        full = lookup(text, 16, 3, 2)
+        for k in range(1, 17):
+            assert lookup(text, k, 3, 2).tolist() == full[:k].tolist(), (text.tolist(), k)
+
+
 def test_ngram_trie_merges_continuations_most_recent_first():
     #      a  b  c  X  Y  -  a  b  c  X  Z  -  a  b  c  W  -  a  b  c
     text = [1, 2, 3, 7, 8, 0, 1, 2, 3, 7, 9, 0, 1, 2, 3, 6, 0, 1, 2, 3]

@@ -84,6 +84,7 @@ class Generation:
         self.state: DecodeState | None = None  # set once the prompt is prefilled
         self.done = False
         self._draft = None
+        self._copy = None  # this round's copy from the text, where `copy_length` looked one up
         # The rounds again, by whether their draft was copied from the text (`Draft.copied`): a drafter
         # that copies where it can and runs a model elsewhere is accepted at different rates for each.
         self.rounds = {False: Stats(), True: Stats()}
@@ -107,9 +108,15 @@ class Generation:
             return self.tokens[: self.n_prompt]
         state, stats = self.state, self.result.stats
         k = self._ceiling() if limit is None else min(self._ceiling(), limit)
-        self._draft = _timed(
-            stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator, self.branches
-        )
+        copy, self._copy = self._copy, None
+        if copy is not None and copy.parents is None and 0 < k <= copy.tokens.shape[0]:
+            # The copy `copy_length` looked up this round, cut to k: what the lookup gives at k (a chain's copy
+            # is twice its match up to k), without looking it up again.
+            self._draft = Draft(copy.tokens[:k], copied=True)
+        else:
+            self._draft = _timed(
+                stats, "draft_s", self.drafter.propose, state, k, self.params, self.generator, self.branches
+            )
         self._t_step = time.perf_counter()
         return torch.cat([state.tokens[state.length - 1 : state.length], self._draft.tokens])
 
@@ -124,7 +131,8 @@ class Generation:
         lookup = getattr(self.drafter, "lookup", None)
         if lookup is None:
             return None
-        return lookup(self.state, self._ceiling(), self.branches).tokens.shape[0]
+        self._copy = lookup(self.state, self._ceiling(), self.branches)  # `need` drafts it
+        return self._copy.tokens.shape[0]
 
     def _ceiling(self) -> int:
         """Drafts this round may have: k, within the tokens left to generate."""
