@@ -30,6 +30,7 @@ from mtpspec.training.clusters import init_centroid_head
 from mtpspec.training.data import TextSource, check_source
 from mtpspec.training.greedy import LoopWatch
 from mtpspec.training.loss import UnrolledLoss, unroll
+from mtpspec.training.options import TrainOptions
 from mtpspec.training.teacher import Teacher
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in old green trees".split()
@@ -87,6 +88,35 @@ def test_a_few_steps_lower_the_loss(tiny_dirs, family, centroids, mixed):
         opt.step()
     assert all(p.dtype == torch.float32 for p in drafter.parameters())
     assert loss().item() < first - 0.05
+
+
+@pytest.mark.parametrize("centroids", [0, 8])
+def test_reach_weighs_each_depth_by_the_chance_the_drafts_get_there(tiny_dirs, centroids):
+    """Depth 1 is always reached, so a one-step loss is the same either way; deeper steps count only as much as
+    the drafter's probabilities of the target's top tokens before them, so four steps weigh less than uniformly,
+    yet more than depth 1 alone, and the weighted loss still trains."""
+    hf, _, drafter, teacher, ids = _teacher_setup(tiny_dirs["gemma3"], centroids)
+    batch = teacher.run([ids], torch.arange(1, ids.shape[0] - 3), 4)
+    weight = hf.get_output_embeddings().weight.detach().float()
+
+    def loss(depth, weighting):
+        torch.manual_seed(0)  # the sampled negatives
+        return UnrolledLoss(drafter, weight, depth, 64 if centroids else 0, depth_weighting=weighting)(batch)
+
+    uniform, reach = loss(1, "uniform"), loss(1, "reach")
+    assert torch.equal(uniform[0], reach[0])
+    uniform, reach, first = loss(4, "uniform")[0], loss(4, "reach")[0], loss(1, "reach")[0]
+    assert first / 4 < reach < uniform
+    with pytest.raises(ValueError, match="depth_weighting"):
+        UnrolledLoss(drafter, weight, 4, depth_weighting="tau")
+    with pytest.raises(MtpspecError, match="--depth-weighting"):
+        TrainOptions(depth_weighting="tau")
+    opt, start = torch.optim.AdamW(drafter.parameters(), lr=3e-3), reach.item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss(4, "reach")[0].backward()
+        opt.step()
+    assert loss(4, "reach")[0].item() < start - 0.05
 
 
 def test_step_two_reads_the_drafters_own_state_as_at_inference(tiny_dirs):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..models import MODEL_HELP
-from .options import PRESETS, TrainOptions
+from .options import DEPTH_WEIGHTINGS, PRESETS, TrainOptions
 
 D = TrainOptions()
 
@@ -115,6 +115,15 @@ def register(subparsers) -> None:
         type=float,
         default=None,
         help=f"weight of the EAGLE-style loss pulling each draft step's state onto the target's hidden state; 0 = distribution loss only (default: {D.feature_weight})",
+    )
+    p.add_argument(
+        "--depth-weighting",
+        choices=DEPTH_WEIGHTINGS,
+        default=None,
+        help="how the unrolled draft steps' losses are weighed: uniform, every depth and position alike; reach, each "
+        "depth at a position by the chance the drafter's own drafts get there (the product of the probabilities it "
+        "gives the target's top token at the depths before), which is that depth's value to τ "
+        f"(default: {D.depth_weighting})",
     )
     p.add_argument(
         "--min-confidence",

@@ -9,6 +9,13 @@ each step's output state regresses onto the target's own hidden state at the row
 (smooth L1 on states scaled by the target's RMS): a dense target per row next to 32
 probabilities (EAGLE reports that it lifts acceptance).
 
+With `depth_weighting="reach"` each depth's terms at a row are weighed by the chance that the
+drafter's own drafts reach that depth there: the product, over the depths before it, of the
+probability it gives the target's top token (detached). A draft at depth j adds to τ only where
+depths 1..j − 1 were accepted, so that is each depth's value to τ: capacity goes to the first
+tokens, and to deep tokens only where the shallow ones are right. "uniform" weighs every depth and
+row alike.
+
 Logits for training are full-vocabulary (`head_in @ weight.T`); the centroid head's top-cluster
 selection has no gradient, so its cluster scores learn from a separate loss: cross-entropy to
 the target's probability mass per cluster.
@@ -24,6 +31,7 @@ from torch import nn
 
 from ..mtp import MtpModel
 from ..mtp.head import gather_rows
+from .options import DEPTH_WEIGHTINGS
 from .teacher import TeacherBatch
 
 
@@ -72,9 +80,13 @@ class UnrolledLoss(nn.Module):
         negatives: int = 0,
         cluster_weight: float = 1.0,
         feature_weight: float = 1.0,
+        depth_weighting: str = "uniform",
     ):
         super().__init__()
+        if depth_weighting not in DEPTH_WEIGHTINGS:
+            raise ValueError(f"depth_weighting must be one of {DEPTH_WEIGHTINGS}, not {depth_weighting!r}")
         self.feature_weight = feature_weight
+        self.depth_weighting = depth_weighting
         self.drafter = drafter
         self.lm_weight = (
             lm_weight  # [V, H_t] frozen target embedding; a plain attribute, not a buffer DDP would broadcast
@@ -99,13 +111,15 @@ class UnrolledLoss(nn.Module):
         weight, cap = self.weight(), self.drafter.config.final_logit_softcapping
         scale = batch.hidden.pow(2).mean().sqrt()  # the target's hidden-state RMS
         total, kls, agree = 0.0, [], []
+        reach = None  # [B, T] the chance the drafts reach this depth at each row ("reach"), detached
         for rec in unroll(self.drafter, batch, self.depth):
+            terms = 0.0  # this depth's loss at each row, [B, T]
             if (
                 self.feature_weight
             ):  # step j stands for the target's row p + j − 1, whose hidden state predicts the same token
-                total = total + self.feature_weight * F.smooth_l1_loss(
-                    rec.state / scale, batch.hidden[:, rec.token_rows] / scale
-                )
+                terms = self.feature_weight * F.smooth_l1_loss(
+                    rec.state / scale, batch.hidden[:, rec.token_rows] / scale, reduction="none"
+                ).mean(-1)
             ids, p = batch.top_ids[:, rec.token_rows], batch.top_probs[:, rec.token_rows]  # [B, T, K]
             if self.negatives and head is not None:
                 logits = self._sampled_logits(rec.head_in, weight, ids, head.clusters()[cluster_of[ids[..., 0]]], cap)
@@ -115,16 +129,20 @@ class UnrolledLoss(nn.Module):
                 logits = softcap(rec.head_in @ weight.T, cap)  # [B, T, V]
                 logq = F.log_softmax(logits.float(), -1).gather(-1, ids)
                 best = logits.argmax(-1) == ids[..., 0]
-            kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1).mean()
-            total = total + kl
-            kls.append(kl.detach())
+            kl = (p * (p.clamp_min(1e-12).log() - logq)).sum(-1)
+            terms = terms + kl
+            kls.append(kl.detach().mean())
             agree.append(best.float().mean())
             if head is not None:  # the cluster scores: cross-entropy to the target's mass per cluster
                 mass = torch.zeros(*ids.shape[:-1], head.num_centroids, device=p.device).scatter_add_(
                     -1, cluster_of[ids], p
                 )
                 scores = head.centroids(rec.head_in)
-                total = total + self.cluster_weight * -(mass * F.log_softmax(scores.float(), -1)).sum(-1).mean()
+                terms = terms + self.cluster_weight * -(mass * F.log_softmax(scores.float(), -1)).sum(-1)
+            total = total + (terms if reach is None else terms * reach).mean()
+            if self.depth_weighting == "reach":  # the next depth counts where this one drafts the target's top token
+                top = logq[..., 0].detach().exp()
+                reach = top if reach is None else reach * top
         return total / self.depth, torch.stack(kls), torch.stack(agree)
 
     def _sampled_logits(self, head_in, weight, ids, cluster_ids, cap) -> torch.Tensor:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 from ..devices import check_device
 from ..errors import MtpspecError
 
+DEPTH_WEIGHTINGS = ("uniform", "reach")  # how the unrolled loss weighs its depths (training/loss.py)
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -38,6 +40,7 @@ class TrainOptions:
     centroid_top_k: int = 4  # clusters whose tokens get exact logits when drafting (written into the saved drafter)
     negatives: int = 1024  # with a centroid head: random tokens q is normalised over besides top-K and a cluster (0: full vocabulary)
     feature_weight: float = 1.0  # weight of the hidden-state regression next to the distribution loss (0: none)
+    depth_weighting: str = "uniform"  # each depth's loss alike, or "reach": by the chance the drafts reach it (loss.py)
     min_confidence: float = (
         0.0  # written into the saved drafter: drafting stops below this top probability (see drafters/mtp.py)
     )
@@ -64,6 +67,10 @@ class TrainOptions:
                 raise MtpspecError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.epoch_chunks < 0:
             raise MtpspecError(f"--epoch-chunks must be 0 (the endless stream) or positive, got {self.epoch_chunks}")
+        if self.depth_weighting not in DEPTH_WEIGHTINGS:
+            raise MtpspecError(
+                f"--depth-weighting must be one of {', '.join(DEPTH_WEIGHTINGS)}, got {self.depth_weighting!r}"
+            )
         if self.train_dtype not in ("auto", "bf16", "fp32"):
             raise MtpspecError(f"--train-dtype must be auto, bf16 or fp32, got {self.train_dtype!r}")
         check_device(self.device)

@@ -84,7 +84,12 @@ class Trainer:
         if ckpt is None and not opts.init:
             start_as_copy(self.drafter, self.teacher, self.source)
         loss = UnrolledLoss(
-            self.drafter, self.lm_weight, opts.depth, opts.negatives, feature_weight=opts.feature_weight
+            self.drafter,
+            self.lm_weight,
+            opts.depth,
+            opts.negatives,
+            feature_weight=opts.feature_weight,
+            depth_weighting=opts.depth_weighting,
         )
         if self.world > 1:
             loss = DistributedDataParallel(loss, device_ids=[self.device.index] if self.device.type == "cuda" else None)
